@@ -1,0 +1,16 @@
+"""ghlc: compile any PyTorch model to train with Global-guided Hebbian Learning."""
+
+from .config import GHLConfig
+from .errors import ConfigError, GHLError, PassError, RuntimeGHLError, TraceError
+
+__version__ = "0.1.0"
+
+from . import passes, runtime  # noqa: E402
+from .compile import compile, prepare  # noqa: E402
+from .graph import LayerGraph  # noqa: E402
+from .trace import trace  # noqa: E402
+
+__all__ = [
+    "ConfigError", "GHLConfig", "GHLError", "LayerGraph", "PassError", "RuntimeGHLError",
+    "TraceError", "compile", "passes", "prepare", "runtime", "trace",
+]

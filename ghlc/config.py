@@ -1,0 +1,105 @@
+"""GHLConfig: every knob of the rule and of layer selection, validated once."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+COMPETITIONS = ("softmax", "hard", "none")
+SCOPES = ("layer", "group")
+LOCAL_RULES = ("oja", "hebb")
+GLOBAL_SIGNALS = ("grad_sign", "none")
+LAYER_KINDS = ("conv", "linear")
+
+
+def _tuple(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return (v,)
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class GHLConfig:
+    """Settings of Global-guided Hebbian Learning for one model.
+
+    ``temperature`` is a float or a mapping from module path (glob allowed) to float;
+    ``plastic`` names layer kinds made plastic ("conv", "linear"); ``include``/``exclude``
+    are glob patterns on module paths (or parameter names) applied after ``plastic``.
+    ``sample_fraction`` < 1 estimates the Hebbian term from a random fraction of positions
+    (fast approximate mode); 1.0 is exact.
+    """
+
+    temperature: float | Mapping[str, float] = 1.0
+    plastic: tuple[str, ...] = ("conv",)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    competition: str = "softmax"
+    competition_scope: str = "layer"
+    local_rule: str = "oja"
+    global_signal: str = "grad_sign"
+    default_temperature: float = field(default=1.0, repr=False)
+    sample_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plastic", _tuple(self.plastic))
+        object.__setattr__(self, "include", _tuple(self.include))
+        object.__setattr__(self, "exclude", _tuple(self.exclude))
+        for name, allowed in (
+            ("competition", COMPETITIONS),
+            ("competition_scope", SCOPES),
+            ("local_rule", LOCAL_RULES),
+            ("global_signal", GLOBAL_SIGNALS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        for kind in self.plastic:
+            if kind not in LAYER_KINDS:
+                raise ConfigError(f"plastic kind {kind!r} is not one of {', '.join(LAYER_KINDS)}")
+        temps = (
+            self.temperature.values()
+            if isinstance(self.temperature, Mapping)
+            else [self.temperature]
+        )
+        for t in temps:
+            if not isinstance(t, (int, float)) or not t > 0:
+                raise ConfigError(f"temperature {t!r} must be a positive number")
+        if isinstance(self.temperature, Mapping):
+            object.__setattr__(self, "temperature", dict(self.temperature))
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ConfigError(f"sample_fraction={self.sample_fraction} must be in (0, 1]")
+
+    def __hash__(self) -> int:  # temperature may be a dict
+        return hash(repr(self))
+
+    def temperature_for(self, module_path: str) -> float:
+        """The temperature of one layer: exact key, then first matching glob, then default."""
+        t = self.temperature
+        if not isinstance(t, Mapping):
+            return float(t)
+        if module_path in t:
+            return float(t[module_path])
+        for pattern, value in t.items():
+            if fnmatch.fnmatchcase(module_path, pattern):
+                return float(value)
+        return float(self.default_temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GHLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+        return cls(**dict(d))

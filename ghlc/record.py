@@ -1,0 +1,191 @@
+"""Instrumented eager run: every conv/linear call, its weight's identity, shapes, data flow.
+
+This is the seam every capture tier shares: plasticity is keyed by the parameter objects a call
+actually uses, so functional uses and computed weights are found whatever the capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import TraceError
+from .runtime.calls import parse_call
+from .runtime.mode import _MHA, patched_linear
+
+
+@dataclass
+class CallRecord:
+    param: str
+    weight_use: str
+    kind: str
+    groups: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    module_stack: tuple[str, ...]
+    out_id: int = 0
+
+
+@dataclass
+class Recording:
+    calls: list[CallRecord] = field(default_factory=list)
+    edges: set[tuple[str, str]] = field(default_factory=set)
+    mutated: set[str] = field(default_factory=set)  # params whose call output was changed in place
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+
+
+def _is_inplace(func, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    return kwargs.get("inplace") is True or (
+        name.endswith("_") and not name.endswith("__")
+    ) or (name.startswith("__i") and name.endswith("__"))
+
+
+class _RecordMode(TorchFunctionMode):
+    def __init__(self, params: dict[int, str], owners: dict[str, str], rec: Recording,
+                 stack: list[str]) -> None:
+        super().__init__()
+        self.params, self.owners, self.rec, self.stack = params, owners, rec, stack
+        self.prov: dict[int, frozenset] = {}
+        self.keep: list[torch.Tensor] = []  # keep tensors alive so ids stay unique
+        self.out_owner: dict[int, str] = {}
+
+    def set_prov(self, t, p: frozenset) -> None:
+        if isinstance(t, torch.Tensor):
+            self.prov[id(t)] = p
+            self.keep.append(t)
+
+    def prov_of(self, tree) -> frozenset:
+        out: frozenset = frozenset()
+        for leaf in tree_flatten(tree)[0]:
+            if isinstance(leaf, torch.Tensor):
+                out = out | self.prov.get(id(leaf), frozenset())
+        return out
+
+    def resolve(self, w: torch.Tensor):
+        name = self.params.get(id(w))
+        if name is not None:
+            return name, "direct"
+        if w._base is not None and id(w._base) in self.params:
+            return self.params[id(w._base)], "view"
+        if isinstance(w, torch.nn.Parameter):
+            return None, None
+        for mod in reversed(self.stack):  # computed from the running module's own weight
+            cand = self.owners.get(mod)
+            if cand is not None and cand[1] == tuple(w.shape):
+                return cand[0], "computed"
+            break
+        return None, None
+
+    def handle(self, func, args, kwargs):
+        parsed = parse_call(func, args, kwargs)
+        src = self.prov_of((args, kwargs))
+        if _is_inplace(func, kwargs):
+            for leaf in tree_flatten((args[:1], kwargs.get("out")))[0]:
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.out_owner:
+                    self.rec.mutated.add(self.out_owner[id(leaf)])
+        out = func(*args, **kwargs)
+        if parsed is not None:
+            x, w, b, spec, _ = parsed
+            name, use = self.resolve(w)
+            if name is not None:
+                self.rec.calls.append(CallRecord(
+                    name, use, spec.name, spec.groups, tuple(x.shape), tuple(out.shape),
+                    tuple(self.stack)))
+                for s in src:
+                    self.rec.edges.add((s, name))
+                self.set_prov(out, frozenset([name]))
+                self.out_owner[id(out)] = name
+                return out
+            where = self.stack[-1] if self.stack else "<root>"
+            self.rec.skipped.append((where, f"{spec.name} weight is not a parameter"))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                old = self.prov.get(id(leaf), frozenset())
+                self.set_prov(leaf, old | src)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _MHA:
+            with patched_linear(self.handle):
+                return self.handle(func, args, kwargs)
+        return self.handle(func, args, kwargs)
+
+
+@contextlib.contextmanager
+def _preserved_state(model: torch.nn.Module):
+    """Run without side effects: buffers (BN statistics) and the RNG are restored."""
+    bufs = {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not isinstance(v, torch.nn.Parameter)}
+    rng = torch.random.get_rng_state()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        cuda_rng = torch.cuda.get_rng_state_all()
+    was_training = model.training
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            sd = model.state_dict()
+            for k, v in bufs.items():
+                if k in sd:
+                    sd[k].copy_(v)
+        torch.random.set_rng_state(rng)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        model.train(was_training)
+
+
+def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
+    """Run ``model`` once in training mode on ``example_inputs`` and record its layer calls."""
+    params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    mod_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    owners = {}
+    for mname, m in model.named_modules():
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        if isinstance(w, torch.nn.Parameter):
+            owners[mname] = ((mname + "." if mname else "") + "weight", tuple(w.shape))
+    rec = Recording()
+    stack: list[str] = []
+
+    def pre(mod, args):
+        stack.append(mod_names.get(id(mod), "?"))
+
+    def post(mod, args, out):
+        if stack:
+            stack.pop()
+
+    mode = _RecordMode(params, owners, rec, stack)
+    h1 = register_module_forward_pre_hook(pre)
+    h2 = register_module_forward_hook(post, always_call=True)
+    try:
+        with _preserved_state(model):
+            model.train()
+            with torch.enable_grad():
+                for i, x in enumerate(tree_flatten(example_inputs)[0]):
+                    mode.set_prov(x, frozenset(["input"]))
+                with mode:
+                    out = model(*example_inputs)
+                for s in mode.prov_of(out):
+                    rec.edges.add((s, "output"))
+    except TraceError:
+        raise
+    except Exception as e:  # the model itself fails on these inputs
+        where = f" in module {stack[-1]!r}" if stack and stack[-1] else ""
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TraceError(
+            f"the model fails on the example inputs{where}: {type(e).__name__}: {msg}"
+        ) from e
+    finally:
+        h1.remove()
+        h2.remove()
+    return rec

@@ -1,0 +1,70 @@
+"""ghlc.trace: model + example inputs -> LayerGraph (the one capture seam)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import networkx as nx
+import torch
+
+from .capture import capture
+from .config import GHLConfig
+from .errors import TraceError
+from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
+from .record import record
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Sequence | torch.Tensor,
+    config: GHLConfig | None = None,
+    tiers: Sequence[str] = ("fx", "export"),
+) -> LayerGraph:
+    """Capture ``model`` into a LayerGraph.
+
+    Layers, shapes and layer-to-layer data flow come from an instrumented training-mode run
+    keyed by parameter identity (exact for every tier). The op-level program comes from the
+    first tier that succeeds: fx symbolic tracing, then torch.export; ``eager`` when neither
+    does. The graph records which tier was used and why the earlier ones failed.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    rec = record(model, inputs)
+    tier, program, errors = capture(model, inputs, tuple(tiers))
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    g = nx.DiGraph()
+    g.add_node(INPUT, type="io")
+    g.add_node(OUTPUT, type="io")
+    first: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for i, c in enumerate(rec.calls):
+        counts[c.param] = counts.get(c.param, 0) + 1
+        first.setdefault(c.param, i)
+    outputs = {u for u, v in rec.edges if v == OUTPUT}
+    for order, (name, idx) in enumerate(sorted(first.items(), key=lambda kv: kv[1])):
+        c = rec.calls[idx]
+        mpath = name.rpartition(".")[0]
+        mod = modules.get(mpath)
+        g.add_node(name, type="layer", info=LayerInfo(
+            name=name, module=mpath, module_type=type(mod).__name__ if mod is not None else "?",
+            kind=c.kind, weight_shape=tuple(params[name].shape), in_shape=c.in_shape,
+            out_shape=c.out_shape, groups=c.groups, calls=counts[name], weight_use=c.weight_use,
+            copy_out=name in rec.mutated, is_output=name in outputs,
+            requires_grad=params[name].requires_grad, order=order,
+        ))
+    for u, v in rec.edges:
+        if u in g and v in g:
+            g.add_edge(u, v, type="data")
+    return LayerGraph(
+        g=g, model=model, example_inputs=inputs, config=config or GHLConfig(), capture=tier,
+        capture_errors=tuple(errors), program=program,
+    )

@@ -1,0 +1,14 @@
+"""ghlc.runtime: the GHL rule and the machinery that applies it during training."""
+
+from .calls import CallSpec, parse_call
+from .function import PlasticCall, plastic_call
+from .hebbian import HebbianRule, combine, compete, hebbian_raw, normalise, weight_vjp
+from .install import install, runtime_of
+from .mode import GHLMode, Runtime, Site
+from .state import PlasticParam
+
+__all__ = [
+    "CallSpec", "GHLMode", "HebbianRule", "PlasticCall", "PlasticParam", "Runtime", "Site",
+    "combine", "compete", "hebbian_raw", "install", "normalise", "parse_call", "plastic_call",
+    "runtime_of", "weight_vjp",
+]

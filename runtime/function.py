@@ -1,0 +1,65 @@
+"""The autograd Function of one plastic call: plain forward, backward adds the Hebbian term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ghlc.errors import RuntimeGHLError
+
+from .calls import CallSpec
+from .hebbian import hebbian_raw
+from .state import PlasticParam
+
+
+def _grads(spec: CallSpec, g, x, w, need):
+    if spec.kind == "linear":
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ w).reshape(x.shape) if need[0] else None
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        gb = g2.sum(0) if need[2] else None
+        return gx, gw, gb
+    bias_sizes = [g.shape[1]] if need[2] else None
+    return torch.ops.aten.convolution_backward(
+        g, x, w, bias_sizes, spec.stride, spec.padding, spec.dilation, spec.transposed,
+        spec.output_padding if spec.transposed else (0,) * spec.nd, spec.groups, list(need),
+    )
+
+
+class PlasticCall(torch.autograd.Function):
+    """u = f(x; w) + b; backward returns ordinary grads and records H for ``site``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, copy_out: bool, view):
+        out = spec.run(x, w, b)
+        ctx.spec, ctx.site, ctx.view = spec, site, view
+        ctx.save_for_backward(x, w, out.clone() if copy_out else out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        try:
+            x, w, u = ctx.saved_tensors
+        except RuntimeError as e:
+            raise RuntimeGHLError(
+                f"layer {ctx.site.layer!r}: its output was modified in place after the call "
+                f"({str(e).splitlines()[0]})"
+            ) from None
+        spec = ctx.spec
+        need = ctx.needs_input_grad[:3]
+        gx, gw, gb = _grads(spec, g, x, w, (need[0], True, need[2]))
+        ctx.site.add(hebbian_raw(spec, x, u.detach(), w, ctx.site.rule), ctx.view)
+        return gx, gw if need[1] else None, gb, None, None, None, None
+
+
+def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
+                 copy_out: bool = False, view: tuple | None = None) -> torch.Tensor:
+    """Run one conv/linear call as a plastic call (handles unbatched and 'same' padding)."""
+    if unbatched:
+        x = x.unsqueeze(0)
+    if spec.pre_pad:
+        x = F.pad(x, list(spec.pre_pad))
+    out = PlasticCall.apply(x, w, b, spec, site, copy_out, view)
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,106 @@
+"""The GHL rule itself: competition, the Oja/Hebb term, normalisation and sign combination.
+
+For a call ``u = f(x; W) + b``:  ``y = softmax(t*u)`` over output units,
+``H = sum y.x - (sum y*u)[k] W[k]``, where ``sum y.x`` is the weight-gradient (VJP w.r.t. W)
+with cotangent y, computed by the vendor's weight-gradient kernel (no unfolded patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .calls import CallSpec
+
+
+@dataclass(frozen=True)
+class HebbianRule:
+    """Per-layer rule settings, attached to a Hebbian node of the layer graph."""
+
+    temperature: float = 1.0
+    competition: str = "softmax"
+    competition_scope: str = "layer"
+    local_rule: str = "oja"
+    global_signal: str = "grad_sign"
+    sample_fraction: float = 1.0
+
+
+def channel_dim(spec: CallSpec, u: torch.Tensor) -> int:
+    return u.dim() - 1 if spec.kind == "linear" else 1
+
+
+def compete(u: torch.Tensor, spec: CallSpec, rule: HebbianRule) -> torch.Tensor:
+    """Post-synaptic activity y from pre-activations u (competition over output units)."""
+    if rule.competition == "none":
+        return u
+    dim = channel_dim(spec, u)
+    groups = spec.groups if (rule.competition_scope == "group" and spec.kind == "conv") else 1
+    v = u if groups == 1 else u.unflatten(dim, (groups, u.shape[dim] // groups))
+    d = dim if groups == 1 else dim + 1
+    if rule.competition == "softmax":
+        y = torch.softmax(v * rule.temperature, dim=d)
+    else:  # hard winner-take-all: one-hot of the argmax
+        y = torch.zeros_like(v).scatter_(d, v.argmax(dim=d, keepdim=True), 1.0)
+    return y if groups == 1 else y.flatten(dim, dim + 1)
+
+
+def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
+    """sum over uses of cot (x) x: the weight gradient of the call with cotangent ``cot``."""
+    if spec.kind == "linear":
+        return cot.reshape(-1, cot.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    return torch.ops.aten.convolution_backward(
+        cot, x, w, None, spec.stride, spec.padding, spec.dilation, spec.transposed,
+        spec.output_padding if spec.transposed else (0,) * spec.nd, spec.groups,
+        [False, True, False],
+    )[1]
+
+
+def unit_scale(spec: CallSpec, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-output-unit vector ``s`` onto the weight's layout."""
+    if spec.kind == "linear" or not spec.transposed:
+        return s.view(-1, *([1] * (w.dim() - 1)))
+    g = spec.groups  # transposed weight: (C_in, C_out/g, *k); unit = group*(C_out/g) + j
+    cin, cog = w.shape[0], w.shape[1]
+    sw = s.view(g, 1, cog).expand(g, cin // g, cog).reshape(cin, cog)
+    return sw.view(cin, cog, *([1] * (w.dim() - 2)))
+
+
+def hebbian_raw(
+    spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, rule: HebbianRule
+) -> torch.Tensor:
+    """Un-normalised local term H of one call (same shape as w)."""
+    if rule.sample_fraction < 1.0:
+        x, u = _subsample(spec, x, u, rule.sample_fraction)
+    y = compete(u, spec, rule)
+    corr = weight_vjp(spec, x, w, y)
+    if rule.local_rule == "hebb":
+        return corr
+    dim = channel_dim(spec, u)
+    dims = [i for i in range(u.dim()) if i != dim]
+    s = (y * u).sum(dim=dims)
+    return corr - unit_scale(spec, s, w) * w
+
+
+def normalise(h: torch.Tensor) -> torch.Tensor:
+    return h / (h.abs().max() + 1e-30)
+
+
+def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule) -> torch.Tensor:
+    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian)."""
+    hn = normalise(h_raw)
+    if rule.global_signal == "none" or g is None:
+        return -hn
+    return hn.abs_().mul_(torch.sign(g))
+
+
+def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float):
+    """Fast approximate mode: keep a random fraction of samples (rows for linear)."""
+    if spec.kind == "linear":
+        x, u = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
+    n = x.shape[0]
+    k = max(1, int(round(frac * n)))
+    if k >= n:
+        return x, u
+    idx = torch.randperm(n, device=x.device)[:k]
+    return x.index_select(0, idx), u.index_select(0, idx)

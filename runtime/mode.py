@@ -1,0 +1,114 @@
+"""Runtime interception: a TorchFunctionMode that routes plastic conv/linear calls.
+
+Plasticity is keyed by parameter identity: a call is plastic when its weight *is* a plastic
+parameter, a view of one, or (inside the owning module's forward) a tensor computed from it
+(weight standardisation). This sees functional uses (``F.linear(x, self.qkv.weight)``,
+``nn.MultiheadAttention``'s ``in_proj_weight``) that module hooks never see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .calls import parse_call
+from .function import plastic_call
+from .hebbian import HebbianRule
+from .state import PlasticParam
+
+_MHA = F.multi_head_attention_forward
+_LINEAR = F.linear
+
+
+@contextlib.contextmanager
+def patched_linear(handler):
+    """``F.multi_head_attention_forward`` is dispatched as one unit by function modes; its
+    inner ``linear`` calls are routed to ``handler`` for the duration of the call."""
+    F.linear = lambda *a, **k: handler(_LINEAR, a, k)
+    try:
+        yield
+    finally:
+        F.linear = _LINEAR
+
+
+class Site:
+    """Settings of one plastic parameter, as the runtime sees them."""
+
+    def __init__(self, name: str, layer: str, rule: HebbianRule, weight_use: str = "direct",
+                 copy_out: bool = False) -> None:
+        self.state = PlasticParam(name, rule, layer)
+        self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
+
+
+class Runtime:
+    """Holds the sites of one prepared module and binds them to its parameters."""
+
+    def __init__(self, sites: list[Site]) -> None:
+        self.sites = {s.name: s for s in sites}
+        self.by_id: dict[int, Site] = {}
+        self.computed_stack: list[Site] = []
+        self._bound_to: int | None = None
+
+    def bind(self, module: torch.nn.Module) -> None:
+        if self._bound_to == id(module) and self.by_id:
+            return
+        params = dict(module.named_parameters(remove_duplicate=False))
+        self.by_id = {}
+        for name, site in self.sites.items():
+            p = params[name]
+            self.by_id[id(p)] = site
+            site.state.param_ref = None
+            site.param = p
+        self._bound_to = id(module)
+
+    def site_for(self, w: torch.Tensor):
+        """(site, view geometry or None) for a weight tensor, or (None, None)."""
+        s = self.by_id.get(id(w))
+        if s is not None:
+            return s, None
+        base = w._base
+        if base is not None:
+            s = self.by_id.get(id(base))
+            if s is not None:
+                return s, (w.size(), w.stride(), w.storage_offset() - base.storage_offset())
+        if self.computed_stack:
+            s = self.computed_stack[-1]
+            if s.param.shape == w.shape and not isinstance(w, torch.nn.Parameter):
+                return s, None
+        return None, None
+
+    def handle(self, func, args, kwargs):
+        parsed = parse_call(func, args, kwargs)
+        if parsed is not None:
+            x, w, b, spec, unbatched = parsed
+            site, view = self.site_for(w)
+            if site is not None and w.requires_grad:
+                p = site.param
+                site.state.param_ref = site.state.param_ref or _ref(p)
+                site.state.arm(p)
+                return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view)
+        return func(*args, **kwargs)
+
+
+def _ref(p):
+    import weakref
+
+    return weakref.ref(p)
+
+
+class GHLMode(TorchFunctionMode):
+    """Active during a prepared module's training forward."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.rt = runtime
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _MHA:
+            with patched_linear(self.rt.handle):
+                return func(*args, **kwargs)
+        return self.rt.handle(func, args, kwargs)
