@@ -139,7 +139,8 @@ class LayerGraph:
                 out.append(f'  "{n}" [shape=box style=filled fillcolor={color} label="{label}"];')
             elif d["type"] == "hebbian":
                 r = d["rule"]
-                out.append(f'  "{n}" [shape=ellipse color=darkgreen label="Hebbian T={r.temperature:g}"];')
+                out.append(f'  "{n}" [shape=ellipse color=darkgreen '
+                           f'label="Hebbian T={r.temperature:g}"];')
             elif d["type"] == "global_sign":
                 out.append(f'  "{n}" [shape=diamond color=red label="sign(dL/dW)"];')
             else:

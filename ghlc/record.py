@@ -171,7 +171,7 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
         with _preserved_state(model):
             model.train()
             with torch.enable_grad():
-                for i, x in enumerate(tree_flatten(example_inputs)[0]):
+                for _i, x in enumerate(tree_flatten(example_inputs)[0]):
                     mode.set_prov(x, frozenset(["input"]))
                 with mode:
                     out = model(*example_inputs)
