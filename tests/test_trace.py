@@ -1,0 +1,95 @@
+"""Capture tiers, identity-keyed layer discovery, data-flow edges and trace errors."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ghlc
+from ghlc.errors import TraceError
+
+
+class MyLinear(nn.Linear):  # a subclass: fx's default leaf rule would inline it
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = MyLinear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            return self.a(x)
+        return self.b(x)
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.c(x.view(7, -1))
+
+
+def test_fx_keeps_conv_linear_subclasses_as_leaves():
+    lg = ghlc.trace(Net(), (torch.randn(2, 3, 8, 8),))
+    assert lg.capture == "fx"
+    targets = [n.target for n in lg.program.graph.nodes if n.op == "call_module"]
+    assert "head" in targets and "conv" in targets
+    names = [i.name for i in lg.layers()]
+    assert names == ["conv.weight", "head.weight"]
+    assert lg.layer("head.weight").is_output
+    assert lg.layer("conv.weight").out_shape == (2, 4, 6, 6)
+    edges = {(u, v) for u, v, d in lg.g.edges(data=True) if d["type"] == "data"}
+    assert edges == {("input", "conv.weight"), ("conv.weight", "head.weight"),
+                     ("head.weight", "output")}
+
+
+def test_value_branch_falls_back_and_records_why():
+    x = torch.ones(1, 3, 8, 8)
+    lg = ghlc.trace(ValueBranch(), (x,))
+    assert lg.capture in ("export", "eager")
+    assert lg.capture_errors and lg.capture_errors[0][0] == "fx"
+    assert [i.name for i in lg.layers()] == ["a.weight"]  # the path actually taken
+
+
+def test_eager_tier_when_others_disabled():
+    lg = ghlc.trace(Net(), (torch.randn(1, 3, 8, 8),), tiers=())
+    assert lg.capture == "eager" and lg.program is None
+    assert len(lg.layers()) == 2
+
+
+def test_model_that_fails_gets_clear_error():
+    with pytest.raises(TraceError, match="fails on the example inputs.*RuntimeError"):
+        ghlc.trace(Broken(), (torch.randn(2, 3, 8, 8),))
+
+
+def test_not_a_module():
+    with pytest.raises(TraceError, match="expected an nn.Module"):
+        ghlc.trace(lambda x: x, (torch.randn(1),))
+
+
+def test_trace_has_no_side_effects():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    rng = torch.random.get_rng_state()
+    ghlc.trace(m, (x,))
+    assert not m.training
+    assert torch.equal(rng, torch.random.get_rng_state())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
