@@ -6,11 +6,12 @@ from .errors import ConfigError, GHLError, PassError, RuntimeGHLError, TraceErro
 __version__ = "0.1.0"
 
 from . import passes, runtime  # noqa: E402
+from .artifact import load, save  # noqa: E402
 from .compile import compile, prepare  # noqa: E402
 from .graph import LayerGraph  # noqa: E402
 from .trace import trace  # noqa: E402
 
 __all__ = [
     "ConfigError", "GHLConfig", "GHLError", "LayerGraph", "PassError", "RuntimeGHLError",
-    "TraceError", "compile", "passes", "prepare", "runtime", "trace",
+    "TraceError", "compile", "load", "passes", "prepare", "runtime", "save", "trace",
 ]

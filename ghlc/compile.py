@@ -16,6 +16,12 @@ from .runtime import Runtime, Site, install
 from .trace import trace
 
 
+def input_spec(example_inputs):
+    from .artifact import input_spec as spec
+
+    return spec(example_inputs)
+
+
 def build_runtime(lg: LayerGraph) -> Runtime:
     return Runtime([
         Site(i.name, i.module, lg.rule(i.name), i.weight_use, i.copy_out) for i in lg.plastic()
@@ -31,8 +37,16 @@ def compile(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:  # noqa: 
     problems = hebbian_complete(lg)
     if problems:
         raise GHLError("run the default passes before compile: " + "; ".join(problems))
+    return compile_graph(lg, inplace)
+
+
+def compile_graph(lg: LayerGraph, inplace: bool) -> torch.nn.Module:
     model = lg.model if inplace else copy.deepcopy(lg.model)
-    return install(model, build_runtime(lg))
+    rt = build_runtime(lg)
+    rt.graph = lg.evolve(model=None, program=None, example_inputs=())
+    rt.inputs = input_spec(lg.example_inputs)
+    rt.source = {}
+    return install(model, rt)
 
 
 def prepare(

@@ -166,7 +166,7 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
 
     mode = _RecordMode(params, owners, rec, stack)
     h1 = register_module_forward_pre_hook(pre)
-    h2 = register_module_forward_hook(post, always_call=True)
+    h2 = register_module_forward_hook(post)  # not on error: the stack then names the culprit
     try:
         with _preserved_state(model):
             model.train()

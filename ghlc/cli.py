@@ -1,0 +1,166 @@
+"""ghlc command line: convert, inspect, train, eval, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .errors import GHLError
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def user_errors(fn):
+    """Turn ghlc errors into one-line messages and a non-zero exit, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except GHLError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except OSError as e:
+            _fail(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
+
+    return wrapper
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise GHLError(f"--input-shape {text!r}: expected comma-separated integers") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise GHLError(f"--input-shape {text!r}: dimensions must be positive")
+    return dims
+
+
+def _config(path: str | None):
+    from .config import GHLConfig
+
+    if path is None:
+        return GHLConfig()
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise GHLError(f"{path}: invalid TOML: {e}") from None
+    d = d.get("ghlc", d)
+    return GHLConfig.from_dict(d)
+
+
+def layer_table(lg) -> str:
+    rows = [("layer", "kind", "output shape", "role", "temperature")]
+    for i in lg.layers():
+        role = {"plastic": "GHL", "backprop": "backprop", "frozen": "frozen"}[i.role.value]
+        t = f"{lg.rule(i.name).temperature:g}" if i.role.value == "plastic" else "-"
+        rows.append((i.module or i.name, i.kind, "x".join(map(str, i.out_shape)), role, t))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n_p = len(lg.plastic())
+    lines.append(f"{n_p} of {len(lg.layers())} layers plastic (GHL); capture: {lg.capture}")
+    for tier, why in lg.capture_errors:
+        lines.append(f"  {tier} capture failed: {why}")
+    return "\n".join(lines)
+
+
+@click.group()
+@click.version_option(package_name="ghlc")
+def main() -> None:
+    """ghlc: train any PyTorch model with Global-guided Hebbian Learning."""
+
+
+@main.command()
+@click.argument("model_file", type=click.Path())
+@click.option("--entry", help="Name of the factory, instance or class when several exist.")
+@click.option("--input-shape", help="Example input shape, e.g. 1,3,32,32 (default: the file's "
+              "example_inputs(), else 1,3,32,32).")
+@click.option("--config", "config_path", type=click.Path(), help="GHLConfig as TOML.")
+@click.option("-o", "--output", type=click.Path(), help="Artifact path (default MODEL.ghl).")
+@click.option("--explain", is_flag=True, help="List every layer not made plastic and why.")
+@user_errors
+def convert(model_file, entry, input_shape, config_path, output, explain):
+    """Trace MODEL_FILE, make its layers Hebbian, and write a .ghl artifact."""
+    import torch
+
+    from .artifact import save
+    from .compile import compile_graph
+    from .modelfile import load_model_file
+    from .passes import PassManager, default_passes
+    from .runtime import runtime_of
+    from .trace import trace
+
+    cfg = _config(config_path)
+    loaded = load_model_file(model_file, entry)
+    if input_shape:
+        inputs = (torch.randn(*_shape(input_shape)),)
+    elif loaded.example_inputs is not None:
+        inputs = loaded.example_inputs
+    else:
+        inputs = (torch.randn(1, 3, 32, 32),)
+    try:
+        lg = trace(loaded.model, inputs, config=cfg)
+    except GHLError as e:
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        raise GHLError(f"{e} (input shape {shapes}; set it with --input-shape)") from None
+    lg = PassManager(default_passes())(lg)
+    m = compile_graph(lg, inplace=True)
+    rt = runtime_of(m)
+    rt.source = {"path": str(Path(model_file).resolve()), "sha256": loaded.sha256,
+                 "entry": loaded.entry}
+    out = Path(output) if output else Path(model_file).with_suffix(".ghl")
+    save(m, out)
+    click.echo(layer_table(lg))
+    if explain:
+        click.echo("\nnot plastic:")
+        for i in lg.layers():
+            if i.role.value != "plastic":
+                click.echo(f"  {i.module or i.name}: {i.reason}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "svg"]),
+              default="text", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Write to a file instead of stdout.")
+@user_errors
+def inspect(artifact, fmt, output):
+    """Show the layer graph of ARTIFACT with its Hebbian nodes and global-sign edges."""
+    from .artifact import atomic_write, read_meta
+    from .serialize import graph_to_json
+
+    lg = read_meta(artifact)["graph"]
+    if fmt == "text":
+        text = layer_table(lg) + "\n\n" + lg.to_text()
+    elif fmt == "json":
+        text = json.dumps(json.loads(graph_to_json(lg)), indent=2) + "\n"
+    else:
+        text = lg.to_dot()
+        if fmt == "svg":
+            if shutil.which("dot") is None:
+                raise GHLError("--format svg needs Graphviz's `dot` on PATH; use --format dot")
+            text = subprocess.run(["dot", "-Tsvg"], input=text, capture_output=True,
+                                  text=True, check=True).stdout
+    if output:
+        atomic_write(output, lambda tmp: Path(tmp).write_text(text))
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
+
+
+if __name__ == "__main__":
+    main()
