@@ -123,8 +123,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: damaged artifact ({type(e).__name__}: {e})") from None
 
 
-def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Rebuild the compiled module: from ``model`` if given, else from the recorded source."""
+def load(path: str | Path, model: torch.nn.Module | None = None,
+         method: str = "ghl") -> torch.nn.Module:
+    """Rebuild the compiled module: from ``model`` if given, else from the recorded source.
+
+    ``method``: "ghl" (as saved), "hebbian" (global signal off) or "bp" (the plain model,
+    every layer trained by backprop)."""
     from .compile import compile_graph
     from .modelfile import file_hash, load_model_file
 
@@ -151,7 +155,23 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Mod
     except RuntimeError as e:
         raise ArtifactError(f"{path}: weights do not fit the model: "
                             f"{str(e).splitlines()[0]}") from None
+    if method == "bp":
+        return model
+    if method == "hebbian":
+        lg = _without_global_signal(lg)
     m = compile_graph(lg.evolve(model=model), inplace=True)
     rt = runtime_of(m)
     rt.inputs, rt.source = meta["inputs"], src
     return m
+
+
+def _without_global_signal(lg: LayerGraph) -> LayerGraph:
+    import dataclasses
+
+    g = lg.copy_graph()
+    for _, d in g.nodes(data=True):
+        if d["type"] == "hebbian":
+            d["rule"] = dataclasses.replace(d["rule"], global_signal="none")
+        elif d["type"] == "global_sign":
+            d["signal"] = "none"
+    return lg.evolve(g=g)

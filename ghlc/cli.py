@@ -162,5 +162,117 @@ def inspect(artifact, fmt, output):
         click.echo(text, nl=False)
 
 
+def _load_any(path: str, method: str = "ghl"):
+    """A .ghl artifact, or a training checkpoint (.pt) beside its run's model.ghl."""
+    import torch
+
+    from .artifact import load, read_meta
+
+    p = Path(path)
+    if p.suffix == ".pt":
+        art = p.parent / "model.ghl"
+        if not art.is_file():
+            raise GHLError(f"{p}: no model.ghl beside this checkpoint")
+        m = load(art, method=method)
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            m.load_state_dict(ckpt["model"])
+        except Exception as e:
+            raise GHLError(f"{p}: not a ghlc checkpoint or damaged ({type(e).__name__})") from None
+        return m, read_meta(art)
+    return load(p, method=method), read_meta(p)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--data", default="digits", show_default=True,
+              help="digits | FILE.npz | cifar10:DIR | cifar100:DIR")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-3, show_default=True, help="LR of backprop layers.")
+@click.option("--lr-plastic", default=1e-2, show_default=True, help="LR of plastic layers.")
+@click.option("--wd-plastic", default=5e-2, show_default=True,
+              help="Weight decay of plastic layers.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--method", type=click.Choice(["ghl", "bp", "hebbian"]), default="ghl",
+              show_default=True, help="ghl; bp = plain backprop; hebbian = global signal off.")
+@click.option("--augment/--no-augment", default=False, help="Random crop + flip.")
+@click.option("--out", "out_dir", type=click.Path(), default="runs/latest", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@user_errors
+def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, method,
+          augment, out_dir, resume):
+    """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
+    import torch
+
+    from .artifact import save
+    from .data import augment_batch, load_data
+    from .runtime import runtime_of
+    from .train import train as run_training
+
+    torch.manual_seed(seed)
+    model, meta = _load_any(artifact, method="ghl")
+    plastic = {i.name for i in meta["graph"].plastic()}
+    shape = tuple(meta["inputs"][0]["shape"][1:])
+    ds = load_data(data, shape, augment=augment)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    net = _load_any(str(out / "model.ghl"), method=method)[0]
+    if method == "bp":
+        plastic = set()
+    res = run_training(
+        net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed,
+        out_dir=out, resume=resume, augment=augment_batch if augment else None,
+        classes=ds.classes,
+    )
+    if runtime_of(net) is not None:
+        save(net, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    f = res.final
+    click.echo(f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
+               f"best {res.best_acc:.4f}; checkpoints in {out}")
+
+
+@main.command("eval")
+@click.argument("model_path", type=click.Path())
+@click.option("--data", default="digits", show_default=True)
+@user_errors
+def eval_cmd(model_path, data):
+    """Score a .ghl artifact or a checkpoint: loss, accuracy, per-class accuracy."""
+    from .data import load_data
+    from .train import evaluate
+
+    model, meta = _load_any(model_path)
+    ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]))
+    r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes)
+    click.echo(f"loss {r['loss']:.4f}  accuracy {r['acc']:.4f}")
+    for c, a in r["per_class"].items():
+        click.echo(f"  {c}: {a:.4f}")
+
+
+@main.command()
+@click.argument("model_path", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True)
+@click.option("--opset", type=int, default=None)
+@click.option("--dynamic-batch/--static", default=True, show_default=True)
+@user_errors
+def export(model_path, output, opset, dynamic_batch):
+    """Write the inference graph as ONNX and check it against onnxruntime."""
+    import ghlc
+
+    from .artifact import make_inputs
+    from .export import export_onnx
+
+    model, meta = _load_any(model_path)
+    classes = meta["extra"].get("classes") or []
+    md = {"ghlc_version": ghlc.__version__, "source_sha256": meta["source"].get("sha256", ""),
+          "classes": ",".join(map(str, classes))}
+    rep = export_onnx(model, output, make_inputs(meta["inputs"]), opset=opset,
+                      dynamic_batch=dynamic_batch, metadata=md)
+    click.echo(f"wrote {output}: onnxruntime max abs diff {rep.max_abs_diff:.3g} "
+               f"(output scale {rep.scale:.3g})")
+
+
 if __name__ == "__main__":
     main()
