@@ -1,0 +1,110 @@
+"""End-to-end CLI tests: the commands run as a user would run them (subprocess)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODEL = """
+import torch
+import torch.nn as nn
+
+def tiny():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+
+def example_inputs():
+    return (torch.randn(1, 1, 8, 8),)
+"""
+
+
+def ghlc(*args, cwd, check=True):
+    r = subprocess.run([sys.executable, "-m", "ghlc.cli", *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture
+def work(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL)
+    return tmp_path
+
+
+def one_line_error(r, pattern):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_convert_train_eval_export(work):
+    r = ghlc("convert", "model.py", "--explain", cwd=work)
+    assert "GHL" in r.stdout and "2 of 3 layers plastic" in r.stdout
+    assert "output layer" in r.stdout or "not in config.plastic" in r.stdout
+    assert (work / "model.ghl").is_file()
+    r = ghlc("inspect", "model.ghl", "--format", "json", cwd=work)
+    assert '"global_sign"' in r.stdout
+    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "2", "--out", "run",
+             cwd=work)
+    assert (work / "run" / "last.pt").is_file() and (work / "run" / "metrics.jsonl").is_file()
+    assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    r = ghlc("eval", "run/last.pt", "--data", "digits", cwd=work)
+    assert "accuracy" in r.stdout
+    r = ghlc("export", "run/model.ghl", "-o", "m.onnx", cwd=work)
+    assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
+
+
+def test_bad_inputs(work):
+    one_line_error(ghlc("convert", "missing.py", cwd=work, check=False), "no such file")
+    (work / "syn.py").write_text("def f(:\n")
+    one_line_error(ghlc("convert", "syn.py", cwd=work, check=False), "syntax error")
+    (work / "imp.py").write_text("import not_a_module_xyz\n")
+    one_line_error(ghlc("convert", "imp.py", cwd=work, check=False), "failed to import")
+    (work / "none.py").write_text("x = 1\n")
+    one_line_error(ghlc("convert", "none.py", cwd=work, check=False), "no model found")
+    (work / "two.py").write_text("import torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
+                                 "def b():\n    return nn.Linear(2, 2)\n")
+    one_line_error(ghlc("convert", "two.py", cwd=work, check=False), "--entry")
+    (work / "args.py").write_text("import torch.nn as nn\nclass M(nn.Module):\n"
+                                  "    def __init__(self, n):\n        super().__init__()\n")
+    one_line_error(ghlc("convert", "args.py", cwd=work, check=False), "constructor arguments")
+    one_line_error(ghlc("convert", "model.py", "--input-shape", "1,3", cwd=work, check=False),
+                   "fails on the example inputs")
+    one_line_error(ghlc("convert", "model.py", "-o", "nodir/x.ghl", cwd=work, check=False),
+                   "does not exist")
+    (work / "junk.ghl").write_bytes(b"not an artifact")
+    one_line_error(ghlc("inspect", "junk.ghl", cwd=work, check=False), "not a ghlc artifact")
+
+
+def test_truncated_and_future_artifacts(work):
+    ghlc("convert", "model.py", cwd=work)
+    data = (work / "model.ghl").read_bytes()
+    (work / "trunc.ghl").write_bytes(data[: len(data) // 2])
+    one_line_error(ghlc("inspect", "trunc.ghl", cwd=work, check=False), "trunc.ghl")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(work / "model.ghl"), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["version"] = "99"
+    save_file(tensors, str(work / "future.ghl"), metadata=meta)
+    one_line_error(ghlc("inspect", "future.ghl", cwd=work, check=False), "newer ghlc")
+
+
+def test_bad_data(work):
+    ghlc("convert", "model.py", cwd=work)
+    np.savez(work / "d.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4))
+    r = ghlc("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work, check=False)
+    one_line_error(r, "x_test")
+
+
+def test_version_and_help(work):
+    assert "convert" in ghlc("--help", cwd=work).stdout
+    assert Path(work).is_dir()
