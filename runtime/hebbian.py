@@ -78,7 +78,7 @@ def hebbian_raw(
         return corr
     dim = channel_dim(spec, u)
     dims = [i for i in range(u.dim()) if i != dim]
-    s = (y * u).sum(dim=dims)
+    s = (y * u).sum(dim=dims) if dims else y * u  # sum(dim=[]) would sum over everything
     return corr - unit_scale(spec, s, w) * w
 
 
