@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import networkx as nx
@@ -22,7 +22,7 @@ from .runtime.hebbian import HebbianRule
 INPUT, OUTPUT, GLOBAL_SIGN = "input", "output", "global_sign"
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     PLASTIC = "plastic"
     BACKPROP = "backprop"
     FROZEN = "frozen"

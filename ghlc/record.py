@@ -146,7 +146,20 @@ def _preserved_state(model: torch.nn.Module):
 
 
 def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
-    """Run ``model`` once in training mode on ``example_inputs`` and record its layer calls."""
+    """Run ``model`` once in training mode on ``example_inputs`` and record its layer calls.
+
+    When the training-mode run fails but an eval-mode run works (BatchNorm on a batch of one),
+    the eval-mode run is used."""
+    try:
+        return _record(model, example_inputs, train=True)
+    except TraceError as first:
+        try:
+            return _record(model, example_inputs, train=False)
+        except TraceError:
+            raise first from None
+
+
+def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recording:
     params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     mod_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners = {}
@@ -169,7 +182,7 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
     h2 = register_module_forward_hook(post)  # not on error: the stack then names the culprit
     try:
         with _preserved_state(model):
-            model.train()
+            model.train(train)
             with torch.enable_grad():
                 for _i, x in enumerate(tree_flatten(example_inputs)[0]):
                     mode.set_prov(x, frozenset(["input"]))

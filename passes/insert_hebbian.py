@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ghlc.runtime.hebbian import HebbianRule
-
 from ghlc.graph import LayerGraph, hebb_key
+from ghlc.runtime.hebbian import HebbianRule
 
 
 def rule_for(cfg, module: str) -> HebbianRule:

@@ -24,6 +24,10 @@ def check(lg: LayerGraph) -> list[str]:
                     if u == GLOBAL_SIGN and d["type"] == "broadcast")
             if n != 1:
                 problems.append(f"{k} has {n} global-sign edges, expected 1")
+    for u, v, d in g.edges(data=True):
+        if d["type"] == "broadcast" and (g.nodes[u]["type"] != "global_sign" or v not in hebb):
+            problems.append(f"broadcast edge {u} -> {v} does not join the global sign to a "
+                            "Hebbian node")
     sources = [n for n, d in g.nodes(data=True) if d["type"] == "global_sign"]
     if len(sources) > 1:
         problems.append(f"{len(sources)} global-sign sources, expected at most 1")
