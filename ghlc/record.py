@@ -160,7 +160,9 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
 
 
 def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recording:
-    params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    params: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), n)  # a shared weight is named after its first alias
     mod_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners = {}
     for mname, m in model.named_modules():
