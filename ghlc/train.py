@@ -1,0 +1,394 @@
+"""Training loop: SGD with per-role settings, cosine schedule, metrics, checkpoints, resume.
+
+The model comes built by the caller: a ghlc-prepared module (GHL or pure Hebbian) or a plain
+one (backprop). ``plastic`` names the plastic parameters; they get their own SGD parameter
+group (``lr_plastic``, ``wd_plastic``), everything else gets ``lr``/``wd``. The cosine schedule
+spans all steps of the run. ``out_dir`` receives:
+
+- ``metrics.jsonl``: one JSON object per epoch (epoch, train_loss, train_acc, test_loss,
+  test_acc, lr, lr_plastic, seconds, images_per_s);
+- ``curves.png``: loss and accuracy curves (when matplotlib is installed);
+- ``last.pt`` / ``best.pt``: checkpoints (by test accuracy), written atomically and loadable
+  with ``torch.load(weights_only=True)``.
+
+A run stopped after epoch k (or interrupted during epoch k+1) and resumed with ``resume=True``
+ends with weights bit-identical to an unbroken run with the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GHLError
+
+CKPT_FORMAT = "ghlc-checkpoint"
+CKPT_VERSION = 1
+
+
+class TrainingDiverged(GHLError):
+    """The loss (or a weight) became NaN/Inf; ``last.pt`` keeps the last good epoch."""
+
+
+class TrainingInterrupted(GHLError):
+    """Ctrl-C during training; ``last.pt`` holds the last completed epoch."""
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int  # epochs completed by the run in total (resumed ones included)
+    final: dict[str, Any]  # metrics of the last completed epoch ({} if none)
+    best_acc: float
+    out_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _as_tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(y).long().reshape(-1)
+    if x.shape[0] != y.shape[0]:
+        raise GHLError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
+    return x, y
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _cosine_lr(base: float, step: int, total: int) -> float:
+    return base * (1 + math.cos(math.pi * step / total)) / 2
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, x, y, batch_size: int = 256, classes=None) -> dict[str, Any]:
+    """Mean cross-entropy, accuracy and per-class accuracy, in eval mode without gradients.
+
+    ``per_class`` is keyed by class name (``classes[i]``) when ``classes`` is given (NaN for a
+    class with no samples), else by the integer labels present in ``y``."""
+    x, y = _as_tensors(x, y)
+    dev = _device(model)
+    was_training = model.training
+    model.eval()
+    n = y.shape[0]
+    loss_sum, preds = 0.0, []
+    try:
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                xb = x[i:i + batch_size].to(dev)
+                yb = y[i:i + batch_size].to(dev)
+                out = _logits(model(xb))
+                loss_sum += float(F.cross_entropy(out.float(), yb, reduction="sum"))
+                preds.append(out.argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "per_class": {}}
+    pred = torch.cat(preds)
+    correct = pred == y
+    per_class: dict[Any, float] = {}
+    labels = range(len(classes)) if classes is not None else sorted(set(y.tolist()))
+    for k in labels:
+        m = y == k
+        cnt = int(m.sum())
+        acc = float(correct[m].float().mean()) if cnt else float("nan")
+        per_class[classes[k] if classes is not None else int(k)] = acc
+    return {"loss": loss_sum / n, "acc": float(correct.float().mean()), "per_class": per_class}
+
+
+# ---- outputs -------------------------------------------------------------------------------
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _plot(path: Path, history: list[dict[str, Any]]) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # plotting is optional
+        return
+    ep = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.5))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.95, wspace=0.25)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(ep, [h["test_loss"] for h in history], "o-", label="test")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
+    ax2.plot(ep, [h["test_acc"] for h in history], "o-", label="test")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    ax2.legend()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+
+
+def _rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
+    s = {"torch_rng_state": torch.get_rng_state()}
+    if dev.type == "cuda":
+        s["cuda_rng_state"] = torch.cuda.get_rng_state(dev).cpu()
+    return s
+
+
+def _checkpoint(model, opt, sched, epoch, best_acc, history, dev, hparams) -> dict[str, Any]:
+    return {
+        "format": CKPT_FORMAT, "version": CKPT_VERSION,
+        "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "epoch": epoch, "best_acc": best_acc,
+        "history": history, "hparams": hparams, **_rng_state(dev),
+    }
+
+
+def _save(path: Path, ckpt: dict[str, Any]) -> None:
+    _atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint safely (``weights_only``) and check its format marker."""
+    path = Path(path)
+    if not path.is_file():
+        raise GHLError(f"{path}: no checkpoint to resume from")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GHLError(f"{path}: not a ghlc checkpoint or damaged ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise GHLError(f"{path}: not a ghlc training checkpoint")
+    if int(ckpt.get("version", 0)) > CKPT_VERSION:
+        raise GHLError(f"{path}: checkpoint format version {ckpt['version']} is newer than this "
+                       f"ghlc supports ({CKPT_VERSION}); upgrade ghlc")
+    return ckpt
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    *,
+    plastic: set[str],
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 5e-3,
+    lr_plastic: float = 1e-2,
+    wd_plastic: float = 5e-2,
+    wd: float = 0.0,
+    seed: int = 0,
+    out_dir: str | Path,
+    resume: bool = False,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    progress: bool = True,
+    classes=None,
+) -> TrainResult:
+    """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps.
+
+    Parameters named in ``plastic`` use ``lr_plastic``/``wd_plastic``, the rest ``lr``/``wd``.
+    Epoch ``e`` (1-based) shuffles with a generator seeded ``seed*1000+e``; ``augment(x, g)``
+    gets that generator too. A fresh run seeds torch's global RNG with ``seed`` (dropout) and
+    writes an epoch-0 ``last.pt`` so any interruption can be resumed.
+
+    Raises ``TrainingDiverged`` on a NaN/Inf loss or weight (``last.pt`` keeps the last good
+    epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
+    """
+    if epochs < 1:
+        raise GHLError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise GHLError(f"batch_size must be >= 1, got {batch_size}")
+    x_train, y_train = _as_tensors(x_train, y_train)
+    if x_test is None:
+        x_test, y_test = x_train[:0], y_train[:0]
+    x_test, y_test = _as_tensors(x_test, y_test)
+    n = y_train.shape[0]
+    if n == 0:
+        raise GHLError("the training set is empty")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    metrics_path, plot_path = out / "metrics.jsonl", out / "curves.png"
+
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    unknown = set(plastic) - {k for k, _ in model.named_parameters()}
+    if unknown:
+        raise GHLError(f"plastic parameters not in the model: {', '.join(sorted(unknown))}")
+    bp_params = [p for k, p in named if k not in plastic]
+    pl_params = [p for k, p in named if k in plastic]
+    opt = torch.optim.SGD([
+        {"params": bp_params, "lr": lr, "weight_decay": wd, "role": "backprop"},
+        {"params": pl_params, "lr": lr_plastic, "weight_decay": wd_plastic, "role": "plastic"},
+    ], lr=lr, momentum=0.0)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    dev = _device(model)
+    hparams = {"batch_size": batch_size, "seed": seed, "epochs": epochs, "lr": lr,
+               "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic}
+
+    history: list[dict[str, Any]] = []
+    best_acc = float("-inf")
+    start_epoch = 0
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise GHLError(f"{last_path}: does not match this model/run: {msg}") from None
+        start_epoch = int(ckpt["epoch"])
+        best_acc = float(ckpt["best_acc"])
+        history = [dict(h) for h in ckpt.get("history", [])][:start_epoch]
+        torch.set_rng_state(ckpt["torch_rng_state"])
+        if dev.type == "cuda" and "cuda_rng_state" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng_state"], dev)
+        if sched.T_max != total_steps:  # a longer/shorter run: re-plan the rest of the cosine
+            sched.T_max = total_steps
+            t = min(sched.last_epoch, total_steps)
+            for g in opt.param_groups:
+                g["lr"] = _cosine_lr(g["initial_lr"], t, total_steps)
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+        _write_metrics(metrics_path, history)
+    else:
+        torch.manual_seed(seed)
+        ckpt = _checkpoint(model, opt, sched, 0, best_acc, history, dev, hparams)
+        _save(last_path, ckpt)
+        _write_metrics(metrics_path, history)
+        for stale in (best_path, plot_path):
+            stale.unlink(missing_ok=True)
+
+    model.train()
+    epoch, step = start_epoch + 1, 0
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(seed * 1000 + epoch)
+            perm = torch.randperm(n, generator=g)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            seen = 0
+            lrs = [gr["lr"] for gr in opt.param_groups]
+            bar = _bar(progress, steps_per_epoch, f"epoch {epoch}/{epochs}")
+            try:
+                for step in range(1, steps_per_epoch + 1):
+                    idx = perm[(step - 1) * batch_size:step * batch_size]
+                    xb = x_train[idx]
+                    if augment is not None:
+                        xb = augment(xb, g)
+                    xb = xb.to(dev, non_blocking=True)
+                    yb = y_train[idx].to(dev, non_blocking=True)
+                    opt.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
+                    logits = _logits(model(xb))
+                    loss = F.cross_entropy(logits, yb)
+                    if not bool(torch.isfinite(loss)):
+                        raise TrainingDiverged(
+                            f"training diverged at epoch {epoch} step {step}: loss is "
+                            f"{float(loss.detach())}; {last_path.name} keeps epoch {epoch - 1}")
+                    loss.backward()
+                    lrs = [gr["lr"] for gr in opt.param_groups]
+                    opt.step()
+                    sched.step()
+                    b = yb.shape[0]
+                    seen += b
+                    loss_sum += loss.detach().double() * b
+                    correct += (logits.detach().argmax(1) == yb).sum()
+                    if bar is not None:
+                        bar.update(1)
+                        if step % 10 == 0 or step == steps_per_epoch:
+                            el = time.perf_counter() - t0
+                            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
+                                            acc=f"{int(correct) / seen:.4f}",
+                                            img_s=f"{seen / max(el, 1e-9):.0f}", refresh=False)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            train_s = time.perf_counter() - t0
+            if not _finite(model):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch} step {step}: weights are not finite; "
+                    f"{last_path.name} keeps epoch {epoch - 1}")
+            ev = evaluate(model, x_test, y_test, classes=classes)
+            model.train()
+            rec = {
+                "epoch": epoch, "train_loss": float(loss_sum) / seen,
+                "train_acc": int(correct) / seen, "test_loss": ev["loss"], "test_acc": ev["acc"],
+                "lr": lrs[0], "lr_plastic": lrs[1],
+                "seconds": time.perf_counter() - t0, "images_per_s": seen / max(train_s, 1e-9),
+            }
+            history.append(rec)
+            improved = ev["acc"] > best_acc  # False for NaN (no test set)
+            if improved:
+                best_acc = ev["acc"]
+            ckpt = _checkpoint(model, opt, sched, epoch, best_acc, history, dev, hparams)
+            _save(last_path, ckpt)
+            if improved:
+                _save(best_path, ckpt)
+            _write_metrics(metrics_path, history)
+            _plot(plot_path, history)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"interrupted at epoch {epoch} step {step}; resume with --resume") from None
+
+    return TrainResult(
+        epochs_run=len(history), final=dict(history[-1]) if history else {},
+        best_acc=best_acc if math.isfinite(best_acc) else float("nan"), out_dir=out,
+        history=history,
+    )
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True)

@@ -1,0 +1,263 @@
+"""Training loop: param groups, schedule, outputs, checkpoints, exact resume, failure modes."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ghlc
+import ghlc.train as T
+from ghlc.errors import GHLError
+from ghlc.runtime import runtime_of
+from ghlc.train import TrainingDiverged, TrainingInterrupted, TrainResult, evaluate, train
+
+N_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def fast(request, monkeypatch):
+    """Tiny tensors: one thread avoids oversubscription on busy machines. Plotting costs
+    ~0.2 s an epoch; only the test that checks it draws curves."""
+    if request.node.name != "test_outputs_and_metrics":
+        monkeypatch.setattr(T, "_plot", lambda path, history: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    x[torch.arange(n), 0, y, y] += 3.0  # a learnable signal
+    return x, y
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Dropout(0.2), nn.Flatten(), nn.Linear(4 * 6 * 6, N_CLASSES),
+    )
+
+
+def build(kind, x):
+    m = make_model()
+    if kind == "bp":
+        return m, set()
+    m = ghlc.prepare(m, (x[:1],))
+    return m, set(runtime_of(m).sites)
+
+
+def run(kind, out, epochs=3, resume=False, model=None, **kw):
+    x, y = make_data()
+    xt, yt = make_data(32, seed=1)
+    if model is None:
+        model, plastic = build(kind, x)
+    else:
+        plastic = set(runtime_of(model).sites) if kind == "ghl" else set()
+    kw.setdefault("batch_size", 16)
+    res = train(model, x, y, xt, yt, plastic=plastic, epochs=epochs, out_dir=out,
+                resume=resume, progress=False, lr=0.05, lr_plastic=0.05, **kw)
+    return model, res
+
+
+def state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_outputs_and_metrics(tmp_path):
+    m, res = run("ghl", tmp_path, epochs=2, classes=["a", "b", "c"])
+    assert isinstance(res, TrainResult) and res.epochs_run == 2 and res.out_dir == tmp_path
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+                "images_per_s"):
+        assert key in lines[0]
+    assert res.final == lines[-1]
+    assert res.best_acc == max(r["test_acc"] for r in lines)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+        assert ck["format"] == "ghlc-checkpoint" and isinstance(ck["torch_rng_state"],
+                                                                torch.Tensor)
+        assert {"model", "optimizer", "scheduler", "epoch", "best_acc"} <= ck.keys()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    # eval-mode checkpoint weights == the trained module's
+    assert_identical(torch.load(tmp_path / "last.pt", weights_only=True)["model"], state(m))
+
+
+def test_param_groups_and_cosine(tmp_path):
+    x, y = make_data(32)
+    m, plastic = build("ghl", x)
+    seen = {}
+    orig = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.setdefault("groups", [(g["lr"], g["weight_decay"], g["momentum"],
+                                    {id(p) for p in g["params"]}) for g in self.param_groups])
+        return orig(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", spy)
+        res = train(m, x, y, x, y, plastic=plastic, epochs=2, batch_size=8, lr=0.1,
+                    lr_plastic=0.2, wd_plastic=0.3, wd=0.01, out_dir=tmp_path, progress=False)
+    params = dict(m.named_parameters())
+    (lr0, wd0, mo0, ids0), (lr1, wd1, mo1, ids1) = seen["groups"]
+    assert (lr0, wd0, mo0, lr1, wd1, mo1) == (0.1, 0.01, 0.0, 0.2, 0.3, 0.0)
+    assert ids1 == {id(params[k]) for k in plastic}
+    assert ids0 == {id(p) for k, p in params.items() if k not in plastic}
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["scheduler"]["T_max"] == 2 * 4 and ck["scheduler"]["last_epoch"] == 8
+    assert res.final["lr"] < 0.1 and ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0)
+
+
+@pytest.mark.parametrize("kind", ["ghl", "bp"])
+def test_resume_is_bit_identical(tmp_path, kind):
+    full, _ = run(kind, tmp_path / "full", epochs=3)
+
+    # stop during epoch 2 (Ctrl-C from the model's forward), then resume to 3
+    x, _ = make_data()
+    m, plastic = build(kind, x)
+    calls = {"n": 0}
+
+    def bomb(mod, args):
+        calls["n"] += 1
+        if calls["n"] == 4 + 1 + 3:  # 4 steps + 1 eval batch in epoch 1; then step 3
+            raise KeyboardInterrupt
+
+    h = m.register_forward_pre_hook(bomb)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at epoch 2 step 3; resume with"):
+        run(kind, tmp_path / "broken", epochs=3, model=m)
+    h.remove()
+    assert torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["epoch"] == 1
+
+    torch.manual_seed(1234)  # a different global RNG state must not matter
+    x, _ = make_data()
+    m2, _ = build(kind, x)
+    _, res = run(kind, tmp_path / "broken", epochs=3, resume=True, model=m2)
+    assert res.epochs_run == 3
+    assert_identical(state(full), state(m2))
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    broken_lines = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(s).items() if k not in ("seconds", "images_per_s")}
+             for s in (full_lines, broken_lines) for s in s]
+    assert strip[:3] == strip[3:]
+
+
+def test_resume_after_completed_epoch(tmp_path):
+    """Stopped cleanly after epoch 1 (Ctrl-C during the epoch-2 eval) then resumed."""
+    full, _ = run("bp", tmp_path / "full", epochs=2)
+    x, _ = make_data()
+    m, _ = build("bp", x)
+    orig = T.evaluate
+    n = {"k": 0}
+
+    def eval_bomb(*a, **k):
+        n["k"] += 1
+        if n["k"] == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "evaluate", eval_bomb)
+        with pytest.raises(TrainingInterrupted, match="epoch 2 step 4"):
+            run("bp", tmp_path / "b", epochs=2, model=m)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    m2, _ = build("bp", x)
+    run("bp", tmp_path / "b", epochs=2, resume=True, model=m2)
+    assert_identical(state(full), state(m2))
+
+
+def test_resume_extends_run(tmp_path):
+    _, r1 = run("bp", tmp_path, epochs=1)
+    x, _ = make_data()
+    m, _ = build("bp", x)
+    _, r2 = run("bp", tmp_path, epochs=3, resume=True, model=m)
+    assert r2.epochs_run == 3 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["scheduler"]["T_max"] == 12 and ck["optimizer"]["param_groups"][0]["lr"] < 1e-6
+    # nothing left to do: returns the stored result
+    m3, _ = build("bp", x)
+    _, r3 = run("bp", tmp_path, epochs=3, resume=True, model=m3)
+    assert r3.final == r2.final and r3.epochs_run == 3
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(GHLError, match="no checkpoint"):
+        run("bp", tmp_path, resume=True)
+    (tmp_path / "last.pt").write_bytes(b"junk")
+    with pytest.raises(GHLError, match="not a ghlc checkpoint"):
+        run("bp", tmp_path, resume=True)
+    torch.save({"format": "ghlc-checkpoint", "version": 99}, tmp_path / "last.pt")
+    with pytest.raises(GHLError, match="newer"):
+        run("bp", tmp_path, resume=True)
+    x, y = make_data(32)
+    with pytest.raises(GHLError, match="not in the model"):
+        train(make_model(), x, y, x, y, plastic={"nope.weight"}, out_dir=tmp_path,
+              progress=False)
+
+
+@pytest.mark.parametrize("how", ["lr", "nan_input"])
+def test_divergence(tmp_path, how):
+    x, y = make_data()
+    m, plastic = build("ghl", x)
+    kw = {"lr": 1e30, "lr_plastic": 1e30} if how == "lr" else {}
+    if how == "nan_input":
+        run("ghl", tmp_path, epochs=1, model=m)  # one good epoch first
+        x = x.clone()
+        x[5] = float("nan")
+    good = (tmp_path / "last.pt").read_bytes() if how == "nan_input" else None
+    with pytest.raises(TrainingDiverged, match=r"diverged at epoch \d+ step \d+"):
+        kw.setdefault("lr", 0.05)
+        kw.setdefault("lr_plastic", 0.05)
+        train(m, x, y, x, y, plastic=plastic, epochs=2, batch_size=16, out_dir=tmp_path,
+              resume=how == "nan_input", progress=False, **kw)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    if good is not None:
+        assert (tmp_path / "last.pt").read_bytes() == good
+    else:
+        assert ck["epoch"] == 0
+
+
+def test_evaluate(tmp_path):
+    x, y = make_data(100)
+    m = make_model()
+    m.train()
+    r = evaluate(m, x, y, batch_size=32, classes=["a", "b", "c", "d"])
+    assert m.training  # mode restored
+    assert set(r) == {"loss", "acc", "per_class"} and 0 <= r["acc"] <= 1
+    assert list(r["per_class"]) == ["a", "b", "c", "d"]
+    assert r["per_class"]["d"] != r["per_class"]["d"]  # no samples: NaN
+    with torch.no_grad():
+        m.eval()
+        logits = m(x)
+    assert r["acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    assert r["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert set(evaluate(m, x, y)["per_class"]) == set(y.tolist())
+
+
+def test_augment_and_progress(tmp_path, capsys):
+    seen = []
+
+    def aug(xb, g):
+        assert isinstance(g, torch.Generator)
+        seen.append(xb.shape[0])
+        return xb + 0.01 * torch.randn(xb.shape, generator=g)
+
+    x, y = make_data(64)
+    train(make_model(), x, y, x, y, plastic=set(), epochs=1, batch_size=16, out_dir=tmp_path,
+          augment=aug, progress=True)
+    assert seen == [16] * 4
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "img_s" in err
