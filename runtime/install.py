@@ -13,6 +13,8 @@ def _root_pre(module: torch.nn.Module, args) -> None:
     rt: Runtime = getattr(module, ATTR)
     if module.training and torch.is_grad_enabled():
         rt.bind(module)
+        for site in rt.sites.values():  # drop a term left by an interrupted backward
+            site.state.pending = None
         mode = GHLMode(rt)
         mode.__enter__()
         module.__dict__.setdefault("_ghl_modes", []).append(mode)
