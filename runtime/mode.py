@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ghlc.errors import RuntimeGHLError
+
 from .calls import parse_call
 from .function import plastic_call
 from .hebbian import HebbianRule
@@ -89,8 +91,29 @@ class Runtime:
                 p = site.param
                 site.state.param_ref = site.state.param_ref or _ref(p)
                 site.state.arm(p)
-                return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view)
+                try:
+                    return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out,
+                                        view)
+                except Exception as e:
+                    raise RuntimeGHLError(
+                        f"layer {site.layer!r} at {_user_line()}: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    ) from e
         return func(*args, **kwargs)
+
+
+def _user_line() -> str:
+    """file:line of the innermost caller outside torch and ghlc (only computed on error)."""
+    import os
+    import traceback
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    for fr in reversed(traceback.extract_stack()):
+        f = os.path.abspath(fr.filename)
+        if not f.startswith((here, torch_dir)) and "ghlc" not in os.path.basename(f):
+            return f"{fr.filename}:{fr.lineno}"
+    return "<unknown>"
 
 
 def _ref(p):
