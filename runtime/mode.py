@@ -107,11 +107,12 @@ def _user_line() -> str:
     import os
     import traceback
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    import ghlc
+
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (torch, ghlc, ghlc.runtime, ghlc.passes))
     for fr in reversed(traceback.extract_stack()):
-        f = os.path.abspath(fr.filename)
-        if not f.startswith((here, torch_dir)) and "ghlc" not in os.path.basename(f):
+        if not os.path.abspath(fr.filename).startswith(skip):
             return f"{fr.filename}:{fr.lineno}"
     return "<unknown>"
 
