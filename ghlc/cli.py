@@ -207,7 +207,6 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
 
     from .artifact import save
     from .data import augment_batch, load_data
-    from .runtime import runtime_of
     from .train import train as run_training
 
     torch.manual_seed(seed)
@@ -219,16 +218,16 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
     net = _load_any(str(out / "model.ghl"), method=method)[0]
-    if method == "bp":
-        plastic = set()
+    # bp keeps the same per-role settings, so that only the rule differs between methods
     res = run_training(
         net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed,
         out_dir=out, resume=resume, augment=augment_batch if augment else None,
         classes=ds.classes,
     )
-    if runtime_of(net) is not None:
-        save(net, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    trained = model
+    trained.load_state_dict(net.state_dict())
+    save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})
     f = res.final
     click.echo(f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
                f"best {res.best_acc:.4f}; checkpoints in {out}")

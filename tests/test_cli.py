@@ -108,3 +108,17 @@ def test_bad_data(work):
 def test_version_and_help(work):
     assert "convert" in ghlc("--help", cwd=work).stdout
     assert Path(work).is_dir()
+
+
+def test_methods_and_resume(work):
+    ghlc("convert", "model.py", cwd=work)
+    for method in ("bp", "hebbian"):
+        ghlc("train", "model.ghl", "--epochs", "1", "--method", method, "--out", method,
+             cwd=work)
+        assert (work / method / "last.pt").is_file()
+    ghlc("train", "model.ghl", "--epochs", "2", "--out", "r", cwd=work)
+    r = ghlc("train", "model.ghl", "--epochs", "3", "--out", "r", "--resume", cwd=work)
+    assert "epochs 3" in r.stdout
+    assert len((work / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    r = ghlc("eval", "bp/model.ghl", cwd=work)
+    assert "accuracy" in r.stdout
