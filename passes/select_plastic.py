@@ -20,10 +20,10 @@ def decide(info: LayerInfo, cfg) -> tuple[Role, str]:
     included = _match(info, cfg.include)
     if _match(info, cfg.exclude):
         return Role.BACKPROP, "excluded by config"
-    if info.family not in cfg.plastic and not included:
-        return Role.BACKPROP, f"{info.family} layers are not in config.plastic"
     if info.is_output and not included:
         return Role.BACKPROP, "output layer (name it in config.include to make it plastic)"
+    if info.family not in cfg.plastic and not included:
+        return Role.BACKPROP, f"{info.family} layers are not in config.plastic"
     return Role.PLASTIC, ""
 
 
