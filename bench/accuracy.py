@@ -1,0 +1,506 @@
+"""Accuracy benchmark: GHL vs backprop vs pure Hebbian on the paper's two networks.
+
+Runs the table (net x method x seed) plus FastHebb ablations of the rule on CIFAR-10
+(``cifar10-subset.npz``: 10,000 training images, 2,000 test images, JPEG-compressed copies of
+official CIFAR-10 images; see the data README), then writes ``docs/ACCURACY.md`` and a plot
+of test accuracy per epoch.
+
+Methods (all with the same per-role SGD settings, so only the learning rule differs):
+
+- ``ghl``: ghlc-prepared model, plastic convs get ``|H| * sign(dL/dW)`` (the paper's rule);
+- ``hebbian``: ghlc-prepared with ``global_signal="none"`` (plastic convs get ``-H``, pure local
+  Hebbian); the layers after the convs still learn by backprop;
+- ``bp``: the plain model, all weights by backprop. For a fair comparison the conv weights
+  still get the plastic group's settings (``lr_conv``, ``wd_conv``) and the rest ``lr``, i.e.
+  the same SGD parameter groups as ``ghl``.
+
+Each run trains in its own folder ``bench/runs/<name>/`` (checkpoints, ``metrics.jsonl``), so
+the table resumes: runs whose ``metrics.jsonl`` has all epochs are skipped, partly done runs
+continue from ``last.pt``. A run folder whose settings differ from the requested ones is
+started afresh.
+
+    python bench/accuracy.py                      # the full table (GPU recommended)
+    python bench/accuracy.py --quick              # FastHebb, 2000-image slice, ~10 min on 2 CPUs
+    python bench/accuracy.py --report-only        # rewrite the docs from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # examples/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import ghlc  # noqa: E402
+from examples import deephebb as deephebb_mod  # noqa: E402
+from examples import fasthebb as fasthebb_mod  # noqa: E402
+from ghlc.data import augment_batch, load_data  # noqa: E402
+from ghlc.train import TrainingInterrupted, train  # noqa: E402
+
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
+RUNS_DIR = ROOT / "bench" / "runs"
+DOCS_DIR = ROOT / "docs"
+MD_PATH = DOCS_DIR / "ACCURACY.md"
+
+NETS = {"fasthebb": fasthebb_mod, "deephebb": deephebb_mod}
+METHODS = ("ghl", "bp", "hebbian")
+
+# FastHebb ablations of the GHL rule: tag -> GHLConfig overrides (temperature is a float here:
+# the paper uses 1.0 for every FastHebb layer).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "competition-none": {"competition": "none"},
+    "competition-hard": {"competition": "hard"},
+    "rule-hebb": {"local_rule": "hebb"},
+    "temp-0.5": {"temperature": 0.5},
+    "temp-2.0": {"temperature": 2.0},
+    "sample-0.25": {"sample_fraction": 0.25},
+}
+
+# --quick: FastHebb only, a 2000-image CIFAR-10 slice, a few epochs. The paper's classifier
+# learning rate (1e-4) is meant for 100 epochs over 50,000 images (78,000 steps); over a few
+# hundred steps it barely moves the 4096-unit head, so the quick run uses QUICK_LR for the
+# backprop layers (all three methods alike) and the paper's conv settings.
+QUICK = {"data": "cifar10-subset.npz", "limit_train": 2000, "limit_test": 1000, "epochs": 4,
+         "seeds": [0], "lr": 1e-2}
+
+
+@dataclass
+class RunSpec:
+    name: str
+    net: str
+    method: str
+    seed: int
+    epochs: int
+    lr_conv: float
+    wd_conv: float
+    lr: float
+    batch_size: int
+    data: str
+    limit_train: int | None
+    limit_test: int | None
+    augment: bool
+    group: str  # the table row: name without the seed
+    section: str  # "main" | "ablation"
+    cfg: dict[str, Any] = field(default_factory=dict)  # GHLConfig overrides
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for a run folder to be resumed (epochs handled separately)."""
+        d = asdict(self)
+        d.pop("epochs")
+        d.pop("section")
+        return d
+
+
+# ---- building runs --------------------------------------------------------------------------
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def plan(args) -> list[RunSpec]:
+    prefix = "quick-" if args.quick else ""
+    runs: list[RunSpec] = []
+
+    def add(net, method, seed, tag, section, cfg):
+        mod = NETS[net]
+        group = f"{prefix}{net}-{method}" + (f"-{tag}" if tag else "")
+        runs.append(RunSpec(
+            name=f"{group}-s{seed}", net=net, method=method, seed=seed, epochs=args.epochs,
+            lr_conv=args.lr_conv if args.lr_conv is not None else mod.LR_CONV,
+            wd_conv=args.wd_conv if args.wd_conv is not None else mod.WD_CONV,
+            lr=args.lr if args.lr is not None else mod.LR,
+            batch_size=args.batch_size, data=args.data, limit_train=args.limit_train,
+            limit_test=args.limit_test, augment=args.augment, group=group, section=section,
+            cfg=dict(cfg)))
+
+    for net in args.nets:
+        for method in args.methods:
+            for seed in args.seeds:
+                add(net, method, seed, "", "main", {})
+    if args.ablations and "fasthebb" in args.nets:
+        for tag in args.ablations:
+            for seed in args.ablation_seeds:
+                add("fasthebb", "ghl", seed, tag, "ablation", ABLATIONS[tag])
+    return runs
+
+
+def config_for(spec: RunSpec) -> ghlc.GHLConfig:
+    mod = NETS[spec.net]
+    kw: dict[str, Any] = {"temperature": mod.TEMPERATURES}
+    kw.update(spec.cfg)
+    if spec.method == "hebbian":
+        kw["global_signal"] = "none"
+    return ghlc.GHLConfig(**kw)
+
+
+def build(spec: RunSpec, in_shape) -> tuple[torch.nn.Module, set[str]]:
+    """The model for ``spec`` (seeded init) and the names of its plastic parameters."""
+    mod = NETS[spec.net]
+    torch.manual_seed(spec.seed)
+    model = getattr(mod, spec.net)()
+    x = torch.zeros(2, *in_shape)
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
+        ghlc.trace(model, (x,), config=config_for(spec)))
+    plastic = {i.name for i in lg.plastic()}
+    if spec.method == "bp":
+        return model, plastic  # plain model; same parameter groups as ghl
+    return ghlc.compile(lg), plastic
+
+
+# ---- running --------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    p = run_dir / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def read_spec(run_dir: Path) -> dict[str, Any] | None:
+    p = run_dir / "run.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+_DATA_CACHE: dict[tuple, Any] = {}
+
+
+def dataset(spec: RunSpec, data_dir: Path):
+    key = (spec.data, spec.limit_train, spec.limit_test)
+    if key not in _DATA_CACHE:
+        path = Path(spec.data)
+        if not path.is_absolute() and not path.exists():
+            path = data_dir / spec.data
+        if not path.is_file():
+            sys.exit(f"error: data file {path} not found (use --data-dir)")
+        ds = load_data(str(path), (3, 32, 32))
+        n_tr = spec.limit_train or len(ds.y_train)
+        n_te = spec.limit_test or len(ds.y_test)
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = (ds.x_train[:n_tr], ds.y_train[:n_tr], ds.x_test[:n_te],
+                            ds.y_test[:n_te], ds.classes)
+    return _DATA_CACHE[key]
+
+
+def run_one(spec: RunSpec, data_dir: Path, device: torch.device, progress: bool) -> None:
+    run_dir = RUNS_DIR / spec.name
+    saved = read_spec(run_dir)
+    done = read_metrics(run_dir)
+    same = saved is not None and saved.get("settings") == spec.settings() \
+        and saved.get("epochs") == spec.epochs
+    if same and len(done) >= spec.epochs:
+        print(f"[skip] {spec.name}: {len(done)} epochs done, test acc "
+              f"{done[-1]['test_acc']:.4f}", flush=True)
+        return
+    resume = same and (run_dir / "last.pt").is_file()
+    if saved is not None and not same:
+        print(f"[fresh] {spec.name}: settings changed, starting over", flush=True)
+    x_tr, y_tr, x_te, y_te, classes = dataset(spec, data_dir)
+    model, plastic = build(spec, tuple(x_tr.shape[1:]))
+    model.to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"settings": spec.settings(), "epochs": spec.epochs, "section": spec.section,
+            "plastic": sorted(plastic), "device": str(device),
+            "n_train": len(y_tr), "n_test": len(y_te)}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+    what = f"resume from epoch {len(done)}" if resume else "start"
+    print(f"[{what}] {spec.name}: {spec.epochs} epochs, {len(y_tr)} train / {len(y_te)} test "
+          f"images, {device}", flush=True)
+    t0 = time.perf_counter()
+    res = train(model, x_tr, y_tr, x_te, y_te, plastic=plastic, epochs=spec.epochs,
+                batch_size=spec.batch_size, lr=spec.lr, lr_plastic=spec.lr_conv,
+                wd_plastic=spec.wd_conv, wd=0.0, seed=spec.seed, out_dir=run_dir,
+                resume=resume, augment=augment_batch if spec.augment else None,
+                progress=progress, classes=classes)
+    print(f"[done] {spec.name}: test acc {res.final.get('test_acc', float('nan')):.4f} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def _settings_text(s: dict[str, Any]) -> str:
+    parts = [f"lr_conv {_fmt(s['lr_conv'])}", f"wd_conv {_fmt(s['wd_conv'])}",
+             f"lr {_fmt(s['lr'])}", f"batch {s['batch_size']}"]
+    cfg = s.get("cfg") or {}
+    if "temperature" not in cfg:
+        temps = sorted(set(NETS[s["net"]].TEMPERATURES.values()), reverse=True)
+        cfg = {"temperature": "/".join(_fmt(t) for t in temps), **cfg}
+    parts += [f"{k} {v}" for k, v in cfg.items()]
+    if s.get("augment"):
+        parts.append("augment")
+    return ", ".join(parts)
+
+
+def collect(names: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for name in names:
+        d = RUNS_DIR / name
+        meta, hist = read_spec(d), read_metrics(d)
+        if meta is None or not hist:
+            continue
+        out.append({"name": name, "meta": meta, "hist": hist})
+    return out
+
+
+def table(runs: list[dict[str, Any]]) -> list[str]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["meta"]["settings"]["group"], []).append(r)
+    lines = ["| run | final test acc | best test acc | s / epoch | epochs | seeds | settings |",
+             "|---|---|---|---|---|---|---|"]
+    for group, rs in groups.items():
+        finals = [r["hist"][-1]["test_acc"] for r in rs]
+        bests = [max(h["test_acc"] for h in r["hist"]) for r in rs]
+        secs = [h["seconds"] for r in rs for h in r["hist"]]
+        eps = sorted({f"{len(r['hist'])}/{r['meta']['epochs']}" for r in rs})
+
+        def ms(v):
+            if len(v) < 2:
+                return f"{100 * v[0]:.2f}%"
+            return f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}%"
+
+        seeds = ",".join(str(r["meta"]["settings"]["seed"]) for r in rs)
+        lines.append(f"| {group} | {ms(finals)} | {ms(bests)} | {statistics.mean(secs):.1f} | "
+                     f"{', '.join(eps)} | {seeds} | "
+                     f"{_settings_text(rs[0]['meta']['settings'])} |")
+    return lines
+
+
+def plot(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    panels: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        s = r["meta"]["settings"]
+        key = f"{s['net']} " + ("methods" if r["meta"]["section"] == "main" else "GHL ablations")
+        panels.setdefault(key, []).append(r)
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, rs) in zip(axes, panels.items()):
+        colors: dict[str, Any] = {}
+        for r in rs:
+            g = r["meta"]["settings"]["group"]
+            label = None
+            if g not in colors:
+                colors[g] = f"C{len(colors) % 10}"
+                label = g
+            ep = [h["epoch"] for h in r["hist"]]
+            ax.plot(ep, [100 * h["test_acc"] for h in r["hist"]], "o-", ms=3,
+                    color=colors[g], label=label, lw=1.2)
+        ax.set_title(f"{title}: {key}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
+    return True
+
+
+def _section_markers(key: str) -> tuple[str, str]:
+    return f"<!-- accuracy:{key}:start -->", f"<!-- accuracy:{key}:end -->"
+
+
+HEADER = """# Accuracy
+
+Numbers on this page come from `python bench/accuracy.py` (see its docstring); rerun it to
+reproduce them. Data: `cifar10-subset.npz` from the shared data folder, i.e. JPEG-compressed
+copies of official CIFAR-10 images (10,000 training, 2,000 test images). These are **not**
+official CIFAR-10 numbers: the subset is 5x smaller than CIFAR-10's training set and JPEG
+artefacts cost accuracy, so do not compare them with the paper's tables directly.
+
+Methods: `ghl` = Global-guided Hebbian Learning (plastic convs get |H| * sign(dL/dW));
+`hebbian` = the same with the global signal off (plastic convs get -H, pure local Oja rule with
+soft competition; the fully connected layers still learn by backprop); `bp` = plain backprop.
+All methods use the same SGD parameter groups (convs: `lr_conv`, `wd_conv`; the rest: `lr`,
+no weight decay), plain SGD without momentum, cosine schedule over all steps. "±" is the sample
+standard deviation over seeds. s / epoch includes the test pass.
+"""
+
+
+def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.device) -> None:
+    png = DOCS_DIR / ("accuracy-quick.png" if key == "quick" else "accuracy.png")
+    title = "quick" if key == "quick" else "CIFAR-10 subset"
+    has_plot = bool(runs) and plot(runs, png, title)
+    meta0 = runs[0]["meta"] if runs else {}
+    s0 = meta0.get("settings", {})
+    heading = ("## Quick check (`--quick`)" if key == "quick" else "## Full table")
+    threads = torch.get_num_threads()
+    body = [heading, ""]
+    if key == "quick":
+        body += [
+            f"FastHebb on the first {meta0.get('n_train', '?')} training and first "
+            f"{meta0.get('n_test', '?')} test images of `{s0.get('data', '?')}`, "
+            f"{meta0.get('epochs', '?')} epochs. The backprop layers use lr "
+            f"{_fmt(s0.get('lr', float('nan')))} instead of the paper's 1e-4 (made for 100 "
+            "epochs on 50,000 images), the same for all three methods. A smoke test of the "
+            "ordering, not a measure of final accuracy: with 1000 test images one run's "
+            "accuracy has a standard error of about 1.5 points.",
+            "",
+        ]
+    else:
+        body += [
+            f"{meta0.get('n_train', '?')} training / {meta0.get('n_test', '?')} test images of "
+            f"`{s0.get('data', '?')}`, paper settings per network (see `examples/`).",
+            "",
+        ]
+    body += table(runs) if runs else ["(no finished runs)"]
+    devices = sorted({r["meta"].get("device", str(device)) for r in runs}) or [str(device)]
+    body += ["", f"Measured on {', '.join(devices)} ({platform.machine()}, "
+             f"torch {torch.__version__}, {threads} CPU threads), {time.strftime('%Y-%m-%d')}."]
+    if has_plot:
+        body += ["", f"![test accuracy per epoch]({png.name})"]
+    start, end = _section_markers(key)
+    section = "\n".join([start, *body, end])
+    text = MD_PATH.read_text() if MD_PATH.is_file() else HEADER
+    if start in text and end in text:
+        a, rest = text.split(start, 1)
+        _, b = rest.split(end, 1)
+        text = a + section + b
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOCS_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = MD_PATH.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(MD_PATH)
+    print(f"wrote {MD_PATH.relative_to(ROOT)}" + (f" and {png.relative_to(ROOT)}"
+                                                   if has_plot else ""))
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def _csv(kind):
+    def parse(s: str):
+        return [kind(v) for v in s.split(",") if v.strip()]
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 100; "
+                   f"--quick: {QUICK['epochs']})")
+    p.add_argument("--nets", type=_csv(str), default=None, help="fasthebb,deephebb")
+    p.add_argument("--methods", type=_csv(str), default=list(METHODS), help="ghl,bp,hebbian")
+    p.add_argument("--seeds", type=_csv(int), default=None, help="default 0,1,2 (--quick: 0)")
+    p.add_argument("--ablations", type=_csv(str), default=None,
+                   help=f"FastHebb GHL ablations, comma-separated from {','.join(ABLATIONS)}; "
+                   "'none' for none (default: all; --quick: none)")
+    p.add_argument("--ablation-seeds", type=_csv(int), default=None,
+                   help="seeds of the ablation runs (default: the first of --seeds)")
+    p.add_argument("--quick", action="store_true",
+                   help="FastHebb only, 2000-image CIFAR slice, few epochs, lr 1e-2 for the "
+                   "backprop layers: checks the ordering ghl >~ bp > hebbian in ~10 min on 2 CPUs")
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
+    p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
+    p.add_argument("--data", default=None, help="a .npz in --data-dir, or a path "
+                   "(default cifar10-subset.npz)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--lr", type=float, default=None, help="override the backprop-layer LR")
+    p.add_argument("--lr-conv", type=float, default=None, help="override the conv LR")
+    p.add_argument("--wd-conv", type=float, default=None, help="override the conv weight decay")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--augment", action="store_true", help="random crop + flip")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run folders go")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the docs")
+    p.add_argument("--no-report", action="store_true", help="do not touch docs/")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    q = args.quick
+    args.epochs = args.epochs or (QUICK["epochs"] if q else 100)
+    args.nets = args.nets or (["fasthebb"] if q else list(NETS))
+    args.seeds = args.seeds if args.seeds is not None else (QUICK["seeds"] if q else [0, 1, 2])
+    if args.ablations is None:
+        args.ablations = [] if q else list(ABLATIONS)
+    elif args.ablations == ["none"]:
+        args.ablations = []
+    args.ablation_seeds = args.ablation_seeds or args.seeds[:1]
+    args.data = args.data or (QUICK["data"] if q else "cifar10-subset.npz")
+    if q:
+        args.limit_train = args.limit_train or QUICK["limit_train"]
+        args.limit_test = args.limit_test or QUICK["limit_test"]
+        args.lr = args.lr if args.lr is not None else QUICK["lr"]
+    for what, vals, ok in (("net", args.nets, NETS), ("method", args.methods, METHODS),
+                           ("ablation", args.ablations, ABLATIONS)):
+        bad = [v for v in vals if v not in ok]
+        if bad:
+            p.error(f"unknown {what} {', '.join(bad)} (choose from {', '.join(ok)})")
+    if args.epochs < 1 or not args.seeds:
+        p.error("need at least one epoch and one seed")
+    return args
+
+
+def main(argv=None) -> int:
+    global RUNS_DIR
+    args = parse_args(argv)
+    RUNS_DIR = args.runs_dir
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    specs = plan(args)
+    if not specs:
+        print("nothing to run")
+        return 0
+    t0 = time.perf_counter()
+    if not args.report_only:
+        for i, spec in enumerate(specs, 1):
+            print(f"--- run {i}/{len(specs)} ({time.perf_counter() - t0:.0f} s elapsed)",
+                  flush=True)
+            try:
+                run_one(spec, args.data_dir, device, progress=not args.no_progress)
+            except TrainingInterrupted as e:
+                print(f"[interrupted] {spec.name}: {e}; rerun to resume", flush=True)
+                return 130
+            except ghlc.GHLError as e:  # diverged: keep going, the report shows the epochs
+                print(f"[failed] {spec.name}: {e}", flush=True)
+    runs = collect([s.name for s in specs])
+    for r in runs:
+        h = r["hist"][-1]
+        print(f"{r['name']:40s} epoch {h['epoch']:3d}  test acc {100 * h['test_acc']:6.2f}%  "
+              f"{h['seconds']:.1f} s/epoch")
+    if not args.no_report:
+        write_report(runs, "quick" if args.quick else "full", args, device)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
