@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .artifact import input_spec
 from .config import GHLConfig
 from .errors import GHLError
 from .graph import LayerGraph
@@ -14,12 +15,6 @@ from .passes import PassManager, default_passes
 from .passes.invariants import hebbian_complete
 from .runtime import Runtime, Site, install
 from .trace import trace
-
-
-def input_spec(example_inputs):
-    from .artifact import input_spec as spec
-
-    return spec(example_inputs)
 
 
 def build_runtime(lg: LayerGraph) -> Runtime:

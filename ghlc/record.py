@@ -31,7 +31,6 @@ class CallRecord:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     module_stack: tuple[str, ...]
-    out_id: int = 0
 
 
 @dataclass

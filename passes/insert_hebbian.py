@@ -24,5 +24,3 @@ def insert_hebbian(lg: LayerGraph) -> LayerGraph:
         g.add_edge(info.name, k, type="update")
     return lg.evolve(g=g)
 
-
-insert_hebbian.requires = lambda lg: []  # type: ignore[attr-defined]

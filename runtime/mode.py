@@ -9,6 +9,7 @@ parameter, a view of one, or (inside the owning module's forward) a tensor compu
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ class Runtime:
             site, view = self.site_for(w)
             if site is not None and w.requires_grad:
                 p = site.param
-                site.state.param_ref = site.state.param_ref or _ref(p)
+                site.state.param_ref = site.state.param_ref or weakref.ref(p)
                 site.state.arm(p)
                 try:
                     return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out,
@@ -115,12 +116,6 @@ def _user_line() -> str:
         if not os.path.abspath(fr.filename).startswith(skip):
             return f"{fr.filename}:{fr.lineno}"
     return "<unknown>"
-
-
-def _ref(p):
-    import weakref
-
-    return weakref.ref(p)
 
 
 class GHLMode(TorchFunctionMode):
