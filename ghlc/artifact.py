@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import GHLError
+from .errors import GHLError, first_line
 from .graph import LayerGraph
 from .runtime import runtime_of
 from .serialize import graph_from_json, graph_to_json
@@ -154,7 +154,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ArtifactError(f"{path}: weights do not fit the model: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first_line(e)}") from None
     if method == "bp":
         return model
     if method == "hebbian":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .errors import describe
+
 _LAYER_TYPES = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
 
 
@@ -28,11 +30,6 @@ def capture_export(model: torch.nn.Module, example_inputs: tuple):
     return torch.export.export(model, tuple(example_inputs), strict=False).module()
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
-
-
 def capture(model: torch.nn.Module, example_inputs: tuple, tiers=("fx", "export")):
     """Try each tier in order; return (tier, program or None, [(tier, why it failed)])."""
     errors: list[tuple[str, str]] = []
@@ -47,5 +44,5 @@ def capture(model: torch.nn.Module, example_inputs: tuple, tiers=("fx", "export"
                 finally:
                     model.train(was)
         except Exception as e:  # noqa: BLE001 - each tier's failure is recorded, not fatal
-            errors.append((tier, _first_line(e)))
+            errors.append((tier, describe(e)))
     return "eager", None, errors

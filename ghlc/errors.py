@@ -21,3 +21,15 @@ class PassError(GHLError):
 
 class RuntimeGHLError(GHLError, RuntimeError):
     """A failure inside the compiled training module, naming the layer."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), or ''."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception, for one-line error messages."""
+    msg = first_line(e)
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import GHLError
+from .errors import GHLError, first_line
 
 __all__ = ["ExportError", "ExportReport", "export_onnx"]
 
@@ -116,8 +116,7 @@ def export_onnx(
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
+    return first_line(e) or type(e).__name__
 
 
 def _unlink(p: Path) -> None:

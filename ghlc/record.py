@@ -17,7 +17,7 @@ from torch.nn.modules.module import (
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .errors import TraceError
+from .errors import TraceError, describe
 from .runtime.calls import parse_call
 from .runtime.mode import _MHA, patched_linear
 
@@ -122,13 +122,10 @@ class _RecordMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _preserved_state(model: torch.nn.Module):
-    """Run without side effects: buffers (BN statistics) and the RNG are restored."""
+    """Run without side effects on the model: buffers (BN statistics) and mode are restored.
+    The caller (``trace``) restores the random state."""
     bufs = {k: v.detach().clone() for k, v in model.state_dict().items()
             if not isinstance(v, torch.nn.Parameter)}
-    rng = torch.random.get_rng_state()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        cuda_rng = torch.cuda.get_rng_state_all()
     was_training = model.training
     try:
         yield
@@ -138,9 +135,6 @@ def _preserved_state(model: torch.nn.Module):
             for k, v in bufs.items():
                 if k in sd:
                     sd[k].copy_(v)
-        torch.random.set_rng_state(rng)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda_rng)
         model.train(was_training)
 
 
@@ -195,10 +189,7 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recor
         raise
     except Exception as e:  # the model itself fails on these inputs
         where = f" in module {stack[-1]!r}" if stack and stack[-1] else ""
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise TraceError(
-            f"the model fails on the example inputs{where}: {type(e).__name__}: {msg}"
-        ) from e
+        raise TraceError(f"the model fails on the example inputs{where}: {describe(e)}") from e
     finally:
         h1.remove()
         h2.remove()

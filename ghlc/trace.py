@@ -36,12 +36,9 @@ def trace(
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
-    rng = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng():  # tracing never shifts the user's random streams
         rec = record(model, inputs)
         tier, program, errors = capture(model, inputs, tuple(tiers))
-    finally:
-        torch.random.set_rng_state(rng)  # tracing never shifts the user's random stream
 
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules(remove_duplicate=False))

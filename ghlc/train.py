@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GHLError
+from .errors import GHLError, first_line
 
 CKPT_FORMAT = "ghlc-checkpoint"
 CKPT_VERSION = 1
@@ -282,7 +282,7 @@ def train(
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e) or type(e).__name__
             raise GHLError(f"{last_path}: does not match this model/run: {msg}") from None
         start_epoch = int(ckpt["epoch"])
         best_acc = float(ckpt["best_acc"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ghlc.errors import RuntimeGHLError
+from ghlc.errors import RuntimeGHLError, first_line
 
 from .calls import CallSpec
 from .hebbian import hebbian_raw
@@ -45,7 +45,7 @@ class PlasticCall(torch.autograd.Function):
         except RuntimeError as e:
             raise RuntimeGHLError(
                 f"layer {ctx.site.layer!r}: its output was modified in place after the call "
-                f"({str(e).splitlines()[0]})"
+                f"({first_line(e)})"
             ) from None
         spec = ctx.spec
         need = ctx.needs_input_grad[:3]

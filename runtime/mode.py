@@ -9,13 +9,12 @@ parameter, a view of one, or (inside the owning module's forward) a tensor compu
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ghlc.errors import RuntimeGHLError
+from ghlc.errors import RuntimeGHLError, describe
 
 from .calls import parse_call
 from .function import plastic_call
@@ -63,7 +62,6 @@ class Runtime:
         for name, site in self.sites.items():
             p = params[name]
             self.by_id[id(p)] = site
-            site.state.param_ref = None
             site.param = p
         self._bound_to = id(module)
 
@@ -89,16 +87,13 @@ class Runtime:
             x, w, b, spec, unbatched = parsed
             site, view = self.site_for(w)
             if site is not None and w.requires_grad:
-                p = site.param
-                site.state.param_ref = site.state.param_ref or weakref.ref(p)
-                site.state.arm(p)
+                site.state.arm(site.param)
                 try:
                     return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out,
                                         view)
                 except Exception as e:
                     raise RuntimeGHLError(
-                        f"layer {site.layer!r} at {_user_line()}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                        f"layer {site.layer!r} at {_user_line()}: {describe(e)}"
                     ) from e
         return func(*args, **kwargs)
 

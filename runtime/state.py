@@ -27,12 +27,12 @@ class PlasticParam:
         self.g_acc: torch.Tensor | None = None
         self._written = None  # weakref to the .grad tensor we wrote, and its version
         self._written_version = -1
-        self._hooked = None  # weakref to the parameter our hooks sit on
-        self.param_ref = None
+        self.param_ref = None  # weakref to the parameter our hooks sit on
+        self._mark = False  # a combine is due after the running accumulation
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_written"] = d["_hooked"] = d["param_ref"] = None
+        d["_written"] = d["param_ref"] = None
         return d
 
     def __deepcopy__(self, memo):
@@ -44,9 +44,8 @@ class PlasticParam:
     # ---- forward side -------------------------------------------------------------
     def arm(self, param: torch.Tensor) -> None:
         """Attach the combine hooks to ``param`` once (idempotent)."""
-        if self._hooked is not None and self._hooked() is param:
+        if self.param_ref is not None and self.param_ref() is param:
             return
-        self._hooked = weakref.ref(param)
         self.param_ref = weakref.ref(param)
         param.register_hook(self._pre_accumulate)
         param.register_post_accumulate_grad_hook(self._post_accumulate)
@@ -65,7 +64,7 @@ class PlasticParam:
         self.pending = h if self.pending is None else self.pending + h
 
     def _pre_accumulate(self, g: torch.Tensor) -> torch.Tensor:
-        p = self._hooked() if self._hooked is not None else None
+        p = self.param_ref() if self.param_ref is not None else None
         h, self.pending = self.pending, None
         if p is None or h is None:
             return g
@@ -83,7 +82,7 @@ class PlasticParam:
         return g
 
     def _post_accumulate(self, p: torch.Tensor) -> None:
-        if not getattr(self, "_mark", False):
+        if not self._mark:
             return
         self._mark = False
         p.grad = combine(self.h_acc, self.g_acc, self.rule)
