@@ -3,15 +3,30 @@
 #   bench/gpu_check.sh                      # on a CUDA machine
 #   bench/gpu_check.sh --device cpu --repeats 1 --warmup 0 --batch 8 --resnet50-batch 2
 # Arguments go to bench/step.py after the defaults, so they override them (on a machine
-# without CUDA the gpu-marked tests skip themselves).
+# without CUDA the gpu-marked tests skip themselves). If ghlc is not importable it is
+# installed from this checkout first (editable, no dependencies, no network).
+# With OUT set, logs and the JSON results are also written there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 
-python -m pytest -q -m gpu -p no:cacheprovider
+if ! "$PY" -c "import ghlc" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_errors_runtime.py
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then  # 5: no test carries the gpu mark
     echo "gpu tests failed (exit $rc)" >&2
-    exit $rc
 fi
 
-exec python bench/step.py --device cuda --repeats 20 --resnet50 "$@"
+json=bench/step_cuda.json
+args=(--device cuda --repeats 20 --resnet50 "$@")
+for a in "$@"; do [ "$a" = "cpu" ] && json=bench/step_cpu_check.json; done
+"$PY" bench/step.py "${args[@]}" --json "$json"
+brc=$?
+if [ -n "${OUT:-}" ] && [ -f "$json" ]; then cp "$json" "$OUT/"; fi
+exit $(( rc != 0 && rc != 5 ? rc : brc ))

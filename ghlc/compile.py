@@ -19,7 +19,9 @@ from .trace import trace
 
 def build_runtime(lg: LayerGraph) -> Runtime:
     return Runtime([
-        Site(i.name, i.module, lg.rule(i.name), i.weight_use, i.copy_out) for i in lg.plastic()
+        Site(i.name, i.module, lg.rule(i.name), i.weight_use, i.copy_out, i.out_saved,
+             lg.config.hebbian_at)
+        for i in lg.plastic()
     ])
 
 

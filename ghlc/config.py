@@ -13,6 +13,7 @@ COMPETITIONS = ("softmax", "hard", "none")
 SCOPES = ("layer", "group")
 LOCAL_RULES = ("oja", "hebb")
 GLOBAL_SIGNALS = ("grad_sign", "none")
+HEBBIAN_AT = ("auto", "forward", "backward")
 LAYER_KINDS = ("conv", "linear")
 
 
@@ -30,7 +31,9 @@ class GHLConfig:
     ``plastic`` names layer kinds made plastic ("conv", "linear"); ``include``/``exclude``
     are glob patterns on module paths (or parameter names) applied after ``plastic``.
     ``sample_fraction`` < 1 estimates the Hebbian term from a random fraction of positions
-    (fast approximate mode); 1.0 is exact.
+    (fast approximate mode); 1.0 is exact. ``hebbian_at`` says when H is computed:
+    ``auto`` (default: whichever keeps less memory alive), ``forward`` or ``backward``; the
+    result is the same.
     """
 
     temperature: float | Mapping[str, float] = 1.0
@@ -43,6 +46,7 @@ class GHLConfig:
     global_signal: str = "grad_sign"
     default_temperature: float = field(default=1.0, repr=False)
     sample_fraction: float = 1.0
+    hebbian_at: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plastic", _tuple(self.plastic))
@@ -53,6 +57,7 @@ class GHLConfig:
             ("competition_scope", SCOPES),
             ("local_rule", LOCAL_RULES),
             ("global_signal", GLOBAL_SIGNALS),
+            ("hebbian_at", HEBBIAN_AT),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

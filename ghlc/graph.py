@@ -43,6 +43,7 @@ class LayerInfo:
     calls: int = 1
     weight_use: str = "direct"  # direct | view | computed
     copy_out: bool = False  # output modified in place later: keep a private copy
+    out_saved: bool = False  # backprop keeps the output alive anyway (saving it is free)
     is_output: bool = False
     requires_grad: bool = True
     order: int = 0

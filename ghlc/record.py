@@ -31,6 +31,7 @@ class CallRecord:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     module_stack: tuple[str, ...]
+    out_ptr: int = 0  # storage address of the output (to test whether backprop keeps it)
 
 
 @dataclass
@@ -39,6 +40,14 @@ class Recording:
     edges: set[tuple[str, str]] = field(default_factory=set)
     mutated: set[str] = field(default_factory=set)  # params whose call output was changed in place
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    saved_ptrs: set[int] | None = None  # storages autograd saved for backward (None: unknown)
+
+    def out_saved(self, param: str) -> bool:
+        """True when backprop itself keeps every output of ``param``'s calls alive."""
+        if self.saved_ptrs is None:
+            return False
+        outs = [c.out_ptr for c in self.calls if c.param == param]
+        return bool(outs) and all(p in self.saved_ptrs for p in outs)
 
 
 def _is_inplace(func, kwargs) -> bool:
@@ -98,7 +107,7 @@ class _RecordMode(TorchFunctionMode):
             if name is not None:
                 self.rec.calls.append(CallRecord(
                     name, use, spec.name, spec.groups, tuple(x.shape), tuple(out.shape),
-                    tuple(self.stack)))
+                    tuple(self.stack), _storage_ptr(out)))
                 for s in src:
                     self.rec.edges.add((s, name))
                 self.set_prov(out, frozenset([name]))
@@ -118,6 +127,28 @@ class _RecordMode(TorchFunctionMode):
             with patched_linear(self.handle):
                 return self.handle(func, args, kwargs)
         return self.handle(func, args, kwargs)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return 0
+
+
+@contextlib.contextmanager
+def _saved_storages(ptrs: set[int]):
+    """Note the storage of every tensor autograd saves for backward (the record run keeps all
+    tensors alive, so addresses are not reused)."""
+
+    def pack(t):
+        p = _storage_ptr(t)
+        if p:
+            ptrs.add(p)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
 
 
 @contextlib.contextmanager
@@ -173,6 +204,7 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recor
             stack.pop()
 
     mode = _RecordMode(params, owners, rec, stack)
+    rec.saved_ptrs = set()
     h1 = register_module_forward_pre_hook(pre)
     h2 = register_module_forward_hook(post)  # not on error: the stack then names the culprit
     try:
@@ -181,7 +213,7 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recor
             with torch.enable_grad():
                 for _i, x in enumerate(tree_flatten(example_inputs)[0]):
                     mode.set_prov(x, frozenset(["input"]))
-                with mode:
+                with mode, _saved_storages(rec.saved_ptrs):
                     out = model(*example_inputs)
                 for s in mode.prov_of(out):
                     rec.edges.add((s, "output"))

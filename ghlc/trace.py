@@ -59,7 +59,8 @@ def trace(
             name=name, module=mpath, module_type=type(mod).__name__ if mod is not None else "?",
             kind=c.kind, weight_shape=tuple(params[name].shape), in_shape=c.in_shape,
             out_shape=c.out_shape, groups=c.groups, calls=counts[name], weight_use=c.weight_use,
-            copy_out=name in rec.mutated, is_output=name in outputs,
+            copy_out=name in rec.mutated, out_saved=rec.out_saved(name),
+            is_output=name in outputs,
             requires_grad=params[name].requires_grad, order=order,
         ))
     for u, v in rec.edges:

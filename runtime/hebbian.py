@@ -39,7 +39,7 @@ def compete(u: torch.Tensor, spec: CallSpec, rule: HebbianRule) -> torch.Tensor:
     v = u if groups == 1 else u.unflatten(dim, (groups, u.shape[dim] // groups))
     d = dim if groups == 1 else dim + 1
     if rule.competition == "softmax":
-        y = torch.softmax(v * rule.temperature, dim=d)
+        y = torch.softmax(v if rule.temperature == 1.0 else v * rule.temperature, dim=d)
     else:  # hard winner-take-all: one-hot of the argmax
         y = torch.zeros_like(v).scatter_(d, v.argmax(dim=d, keepdim=True), 1.0)
     return y if groups == 1 else y.flatten(dim, dim + 1)
@@ -66,20 +66,37 @@ def unit_scale(spec: CallSpec, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return sw.view(cin, cog, *([1] * (w.dim() - 2)))
 
 
+def unit_sum(spec: CallSpec, t: torch.Tensor) -> torch.Tensor:
+    """Sum a weight-shaped tensor over everything but the output unit (inverse of
+    ``unit_scale``)."""
+    if spec.kind == "linear" or not spec.transposed:
+        return t.sum(dim=list(range(1, t.dim()))) if t.dim() > 1 else t
+    g = spec.groups  # transposed weight: (C_in, C_out/g, *k)
+    cin, cog = t.shape[0], t.shape[1]
+    per = t.sum(dim=list(range(2, t.dim()))) if t.dim() > 2 else t
+    return per.view(g, cin // g, cog).sum(1).reshape(-1)
+
+
 def hebbian_raw(
-    spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, rule: HebbianRule
+    spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+    rule: HebbianRule,
 ) -> torch.Tensor:
-    """Un-normalised local term H of one call (same shape as w)."""
+    """Un-normalised local term H of one call (same shape as w).
+
+    Oja's decay ``sum_j y_k u_k`` is taken as ``<W_k, corr_k> + b_k sum_j y_k`` (u is linear
+    in W, so the two are equal): no activation-sized product is materialised."""
     if rule.sample_fraction < 1.0:
         x, u = _subsample(spec, x, u, rule.sample_fraction)
     y = compete(u, spec, rule)
     corr = weight_vjp(spec, x, w, y)
     if rule.local_rule == "hebb":
         return corr
-    dim = channel_dim(spec, u)
-    dims = [i for i in range(u.dim()) if i != dim]
-    s = (y * u).sum(dim=dims) if dims else y * u  # sum(dim=[]) would sum over everything
-    return corr - unit_scale(spec, s, w) * w
+    s = unit_sum(spec, corr * w)
+    if b is not None:
+        dim = channel_dim(spec, y)
+        dims = [i for i in range(y.dim()) if i != dim]
+        s = s + b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
+    return corr.sub_(unit_scale(spec, s, w) * w)
 
 
 def normalise(h: torch.Tensor) -> torch.Tensor:
@@ -88,19 +105,22 @@ def normalise(h: torch.Tensor) -> torch.Tensor:
 
 def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule) -> torch.Tensor:
     """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian)."""
-    hn = normalise(h_raw)
     if rule.global_signal == "none" or g is None:
-        return -hn
-    return hn.abs_().mul_(torch.sign(g))
+        return normalise(h_raw).neg_()
+    out = h_raw.abs()
+    scale = out.amax() + 1e-30
+    out.copysign_(g).masked_fill_(g == 0, 0.0)  # sign(0) = 0: no step without a direction
+    return out.div_(scale)
 
 
 def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float):
-    """Fast approximate mode: keep a random fraction of samples (rows for linear)."""
+    """Fast approximate mode: a random contiguous block of samples (rows for linear).
+    A block is a view, so no activation is copied; batches are shuffled by the data loader."""
     if spec.kind == "linear":
         x, u = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
     n = x.shape[0]
     k = max(1, int(round(frac * n)))
     if k >= n:
         return x, u
-    idx = torch.randperm(n, device=x.device)[:k]
-    return x.index_select(0, idx), u.index_select(0, idx)
+    start = int(torch.randint(0, n - k + 1, ()))
+    return x.narrow(0, start, k), u.narrow(0, start, k)

@@ -40,9 +40,10 @@ class Site:
     """Settings of one plastic parameter, as the runtime sees them."""
 
     def __init__(self, name: str, layer: str, rule: HebbianRule, weight_use: str = "direct",
-                 copy_out: bool = False) -> None:
+                 copy_out: bool = False, out_saved: bool = False, timing: str = "auto") -> None:
         self.state = PlasticParam(name, rule, layer)
         self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
+        self.out_saved, self.timing = out_saved, timing
 
 
 class Runtime:
@@ -86,11 +87,11 @@ class Runtime:
         if parsed is not None:
             x, w, b, spec, unbatched = parsed
             site, view = self.site_for(w)
-            if site is not None and w.requires_grad:
+            if site is not None and w.requires_grad and torch.is_grad_enabled():
                 site.state.arm(site.param)
                 try:
                     return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out,
-                                        view)
+                                        view, site.timing, site.out_saved)
                 except Exception as e:
                     raise RuntimeGHLError(
                         f"layer {site.layer!r} at {_user_line()}: {describe(e)}"

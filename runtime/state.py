@@ -3,7 +3,9 @@
 A plastic parameter may be used by several calls (weight sharing) and several backward passes
 may run before one optimiser step (micro-batches). Raw terms H and G accumulate like gradients
 and are normalised only when combined, so ``.grad`` always equals ``|H_n| * sign(G)`` of the
-totals since the last ``zero_grad``.
+totals since the last ``zero_grad``. The raw totals are dropped once an optimiser has stepped
+on the parameter, so they take no memory between steps; a backward pass after ``step()``
+without ``zero_grad()`` therefore starts a new total (plain backprop would keep adding).
 """
 
 from __future__ import annotations
@@ -11,8 +13,28 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hebbian import HebbianRule, combine
+
+_BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
+_STEP_HOOK = None
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    """Global optimiser post-step hook: release the raw totals of the stepped parameters."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = _BY_PARAM.get(id(p))
+            st = ref() if ref is not None else None
+            if st is not None and st.param_ref is not None and st.param_ref() is p:
+                st.release()
+
+
+def _register_step_hook() -> None:
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
 
 
 class PlasticParam:
@@ -28,7 +50,7 @@ class PlasticParam:
         self._written = None  # weakref to the .grad tensor we wrote, and its version
         self._written_version = -1
         self.param_ref = None  # weakref to the parameter our hooks sit on
-        self._mark = False  # a combine is due after the running accumulation
+        self._mark = False  # the .grad stored by the running accumulation is ours
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -49,6 +71,14 @@ class PlasticParam:
         self.param_ref = weakref.ref(param)
         param.register_hook(self._pre_accumulate)
         param.register_post_accumulate_grad_hook(self._post_accumulate)
+        for k in [k for k, r in _BY_PARAM.items() if r() is None]:
+            del _BY_PARAM[k]
+        _BY_PARAM[id(param)] = weakref.ref(self)
+        _register_step_hook()
+
+    def release(self) -> None:
+        """Drop the raw totals (after an optimiser step)."""
+        self.h_acc = self.g_acc = None
 
     # ---- backward side ------------------------------------------------------------
     def add(self, h: torch.Tensor, view: tuple | None = None) -> None:
@@ -61,9 +91,11 @@ class PlasticParam:
             full = torch.zeros_like(p)
             full.as_strided(*view).add_(h)
             h = full
-        self.pending = h if self.pending is None else self.pending + h
+        self.pending = h if self.pending is None else self.pending.add_(h)
 
     def _pre_accumulate(self, g: torch.Tensor) -> torch.Tensor:
+        """Runs once all uses of the parameter have contributed G and H: returns the combined
+        gradient, which autograd then stores as ``.grad`` (we clear ``.grad`` first)."""
         p = self.param_ref() if self.param_ref is not None else None
         h, self.pending = self.pending, None
         if p is None or h is None:
@@ -76,15 +108,14 @@ class PlasticParam:
         if fresh:
             self.h_acc, self.g_acc = h, g
         else:
-            self.h_acc, self.g_acc = self.h_acc + h, self.g_acc + g
-        p.grad = None  # AccumulateGrad then just stores g; we overwrite it right after
+            self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
+        p.grad = None  # AccumulateGrad then stores the combined gradient as is
         self._mark = True
-        return g
+        return combine(self.h_acc, self.g_acc, self.rule)
 
     def _post_accumulate(self, p: torch.Tensor) -> None:
         if not self._mark:
             return
         self._mark = False
-        p.grad = combine(self.h_acc, self.g_acc, self.rule)
         self._written = weakref.ref(p.grad)
         self._written_version = p.grad._version

@@ -220,7 +220,7 @@ def test_hebbian_raw_matches_reference(name, data, rule):
         event("asymmetric 'same' (pre_pad)")
     with torch.no_grad():
         u = spec.run(xc, w, b)
-        h = hebbian_raw(spec, xc, u, w, rule)
+        h = hebbian_raw(spec, xc, u, w, b, rule)
     assert h.shape == m.weight.shape and h.dtype == m.weight.dtype, desc
     ref = ref_h(m, x, rule)
     err = rel_err(h, ref)

@@ -266,3 +266,93 @@ def test_tied_weight_sums_raw_terms():
     per_call = [oracle.call_term(c, {}) for c in calls if c.name == shared[0].name]
     separate = sum(oracle.expected_grad(t, g[shared[0].name]) for t in per_call)
     assert not torch.allclose(separate, expected[shared[0].name], rtol=1e-3)
+
+
+# ---- when H is computed: forward or backward, the same numbers --------------------------------
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "unet", "vit", "stdconv", "conv_twice"])
+def test_hebbian_timing_gives_the_same_grads(name):
+    """``hebbian_at`` forward / backward / auto: identical gradients (float32 rounding)."""
+    model, x, cfg = _build(name)
+    grads = {}
+    for at in ("backward", "forward", "auto"):
+        m = ghlc.prepare(copy.deepcopy(model), (x,), config=ghlc.GHLConfig(
+            **{**cfg.to_dict(), "hebbian_at": at}))
+        m.train()
+        torch.manual_seed(0)  # dropout, if any, draws the same mask
+        loss_fn(m(x)).backward()
+        grads[at] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for at in ("forward", "auto"):
+        for n, g in grads["backward"].items():
+            err = (grads[at][n] - g).norm() / g.norm().clamp_min(1e-30)
+            assert err <= 1e-6, f"{at} {n}: rel err {err:.3g}"
+
+
+class _KeepsOrNot(nn.Module):
+    """c1's output goes to BatchNorm (which saves its input), c2's to ReLU (which saves only
+    its own output), c3's to an in-place ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.c2, self.c3 = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(self.bn(self.c1(x))))
+        return F.relu(self.c3(h), inplace=True).mean((1, 2, 3))
+
+
+def test_trace_knows_which_outputs_backprop_keeps():
+    lg = ghlc.trace(_KeepsOrNot(), (torch.randn(2, 3, 8, 8),))
+    saved = {i.name: i.out_saved for i in lg.layers()}
+    assert saved == {"c1.weight": True, "c2.weight": False, "c3.weight": True}
+    assert lg.layer("c3.weight").copy_out  # ...but it is changed in place afterwards
+
+
+def test_auto_timing_keeps_no_extra_activation():
+    """auto: u is saved only where backprop keeps it anyway (c1); elsewhere H is computed in
+    the forward pass and only H is kept, so the saved tensors are backprop's plus H."""
+    model, x = _KeepsOrNot(), torch.randn(2, 3, 8, 8)
+    sizes = {}
+    for variant in ("bp", "auto", "backward"):
+        m = copy.deepcopy(model) if variant == "bp" else ghlc.prepare(
+            copy.deepcopy(model), (x,), ghlc.GHLConfig(hebbian_at=variant))
+        m.train()
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m(x)
+        sizes[variant] = sum(seen.values())
+        out.sum().backward()
+    assert sizes["backward"] > sizes["bp"]
+    # auto: c1 (kept by BN) adds nothing; c2, c3 add H (weight-sized) at most
+    w_bytes = sum(4 * c.weight.numel() for c in (model.c2, model.c3))
+    assert sizes["bp"] <= sizes["auto"] <= sizes["bp"] + w_bytes
+
+
+# ---- raw totals are released by an optimiser step ---------------------------------------------
+
+
+def test_step_releases_raw_totals_and_keeps_results():
+    model, x, cfg = _build("vgg")
+    x2 = torch.randn_like(x)
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    rt = ghlc.runtime.runtime_of(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the weights stay those of plain
+    m.train()
+    loss_fn(m(x)).backward()
+    assert all(rt.sites[n].state.h_acc is not None for n in names)
+    opt.step()
+    assert all(rt.sites[n].state.h_acc is None and rt.sites[n].state.g_acc is None
+               for n in names)
+    opt.zero_grad()
+    loss_fn(m(x2)).backward()
+    h2, g2, _ = oracle.run_plain(plain, (x2,), names, loss_fn)
+    _assert_matches(m, {n: oracle.expected_grad(h2[n], g2[n]) for n in names}, g2)

@@ -1,0 +1,86 @@
+"""Capture a whole GHL training step in a CUDA graph (static shapes, small models).
+
+For small models a GHL step is many small kernels (the Hebbian softmax, reductions and the
+sign combination add a few per plastic layer), so launch overhead dominates; replaying one
+captured graph removes it. The captured step is the ordinary one: ghlc's hooks run at capture
+time and the graph replays their kernels, so the numbers are those of the eager step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .errors import GHLError
+
+
+def cuda_graph_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    example_inputs: Sequence[torch.Tensor],
+    example_target: torch.Tensor,
+    warmup: int = 3,
+) -> Callable[..., torch.Tensor]:
+    """Capture ``zero_grad; loss_fn(model(*inputs), target).backward(); optimizer.step()`` in a
+    CUDA graph and return ``step(*inputs, target) -> loss`` that replays it.
+
+    Inputs must keep the example's shapes and dtypes; they are copied into static buffers.
+    ``warmup`` eager steps run on a side stream first (as CUDA graphs require); the model's and
+    optimiser's state are restored afterwards, so capturing does not train. The learning rate
+    is baked in at capture (a scheduler's later changes do not reach the graph unless the
+    optimiser takes its lr as a tensor). The returned loss tensor is overwritten by each replay.
+    """
+    if not torch.cuda.is_available():
+        raise GHLError("cuda_graph_step needs a CUDA device")
+    inputs = tuple(example_inputs)
+    tensors = [*inputs, example_target, *model.parameters()]
+    if any(not t.is_cuda for t in tensors):
+        raise GHLError("cuda_graph_step: the model, inputs and target must all be on CUDA")
+    if optimizer.defaults.get("capturable") is False:
+        raise GHLError(f"{type(optimizer).__name__} must be built with capturable=True to be "
+                       "captured in a CUDA graph")
+    static_in = [t.detach().clone() for t in inputs]
+    static_target = example_target.detach().clone()
+
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(*static_in), static_target).backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        model.load_state_dict(model_state)
+    optimizer.load_state_dict(opt_state)
+
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        with torch.cuda.graph(graph):
+            static_loss = loss_fn(model(*static_in), static_target)
+            static_loss.backward()
+            optimizer.step()
+    except Exception as e:
+        raise GHLError(f"this training step cannot be captured in a CUDA graph: {e}") from e
+
+    def step(*new_inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if len(new_inputs) != len(static_in):
+            raise GHLError(f"expected {len(static_in)} input(s), got {len(new_inputs)}")
+        for buf, t in zip(static_in, new_inputs):
+            if t.shape != buf.shape:
+                raise GHLError(f"input shape {tuple(t.shape)} differs from the captured "
+                               f"{tuple(buf.shape)}")
+            buf.copy_(t)
+        static_target.copy_(target)
+        graph.replay()
+        return static_loss
+
+    step.graph = graph  # type: ignore[attr-defined]
+    return step

@@ -1,0 +1,106 @@
+"""CUDA: the same rule on GPU tensors, checked against the CPU float64 oracle; the CUDA-graph
+step against the eager step. Skipped without a CUDA device (run by bench/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import copy
+
+import oracle
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from zoo import ZOO
+
+import ghlc
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+IDS = [e.name for e in ZOO]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """TF32 would round convs/matmuls to 10 mantissa bits; check plain float32 here."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def loss_fn(out: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    target = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    return ((out - target) ** 2).mean()
+
+
+@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("at", ["auto", "forward", "backward"])
+def test_cuda_grads_match_cpu_float64_oracle(name, at):
+    e = next(z for z in ZOO if z.name == name)
+    model, x = e.make()
+    plain = copy.deepcopy(model)
+    names = list(e.plastic)
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    cfg = ghlc.GHLConfig(**{**e.config_kwargs(), "hebbian_at": at})
+    m = ghlc.prepare(model.cuda(), (x.cuda(),), config=cfg)
+    m.train()
+    loss_fn(m(x.cuda())).backward()
+    for n, p in m.named_parameters():
+        exp = oracle.expected_grad(h[n], g[n]) if n in h else g[n]
+        got = p.grad.detach().cpu().to(torch.float64)
+        err = (got - exp).norm() / exp.norm().clamp_min(1e-30)
+        assert err <= 1e-4, f"{name} {n}: rel err {err:.3g}"
+        if n in h:
+            big = exp.abs() > 1e-3 * exp.abs().max()
+            assert torch.equal(torch.sign(got[big]), torch.sign(exp[big])), f"{name} {n}"
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16, affine=False)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn1(self.c1(x))), 2)
+        h = F.relu(self.c2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("sample", [1.0, 0.5])
+def test_cuda_graph_step_equals_eager_steps(sample):
+    torch.manual_seed(0)
+    base = Small().cuda()
+    xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(3)]
+    ys = [torch.randint(0, 10, (8,), device="cuda") for _ in range(3)]
+    cfg = ghlc.GHLConfig(sample_fraction=sample)
+    eager = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],), cfg).train()
+    graphed = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],), cfg).train()
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
+    step = ghlc.cuda_graph_step(graphed, opt_g, F.cross_entropy, (xs[0],), ys[0])
+    for p, q in zip(eager.parameters(), graphed.parameters()):
+        assert torch.equal(p, q)  # capturing did not train
+    if sample < 1.0:  # the captured sample window is fixed; eager draws a new one each step
+        before = [p.detach().clone() for p in graphed.parameters()]
+        for x, y in zip(xs, ys):
+            assert torch.isfinite(step(x, target=y))
+        after = list(graphed.parameters())
+        assert all(torch.isfinite(p).all() for p in after)
+        assert not torch.equal(before[0], after[0])
+        return
+    for x, y in zip(xs, ys):
+        opt_e.zero_grad(set_to_none=True)
+        loss_e = F.cross_entropy(eager(x), y)
+        loss_e.backward()
+        opt_e.step()
+        loss_g = step(x, target=y)
+        assert torch.allclose(loss_g, loss_e, rtol=1e-5, atol=1e-6)
+        for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
