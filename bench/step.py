@@ -10,11 +10,38 @@ of one full step (zero_grad, forward, cross-entropy, backward, [Hebbian], SGD st
     ghlc       ghlc.prepare(model, ..., GHLConfig(temperature=...))
     ghlc_s25   ghlc with GHLConfig(sample_fraction=0.25) (fast approximate mode)
 
-and the peak memory of one step. It also reports the arithmetic floor of GHL from the layer
-shapes (backprop MACs + one weight-gradient-sized product per plastic layer, over backprop
-MACs), optionally ResNet-50 at 224x224 (--resnet50: ghlc peak memory next to the size of
-the unfolded patch tensors the paper's way would need), and the time of ghlc.prepare on a
-200-layer model.
+and, with --device cuda only,
+
+    bp_graph    bp with the whole step (forward, loss, backward, SGD step) captured in one
+                CUDA graph (static input/target tensors, 3 warm-up steps on a side stream);
+                a timed step copies the batch into the static tensors and replays the graph
+    ghlc_graph  the same for ghlc
+
+(a variant whose capture raises is dropped with a one-line warning), and the peak memory of
+one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph, the other
+rows' to bp.
+
+Two floors for GHL's extra cost, both over one backprop step:
+
+    floor        arithmetic, from the layer shapes: (backprop MACs + one weight-gradient-sized
+                 product per plastic layer) / backprop MACs. It assumes a weight-gradient
+                 kernel runs at the forward's MAC rate, which need not hold (on CPU oneDNN's
+                 weight gradient of a large 3x3 conv takes about twice its forward).
+    kernel floor measured: for every plastic layer, one weight-gradient-only kernel on random
+                 tensors of the layer's real shapes at the benchmark batch
+                 (aten.convolution_backward with output_mask [False, True, False] for convs,
+                 cot^T @ x for linear layers), median over the repeats (on CUDA each sample
+                 the mean of 10 back-to-back calls, so that a short kernel is not timed as
+                 its launch gap), times the layer's calls per step;
+                 kernel floor = (bp step ms + sum) / bp step ms (0.25 of the sum for
+                 ghlc_s25), the bp step being the same run's median. The kernels are timed in
+                 the same process, interleaved with the step repeats, so they see the same
+                 machine load. A plastic conv whose module does not give a consistent
+                 stride/padding/dilation is left out of the sum with a note.
+
+On request it also reports ResNet-50 at 224x224 (--resnet50: ghlc peak memory next to the
+size of the unfolded patch tensors the paper's way would need), and by default the time of
+ghlc.prepare on a 200-layer model.
 
     python bench/step.py --device cpu --repeats 5
     python bench/step.py --device cuda --repeats 20 --resnet50
@@ -49,6 +76,9 @@ from naive_ghl import NaiveGHL  # noqa: E402
 import ghlc  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
+GRAPH_VARIANTS = ("bp_graph", "ghlc_graph")  # --device cuda only
+GRAPH_WARMUP = 3
+CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
 LR = 1e-3
 MODELS = ("deephebb", "fasthebb", "resnet18")
@@ -64,12 +94,19 @@ MEMORY_METHOD = {
     "cuda": (
         "per (model, variant), one at a time: build, one warm-up step, "
         "torch.cuda.reset_peak_memory_stats, one measured step; "
-        "peak = max_memory_allocated - memory_allocated before the model was built"
+        "peak = max_memory_allocated - memory_allocated before the model was built. "
+        "*_graph variants: build, the warm-up steps, reset_peak_memory_stats, then capture "
+        "and one replay; peak = max_memory_allocated over capture + replay - memory_allocated "
+        "before the model was built (a replay allocates nothing, so the peak of the step's "
+        "temporaries is seen while capturing, when they are laid out in the graph's pool)"
     ),
 }
 TIMING_METHOD = {
-    "cpu": "time.perf_counter around one full step; median over repeats",
-    "cuda": "CUDA events around one full step (synchronised); median over repeats",
+    "cpu": "time.perf_counter around one full step; median over repeats; the kernel floor's "
+           "weight-gradient kernels timed the same way, one round per repeat in the rotation",
+    "cuda": "CUDA events around one full step (synchronised); median over repeats; the kernel "
+            "floor's weight-gradient kernels timed the same way (each sample the mean of "
+            f"{CUDA_KERNEL_CALLS} back-to-back calls), one round per repeat in the rotation",
 }
 
 
@@ -164,6 +201,82 @@ class Runner:
         self.opt.step()
 
 
+class GraphRunner:
+    """A bp or ghlc Runner whose whole step is captured in one CUDA graph (CUDA only).
+
+    __init__ takes the warm-up steps on a side stream; capture() records the graph (separate,
+    so that the memory probe can reset the peak between the two); step() copies the batch
+    into the static tensors and replays."""
+
+    def __init__(self, base: nn.Module, temp, variant: str, x: torch.Tensor,
+                 y: torch.Tensor) -> None:
+        eager = variant.removesuffix("_graph")
+        if variant not in GRAPH_VARIANTS or eager not in ("bp", "ghlc"):
+            raise ValueError(variant)
+        r = Runner(base, temp, eager, x[:2])
+        self.model, self.opt = r.model, r.opt
+        self.static_x, self.static_y = x.clone(), y.clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(GRAPH_WARMUP):
+                self.opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(self.model(self.static_x), self.static_y)
+                loss.backward()
+                self.opt.step()
+        torch.cuda.current_stream().wait_stream(s)
+
+    def capture(self) -> None:
+        self.opt.zero_grad(set_to_none=True)  # grads are allocated in the graph's pool
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.loss = F.cross_entropy(self.model(self.static_x), self.static_y)
+            self.loss.backward()
+            self.opt.step()
+        self.graph = g
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        self.graph.replay()
+
+
+def make_runner(base: nn.Module, temp, variant: str, x: torch.Tensor, y: torch.Tensor):
+    """A ready Runner, or for a *_graph variant a warmed-up and captured GraphRunner."""
+    if variant in GRAPH_VARIANTS:
+        r = GraphRunner(base, temp, variant, x, y)
+        r.capture()
+        return r
+    return Runner(base, temp, variant, x[:2])
+
+
+def variants_for(device: str) -> tuple[str, ...]:
+    return VARIANTS + GRAPH_VARIANTS if device == "cuda" else VARIANTS
+
+
+def reference(variant: str) -> str:
+    """The variant whose median step the ratios of ``variant`` are taken to."""
+    return "bp_graph" if variant in GRAPH_VARIANTS else "bp"
+
+
+def warn_dropped(model_name: str, variant: str, err: BaseException) -> None:
+    msg = str(err).strip().splitlines()
+    first = msg[0] if msg else ""
+    print(f"warning: {model_name}/{variant}: CUDA graph capture failed, variant dropped "
+          f"({type(err).__name__}: {first})", file=sys.stderr)
+
+
+def _cuda_cleanup() -> None:
+    gc.collect()
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        pass
+    torch.cuda.empty_cache()
+
+
 def data(batch: int, size: int, classes: int, device: str):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g)
@@ -222,6 +335,16 @@ def memory_inproc(model_name: str, variant: str, batch: int, size: int, device: 
     else:
         base = _proc_kb("VmRSS") * 1024
     m, temp = build(model_name)
+    if variant in GRAPH_VARIANTS:  # CUDA only: peak over capture + one replay
+        r = GraphRunner(m.to(device), temp, variant, x, y)  # takes the warm-up steps
+        del m
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        r.capture()
+        r.step(x, y)
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "peak_reset": True}
     r = Runner(m.to(device), temp, variant, x[:2])
     del m
     r.step(x, y)  # warm-up: grads and ghlc state exist from here on
@@ -295,6 +418,139 @@ def floor_stats(base: nn.Module, temp, x: torch.Tensor) -> dict:
     }
 
 
+def _conv_out(n: int, k: int, stride: int, pad: int, dil: int, out_pad: int,
+              transposed: bool) -> int:
+    if transposed:
+        return (n - 1) * stride - 2 * pad + dil * (k - 1) + out_pad + 1
+    return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _conv_args(mod: nn.Module, info) -> tuple[tuple, str]:
+    """(stride, padding, dilation, transposed, output_padding, groups) of a plastic conv's
+    call, or ((), why) when they cannot be had from its module. The recorded in_shape is the
+    input of the functional call, so a padding_mode other than "zeros" (the module pads
+    first and calls with padding 0) is found by checking the output size."""
+    if not isinstance(mod, nn.modules.conv._ConvNd):
+        return (), f"owning module is {type(mod).__name__}, not an nn.Conv*d"
+    k = info.weight_shape[2:]
+    nd = len(k)
+    stride, dil = tuple(mod.stride), tuple(mod.dilation)
+    out_pad = tuple(mod.output_padding)
+    transposed = bool(mod.transposed)
+    if len(info.in_shape) != nd + 2 or len(info.out_shape) != nd + 2:
+        return (), f"in/out shapes {info.in_shape}/{info.out_shape} (unbatched call?)"
+    pads: list[tuple[int, ...]] = []
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            pads.append((0,) * nd)
+        else:  # "same": symmetric only when every total padding is even
+            total = [d * (kk - 1) for d, kk in zip(dil, k)]
+            if any(t % 2 for t in total) and mod.padding_mode == "zeros":
+                return (), "padding='same' with an odd total padding (asymmetric)"
+            pads.append(tuple(t // 2 for t in total))
+    else:
+        pads.append(tuple(mod.padding))
+    pads.append((0,) * nd)  # padding_mode != "zeros": padded input, padding 0
+    for pad in pads:
+        want = tuple(
+            _conv_out(info.in_shape[2 + i], k[i], stride[i], pad[i], dil[i], out_pad[i],
+                      transposed)
+            for i in range(nd)
+        )
+        if want == tuple(info.out_shape[2:]):
+            return (list(stride), list(pad), list(dil), transposed, list(out_pad),
+                    int(mod.groups)), ""
+    return (), (f"padding={mod.padding!r} (padding_mode={mod.padding_mode!r}) does not give "
+                f"the recorded output {info.out_shape} from {info.in_shape}")
+
+
+def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str
+                  ) -> tuple[list[dict], list[str]]:
+    """One weight-gradient-only kernel per plastic layer, on random tensors of its shapes.
+
+    The model is traced at x itself, so the recorded shapes are the ones at the benchmark
+    batch (a layer called on a reshaped input, e.g. (N*T, C), keeps its real leading dim).
+    Returns (probes: layer, kind, calls, fn; skipped: one note per plastic layer left out).
+    Each fn is called once here (allocations, kernel selection)."""
+    cfg = ghlc.GHLConfig(temperature=temp)
+    lg = ghlc.trace(copy.deepcopy(base), (x,), config=cfg)
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(lg)
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    probes, skipped = [], []
+    for info in lg.layers():
+        if str(info.role) != "plastic":
+            continue
+        mk = dict(device=device, dtype=dtype)
+        if info.kind == "linear":
+            c_out, c_in = info.weight_shape[0], info.weight_shape[-1]
+            xi = torch.randn(info.in_shape, **mk).reshape(-1, c_in)
+            cot = torch.randn(info.out_shape, **mk).reshape(-1, c_out)
+
+            def fn(cot=cot, xi=xi):
+                return cot.t() @ xi
+        else:
+            conv, why = _conv_args(base.get_submodule(info.module), info)
+            if not conv:
+                skipped.append(f"{info.name}: {why}")
+                continue
+            xi = torch.randn(info.in_shape, **mk)
+            cot = torch.randn(info.out_shape, **mk)
+            w = torch.randn(info.weight_shape, **mk)
+
+            def fn(cot=cot, xi=xi, w=w, conv=conv):
+                return torch.ops.aten.convolution_backward(
+                    cot, xi, w, None, *conv, [False, True, False])[1]
+        with torch.no_grad():
+            fn()
+        probes.append({"layer": info.name, "kind": info.kind, "calls": max(1, info.calls),
+                       "fn": fn})
+    sync(device)
+    return probes, skipped
+
+
+def time_call(fn, device: str) -> float:
+    """Milliseconds of one call of fn. On CUDA the mean of CUDA_KERNEL_CALLS back-to-back
+    calls between two events: one call alone on an idle stream is timed as its launch."""
+    with torch.no_grad():
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            for _ in range(CUDA_KERNEL_CALLS):
+                fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / CUDA_KERNEL_CALLS
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def kernel_round(probes: list[dict], device: str) -> list[float]:
+    """One timed call of every probe (ms, in probe order)."""
+    return [time_call(p["fn"], device) for p in probes]
+
+
+def kernel_summary(probes: list[dict], rounds: list[list[float]], skipped: list[str]) -> dict:
+    """Per-layer median ms x calls, and their sum (hebbian_kernel_ms)."""
+    layers = []
+    for i, p in enumerate(probes):
+        med = statistics.median(r[i] for r in rounds)
+        layers.append({"layer": p["layer"], "kind": p["kind"], "calls": p["calls"],
+                       "median_ms": med, "step_ms": med * p["calls"]})
+    return {"hebbian_kernel_ms": sum(lay["step_ms"] for lay in layers), "layers": layers,
+            "skipped": skipped}
+
+
+def kernel_floor(base: nn.Module, temp, x: torch.Tensor, device: str, repeats: int) -> dict:
+    """Measured weight-gradient kernel time of the plastic layers, on its own: ``repeats``
+    rounds back to back. (bench_model takes the same rounds between its step repeats.)
+    The kernel floor of a step is (bp_ms + hebbian_kernel_ms) / bp_ms."""
+    probes, skipped = kernel_probes(base, temp, x, device)
+    rounds = [kernel_round(probes, device) for _ in range(max(1, repeats))]
+    return kernel_summary(probes, rounds, skipped)
+
+
 def patch_bytes(base: nn.Module, x: torch.Tensor) -> dict:
     """Unfolded patch tensors of the paper's way: N*L*C_in*k*k*4 bytes per conv layer."""
     lg = ghlc.trace(copy.deepcopy(base), (x,))
@@ -315,39 +571,83 @@ def patch_bytes(base: nn.Module, x: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------- benches
-def bench_model(name: str, args) -> list[dict]:
+def bench_model(name: str, args) -> tuple[list[dict], dict]:
+    """(table rows, kernel-floor details) of one model."""
     torch.manual_seed(0)
     base, temp = build(name)
     base = base.to(args.device)
     x, y = data(args.batch, 32, 10, args.device)
     fl = floor_stats(base, temp, x)
-    mems = {v: memory(name, v, args) for v in VARIANTS}
-    runners = {v: Runner(base, temp, v, x[:2]) for v in VARIANTS}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    variants = list(variants_for(args.device))
+    mems, runners = {}, {}
+    for v in list(variants):
+        try:
+            mems[v] = memory(name, v, args)
+        except Exception as e:
+            if v not in GRAPH_VARIANTS:
+                raise
+            warn_dropped(name, v, e)
+            variants.remove(v)
+            del e
+            _cuda_cleanup()
+    for v in list(variants):
+        try:
+            runners[v] = make_runner(base, temp, v, x, y)
+        except Exception as e:
+            if v not in GRAPH_VARIANTS:
+                raise
+            warn_dropped(name, v, e)
+            variants.remove(v)
+            del e
+            _cuda_cleanup()
+    probes, skipped = kernel_probes(base, temp, x, args.device)
+    for note in skipped:
+        print(f"  {name}: kernel floor leaves out {note}", file=sys.stderr)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    rounds: list[list[float]] = []
+    order = [*variants, "kernels"]  # the kernel-floor round takes its turn in the rotation
     for rep in range(args.warmup + args.repeats):
-        k = rep % len(VARIANTS)
-        for v in VARIANTS[k:] + VARIANTS[:k]:  # rotate the order: no variant always first
+        k = rep % len(order)
+        for v in order[k:] + order[:k]:  # rotate the order: no variant always first
+            if v == "kernels":
+                ks = kernel_round(probes, args.device)
+                if rep >= args.warmup:
+                    rounds.append(ks)
+                continue
             ms = timed_step(runners[v], x, y, args.device)
             if rep >= args.warmup:
                 times[v].append(ms)
         print(f"  {name} repeat {rep + 1}/{args.warmup + args.repeats}", file=sys.stderr)
-    del runners
+    kern = kernel_summary(probes, rounds, skipped)
+    del runners, probes
     gc.collect()
-    bp_ms = statistics.median(times["bp"])
-    bp_mem = mems["bp"]["peak_bytes"]
+    hk = kern["hebbian_kernel_ms"]
+    medians = {v: statistics.median(times[v]) for v in variants}
     rows = []
-    for v in VARIANTS:
-        med = statistics.median(times[v])
-        floor = fl["floor_sampled"] if v == "ghlc_s25" else (1.0 if v == "bp" else fl["floor"])
+    for v in variants:
+        ref = reference(v) if reference(v) in medians else "bp"
+        ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
+        eager = v.removesuffix("_graph")
+        if eager == "bp":
+            floor, heb_ms = 1.0, 0.0
+        elif eager == "ghlc_s25":
+            floor, heb_ms = fl["floor_sampled"], SAMPLE_FRACTION * hk
+        else:
+            floor, heb_ms = fl["floor"], hk
+        kfloor = (ref_ms + heb_ms) / ref_ms
+        med = medians[v]
         rows.append({
-            "model": name, "variant": v, "median_ms": med, "times_ms": times[v],
-            "ratio_to_bp": med / bp_ms, "floor": floor, "ratio_to_floor": med / bp_ms / floor,
+            "model": name, "variant": v, "reference": ref, "median_ms": med,
+            "times_ms": times[v], "ratio_to_bp": med / ref_ms, "floor": floor,
+            "ratio_to_floor": med / ref_ms / floor,
+            "kernel_floor": kfloor, "ratio_to_kernel_floor": med / ref_ms / kfloor,
+            "hebbian_kernel_ms": heb_ms,
             "peak_mb": mems[v]["peak_bytes"] / 2**20,
-            "mem_ratio": mems[v]["peak_bytes"] / bp_mem if bp_mem > 0 else float("nan"),
+            "mem_ratio": mems[v]["peak_bytes"] / ref_mem if ref_mem > 0 else float("nan"),
             "peak_reset": mems[v]["peak_reset"],
             "bp_macs": fl["bp_macs"], "hebbian_macs": fl["hebbian_macs"],
         })
-    return rows
+    return rows, kern
 
 
 def bench_resnet50(args) -> dict:
@@ -414,14 +714,14 @@ def bench_prepare(n_layers: int = 200, device: str = "cpu") -> dict:
 
 # ---------------------------------------------------------------------------- output
 def table(rows: list[dict]) -> str:
-    head = ("model", "variant", "median ms", "ratio to bp", "floor", "ratio/floor", "peak MB",
-            "mem ratio")
+    head = ("model", "variant", "median ms", "ratio to bp", "floor", "ratio/floor",
+            "kernel floor", "ratio/kfloor", "peak MB", "mem ratio")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['median_ms']:.1f} | {r['ratio_to_bp']:.3f} | "
-            f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {r['peak_mb']:.1f} | "
-            f"{r['mem_ratio']:.3f} |"
+            f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {r['kernel_floor']:.3f} | "
+            f"{r['ratio_to_kernel_floor']:.3f} | {r['peak_mb']:.1f} | {r['mem_ratio']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -478,14 +778,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     rows: list[dict] = []
+    kernels: dict[str, dict] = {}
     for m in models:
-        rows += bench_model(m, args)
+        model_rows, kernels[m] = bench_model(m, args)
+        rows += model_rows
     result = {
         "machine": machine(args.device), "device": args.device, "batch": args.batch,
         "repeats": args.repeats, "warmup": args.warmup, "sample_fraction": SAMPLE_FRACTION,
         "timing_method": TIMING_METHOD[args.device], "memory_method": MEMORY_METHOD[args.device],
         "command": "python bench/step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "rows": rows,
+        "rows": rows, "kernels": kernels,
     }
     if not args.no_prepare_bench:
         result["prepare"] = bench_prepare(200, args.device)
@@ -512,6 +814,10 @@ def main(argv: list[str] | None = None) -> int:
               f"unfolded patches (paper's way) sum {pt['sum_bytes'] / 2**20:.0f} MB, "
               f"max {pt['max_bytes'] / 2**20:.0f} MB ({pt['max_layer']}); step bp "
               f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms")
+    for m, kern in kernels.items():
+        note = f"; left out: {'; '.join(kern['skipped'])}" if kern["skipped"] else ""
+        print(f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "
+              f"{kern['hebbian_kernel_ms']:.2f} ms per step{note}")
     print(f"wrote {out}")
     print(table(rows))
     return 0
