@@ -14,6 +14,7 @@ SCOPES = ("layer", "group")
 LOCAL_RULES = ("oja", "hebb")
 GLOBAL_SIGNALS = ("grad_sign", "none")
 HEBBIAN_AT = ("auto", "forward", "backward")
+ACCUMULATION = ("auto", "always")
 LAYER_KINDS = ("conv", "linear")
 
 
@@ -33,7 +34,9 @@ class GHLConfig:
     ``sample_fraction`` < 1 estimates the Hebbian term from a random fraction of positions
     (fast approximate mode); 1.0 is exact. ``hebbian_at`` says when H is computed:
     ``auto`` (default: whichever keeps less memory alive), ``forward`` or ``backward``; the
-    result is the same.
+    result is the same. ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
+    (two weight-sized buffers per plastic layer) only while training accumulates several
+    backward passes per optimiser step (seen at the first step); ``always`` keeps them always.
     """
 
     temperature: float | Mapping[str, float] = 1.0
@@ -47,6 +50,7 @@ class GHLConfig:
     default_temperature: float = field(default=1.0, repr=False)
     sample_fraction: float = 1.0
     hebbian_at: str = "auto"
+    accumulation: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plastic", _tuple(self.plastic))
@@ -58,6 +62,7 @@ class GHLConfig:
             ("local_rule", LOCAL_RULES),
             ("global_signal", GLOBAL_SIGNALS),
             ("hebbian_at", HEBBIAN_AT),
+            ("accumulation", ACCUMULATION),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

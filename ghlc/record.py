@@ -142,12 +142,13 @@ def _saved_storages(ptrs: set[int]):
     tensors alive, so addresses are not reused)."""
 
     def pack(t):
-        p = _storage_ptr(t)
-        if p:
-            ptrs.add(p)
-        return t
+        ptrs.add(_storage_ptr(t))
+        return None  # the record run never runs backward; holding t would leak a cycle
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise TraceError("internal: the record run's graph cannot be differentiated")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
 
 

@@ -103,11 +103,14 @@ def normalise(h: torch.Tensor) -> torch.Tensor:
     return h / (h.abs().max() + 1e-30)
 
 
-def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule) -> torch.Tensor:
-    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian)."""
+def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
+            inplace: bool = False) -> torch.Tensor:
+    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian).
+    ``inplace`` writes it into ``h_raw`` (no new weight-sized buffer)."""
     if rule.global_signal == "none" or g is None:
-        return normalise(h_raw).neg_()
-    out = h_raw.abs()
+        scale = torch.linalg.vector_norm(h_raw, float("inf")) + 1e-30
+        return (h_raw if inplace else h_raw.clone()).div_(scale).neg_()
+    out = h_raw.abs_() if inplace else h_raw.abs()
     scale = out.amax() + 1e-30
     out.copysign_(g).masked_fill_(g == 0, 0.0)  # sign(0) = 0: no step without a direction
     return out.div_(scale)

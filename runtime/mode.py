@@ -40,8 +40,9 @@ class Site:
     """Settings of one plastic parameter, as the runtime sees them."""
 
     def __init__(self, name: str, layer: str, rule: HebbianRule, weight_use: str = "direct",
-                 copy_out: bool = False, out_saved: bool = False, timing: str = "auto") -> None:
-        self.state = PlasticParam(name, rule, layer)
+                 copy_out: bool = False, out_saved: bool = False, timing: str = "auto",
+                 accumulation: str = "auto") -> None:
+        self.state = PlasticParam(name, rule, layer, accumulation)
         self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
         self.out_saved, self.timing = out_saved, timing
 

@@ -3,9 +3,14 @@
 A plastic parameter may be used by several calls (weight sharing) and several backward passes
 may run before one optimiser step (micro-batches). Raw terms H and G accumulate like gradients
 and are normalised only when combined, so ``.grad`` always equals ``|H_n| * sign(G)`` of the
-totals since the last ``zero_grad``. The raw totals are dropped once an optimiser has stepped
-on the parameter, so they take no memory between steps; a backward pass after ``step()``
-without ``zero_grad()`` therefore starts a new total (plain backprop would keep adding).
+totals since the last ``zero_grad`` or optimiser step.
+
+Keeping the raw totals costs two weight-sized buffers per plastic layer. With
+``accumulation="auto"`` they are kept until the first optimiser step; if no backward pass was
+accumulated onto another by then, later steps combine in place and keep nothing (an
+accumulation starting later raises a clear error). ``"always"`` keeps them every step. A
+backward pass after ``step()`` without ``zero_grad()`` starts a new total (plain backprop
+would keep adding).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ghlc.errors import RuntimeGHLError
 
 from .hebbian import HebbianRule, combine
 
@@ -28,7 +35,7 @@ def _after_step(optimizer, args, kwargs) -> None:
             ref = _BY_PARAM.get(id(p))
             st = ref() if ref is not None else None
             if st is not None and st.param_ref is not None and st.param_ref() is p:
-                st.release()
+                st.after_step()
 
 
 def _register_step_hook() -> None:
@@ -40,10 +47,15 @@ def _register_step_hook() -> None:
 class PlasticParam:
     """Accumulator and autograd hooks for one plastic parameter."""
 
-    def __init__(self, name: str, rule: HebbianRule, layer: str = "") -> None:
+    def __init__(self, name: str, rule: HebbianRule, layer: str = "",
+                 accumulation: str = "auto") -> None:
         self.name = name
         self.layer = layer or name
         self.rule = rule
+        self.accumulation = accumulation
+        self.keep_totals = True  # until a step shows one backward per step ("auto")
+        self._accumulated = False  # a backward was added onto another since the last step
+        self._stepped = False  # an optimiser step came after the .grad we wrote
         self.pending: torch.Tensor | None = None  # raw H of the running backward
         self.h_acc: torch.Tensor | None = None
         self.g_acc: torch.Tensor | None = None
@@ -76,8 +88,13 @@ class PlasticParam:
         _BY_PARAM[id(param)] = weakref.ref(self)
         _register_step_hook()
 
-    def release(self) -> None:
-        """Drop the raw totals (after an optimiser step)."""
+    def after_step(self) -> None:
+        """An optimiser stepped on the parameter: drop the raw totals; in ``auto`` mode stop
+        keeping them unless this step accumulated several backward passes."""
+        if self.accumulation == "auto" and not self._accumulated:
+            self.keep_totals = False
+        self._accumulated = False
+        self._stepped = True
         self.h_acc = self.g_acc = None
 
     # ---- backward side ------------------------------------------------------------
@@ -101,17 +118,32 @@ class PlasticParam:
         if p is None or h is None:
             return g
         grad = p.grad
-        fresh = not (
+        accumulating = (
             grad is not None and self._written is not None and self._written() is grad
-            and grad._version == self._written_version and self.h_acc is not None
+            and grad._version == self._written_version and not self._stepped
         )
-        if fresh:
-            self.h_acc, self.g_acc = h, g
-        else:
+        self._stepped = False
+        if accumulating:
+            if self.h_acc is None:
+                raise RuntimeGHLError(
+                    f"layer {self.layer!r}: this backward pass adds to the previous one's "
+                    "gradient, but ghlc stopped keeping raw Hebbian totals after seeing one "
+                    "backward pass per optimiser step; use GHLConfig(accumulation='always') "
+                    "when gradient accumulation starts later in training"
+                )
+            self._accumulated = True
+            self.keep_totals = True
             self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
+            out = combine(self.h_acc, self.g_acc, self.rule)
+        elif self.keep_totals or self.accumulation == "always":
+            self.h_acc, self.g_acc = h, g
+            out = combine(h, g, self.rule)
+        else:
+            self.h_acc = self.g_acc = None
+            out = combine(h, g, self.rule, inplace=True)
         p.grad = None  # AccumulateGrad then stores the combined gradient as is
         self._mark = True
-        return combine(self.h_acc, self.g_acc, self.rule)
+        return out
 
     def _post_accumulate(self, p: torch.Tensor) -> None:
         if not self._mark:

@@ -356,3 +356,67 @@ def test_step_releases_raw_totals_and_keeps_results():
     loss_fn(m(x2)).backward()
     h2, g2, _ = oracle.run_plain(plain, (x2,), names, loss_fn)
     _assert_matches(m, {n: oracle.expected_grad(h2[n], g2[n]) for n in names}, g2)
+
+
+def _vgg_steps(accumulation: str):
+    model, x, cfg = _build("vgg")
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=ghlc.GHLConfig(
+        **{**cfg.to_dict(), "accumulation": accumulation}))
+    names = _plastic_names(m)
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the weights stay those of plain
+    return m, plain, x, names, opt, ghlc.runtime.runtime_of(m)
+
+
+def test_auto_accumulation_stops_keeping_totals_after_a_plain_step():
+    m, plain, x, names, opt, rt = _vgg_steps("auto")
+    loss_fn(m(x)).backward()
+    opt.step()
+    opt.zero_grad()
+    x2 = torch.randn_like(x)
+    loss_fn(m(x2)).backward()  # combined in place, no totals kept
+    assert all(rt.sites[n].state.h_acc is None for n in names)
+    h2, g2, _ = oracle.run_plain(plain, (x2,), names, loss_fn)
+    _assert_matches(m, {n: oracle.expected_grad(h2[n], g2[n]) for n in names}, g2)
+    opt.step()
+    loss_fn(m(x)).backward()  # after step() without zero_grad: a new total, as documented
+    h1, g1, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    others = {n: g1[n] + g2[n] for n in g1}  # backprop layers keep adding, as in torch
+    _assert_matches(m, {n: oracle.expected_grad(h1[n], g1[n]) for n in names}, others)
+    with pytest.raises(ghlc.RuntimeGHLError, match="accumulation='always'"):
+        loss_fn(m(x2)).backward()  # accumulation that starts late: a clear error
+
+
+@pytest.mark.parametrize("accumulation", ["auto", "always"])
+def test_accumulation_every_step_stays_exact(accumulation):
+    """Micro-batches from the first step on (auto keeps totals), or at any time (always)."""
+    m, plain, x, names, opt, rt = _vgg_steps(accumulation)
+    x2 = torch.randn_like(x)
+    h1, _, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    h2, g, _ = oracle.run_plain(plain, (x2,), names, loss_fn, zero=False)
+    expected = {n: oracle.expected_grad(h1[n] + h2[n], g[n]) for n in names}
+    if accumulation == "always":  # a plain first step, then accumulation
+        loss_fn(m(x)).backward()
+        opt.step()
+        opt.zero_grad()
+    for _ in range(2):
+        loss_fn(m(x)).backward()
+        loss_fn(m(x2)).backward()
+        _assert_matches(m, expected, g)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_prepare_keeps_nothing_of_the_original_alive():
+    """Tracing holds no reference to the user's model or its tensors once it returns."""
+    import gc
+    import weakref
+
+    model, x, cfg = _build("vit")
+    refs = [weakref.ref(p) for p in model.parameters()]
+    m = ghlc.prepare(model, (x,), config=cfg)
+    del model
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert m is not None
