@@ -39,10 +39,24 @@ def compete(u: torch.Tensor, spec: CallSpec, rule: HebbianRule) -> torch.Tensor:
     v = u if groups == 1 else u.unflatten(dim, (groups, u.shape[dim] // groups))
     d = dim if groups == 1 else dim + 1
     if rule.competition == "softmax":
-        y = torch.softmax(v if rule.temperature == 1.0 else v * rule.temperature, dim=d)
+        y = softmax_units(v, d, rule.temperature)
     else:  # hard winner-take-all: one-hot of the argmax
         y = torch.zeros_like(v).scatter_(d, v.argmax(dim=d, keepdim=True), 1.0)
     return y if groups == 1 else y.flatten(dim, dim + 1)
+
+
+def softmax_units(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
+    """softmax(t * v) over ``dim``. On CUDA, for a dim that is not the innermost (channels of
+    NCHW), torch's spatial softmax kernel runs far below memory bandwidth (measured on an H100:
+    ~21 ms per ResNet-50 step at 224x224, batch 64); the same formula as a few reductions and
+    in-place elementwise passes runs near bandwidth. Elsewhere torch.softmax is the faster."""
+    if not v.is_cuda or dim in (-1, v.dim() - 1):
+        return torch.softmax(v if t == 1.0 else v * t, dim=dim)
+    e = torch.sub(v, v.amax(dim, keepdim=True))
+    if t != 1.0:
+        e.mul_(t)
+    e.exp_()
+    return e.div_(e.sum(dim, keepdim=True))
 
 
 def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:

@@ -264,3 +264,18 @@ def test_prepared_grad_matches_reference(name, data, rule):
     if m.bias is not None:
         assert torch.equal(prepared.layer.bias.grad, plain.layer.bias.grad), desc
 
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3, 2.5])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_softmax_units_cuda_formula_matches_float64(t, dim, monkeypatch):
+    """The decomposed softmax used on CUDA (forced here on CPU) against float64 softmax."""
+    from ghlc.runtime import hebbian
+
+    v = torch.randn(5, 7, 6, 4) * 4
+    ref = torch.softmax(v.double() * t, dim)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert v.is_cuda  # the patch takes: the decomposed branch runs
+    got = hebbian.softmax_units(v, dim, t)
+    monkeypatch.undo()
+    assert rel_err(got, ref) <= 1e-6

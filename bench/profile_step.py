@@ -1,0 +1,73 @@
+"""Where the time of one training step goes: backprop vs ghlc, top operators by device time.
+
+    python bench/profile_step.py --model resnet18 --device cuda
+    python bench/profile_step.py --model fasthebb --device cpu --batch 64
+
+Builds the model as bench/step.py does, takes warm-up steps, profiles a few steps of each
+variant with torch.profiler and prints, per variant, the step time and the operators that
+take the most self time on the device (CUDA kernels on cuda, operators on cpu), and the
+number of kernel launches per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import step  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet18", choices=(*step.MODELS, "resnet50"))
+    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--variants", default="bp,ghlc")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device", file=sys.stderr)
+        return 2
+    size = 224 if args.model == "resnet50" else 32
+    classes = 1000 if args.model == "resnet50" else 10
+    torch.manual_seed(0)
+    base, temp = step.build(args.model)
+    base = base.to(args.device)
+    x, y = step.data(args.batch, size, classes, args.device)
+    cuda = args.device == "cuda"
+    for variant in args.variants.split(","):
+        r = step.Runner(base, temp, variant, x[:2])
+        for _ in range(3):
+            r.step(x, y)
+        step.sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            r.step(x, y)
+        step.sync(args.device)
+        ms = (time.perf_counter() - t0) * 1e3 / args.steps
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(args.steps):
+                r.step(x, y)
+            step.sync(args.device)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                            "cudaLaunchKernelExC"))
+        print(f"\n=== {args.model} {variant}: {ms:.2f} ms/step (wall, unprofiled)"
+              + (f", {launches / args.steps:.0f} kernel launches/step" if cuda else ""))
+        print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+        del r
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
