@@ -44,6 +44,12 @@ def test_cuda_grads_match_cpu_float64_oracle(name, at):
     plain = copy.deepcopy(model)
     names = list(e.plastic)
     h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    # backprop-only parameters: ghlc must leave them exactly as plain backprop on the same
+    # device (float32 vs float64 alone differs by up to ~3e-3 for some BatchNorm weights)
+    bp = copy.deepcopy(plain).cuda().train()
+    bp.zero_grad(set_to_none=True)
+    loss_fn(bp(x.cuda())).backward()
+    bp_grads = {n: p.grad.detach().cpu().to(torch.float64) for n, p in bp.named_parameters()}
     cfg = ghlc.GHLConfig(**{**e.config_kwargs(), "hebbian_at": at})
     m = ghlc.prepare(model.cuda(), (x.cuda(),), config=cfg)
     m.train()
@@ -51,8 +57,8 @@ def test_cuda_grads_match_cpu_float64_oracle(name, at):
     for n, p in m.named_parameters():
         got = p.grad.detach().cpu().to(torch.float64)
         if n not in h:
-            err = (got - g[n]).norm() / g[n].norm().clamp_min(1e-30)
-            assert err <= 1e-4, f"{name} {n}: rel err {err:.3g}"
+            err = (got - bp_grads[n]).norm() / bp_grads[n].norm().clamp_min(1e-30)
+            assert err <= 1e-5, f"{name} {n}: rel err {err:.3g} to plain CUDA backprop"
             continue
         exp = oracle.expected_grad(h[n], g[n])
         # where G is within float32 rounding of 0 its sign is not determined by the inputs:
