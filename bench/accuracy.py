@@ -268,6 +268,13 @@ def collect(names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _order(r: dict[str, Any]):
+    s = r["meta"]["settings"]
+    net = list(NETS).index(s["net"]) if s["net"] in NETS else len(NETS)
+    method = METHODS.index(s["method"]) if s["method"] in METHODS else len(METHODS)
+    return (r["meta"].get("section") != "main", net, method, s["group"], s["seed"])
+
+
 def table(runs: list[dict[str, Any]]) -> list[str]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -491,7 +498,11 @@ def main(argv=None) -> int:
                 return 130
             except ghlc.GHLError as e:  # diverged: keep going, the report shows the epochs
                 print(f"[failed] {spec.name}: {e}", flush=True)
-    runs = collect([s.name for s in specs])
+    names = [s.name for s in specs]
+    if not args.quick and RUNS_DIR.is_dir():  # the full table: every finished run, any call
+        names += sorted(d.name for d in RUNS_DIR.iterdir()
+                        if d.is_dir() and not d.name.startswith("quick-") and d.name not in names)
+    runs = sorted(collect(names), key=_order)
     for r in runs:
         h = r["hist"][-1]
         print(f"{r['name']:40s} epoch {h['epoch']:3d}  test acc {100 * h['test_acc']:6.2f}%  "
