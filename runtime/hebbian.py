@@ -91,6 +91,15 @@ def unit_sum(spec: CallSpec, t: torch.Tensor) -> torch.Tensor:
     return per.view(g, cin // g, cog).sum(1).reshape(-1)
 
 
+def unit_dot(spec: CallSpec, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per output unit, the dot product of two weight-shaped tensors (no weight-sized
+    temporary where units are the leading dimension)."""
+    if (spec.kind == "linear" or not spec.transposed) and a.dim() > 1:
+        k = a.shape[0]
+        return torch.bmm(a.reshape(k, 1, -1), w.reshape(k, -1, 1)).view(k)
+    return unit_sum(spec, a * w)
+
+
 def hebbian_raw(
     spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     rule: HebbianRule,
@@ -105,12 +114,12 @@ def hebbian_raw(
     corr = weight_vjp(spec, x, w, y)
     if rule.local_rule == "hebb":
         return corr
-    s = unit_sum(spec, corr * w)
+    s = unit_dot(spec, corr, w)
     if b is not None:
         dim = channel_dim(spec, y)
         dims = [i for i in range(y.dim()) if i != dim]
         s = s + b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
-    return corr.sub_(unit_scale(spec, s, w) * w)
+    return corr.addcmul_(unit_scale(spec, s, w), w, value=-1.0)
 
 
 def normalise(h: torch.Tensor) -> torch.Tensor:
@@ -126,8 +135,7 @@ def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
         return (h_raw if inplace else h_raw.clone()).div_(scale).neg_()
     out = h_raw.abs_() if inplace else h_raw.abs()
     scale = out.amax() + 1e-30
-    out.copysign_(g).masked_fill_(g == 0, 0.0)  # sign(0) = 0: no step without a direction
-    return out.div_(scale)
+    return out.mul_(torch.sign(g)).div_(scale)  # sign(0) = 0: no step without a direction
 
 
 def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float):
