@@ -372,6 +372,8 @@ def memory(model_name: str, variant: str, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu",
            "--batch", str(args.batch), "--probe", f"{model_name}:{variant}"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"memory probe {model_name}/{variant} failed:\n{res.stderr[-2000:]}")
@@ -694,7 +696,19 @@ def bench_resnet50(args) -> dict:
 
 
 def bench_prepare(n_layers: int = 200, device: str = "cpu") -> dict:
-    """Wall time of ghlc.prepare on a plain stack of n 3x3 convs (8 channels, 8x8 input)."""
+    """Wall time of ghlc.prepare on a plain stack of n 3x3 convs (8 channels, 8x8 input).
+
+    Runs with one torch thread: the tiny convs of the tracing run are then not at the mercy of
+    OpenMP barriers, which on a loaded machine cost ~20 ms per op and turn 0.1 s into 5 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bench_prepare(n_layers, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_prepare(n_layers: int, device: str) -> dict:
     layers: list[nn.Module] = []
     for _ in range(n_layers):
         layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU()]
@@ -756,9 +770,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resnet50-batch", type=int, default=64)
     p.add_argument("--no-prepare-bench", action="store_true",
                    help="skip timing ghlc.prepare on a 200-layer model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
