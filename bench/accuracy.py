@@ -382,7 +382,9 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
     else:
         body += [
             f"{meta0.get('n_train', '?')} training / {meta0.get('n_test', '?')} test images of "
-            f"`{s0.get('data', '?')}`, paper settings per network (see `examples/`).",
+            f"`{s0.get('data', '?')}`. Each run's settings are in its row; they are the paper's "
+            "(see `examples/`) except where the notes below say otherwise. Every method of a "
+            "network gets the same epochs, batch, schedule, data order and seed.",
             "",
         ]
     body += table(runs) if runs else ["(no finished runs)"]
