@@ -21,6 +21,7 @@ started afresh.
 
     python bench/accuracy.py                      # the full table (GPU recommended)
     python bench/accuracy.py --quick              # FastHebb, 2000-image slice, ~10 min on 2 CPUs
+    python bench/accuracy.py --sanity             # FastHebb on MNIST / Fashion-MNIST, minutes
     python bench/accuracy.py --report-only        # rewrite the docs from finished runs
 """
 
@@ -75,6 +76,12 @@ QUICK = {"data": "cifar10-subset.npz", "limit_train": 2000, "limit_test": 1000, 
          "seeds": [0], "lr": 1e-2}
 
 
+# --sanity: FastHebb on the MNIST and Fashion-MNIST subsets (resized to 3x32x32), a couple of
+# epochs on 2000 images: all three methods should learn; a fast check that nothing is broken.
+SANITY = {"datasets": {"mnist": "mnist-subset.npz", "fashion": "fashion-mnist-subset.npz"},
+          "limit_train": 2000, "limit_test": 2000, "epochs": 2, "seeds": [0], "lr": 1e-2}
+
+
 @dataclass
 class RunSpec:
     name: str
@@ -113,7 +120,7 @@ def plan(args) -> list[RunSpec]:
     prefix = "quick-" if args.quick else ""
     runs: list[RunSpec] = []
 
-    def add(net, method, seed, tag, section, cfg):
+    def add(net, method, seed, tag, section, cfg, data=None, prefix=prefix):
         mod = NETS[net]
         group = f"{prefix}{net}-{method}" + (f"-{tag}" if tag else "")
         runs.append(RunSpec(
@@ -121,10 +128,17 @@ def plan(args) -> list[RunSpec]:
             lr_conv=args.lr_conv if args.lr_conv is not None else mod.LR_CONV,
             wd_conv=args.wd_conv if args.wd_conv is not None else mod.WD_CONV,
             lr=args.lr if args.lr is not None else mod.LR,
-            batch_size=args.batch_size, data=args.data, limit_train=args.limit_train,
+            batch_size=args.batch_size, data=data or args.data, limit_train=args.limit_train,
             limit_test=args.limit_test, augment=args.augment, group=group, section=section,
             cfg=dict(cfg)))
 
+    if args.sanity:
+        for tag, file in SANITY["datasets"].items():
+            for method in args.methods:
+                for seed in args.seeds:
+                    add("fasthebb", method, seed, "", "sanity", {}, data=file,
+                        prefix=f"sanity-{tag}-")
+        return runs
     for net in args.nets:
         for method in args.methods:
             for seed in args.seeds:
@@ -272,7 +286,7 @@ def _order(r: dict[str, Any]):
     s = r["meta"]["settings"]
     net = list(NETS).index(s["net"]) if s["net"] in NETS else len(NETS)
     method = METHODS.index(s["method"]) if s["method"] in METHODS else len(METHODS)
-    return (r["meta"].get("section") != "main", net, method, s["group"], s["seed"])
+    return (r["meta"].get("section") != "main", net, s["data"], method, s["group"], s["seed"])
 
 
 def table(runs: list[dict[str, Any]]) -> list[str]:
@@ -309,7 +323,9 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     panels: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         s = r["meta"]["settings"]
-        key = f"{s['net']} " + ("methods" if r["meta"]["section"] == "main" else "GHL ablations")
+        section = r["meta"]["section"]
+        key = f"{s['net']} " + {"main": "methods", "sanity": Path(s["data"]).stem}.get(
+            section, "GHL ablations")
         panels.setdefault(key, []).append(r)
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -360,15 +376,28 @@ standard deviation over seeds. s / epoch includes the test pass.
 
 
 def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.device) -> None:
-    png = DOCS_DIR / ("accuracy-quick.png" if key == "quick" else "accuracy.png")
-    title = "quick" if key == "quick" else "CIFAR-10 subset"
+    png = DOCS_DIR / {"quick": "accuracy-quick.png", "sanity": "accuracy-sanity.png"}.get(
+        key, "accuracy.png")
+    title = {"quick": "quick", "sanity": "sanity"}.get(key, "CIFAR-10 subset")
     has_plot = bool(runs) and plot(runs, png, title)
     meta0 = runs[0]["meta"] if runs else {}
     s0 = meta0.get("settings", {})
-    heading = ("## Quick check (`--quick`)" if key == "quick" else "## Full table")
+    heading = {"quick": "## Quick check (`--quick`)",
+               "sanity": "## Sanity check: MNIST / Fashion-MNIST (`--sanity`)"}.get(
+        key, "## Full table")
     threads = torch.get_num_threads()
     body = [heading, ""]
-    if key == "quick":
+    if key == "sanity":
+        body += [
+            f"FastHebb on the first {meta0.get('n_train', '?')} training and first "
+            f"{meta0.get('n_test', '?')} test images of the MNIST and Fashion-MNIST subsets "
+            "(resized to 3x32x32), "
+            f"{meta0.get('epochs', '?')} epochs, backprop layers at lr "
+            f"{_fmt(s0.get('lr', float('nan')))}. Every method should learn well above chance "
+            "(10%); this checks that nothing is broken, not the paper's claim.",
+            "",
+        ]
+    elif key == "quick":
         body += [
             f"FastHebb on the first {meta0.get('n_train', '?')} training and first "
             f"{meta0.get('n_test', '?')} test images of `{s0.get('data', '?')}`, "
@@ -390,7 +419,8 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
     body += table(runs) if runs else ["(no finished runs)"]
     devices = sorted({r["meta"].get("device", str(device)) for r in runs}) or [str(device)]
     body += ["", f"Measured on {', '.join(devices)} ({platform.machine()}, "
-             f"torch {torch.__version__}, {threads} CPU threads), {time.strftime('%Y-%m-%d')}."]
+             f"torch {torch.__version__}, torch CPU threads: {threads}), "
+             f"{time.strftime('%Y-%m-%d')}."]
     if has_plot:
         body += ["", f"![test accuracy per epoch]({png.name})"]
     start, end = _section_markers(key)
@@ -435,6 +465,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="FastHebb only, 2000-image CIFAR slice, few epochs, lr 1e-2 for the "
                    "backprop layers: checks the ordering ghl >~ bp > hebbian in ~10 min on 2 CPUs")
+    p.add_argument("--sanity", action="store_true",
+                   help="FastHebb on MNIST and Fashion-MNIST subsets, 2 epochs on 2000 images")
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
     p.add_argument("--data", default=None, help="a .npz in --data-dir, or a path "
@@ -453,6 +485,15 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    if args.quick and args.sanity:
+        p.error("--quick and --sanity are separate checks; pick one")
+    if args.sanity:
+        args.epochs = args.epochs or SANITY["epochs"]
+        args.seeds = args.seeds if args.seeds is not None else SANITY["seeds"]
+        args.limit_train = args.limit_train or SANITY["limit_train"]
+        args.limit_test = args.limit_test or SANITY["limit_test"]
+        args.lr = args.lr if args.lr is not None else SANITY["lr"]
+        args.ablations = []
     q = args.quick
     args.epochs = args.epochs or (QUICK["epochs"] if q else 100)
     args.nets = args.nets or (["fasthebb"] if q else list(NETS))
@@ -501,16 +542,17 @@ def main(argv=None) -> int:
             except ghlc.GHLError as e:  # diverged: keep going, the report shows the epochs
                 print(f"[failed] {spec.name}: {e}", flush=True)
     names = [s.name for s in specs]
-    if not args.quick and RUNS_DIR.is_dir():  # the full table: every finished run, any call
-        names += sorted(d.name for d in RUNS_DIR.iterdir()
-                        if d.is_dir() and not d.name.startswith("quick-") and d.name not in names)
+    if not (args.quick or args.sanity) and RUNS_DIR.is_dir():  # the full table: every run
+        names += sorted(d.name for d in RUNS_DIR.iterdir() if d.is_dir() and d.name not in names
+                        and not d.name.startswith(("quick-", "sanity-", "probe")))
     runs = sorted(collect(names), key=_order)
     for r in runs:
         h = r["hist"][-1]
         print(f"{r['name']:40s} epoch {h['epoch']:3d}  test acc {100 * h['test_acc']:6.2f}%  "
               f"{h['seconds']:.1f} s/epoch")
     if not args.no_report:
-        write_report(runs, "quick" if args.quick else "full", args, device)
+        write_report(runs, "quick" if args.quick else "sanity" if args.sanity else "full", args,
+                     device)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
