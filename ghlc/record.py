@@ -173,18 +173,22 @@ def _preserved_state(model: torch.nn.Module):
 def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
     """Run ``model`` once in training mode on ``example_inputs`` and record its layer calls.
 
-    When the training-mode run fails but an eval-mode run works (BatchNorm on a batch of one),
-    the eval-mode run is used."""
-    try:
-        return _record(model, example_inputs, train=True)
-    except TraceError as first:
+    The run also notes which layer outputs autograd saves for backward (``out_saved``). A model
+    that differentiates inside its forward (``torch.autograd.grad``) cannot run under that
+    watch; it is then recorded without it (outputs counted as not saved). When the
+    training-mode run fails but an eval-mode run works (BatchNorm on a batch of one), the
+    eval-mode run is used."""
+    first = None
+    for train, watch in ((True, True), (True, False), (False, False)):
         try:
-            return _record(model, example_inputs, train=False)
-        except TraceError:
-            raise first from None
+            return _record(model, example_inputs, train=train, watch_saved=watch)
+        except TraceError as e:
+            first = first or e
+    raise first
 
 
-def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recording:
+def _record(model: torch.nn.Module, example_inputs: tuple, train: bool,
+            watch_saved: bool = True) -> Recording:
     params: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         params.setdefault(id(p), n)  # a shared weight is named after its first alias
@@ -205,7 +209,7 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recor
             stack.pop()
 
     mode = _RecordMode(params, owners, rec, stack)
-    rec.saved_ptrs = set()
+    rec.saved_ptrs = set() if watch_saved else None
     h1 = register_module_forward_pre_hook(pre)
     h2 = register_module_forward_hook(post)  # not on error: the stack then names the culprit
     try:
@@ -214,7 +218,9 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool) -> Recor
             with torch.enable_grad():
                 for _i, x in enumerate(tree_flatten(example_inputs)[0]):
                     mode.set_prov(x, frozenset(["input"]))
-                with mode, _saved_storages(rec.saved_ptrs):
+                watch = (_saved_storages(rec.saved_ptrs) if rec.saved_ptrs is not None
+                         else contextlib.nullcontext())
+                with mode, watch:
                     out = model(*example_inputs)
                 for s in mode.prov_of(out):
                     rec.edges.add((s, "output"))

@@ -23,8 +23,6 @@ from .calls import CallSpec
 from .hebbian import hebbian_raw
 from .state import PlasticParam
 
-TIMINGS = ("auto", "forward", "backward")
-
 
 def _grads(spec: CallSpec, g, x, w, need):
     if spec.kind == "linear":

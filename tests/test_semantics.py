@@ -420,3 +420,28 @@ def test_prepare_keeps_nothing_of_the_original_alive():
     gc.collect()
     assert all(r() is None for r in refs)
     assert m is not None
+
+
+class _GradInForward(nn.Module):
+    """Differentiates inside forward (an energy-style model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = x.detach().requires_grad_(True)
+        e = torch.relu(self.c(x)).pow(2).sum()
+        (gx,) = torch.autograd.grad(e, x, create_graph=True)
+        return self.fc(torch.relu(self.c(gx)).mean((2, 3)))
+
+
+def test_model_that_differentiates_in_forward_is_traced():
+    """The record run's saved-tensor watch cannot serve a backward inside forward; tracing
+    then records without it. (Training such a model differentiates a plastic call twice,
+    which the runtime does not support yet.)"""
+    x = torch.randn(2, 3, 6, 6)
+    lg = ghlc.trace(_GradInForward(), (x,))
+    assert lg.layer("c.weight").calls == 2 and not lg.layer("c.weight").out_saved
+    assert lg.layer("fc.weight").calls == 1
