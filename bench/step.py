@@ -581,27 +581,23 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     x, y = data(args.batch, 32, 10, args.device)
     fl = floor_stats(base, temp, x)
     variants = list(variants_for(args.device))
-    mems, runners = {}, {}
-    for v in list(variants):
-        try:
-            mems[v] = memory(name, v, args)
-        except Exception as e:
-            if v not in GRAPH_VARIANTS:
-                raise
-            warn_dropped(name, v, e)
-            variants.remove(v)
-            del e
-            _cuda_cleanup()
-    for v in list(variants):
-        try:
-            runners[v] = make_runner(base, temp, v, x, y)
-        except Exception as e:
-            if v not in GRAPH_VARIANTS:
-                raise
-            warn_dropped(name, v, e)
-            variants.remove(v)
-            del e
-            _cuda_cleanup()
+    def each_variant(build) -> dict:
+        """``build(v)`` for every variant; a graph variant whose capture fails is dropped."""
+        out = {}
+        for v in list(variants):
+            try:
+                out[v] = build(v)
+            except Exception as e:
+                if v not in GRAPH_VARIANTS:
+                    raise
+                warn_dropped(name, v, e)
+                variants.remove(v)
+                del e
+                _cuda_cleanup()
+        return out
+
+    mems = each_variant(lambda v: memory(name, v, args))
+    runners = each_variant(lambda v: make_runner(base, temp, v, x, y))
     probes, skipped = kernel_probes(base, temp, x, args.device)
     for note in skipped:
         print(f"  {name}: kernel floor leaves out {note}", file=sys.stderr)
