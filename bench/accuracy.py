@@ -66,6 +66,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "temp-0.5": {"temperature": 0.5},
     "temp-2.0": {"temperature": 2.0},
     "sample-0.25": {"sample_fraction": 0.25},
+    "norm-unit": {"normalisation": "unit"},
 }
 
 # --quick: FastHebb only, a 2000-image CIFAR-10 slice, a few epochs. The paper's classifier

@@ -12,6 +12,7 @@ from .errors import ConfigError
 COMPETITIONS = ("softmax", "hard", "none")
 SCOPES = ("layer", "group")
 LOCAL_RULES = ("oja", "hebb")
+NORMALISATIONS = ("layer", "unit")
 GLOBAL_SIGNALS = ("grad_sign", "none")
 HEBBIAN_AT = ("auto", "forward", "backward")
 ACCUMULATION = ("auto", "always")
@@ -37,6 +38,9 @@ class GHLConfig:
     result is the same. ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
     (two weight-sized buffers per plastic layer) only while training accumulates several
     backward passes per optimiser step (seen at the first step); ``always`` keeps them always.
+    ``normalisation``: H is divided by its max magnitude over the whole ``layer`` (the
+    paper's rule, default) or over each output ``unit`` (every unit's largest step is the
+    learning rate; see docs/ACCURACY.md for why this matters).
     """
 
     temperature: float | Mapping[str, float] = 1.0
@@ -51,6 +55,7 @@ class GHLConfig:
     sample_fraction: float = 1.0
     hebbian_at: str = "auto"
     accumulation: str = "auto"
+    normalisation: str = "layer"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plastic", _tuple(self.plastic))
@@ -63,6 +68,7 @@ class GHLConfig:
             ("global_signal", GLOBAL_SIGNALS),
             ("hebbian_at", HEBBIAN_AT),
             ("accumulation", ACCUMULATION),
+            ("normalisation", NORMALISATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from ghlc.errors import RuntimeGHLError, first_line
 
 from .calls import CallSpec
-from .hebbian import hebbian_raw
+from .hebbian import ROWS, hebbian_raw
 from .state import PlasticParam
 
 
@@ -81,7 +81,8 @@ class PlasticCall(torch.autograd.Function):
             h, ctx.h = ctx.h, None
         else:
             h = hebbian_raw(spec, x, saved[3].detach(), w, saved[2], ctx.site.rule)
-        ctx.site.add(h, ctx.view)
+        layout = (spec.transposed, spec.groups) if ctx.view is None else ROWS
+        ctx.site.add(h, ctx.view, layout)
         return gx, gw if need[1] else None, gb, None, None, None, None, None, None
 
 

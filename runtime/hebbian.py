@@ -24,6 +24,7 @@ class HebbianRule:
     local_rule: str = "oja"
     global_signal: str = "grad_sign"
     sample_fraction: float = 1.0
+    normalisation: str = "layer"
 
 
 def channel_dim(spec: CallSpec, u: torch.Tensor) -> int:
@@ -126,15 +127,43 @@ def normalise(h: torch.Tensor) -> torch.Tensor:
     return h / (h.abs().max() + 1e-30)
 
 
+Layout = tuple[bool, int]  # (transposed, groups) of the calls using the weight
+ROWS: Layout = (False, 1)  # output units along dim 0 (Linear, Conv, views of them)
+
+
+def unit_amax(a: torch.Tensor, layout: Layout = ROWS) -> torch.Tensor:
+    """Per output unit, the max of the non-negative weight-shaped ``a``, broadcastable onto
+    it. Units lead the weight except for transposed convs ((C_in, C_out/g, *k): unit = group,
+    column)."""
+    transposed, g = layout
+    if a.dim() < 2:
+        return a.amax()
+    if not transposed:
+        return a.flatten(1).amax(1).view(-1, *([1] * (a.dim() - 1)))
+    cin, cog = a.shape[0], a.shape[1]
+    per = a.flatten(2).amax(2).view(g, cin // g, cog).amax(1, keepdim=True)
+    return per.expand(g, cin // g, cog).reshape(cin, cog).view(cin, cog, *([1] * (a.dim() - 2)))
+
+
+def _scale(a: torch.Tensor, rule: HebbianRule, layout: Layout) -> torch.Tensor:
+    """max|H| over the layer, or per output unit (``normalisation="unit"``)."""
+    m = a.amax() if rule.normalisation == "layer" else unit_amax(a, layout)
+    return m + 1e-30
+
+
 def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
-            inplace: bool = False) -> torch.Tensor:
-    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian).
-    ``inplace`` writes it into ``h_raw`` (no new weight-sized buffer)."""
+            inplace: bool = False, layout: Layout = ROWS) -> torch.Tensor:
+    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian), where
+    H_n = H / max|H| over the layer or over each output unit. ``inplace`` writes it into
+    ``h_raw`` (no new weight-sized buffer)."""
     if rule.global_signal == "none" or g is None:
-        scale = torch.linalg.vector_norm(h_raw, float("inf")) + 1e-30
+        if rule.normalisation == "layer":
+            scale = torch.linalg.vector_norm(h_raw, float("inf")) + 1e-30
+        else:
+            scale = unit_amax(h_raw.abs(), layout) + 1e-30
         return (h_raw if inplace else h_raw.clone()).div_(scale).neg_()
     out = h_raw.abs_() if inplace else h_raw.abs()
-    scale = out.amax() + 1e-30
+    scale = _scale(out, rule, layout)
     return out.mul_(torch.sign(g)).div_(scale)  # sign(0) = 0: no step without a direction
 
 

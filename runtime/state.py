@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ghlc.errors import RuntimeGHLError
 
-from .hebbian import HebbianRule, combine
+from .hebbian import ROWS, HebbianRule, Layout, combine
 
 _BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
 _STEP_HOOK = None
@@ -62,6 +62,7 @@ class PlasticParam:
         self._written = None  # weakref to the .grad tensor we wrote, and its version
         self._written_version = -1
         self.param_ref = None  # weakref to the parameter our hooks sit on
+        self.layout: Layout = ROWS  # where the output units lie in the weight
         self._mark = False  # the .grad stored by the running accumulation is ours
 
     def __getstate__(self):
@@ -98,9 +99,11 @@ class PlasticParam:
         self.h_acc = self.g_acc = None
 
     # ---- backward side ------------------------------------------------------------
-    def add(self, h: torch.Tensor, view: tuple | None = None) -> None:
+    def add(self, h: torch.Tensor, view: tuple | None = None, layout: Layout = ROWS) -> None:
         """Add one call's raw term. ``view`` = (size, stride, offset) when the call used a
-        view of the parameter (e.g. a chunk of ``in_proj_weight``), else None."""
+        view of the parameter (e.g. a chunk of ``in_proj_weight``), else None; ``layout`` =
+        (transposed, groups) of the call, for per-unit normalisation."""
+        self.layout = layout
         if view is not None:
             p = self.param_ref() if self.param_ref is not None else None
             if p is None:
@@ -134,13 +137,13 @@ class PlasticParam:
             self._accumulated = True
             self.keep_totals = True
             self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
-            out = combine(self.h_acc, self.g_acc, self.rule)
+            out = combine(self.h_acc, self.g_acc, self.rule, layout=self.layout)
         elif self.keep_totals or self.accumulation == "always":
             self.h_acc, self.g_acc = h, g
-            out = combine(h, g, self.rule)
+            out = combine(h, g, self.rule, layout=self.layout)
         else:
             self.h_acc = self.g_acc = None
-            out = combine(h, g, self.rule, inplace=True)
+            out = combine(h, g, self.rule, inplace=True, layout=self.layout)
         p.grad = None  # AccumulateGrad then stores the combined gradient as is
         self._mark = True
         return out

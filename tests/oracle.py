@@ -231,8 +231,12 @@ def raw_terms(calls: list[Call], shapes: dict[str, tuple], rule: dict) -> dict[s
     return out
 
 
-def expected_grad(h: torch.Tensor, g: torch.Tensor | None, global_signal: str = "grad_sign"):
-    hn = h / (h.abs().max() + 1e-30)
+def expected_grad(h: torch.Tensor, g: torch.Tensor | None, global_signal: str = "grad_sign",
+                  normalisation: str = "layer"):
+    if normalisation == "layer":
+        hn = h / (h.abs().max() + 1e-30)
+    else:  # per output unit, units along dim 0 (no transposed convs in the oracle's models)
+        hn = torch.stack([row / (row.abs().max() + 1e-30) for row in h])
     if global_signal == "none":
         return -hn
     return hn.abs() * torch.sign(g.to(torch.float64))

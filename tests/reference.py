@@ -248,13 +248,29 @@ def ref_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return u.squeeze(0) if unbatched else u
 
 
-def ref_normalise(h: torch.Tensor) -> torch.Tensor:
-    return h / (h.abs().max() + 1e-30)
+def ref_normalise(h: torch.Tensor, normalisation: str = "layer", module=None) -> torch.Tensor:
+    """H / max|H| over the layer, or over each output unit (plain loops over the units)."""
+    if normalisation == "layer":
+        return h / (h.abs().max() + 1e-30)
+    if normalisation != "unit":
+        raise ValueError(normalisation)
+    out = torch.empty_like(h)
+    if not isinstance(module, CONV_T):  # units along dim 0
+        for k in range(h.shape[0]):
+            out[k] = h[k] / (h[k].abs().max() + 1e-30)
+        return out
+    g, cig, cog = module.groups, h.shape[0] // module.groups, h.shape[1]
+    for gi in range(g):  # weight (C_in, C_out/g, *k): unit (gi, j) owns rows of group gi, col j
+        for j in range(cog):
+            block = h[gi * cig:(gi + 1) * cig, j]
+            out[gi * cig:(gi + 1) * cig, j] = block / (block.abs().max() + 1e-30)
+    return out
 
 
-def ref_ghl_grad(h_raw: torch.Tensor, g: torch.Tensor, global_signal: str = "grad_sign"):
+def ref_ghl_grad(h_raw: torch.Tensor, g: torch.Tensor, global_signal: str = "grad_sign",
+                 normalisation: str = "layer", module=None):
     """The plastic weight's gradient from raw H and the backprop gradient G."""
-    hn = ref_normalise(h_raw.double())
+    hn = ref_normalise(h_raw.double(), normalisation, module)
     if global_signal == "none":
         return -hn
     if global_signal != "grad_sign":

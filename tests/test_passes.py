@@ -161,10 +161,15 @@ def test_insert_hebbian_per_layer_temperature_mapping():
 
 
 def test_insert_hebbian_rule_carries_config_variants():
-    cfg = ghlc.GHLConfig(competition="hard", local_rule="hebb", global_signal="none")
+    cfg = ghlc.GHLConfig(competition="hard", local_rule="hebb", global_signal="none",
+                         normalisation="unit")
     lg = run(make(cfg)[2])
     r = lg.rule("conv1.weight")
-    assert (r.competition, r.local_rule, r.global_signal) == ("hard", "hebb", "none")
+    assert (r.competition, r.local_rule, r.global_signal, r.normalisation) == (
+        "hard", "hebb", "none", "unit")
+    assert "norm=unit" in lg.to_text()
+    with pytest.raises(ghlc.ConfigError, match="normalisation='rows' is not one of layer, unit"):
+        ghlc.GHLConfig(normalisation="rows")
     assert lg.g.nodes[GLOBAL_SIGN]["signal"] == "none"
 
 

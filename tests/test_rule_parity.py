@@ -125,6 +125,7 @@ def rules(draw):
         competition_scope=draw(st.sampled_from(["layer", "group"])),
         local_rule=draw(st.sampled_from(["oja", "hebb"])),
         global_signal=draw(st.sampled_from(["grad_sign", "none"])),
+        normalisation=draw(st.sampled_from(["layer", "unit"])),
     )
 
 
@@ -240,6 +241,7 @@ def test_prepared_grad_matches_reference(name, data, rule):
         plastic=("conv", "linear"), include=("*",), temperature=rule.temperature,
         competition=rule.competition, local_rule=rule.local_rule,
         global_signal=rule.global_signal, competition_scope=rule.competition_scope,
+        normalisation=rule.normalisation,
     )
     prepared = ghlc.prepare(model, (x,), cfg)
     prepared.train()
@@ -254,7 +256,7 @@ def test_prepared_grad_matches_reference(name, data, rule):
     g = plain.layer.weight.grad
 
     h = ref_h(m, x, rule)
-    want = ref_ghl_grad(h, g, rule.global_signal)
+    want = ref_ghl_grad(h, g, rule.global_signal, rule.normalisation, m)
     got = prepared.layer.weight.grad
     assert got is not None and got.shape == want.shape and got.dtype == x.dtype, desc
     if rule.global_signal == "grad_sign":  # exact zeros of G must stay zero

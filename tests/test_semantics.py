@@ -5,6 +5,7 @@ zero_grad, the pure-Hebbian signal, competition scope and weight sharing."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import oracle
 import pytest
@@ -163,6 +164,29 @@ def test_grad_accumulation_two_micro_batches(name):
     n0 = names[0]
     per_batch = (oracle.expected_grad(h1[n0], g[n0]) + oracle.expected_grad(h2[n0], g[n0]))
     assert not torch.allclose(per_batch, expected[n0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["vgg", "vit", "conv_twice"])
+def test_unit_normalisation_two_micro_batches(name):
+    """normalisation="unit": each output unit's total H is scaled by its own max, also for
+    shared weights, in_proj views and accumulated micro-batches."""
+    model, x, cfg = _build(name)
+    cfg = dataclasses.replace(cfg, normalisation="unit")
+    x2 = torch.randn_like(x).abs() + 0.05 if BY_NAME[name].fx_fails else torch.randn_like(x)
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    h1, _, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    h2, g, _ = oracle.run_plain(plain, (x2,), names, loss_fn, zero=False)
+    expected = {n: oracle.expected_grad(h1[n] + h2[n], g[n], normalisation="unit")
+                for n in names}
+    m.train()
+    m.zero_grad()
+    loss_fn(m(x)).backward()
+    loss_fn(m(x2)).backward()
+    _assert_matches(m, expected, g)
+    layer = oracle.expected_grad(h1[names[0]] + h2[names[0]], g[names[0]])
+    assert not torch.allclose(layer, expected[names[0]], rtol=1e-3)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
