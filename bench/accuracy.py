@@ -12,7 +12,9 @@ Methods (all with the same per-role SGD settings, so only the learning rule diff
   Hebbian); the layers after the convs still learn by backprop;
 - ``bp``: the plain model, all weights by backprop. For a fair comparison the conv weights
   still get the plastic group's settings (``lr_conv``, ``wd_conv``) and the rest ``lr``, i.e.
-  the same SGD parameter groups as ``ghl``.
+  the same SGD parameter groups as ``ghl``;
+- ``sign`` (diagnostic, only when named in ``--methods``): the plain model with
+  ``sign(dL/dW)`` on the plastic convs, i.e. GHL with ``|H|`` replaced by 1.
 
 Each run trains in its own folder ``bench/runs/<name>/`` (checkpoints, ``metrics.jsonl``), so
 the table resumes: runs whose ``metrics.jsonl`` has all epochs are skipped, partly done runs
@@ -56,6 +58,9 @@ MD_PATH = DOCS_DIR / "ACCURACY.md"
 
 NETS = {"fasthebb": fasthebb_mod, "deephebb": deephebb_mod}
 METHODS = ("ghl", "bp", "hebbian")
+# Diagnostic method, run only when asked for: the plain model with sign(dL/dW) on the plastic
+# convs, i.e. GHL with |H| replaced by 1 (separates the sign's effect from the Hebbian scale).
+ALL_METHODS = (*METHODS, "sign")
 
 # FastHebb ablations of the GHL rule: tag -> GHLConfig overrides (temperature is a float here:
 # the paper uses 1.0 for every FastHebb layer).
@@ -171,6 +176,11 @@ def build(spec: RunSpec, in_shape) -> tuple[torch.nn.Module, set[str]]:
     plastic = {i.name for i in lg.plastic()}
     if spec.method == "bp":
         return model, plastic  # plain model; same parameter groups as ghl
+    if spec.method == "sign":
+        for name, p in model.named_parameters():
+            if name in plastic:
+                p.register_hook(torch.sign)
+        return model, plastic
     return ghlc.compile(lg), plastic
 
 
@@ -241,6 +251,7 @@ def run_one(spec: RunSpec, data_dir: Path, device: torch.device, progress: bool)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"settings": spec.settings(), "epochs": spec.epochs, "section": spec.section,
             "plastic": sorted(plastic), "device": str(device),
+            "threads": torch.get_num_threads(),
             "n_train": len(y_tr), "n_test": len(y_te)}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
     what = f"resume from epoch {len(done)}" if resume else "start"
@@ -286,7 +297,7 @@ def collect(names: list[str]) -> list[dict[str, Any]]:
 def _order(r: dict[str, Any]):
     s = r["meta"]["settings"]
     net = list(NETS).index(s["net"]) if s["net"] in NETS else len(NETS)
-    method = METHODS.index(s["method"]) if s["method"] in METHODS else len(METHODS)
+    method = ALL_METHODS.index(s["method"]) if s["method"] in ALL_METHODS else len(ALL_METHODS)
     return (r["meta"].get("section") != "main", net, s["data"], method, s["group"], s["seed"])
 
 
@@ -419,6 +430,10 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
         ]
     body += table(runs) if runs else ["(no finished runs)"]
     devices = sorted({r["meta"].get("device", str(device)) for r in runs}) or [str(device)]
+    seen = sorted({r["meta"]["threads"] for r in runs if "threads" in r["meta"]})
+    if seen:
+        threads = "/".join(map(str, seen)) + " (per run; earlier runs: not recorded)" if any(
+            "threads" not in r["meta"] for r in runs) else "/".join(map(str, seen))
     body += ["", f"Measured on {', '.join(devices)} ({platform.machine()}, "
              f"torch {torch.__version__}, torch CPU threads: {threads}), "
              f"{time.strftime('%Y-%m-%d')}."]
@@ -456,7 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 100; "
                    f"--quick: {QUICK['epochs']})")
     p.add_argument("--nets", type=_csv(str), default=None, help="fasthebb,deephebb")
-    p.add_argument("--methods", type=_csv(str), default=list(METHODS), help="ghl,bp,hebbian")
+    p.add_argument("--methods", type=_csv(str), default=list(METHODS),
+                   help="ghl,bp,hebbian (also: sign, a diagnostic)")
     p.add_argument("--seeds", type=_csv(int), default=None, help="default 0,1,2 (--quick: 0)")
     p.add_argument("--ablations", type=_csv(str), default=None,
                    help=f"FastHebb GHL ablations, comma-separated from {','.join(ABLATIONS)}; "
@@ -509,7 +525,7 @@ def parse_args(argv=None):
         args.limit_train = args.limit_train or QUICK["limit_train"]
         args.limit_test = args.limit_test or QUICK["limit_test"]
         args.lr = args.lr if args.lr is not None else QUICK["lr"]
-    for what, vals, ok in (("net", args.nets, NETS), ("method", args.methods, METHODS),
+    for what, vals, ok in (("net", args.nets, NETS), ("method", args.methods, ALL_METHODS),
                            ("ablation", args.ablations, ABLATIONS)):
         bad = [v for v in vals if v not in ok]
         if bad:
