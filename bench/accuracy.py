@@ -65,6 +65,7 @@ ALL_METHODS = (*METHODS, "sign")
 # FastHebb ablations of the GHL rule: tag -> GHLConfig overrides (temperature is a float here:
 # the paper uses 1.0 for every FastHebb layer).
 ABLATIONS: dict[str, dict[str, Any]] = {
+    "paper": {},  # the paper's rule: the baseline row when ablations run at their own epochs
     "competition-none": {"competition": "none"},
     "competition-hard": {"competition": "hard"},
     "rule-hebb": {"local_rule": "hebb"},
@@ -126,11 +127,14 @@ def plan(args) -> list[RunSpec]:
     prefix = "quick-" if args.quick else ""
     runs: list[RunSpec] = []
 
-    def add(net, method, seed, tag, section, cfg, data=None, prefix=prefix):
+    def add(net, method, seed, tag, section, cfg, data=None, prefix=prefix, epochs=None):
         mod = NETS[net]
         group = f"{prefix}{net}-{method}" + (f"-{tag}" if tag else "")
+        if epochs is not None and epochs != args.epochs:
+            group += f"-e{epochs}"  # ablations at their own length: never the main runs' folders
         runs.append(RunSpec(
-            name=f"{group}-s{seed}", net=net, method=method, seed=seed, epochs=args.epochs,
+            name=f"{group}-s{seed}", net=net, method=method, seed=seed,
+            epochs=epochs or args.epochs,
             lr_conv=args.lr_conv if args.lr_conv is not None else mod.LR_CONV,
             wd_conv=args.wd_conv if args.wd_conv is not None else mod.WD_CONV,
             lr=args.lr if args.lr is not None else mod.LR,
@@ -150,9 +154,13 @@ def plan(args) -> list[RunSpec]:
             for seed in args.seeds:
                 add(net, method, seed, "", "main", {})
     if args.ablations and "fasthebb" in args.nets:
+        own = args.ablation_epochs not in (None, args.epochs)
         for tag in args.ablations:
+            if tag == "paper" and not own:
+                continue  # the main table's ghl run is the baseline
             for seed in args.ablation_seeds:
-                add("fasthebb", "ghl", seed, tag, "ablation", ABLATIONS[tag])
+                add("fasthebb", "ghl", seed, tag, "ablation", ABLATIONS[tag],
+                    epochs=args.ablation_epochs)
     return runs
 
 
@@ -477,6 +485,9 @@ def parse_args(argv=None):
     p.add_argument("--ablations", type=_csv(str), default=None,
                    help=f"FastHebb GHL ablations, comma-separated from {','.join(ABLATIONS)}; "
                    "'none' for none (default: all; --quick: none)")
+    p.add_argument("--ablation-epochs", type=int, default=None,
+                   help="epochs of the ablation runs (default: --epochs); when different, "
+                   "the runs get an -eN suffix and a 'paper' baseline row")
     p.add_argument("--ablation-seeds", type=_csv(int), default=None,
                    help="seeds of the ablation runs (default: the first of --seeds)")
     p.add_argument("--quick", action="store_true",
@@ -530,6 +541,8 @@ def parse_args(argv=None):
         bad = [v for v in vals if v not in ok]
         if bad:
             p.error(f"unknown {what} {', '.join(bad)} (choose from {', '.join(ok)})")
+    if args.ablation_epochs is not None and args.ablation_epochs < 1:
+        p.error("--ablation-epochs must be at least 1")
     if args.epochs < 1 or not args.seeds:
         p.error("need at least one epoch and one seed")
     return args
