@@ -341,11 +341,15 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
     panels: dict[str, list[dict[str, Any]]] = {}
+    main_epochs = {(r["meta"]["settings"]["net"], r["meta"]["epochs"]) for r in runs
+                   if r["meta"]["section"] == "main"}
     for r in runs:
         s = r["meta"]["settings"]
         section = r["meta"]["section"]
+        if section == "ablation" and (s["net"], r["meta"]["epochs"]) in main_epochs:
+            section = "main"  # an ablation as long as the main runs: plot it beside them
         key = f"{s['net']} " + {"main": "methods", "sanity": Path(s["data"]).stem}.get(
-            section, "GHL ablations")
+            section, f"GHL ablations, {r['meta']['epochs']} epochs")
         panels.setdefault(key, []).append(r)
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
