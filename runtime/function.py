@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from ghlc.errors import RuntimeGHLError, first_line
 
 from .calls import CallSpec
-from .hebbian import ROWS, hebbian_raw
+from .hebbian import ROWS, fusable, fused_combine, hebbian_raw
 from .state import PlasticParam
 
 
@@ -54,6 +54,7 @@ class PlasticCall(torch.autograd.Function):
     def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
                 copy_out: bool, view):
         out = spec.run(x, w, b)
+        site.note_call()
         ctx.spec, ctx.site, ctx.view = spec, site, view
         ctx.h = None
         if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
@@ -74,15 +75,21 @@ class PlasticCall(torch.autograd.Function):
                 f"({first_line(e)})"
             ) from None
         x, w = saved[0], saved[1]
-        spec = ctx.spec
+        spec, site = ctx.spec, ctx.site
         need = ctx.needs_input_grad[:3]
-        gx, gw, gb = _grads(spec, g, x, w, (need[0], True, need[2]))
+        fuse = need[1] and ctx.view is None and fusable(spec) and site.can_fuse(w.numel())
+        gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
         if ctx.h is not None:
             h, ctx.h = ctx.h, None
         else:
-            h = hebbian_raw(spec, x, saved[3].detach(), w, saved[2], ctx.site.rule)
-        layout = (spec.transposed, spec.groups) if ctx.view is None else ROWS
-        ctx.site.add(h, ctx.view, layout)
+            h = hebbian_raw(spec, x, saved[3].detach(), w, saved[2], site.rule)
+        if fuse:
+            gw = fused_combine(spec, g, x, w, h, site.rule)
+        else:
+            layout = (spec.transposed, spec.groups) if ctx.view is None else ROWS
+            site.add(h, ctx.view, layout)
+        if need[1]:
+            site.returned(gw, fuse)
         return gx, gw if need[1] else None, gb, None, None, None, None, None, None
 
 

@@ -167,6 +167,41 @@ def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
     return out.mul_(torch.sign(g)).div_(scale)  # sign(0) = 0: no step without a direction
 
 
+def fusable(spec: CallSpec) -> bool:
+    """Calls whose weight gradient splits by output unit along the weight's dim 0."""
+    return spec.kind == "linear" or (not spec.transposed and spec.groups == 1)
+
+
+def _weight_grad_rows(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                      s: int, e: int) -> torch.Tensor:
+    """dL/dW for output units s..e-1 only."""
+    if spec.kind == "linear":
+        g2 = g.reshape(-1, g.shape[-1])[:, s:e]
+        return g2.t() @ x.reshape(-1, x.shape[-1])
+    return weight_vjp(spec, x, w[s:e], g.narrow(1, s, e - s))
+
+
+CHUNKS = 8  # blocks of output units in the in-call combine
+
+
+def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                  h: torch.Tensor, rule: HebbianRule, chunks: int = CHUNKS) -> torch.Tensor:
+    """``combine(h, dL/dW, rule, inplace=True)`` for a weight used by this call alone, with
+    dL/dW computed a block of output units at a time: the full gradient never exists, so the
+    step needs one weight-sized buffer fewer (H becomes the gradient). The pure Hebbian rule
+    needs no dL/dW at all."""
+    if rule.global_signal == "none":
+        return combine(h, None, rule, inplace=True)
+    a = h.abs_()
+    scale = _scale(a, rule, ROWS)
+    n = w.shape[0]
+    step = -(-n // chunks)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        a[s:e].mul_(_weight_grad_rows(spec, g, x, w, s, e).sign_())
+    return a.div_(scale)
+
+
 def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float):
     """Fast approximate mode: a random contiguous block of samples (rows for linear).
     A block is a view, so no activation is copied; batches are shuffled by the data loader."""

@@ -43,6 +43,7 @@ class Site:
                  copy_out: bool = False, out_saved: bool = False, timing: str = "auto",
                  accumulation: str = "auto") -> None:
         self.state = PlasticParam(name, rule, layer, accumulation)
+        self.state.direct = weight_use == "direct"
         self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
         self.out_saved, self.timing = out_saved, timing
 

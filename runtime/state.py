@@ -24,6 +24,10 @@ from ghlc.errors import RuntimeGHLError
 
 from .hebbian import ROWS, HebbianRule, Layout, combine
 
+# Weights at least this large (elements) get the in-call combine when it is safe (see
+# PlasticParam.can_fuse): one weight-sized buffer fewer at the step's peak.
+FUSE_MIN_NUMEL = 1 << 20
+
 _BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
 _STEP_HOOK = None
 
@@ -63,11 +67,18 @@ class PlasticParam:
         self._written_version = -1
         self.param_ref = None  # weakref to the parameter our hooks sit on
         self.layout: Layout = ROWS  # where the output units lie in the weight
+        self.direct = True  # the calls use the parameter itself (not a computed weight)
+        self.calls = 0  # plastic calls since the last backward reached the parameter
+        self.single_use: bool | None = None  # seen: G comes from one call, nothing else
+        self._returned = None  # the weight gradient our call returned, and its version
+        self._returned_version = -1
+        self._fused = False  # that gradient is already the combination (in-call combine)
         self._mark = False  # the .grad stored by the running accumulation is ours
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_written"] = d["param_ref"] = None
+        d["_written"] = d["param_ref"] = d["_returned"] = None
+        d["calls"], d["_fused"] = 0, False
         return d
 
     def __deepcopy__(self, memo):
@@ -98,7 +109,30 @@ class PlasticParam:
         self._stepped = True
         self.h_acc = self.g_acc = None
 
+    def note_call(self) -> None:
+        self.calls += 1
+
     # ---- backward side ------------------------------------------------------------
+    def can_fuse(self, w_numel: int) -> bool:
+        """May this backward combine H and G inside the call (chunked, no full G buffer)?
+        Only when the parameter is known to get its gradient from this one call (checked on
+        an earlier step), no raw totals are kept and no accumulation is under way."""
+        if not (self.direct and self.single_use and self.calls == 1
+                and w_numel >= FUSE_MIN_NUMEL):
+            return False
+        if self.keep_totals or self.accumulation == "always":
+            return False
+        p = self.param_ref() if self.param_ref is not None else None
+        return p is not None and not self._accumulating(p)
+
+    def returned(self, gw: torch.Tensor, fused: bool) -> None:
+        self._returned, self._returned_version, self._fused = gw, gw._version, fused
+
+    def _accumulating(self, p: torch.Tensor) -> bool:
+        grad = p.grad
+        return (grad is not None and self._written is not None and self._written() is grad
+                and grad._version == self._written_version and not self._stepped)
+
     def add(self, h: torch.Tensor, view: tuple | None = None, layout: Layout = ROWS) -> None:
         """Add one call's raw term. ``view`` = (size, stride, offset) when the call used a
         view of the parameter (e.g. a chunk of ``in_proj_weight``), else None; ``layout`` =
@@ -118,13 +152,31 @@ class PlasticParam:
         gradient, which autograd then stores as ``.grad`` (we clear ``.grad`` first)."""
         p = self.param_ref() if self.param_ref is not None else None
         h, self.pending = self.pending, None
+        calls, self.calls = self.calls, 0
+        ret, self._returned = self._returned, None
+        fused, self._fused = self._fused, False
+        ours = ret is not None and g is ret and g._version == self._returned_version
+        if not ours:
+            self.single_use = False  # other uses add to G: always combine here
+        elif calls == 1 and self.single_use is None:
+            self.single_use = True
+        if fused:
+            if not ours:
+                raise RuntimeGHLError(
+                    f"layer {self.layer!r}: its weight got a gradient from outside its call "
+                    "this step, after ghlc had combined the call's gradient in place; use "
+                    "GHLConfig(accumulation='always') for a model whose weight use changes "
+                    "between steps"
+                )
+            self._stepped = False
+            self.h_acc = self.g_acc = None
+            if p is not None:
+                p.grad = None
+                self._mark = True
+            return g
         if p is None or h is None:
             return g
-        grad = p.grad
-        accumulating = (
-            grad is not None and self._written is not None and self._written() is grad
-            and grad._version == self._written_version and not self._stepped
-        )
+        accumulating = self._accumulating(p)
         self._stepped = False
         if accumulating:
             if self.h_acc is None:

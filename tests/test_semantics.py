@@ -393,7 +393,28 @@ def _vgg_steps(accumulation: str):
     return m, plain, x, names, opt, ghlc.runtime.runtime_of(m)
 
 
-def test_auto_accumulation_stops_keeping_totals_after_a_plain_step():
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Every weight qualifies for the in-call combine (not only large ones); records the
+    kinds of the calls that used it."""
+    import ghlc.runtime.function as fn
+    import ghlc.runtime.state as st
+
+    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    calls: list[str] = []
+    orig = fn.fused_combine
+
+    def spy(spec, *a, **k):
+        calls.append(spec.kind)
+        return orig(spec, *a, **k)
+
+    monkeypatch.setattr(fn, "fused_combine", spy)
+    return calls
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_auto_accumulation_stops_keeping_totals_after_a_plain_step(fused, request):
+    calls = request.getfixturevalue("fused_calls") if fused else None
     m, plain, x, names, opt, rt = _vgg_steps("auto")
     loss_fn(m(x)).backward()
     opt.step()
@@ -410,6 +431,95 @@ def test_auto_accumulation_stops_keeping_totals_after_a_plain_step():
     _assert_matches(m, {n: oracle.expected_grad(h1[n], g1[n]) for n in names}, others)
     with pytest.raises(ghlc.RuntimeGHLError, match="accumulation='always'"):
         loss_fn(m(x2)).backward()  # accumulation that starts late: a clear error
+    if fused:
+        assert calls, "the in-call combine never ran"
+
+
+# ---- in-call combine (large weights used by one call: no full G buffer) ----------------------
+
+
+@pytest.mark.parametrize("name,signal", [("vgg", "grad_sign"), ("vgg", "none"),
+                                         ("resnet", "grad_sign"), ("vit", "grad_sign")])
+def test_in_call_combine_matches_oracle(fused_calls, name, signal):
+    """From the second step on, a weight fed by one call alone is combined inside the call,
+    its gradient computed a block of output units at a time; the grads stay the oracle's."""
+    model, x, cfg = _build(name)
+    cfg = dataclasses.replace(cfg, global_signal=signal)
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    expected = {n: oracle.expected_grad(h[n], g[n], signal) for n in names}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # the weights stay those of plain
+    m.train()
+    for step in range(3):
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        _assert_matches(m, expected, g)
+        opt.step()
+        assert bool(fused_calls) == (step > 0), step  # the first step checks single use
+
+
+def test_in_call_combine_skips_shared_weights(fused_calls):
+    model, x, cfg = _build("conv_twice")
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    expected = {n: oracle.expected_grad(h[n], g[n]) for n in names}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    m.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        _assert_matches(m, expected, g)
+        opt.step()
+    shared = ghlc.runtime.runtime_of(m).sites["conv.weight"].state
+    assert shared.single_use is False and shared.calls == 0
+
+
+class Reg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def _reg_grads(fuse: bool, monkeypatch, reg_from: int = 0, steps: int = 3):
+    import ghlc.runtime.state as st
+
+    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0 if fuse else 1 << 62)
+    torch.manual_seed(0)
+    model, x = Reg(), torch.randn(4, 3, 8, 8)
+    m = ghlc.prepare(model, (x,), config=ghlc.GHLConfig())
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    grads = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(m(x))
+        if step >= reg_from:  # a penalty on the weight: a second use outside the conv
+            loss = loss + 0.1 * (m.conv.weight ** 2).sum()
+        loss.backward()
+        grads.append(m.conv.weight.grad.clone())
+        opt.step()
+    return grads
+
+
+def test_in_call_combine_skips_weights_used_elsewhere(monkeypatch):
+    """A weight that also gets a gradient from outside its call keeps the combine after
+    backward (sign of the total G), exactly as without the in-call path."""
+    for a, b in zip(_reg_grads(True, monkeypatch), _reg_grads(False, monkeypatch)):
+        assert torch.equal(a, b)
+
+
+def test_in_call_combine_refuses_a_use_that_appears_later(monkeypatch):
+    with pytest.raises(ghlc.RuntimeGHLError, match="gradient from outside its call"):
+        _reg_grads(True, monkeypatch, reg_from=2)
+    _reg_grads(False, monkeypatch, reg_from=2)  # without the in-call path: fine
 
 
 @pytest.mark.parametrize("accumulation", ["auto", "always"])
