@@ -438,11 +438,9 @@ def test_auto_accumulation_stops_keeping_totals_after_a_plain_step(fused, reques
 # ---- in-call combine (large weights used by one call: no full G buffer) ----------------------
 
 
-@pytest.mark.parametrize("name,signal", [("vgg", "grad_sign"), ("vgg", "none"),
-                                         ("resnet", "grad_sign"), ("vit", "grad_sign")])
-def test_in_call_combine_matches_oracle(fused_calls, name, signal):
-    """From the second step on, a weight fed by one call alone is combined inside the call,
-    its gradient computed a block of output units at a time; the grads stay the oracle's."""
+def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3):
+    """Train ``steps`` steps at lr 0 (the weights stay those of the plain copy), checking
+    every step's grads against the oracle; returns the prepared model."""
     model, x, cfg = _build(name)
     cfg = dataclasses.replace(cfg, global_signal=signal)
     plain = copy.deepcopy(model)
@@ -450,30 +448,29 @@ def test_in_call_combine_matches_oracle(fused_calls, name, signal):
     names = _plastic_names(m)
     h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
     expected = {n: oracle.expected_grad(h[n], g[n], signal) for n in names}
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # the weights stay those of plain
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
     m.train()
-    for step in range(3):
+    fused_per_step = []
+    for _ in range(steps):
         opt.zero_grad()
         loss_fn(m(x)).backward()
         _assert_matches(m, expected, g)
         opt.step()
-        assert bool(fused_calls) == (step > 0), step  # the first step checks single use
+        fused_per_step.append(len(fused_calls))
+    return m, fused_per_step
+
+
+@pytest.mark.parametrize("name,signal", [("vgg", "grad_sign"), ("vgg", "none"),
+                                         ("resnet", "grad_sign"), ("vit", "grad_sign")])
+def test_in_call_combine_matches_oracle(fused_calls, name, signal):
+    """From the second step on, a weight fed by one call alone is combined inside the call,
+    its gradient computed a block of output units at a time; the grads stay the oracle's."""
+    _, fused = _steps_against_oracle(name, fused_calls, signal)
+    assert fused[0] == 0 and fused[1] > 0  # the first step checks single use
 
 
 def test_in_call_combine_skips_shared_weights(fused_calls):
-    model, x, cfg = _build("conv_twice")
-    plain = copy.deepcopy(model)
-    m = ghlc.prepare(model, (x,), config=cfg)
-    names = _plastic_names(m)
-    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
-    expected = {n: oracle.expected_grad(h[n], g[n]) for n in names}
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    m.train()
-    for _ in range(3):
-        opt.zero_grad()
-        loss_fn(m(x)).backward()
-        _assert_matches(m, expected, g)
-        opt.step()
+    m, _ = _steps_against_oracle("conv_twice", fused_calls)
     shared = ghlc.runtime.runtime_of(m).sites["conv.weight"].state
     assert shared.single_use is False and shared.calls == 0
 
