@@ -145,10 +145,11 @@ def unit_amax(a: torch.Tensor, layout: Layout = ROWS) -> torch.Tensor:
     return per.expand(g, cin // g, cog).reshape(cin, cog).view(cin, cog, *([1] * (a.dim() - 2)))
 
 
-def _scale(a: torch.Tensor, rule: HebbianRule, layout: Layout) -> torch.Tensor:
+def _scale(h: torch.Tensor, rule: HebbianRule, layout: Layout) -> torch.Tensor:
     """max|H| over the layer, or per output unit (``normalisation="unit"``)."""
-    m = a.amax() if rule.normalisation == "layer" else unit_amax(a, layout)
-    return m + 1e-30
+    if rule.normalisation == "layer":
+        return torch.linalg.vector_norm(h, float("inf")) + 1e-30
+    return unit_amax(h.abs(), layout) + 1e-30
 
 
 def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
@@ -157,10 +158,7 @@ def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
     H_n = H / max|H| over the layer or over each output unit. ``inplace`` writes it into
     ``h_raw`` (no new weight-sized buffer)."""
     if rule.global_signal == "none" or g is None:
-        if rule.normalisation == "layer":
-            scale = torch.linalg.vector_norm(h_raw, float("inf")) + 1e-30
-        else:
-            scale = unit_amax(h_raw.abs(), layout) + 1e-30
+        scale = _scale(h_raw, rule, layout)
         return (h_raw if inplace else h_raw.clone()).div_(scale).neg_()
     out = h_raw.abs_() if inplace else h_raw.abs()
     scale = _scale(out, rule, layout)

@@ -126,7 +126,12 @@ class PlasticParam:
         return p is not None and not self._accumulating(p)
 
     def returned(self, gw: torch.Tensor, fused: bool) -> None:
-        self._returned, self._returned_version, self._fused = gw, gw._version, fused
+        """The call's weight gradient; kept (until the parameter's hook) only while single
+        use is being checked or when it is already the combination. Holding it otherwise
+        would stop autograd summing a shared weight's gradients in place."""
+        if fused or (self.single_use is None and self.direct
+                     and gw.numel() >= FUSE_MIN_NUMEL):
+            self._returned, self._returned_version, self._fused = gw, gw._version, fused
 
     def _accumulating(self, p: torch.Tensor) -> bool:
         grad = p.grad
@@ -156,10 +161,11 @@ class PlasticParam:
         ret, self._returned = self._returned, None
         fused, self._fused = self._fused, False
         ours = ret is not None and g is ret and g._version == self._returned_version
-        if not ours:
-            self.single_use = False  # other uses add to G: always combine here
-        elif calls == 1 and self.single_use is None:
-            self.single_use = True
+        if ret is not None:  # single use was being checked
+            if not ours:
+                self.single_use = False  # other uses add to G: always combine here
+            elif calls == 1 and self.single_use is None:
+                self.single_use = True
         if fused:
             if not ours:
                 raise RuntimeGHLError(
