@@ -12,10 +12,15 @@ of one full step (zero_grad, forward, cross-entropy, backward, [Hebbian], SGD st
 
 and, with --device cuda only,
 
+    ghlc_ref    ghlc with its compiled kernels off (GHLC_FUSED=off: the eager formulas for
+                the channel softmax and the sign combination), to show what fusing gives
+    ghlc_whole_graph  ghlc_graph without the in-call combine (every weight's gradient whole,
+                combined after backward), to show what the blockwise combine costs in time
+
     bp_graph    bp with the whole step (forward, loss, backward, SGD step) captured in one
                 CUDA graph (static input/target tensors, 3 warm-up steps on a side stream);
                 a timed step copies the batch into the static tensors and replays the graph
-    ghlc_graph  the same for ghlc
+    ghlc_graph  the same for ghlc (ghlc_ref_graph: for ghlc_ref)
 
 (a variant whose capture raises is dropped with a one-line warning), and the peak memory of
 one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph, the other
@@ -50,6 +55,7 @@ ghlc.prepare on a 200-layer model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import importlib.util
@@ -74,9 +80,12 @@ sys.path.insert(0, str(ROOT))
 from naive_ghl import NaiveGHL  # noqa: E402
 
 import ghlc  # noqa: E402
+from ghlc.runtime import fused  # noqa: E402
+from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
-GRAPH_VARIANTS = ("bp_graph", "ghlc_graph")  # --device cuda only
+GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_whole_graph")
+CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -180,9 +189,11 @@ class Runner:
     def __init__(self, base: nn.Module, temp, variant: str, x2: torch.Tensor) -> None:
         model = copy.deepcopy(base).train()
         self.naive = None
+        self.fused = "off" if variant == "ghlc_ref" else fused.mode()
+        self.whole = variant == "ghlc_whole"
         if variant == "naive":
             self.naive = NaiveGHL(model, temp)
-        elif variant == "ghlc":
+        elif variant in ("ghlc", "ghlc_ref", "ghlc_whole"):
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
         elif variant == "ghlc_s25":
             cfg = ghlc.GHLConfig(temperature=temp, sample_fraction=SAMPLE_FRACTION)
@@ -193,12 +204,28 @@ class Runner:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.opt.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        if self.naive is not None:
-            self.naive.apply()
-        self.opt.step()
+        with settings(self):
+            self.opt.zero_grad()
+            loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            if self.naive is not None:
+                self.naive.apply()
+            self.opt.step()
+
+
+@contextlib.contextmanager
+def settings(r):
+    """A runner's ghlc settings for the duration (variants run interleaved): the
+    compiled-kernel mode, and no in-call combine for ghlc_whole."""
+    old = fused.mode(), rt_state.FUSE_MIN_NUMEL
+    fused.set_mode(r.fused)
+    if r.whole:
+        rt_state.FUSE_MIN_NUMEL = 1 << 62
+    try:
+        yield
+    finally:
+        fused.set_mode(old[0])
+        rt_state.FUSE_MIN_NUMEL = old[1]
 
 
 class GraphRunner:
@@ -211,16 +238,16 @@ class GraphRunner:
     def __init__(self, base: nn.Module, temp, variant: str, x: torch.Tensor,
                  y: torch.Tensor) -> None:
         eager = variant.removesuffix("_graph")
-        if variant not in GRAPH_VARIANTS or eager not in ("bp", "ghlc"):
+        if variant not in GRAPH_VARIANTS:
             raise ValueError(variant)
         r = Runner(base, temp, eager, x[:2])
-        self.model, self.opt = r.model, r.opt
+        self.model, self.opt, self.fused, self.whole = r.model, r.opt, r.fused, r.whole
         self.static_x, self.static_y = x.clone(), y.clone()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(s), settings(self):
             for _ in range(GRAPH_WARMUP):
                 self.opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(self.model(self.static_x), self.static_y)
@@ -231,7 +258,7 @@ class GraphRunner:
     def capture(self) -> None:
         self.opt.zero_grad(set_to_none=True)  # grads are allocated in the graph's pool
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g), settings(self):
             self.loss = F.cross_entropy(self.model(self.static_x), self.static_y)
             self.loss.backward()
             self.opt.step()
@@ -253,7 +280,7 @@ def make_runner(base: nn.Module, temp, variant: str, x: torch.Tensor, y: torch.T
 
 
 def variants_for(device: str) -> tuple[str, ...]:
-    return VARIANTS + GRAPH_VARIANTS if device == "cuda" else VARIANTS
+    return VARIANTS + CUDA_VARIANTS if device == "cuda" else VARIANTS
 
 
 def reference(variant: str) -> str:
@@ -661,7 +688,8 @@ def bench_resnet50(args) -> dict:
         "max_layer": patches["max_layer"],
     }
     out = {"batch": b, "size": size, "patches": patches}
-    for v in ("bp", "ghlc"):
+    names = ("bp", "ghlc", "ghlc_ref") if args.device == "cuda" else ("bp", "ghlc")
+    for v in names:
         if args.device == "cuda":
             mem = memory_inproc("resnet50", v, b, size, "cuda")
             gc.collect()
@@ -676,16 +704,17 @@ def bench_resnet50(args) -> dict:
             mem = json.loads(res.stdout.strip().splitlines()[-1])
         out[f"{v}_peak_bytes"] = mem["peak_bytes"]
     x, y = data(b, size, 1000, args.device)
-    runners = {v: Runner(base.to(args.device), 1.0, v, x[:2]) for v in ("bp", "ghlc")}
-    times: dict[str, list[float]] = {"bp": [], "ghlc": []}
+    runners = {v: Runner(base.to(args.device), 1.0, v, x[:2]) for v in names}
+    times: dict[str, list[float]] = {v: [] for v in names}
     n = max(1, min(args.repeats, 10))
     for rep in range(1 + n):
-        for v in (("bp", "ghlc") if rep % 2 == 0 else ("ghlc", "bp")):
+        k = rep % len(names)
+        for v in names[k:] + names[:k]:
             ms = timed_step(runners[v], x, y, args.device)
             if rep >= 1:
                 times[v].append(ms)
-    out["bp_ms"] = statistics.median(times["bp"])
-    out["ghlc_ms"] = statistics.median(times["ghlc"])
+    for v in names:
+        out[f"{v}_ms"] = statistics.median(times[v])
     del runners
     gc.collect()
     return out
@@ -792,9 +821,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     kernels: dict[str, dict] = {}
-    for m in models:
-        model_rows, kernels[m] = bench_model(m, args)
-        rows += model_rows
     result = {
         "machine": machine(args.device), "device": args.device, "batch": args.batch,
         "repeats": args.repeats, "warmup": args.warmup, "sample_fraction": SAMPLE_FRACTION,
@@ -802,17 +828,32 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows, "kernels": kernels,
     }
+    out = Path(args.json) if args.json else HERE / f"step_{args.device}.json"
+
+    def save() -> None:  # after every model, so that a run cut short keeps what it measured
+        result["compiled_kernels"] = {
+            "mode": fused.mode(), "active": fused.active(torch.zeros(1, device=args.device)),
+            "failed": fused._broken,
+        }
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+
+    for m in models:
+        model_rows, kernels[m] = bench_model(m, args)
+        rows += model_rows
+        save()
     if not args.no_prepare_bench:
         result["prepare"] = bench_prepare(200, args.device)
     if args.resnet50:
         result["resnet50"] = bench_resnet50(args)
-
-    out = Path(args.json) if args.json else HERE / f"step_{args.device}.json"
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    save()
 
     print(f"machine: {result['machine']}")
+    ck = result["compiled_kernels"]
+    print(f"compiled kernels (GHLC_FUSED={ck['mode']}): "
+          + ("active" if ck["active"] else "not used") + (f"; failed: {ck['failed']}"
+                                                          if ck["failed"] else ""))
     print(f"timing: {result['timing_method']}")
     print(f"memory: {result['memory_method']}")
     if "prepare" in result:
@@ -826,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bp_peak_bytes'] / 2**20:.0f} MB, ghlc {r['ghlc_peak_bytes'] / 2**20:.0f} MB; "
               f"unfolded patches (paper's way) sum {pt['sum_bytes'] / 2**20:.0f} MB, "
               f"max {pt['max_bytes'] / 2**20:.0f} MB ({pt['max_layer']}); step bp "
-              f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms")
+              f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms"
+              + (f", ghlc_ref {r['ghlc_ref_ms']:.1f} ms "
+                 f"({r['ghlc_ref_peak_bytes'] / 2**20:.0f} MB)" if "ghlc_ref_ms" in r else ""))
     for m, kern in kernels.items():
         note = f"; left out: {'; '.join(kern['skipped'])}" if kern["skipped"] else ""
         print(f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "

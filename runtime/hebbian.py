@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused
 from .calls import CallSpec
 
 
@@ -49,15 +50,12 @@ def compete(u: torch.Tensor, spec: CallSpec, rule: HebbianRule) -> torch.Tensor:
 def softmax_units(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     """softmax(t * v) over ``dim``. On CUDA, for a dim that is not the innermost (channels of
     NCHW), torch's spatial softmax kernel runs far below memory bandwidth (measured on an H100:
-    ~21 ms per ResNet-50 step at 224x224, batch 64); the same formula as a few reductions and
-    in-place elementwise passes runs near bandwidth. Elsewhere torch.softmax is the faster."""
-    if not v.is_cuda or dim in (-1, v.dim() - 1):
+    ~21 ms per ResNet-50 step at 224x224, batch 64); ghlc uses one compiled reduction kernel
+    there (``fused.softmax``), or the same formula as reductions and in-place passes. Elsewhere
+    torch.softmax is the faster."""
+    if dim in (-1, v.dim() - 1) or not (v.is_cuda or fused.active(v)):
         return torch.softmax(v if t == 1.0 else v * t, dim=dim)
-    e = torch.sub(v, v.amax(dim, keepdim=True))
-    if t != 1.0:
-        e.mul_(t)
-    e.exp_()
-    return e.div_(e.sum(dim, keepdim=True))
+    return fused.softmax(v, dim, t)
 
 
 def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
@@ -115,11 +113,16 @@ def hebbian_raw(
     corr = weight_vjp(spec, x, w, y)
     if rule.local_rule == "hebb":
         return corr
-    s = unit_dot(spec, corr, w)
+    extra = None
     if b is not None:
         dim = channel_dim(spec, y)
         dims = [i for i in range(y.dim()) if i != dim]
-        s = s + b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
+        extra = b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
+    if (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1:
+        return fused.oja_decay_(corr, w, extra)  # units along dim 0
+    s = unit_dot(spec, corr, w)
+    if extra is not None:
+        s = s + extra
     return corr.addcmul_(unit_scale(spec, s, w), w, value=-1.0)
 
 
@@ -160,6 +163,8 @@ def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
     if rule.global_signal == "none" or g is None:
         scale = _scale(h_raw, rule, layout)
         return (h_raw if inplace else h_raw.clone()).div_(scale).neg_()
+    if inplace and rule.normalisation == "layer":
+        return fused.sign_combine_(h_raw, g)
     out = h_raw.abs_() if inplace else h_raw.abs()
     scale = _scale(out, rule, layout)
     return out.mul_(torch.sign(g)).div_(scale)  # sign(0) = 0: no step without a direction
@@ -196,8 +201,9 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
     step = -(-n // chunks)
     for s in range(0, n, step):
         e = min(n, s + step)
-        a[s:e].mul_(_weight_grad_rows(spec, g, x, w, s, e).sign_())
-    return a.div_(scale)
+        sc = scale if scale.dim() == 0 else scale[s:e]
+        fused.scaled_sign_(a[s:e], _weight_grad_rows(spec, g, x, w, s, e), sc)
+    return a
 
 
 def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float):

@@ -116,3 +116,51 @@ def test_cuda_graph_step_equals_eager_steps(sample):
         for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+@pytest.mark.parametrize("norm", ["layer", "unit"])
+def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, norm):
+    """Every weight takes the in-call (blockwise) combine from the second step on, with the
+    compiled kernels (on by default on CUDA); two steps at lr 0 against the float64 oracle."""
+    import ghlc.runtime.state as st
+
+    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    e = next(z for z in ZOO if z.name == name)
+    model, x = e.make()
+    names = list(e.plastic)
+    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
+    cfg = ghlc.GHLConfig(**{**e.config_kwargs(), "normalisation": norm})
+    m = ghlc.prepare(model.cuda(), (x.cuda(),), config=cfg).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(m(x.cuda())).backward()
+        for n in names:
+            got = m.get_parameter(n).grad.detach().cpu().to(torch.float64)
+            exp = oracle.expected_grad(h[n], g[n], normalisation=norm)
+            err = (got.abs() - exp.abs()).norm() / exp.norm().clamp_min(1e-30)
+            assert err <= 1e-4, f"{name} {n}: magnitude rel err {err:.3g}"
+            free = g[n].abs() <= 1e-5 * g[n].abs().max()
+            fixed = ~free & (exp.abs() > 1e-3 * exp.abs().max())
+            assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
+    sites = ghlc.runtime.runtime_of(m).sites
+    assert any(s.state.single_use for s in sites.values())
+
+
+def test_cuda_compiled_kernels_equal_eager_formulas():
+    from ghlc.runtime import fused
+
+    if not fused.active(torch.zeros(1, device="cuda")):
+        pytest.skip("no Triton: the compiled kernels are off on this machine")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    v = torch.randn(16, 64, 9, 9, device="cuda", generator=gen) * 4
+    for t in (1.0, 0.7):
+        torch.testing.assert_close(fused.softmax(v, 1, t), fused.softmax_eager(v, 1, t))
+    h = torch.randn(64, 32, 3, 3, device="cuda", generator=gen)
+    gr = torch.randn(64, 32, 3, 3, device="cuda", generator=gen)
+    ref = fused.sign_combine_eager_(h.clone(), gr)
+    buf = h.clone()
+    assert fused.sign_combine_(buf, gr).data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, ref)
+    assert fused._broken is None

@@ -1,0 +1,167 @@
+"""Fused kernels for the rule's elementwise and reduction steps, made by ``torch.compile``.
+
+On a GPU at batch 64 a GHL step is many small kernels: the channel softmax alone is five
+passes over the layer's output. Compiled, the softmax is one reduction kernel and the sign
+combination two, with no weight-sized temporary. Each function here has an eager twin with
+the same formula (the reference; tests compare the two).
+
+Mode (``GHLC_FUSED`` in the environment, or :func:`set_mode`): ``auto`` (default) compiles
+for CUDA tensors when Triton is available; ``on`` also on CPU (needs a C++ compiler, slow to
+compile); ``off`` never. Inside a ``torch.compile`` of the user's model the eager formula is
+used (the outer compile fuses it). If compiling fails, ghlc warns once and stays eager.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+MODES = ("auto", "on", "off")
+_mode = os.environ.get("GHLC_FUSED", "auto")
+_broken: str | None = None  # why compiling failed, once it has
+
+
+def set_mode(mode: str) -> None:
+    """Select ``auto``, ``on`` or ``off`` for every later call (see the module docstring)."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"fused mode {mode!r} is not one of {', '.join(MODES)}")
+    _mode = mode
+
+
+def mode() -> str:
+    return _mode
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover
+        return False
+    return has_triton()
+
+
+def active(t: torch.Tensor) -> bool:
+    """Whether calls on ``t`` use the compiled kernels."""
+    if _broken is not None or _mode == "off" or torch.compiler.is_compiling():
+        return False
+    if _mode == "on":
+        return True
+    if _mode not in MODES:
+        raise ValueError(f"GHLC_FUSED={_mode!r} is not one of {', '.join(MODES)}")
+    return t.is_cuda and _has_triton()
+
+
+# ------------------------------------------------------------------ the formulas (eager)
+def softmax_eager(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
+    """softmax(t * v) over ``dim`` as reductions and in-place passes (t > 0)."""
+    e = torch.sub(v, v.amax(dim, keepdim=True))
+    if t != 1.0:
+        e.mul_(t)
+    e.exp_()
+    return e.div_(e.sum(dim, keepdim=True))
+
+
+def sign_combine_eager_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``h <- |h| * sign(g) / (max|h| + 1e-30)`` in place (the layer-normalised GHL step)."""
+    a = h.abs_()
+    scale = torch.linalg.vector_norm(a, float("inf")) + 1e-30
+    return a.mul_(torch.sign(g)).div_(scale)
+
+
+def scaled_sign_eager_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``a <- a * sign(g) / scale`` in place (one block of the in-call combine; ``g`` is
+    overwritten)."""
+    return a.mul_(g.sign_()).div_(scale)
+
+
+def oja_decay_eager_(c: torch.Tensor, w: torch.Tensor,
+                     extra: torch.Tensor | None) -> torch.Tensor:
+    """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]`` in place, output units along dim 0
+    (Oja's decay; ``extra`` is the bias term, or None)."""
+    k = c.shape[0]
+    s = torch.bmm(c.reshape(k, 1, -1), w.reshape(k, -1, 1)).view(k)
+    if extra is not None:
+        s = s + extra
+    return c.addcmul_(s.view(-1, *([1] * (w.dim() - 1))), w, value=-1.0)
+
+
+# ------------------------------------------------------------------ compiled twins
+def _softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
+    e = v - v.amax(dim, keepdim=True)
+    if t != 1.0:
+        e = e * t
+    e = e.exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def _sign_combine_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    a = h.abs()
+    h.copy_(a * torch.sign(g) / (a.amax() + 1e-30))
+    return h
+
+
+def _scaled_sign_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    a.copy_(a * torch.sign(g) / scale)
+    return a
+
+
+def _oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    s = (c * w).flatten(1).sum(1)
+    if extra is not None:
+        s = s + extra
+    c.copy_(c - s.view(-1, *([1] * (w.dim() - 1))) * w)
+    return c
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _get(name: str, fn: Callable) -> Callable:
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)  # shapes vary by layer
+    return _compiled[name]
+
+
+def _run(name: str, fn: Callable, eager: Callable, *args):
+    global _broken
+    try:
+        return _get(name, fn)(*args)
+    except Exception as e:  # a compiler/toolchain failure: fall back to the reference
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        _broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"ghlc: compiling the fused Hebbian kernels failed ({_broken}); "
+                      "using the eager formulas", RuntimeWarning, stacklevel=3)
+        return eager(*args)
+
+
+def softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
+    """softmax(t * v) over ``dim`` (not the innermost dim: torch.softmax is best there)."""
+    if active(v):
+        return _run("softmax", _softmax, softmax_eager, v, dim, t)
+    return softmax_eager(v, dim, t)
+
+
+def sign_combine_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``h <- |h| * sign(g) / (max|h| + 1e-30)``, written into ``h``."""
+    if active(h):
+        return _run("sign_combine", _sign_combine_, sign_combine_eager_, h, g)
+    return sign_combine_eager_(h, g)
+
+
+def scaled_sign_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``a <- a * sign(g) / scale``, written into ``a`` (``g`` may be overwritten)."""
+    if active(a):
+        return _run("scaled_sign", _scaled_sign_, scaled_sign_eager_, a, g, scale)
+    return scaled_sign_eager_(a, g, scale)
+
+
+def oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]``, written into ``c``."""
+    if active(c):
+        return _run("oja_decay", _oja_decay_, oja_decay_eager_, c, w, extra)
+    return oja_decay_eager_(c, w, extra)

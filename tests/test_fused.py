@@ -1,0 +1,113 @@
+"""The compiled kernels (``runtime/fused.py``) against their eager twins, and a whole GHL step
+with them forced on (CPU: ``mode 'on'``, an Inductor C++ build) against the oracle. On CUDA
+they are on by default; tests/test_gpu.py checks that path against the float64 oracle."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import oracle
+import pytest
+import torch
+from test_semantics import _assert_matches, _build, _plastic_names, loss_fn
+
+import ghlc
+from ghlc.runtime import fused
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
+                              reason="Inductor's CPU backend needs a C++ compiler")
+
+
+@pytest.fixture
+def fused_on():
+    old = fused.mode()
+    fused.set_mode("on")
+    yield
+    fused.set_mode(old)
+    fused._broken = None
+
+
+@needs_cc
+def test_compiled_kernels_equal_eager_twins(fused_on):
+    g = torch.Generator().manual_seed(0)
+    for shape, dim, t in [((4, 6, 5, 5), 1, 1.0), ((3, 8, 7), 1, 0.5), ((2, 4, 3, 6, 6), 2, 2.0)]:
+        v = torch.randn(shape, generator=g) * 4
+        got = fused.softmax(v, dim, t)
+        ref = torch.softmax(v.double() * t, dim)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got, fused.softmax_eager(v, dim, t))
+    for shape in [(6, 4, 3, 3), (10, 7)]:
+        h, gr = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        gr[0] = 0.0  # sign(0) = 0: no step
+        ref = fused.sign_combine_eager_(h.clone(), gr.clone())
+        buf = h.clone()
+        out = fused.sign_combine_(buf, gr)
+        assert out.data_ptr() == buf.data_ptr()  # written into h, as the eager twin
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert (out[0] == 0).all()
+        a = h.abs()
+        for scale in (a.amax() + 1e-30, a.flatten(1).amax(1).view(-1, *[1] * (h.dim() - 1))):
+            ref = fused.scaled_sign_eager_(a.clone(), gr.clone(), scale)
+            buf = a.clone()
+            fused.scaled_sign_(buf, gr.clone(), scale)
+            torch.testing.assert_close(buf, ref, rtol=0, atol=0)
+    for shape, bias in [((6, 4, 3, 3), True), ((10, 7), False)]:
+        c, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        extra = torch.randn(shape[0], generator=g) if bias else None
+        ref = c.double() - ((c.double() * w.double()).flatten(1).sum(1)
+                            + (extra.double() if bias else 0)).view(-1, *[1] * (c.dim() - 1)) * w
+        buf = c.clone()
+        assert fused.oja_decay_(buf, w, extra).data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(buf.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(buf, fused.oja_decay_eager_(c.clone(), w, extra))
+    assert fused._broken is None
+
+
+@needs_cc
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_step_with_compiled_kernels_matches_oracle(fused_on, monkeypatch, name):
+    """Every path that uses a compiled kernel (softmax, in-place combine, in-call combine)."""
+    import ghlc.runtime.state as st
+
+    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    model, x, cfg = _build(name)
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    expected = {n: oracle.expected_grad(h[n], g[n]) for n in names}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    m.train()
+    for _ in range(2):  # the second step combines inside the calls
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        _assert_matches(m, expected, g)
+    assert fused._broken is None
+
+
+def test_compile_failure_falls_back_to_eager(fused_on, monkeypatch):
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("no compiler here")
+        return call
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    v = torch.randn(2, 5, 3, 3)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        y = fused.softmax(v, 1, 1.0)
+    torch.testing.assert_close(y, torch.softmax(v, 1))
+    assert not fused.active(v)  # stays eager from then on
+
+
+def test_mode_off_and_bad_mode(monkeypatch):
+    old = fused.mode()
+    try:
+        fused.set_mode("off")
+        assert not fused.active(torch.zeros(1))
+        with pytest.raises(ValueError, match="not one of"):
+            fused.set_mode("fast")
+    finally:
+        fused.set_mode(old)
+    assert not fused.active(torch.zeros(1))  # auto: CPU tensors stay eager
