@@ -3,7 +3,8 @@
 For small models a GHL step is many small kernels (the Hebbian softmax, reductions and the
 sign combination add a few per plastic layer), so launch overhead dominates; replaying one
 captured graph removes it. The captured step is the ordinary one: ghlc's hooks run at capture
-time and the graph replays their kernels, so the numbers are those of the eager step.
+time and the graph replays their kernels, so the numbers are those of the eager step (the
+rule's elementwise steps run as compiled kernels here, see ``ghlc.runtime.fused``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import GHLError
+from .runtime import fused
 
 
 def cuda_graph_step(
@@ -49,7 +51,7 @@ def cuda_graph_step(
     opt_state = copy.deepcopy(optimizer.state_dict())
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), fused.capturing():
         for _ in range(max(1, warmup)):
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(*static_in), static_target).backward()
@@ -63,7 +65,7 @@ def cuda_graph_step(
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), fused.capturing():
             static_loss = loss_fn(model(*static_in), static_target)
             static_loss.backward()
             optimizer.step()

@@ -77,7 +77,7 @@ class PlasticCall(torch.autograd.Function):
         x, w = saved[0], saved[1]
         spec, site = ctx.spec, ctx.site
         need = ctx.needs_input_grad[:3]
-        fuse = need[1] and ctx.view is None and fusable(spec) and site.can_fuse(w.numel())
+        fuse = need[1] and ctx.view is None and fusable(spec) and site.can_fuse(w)
         gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
         if ctx.h is not None:
             h, ctx.h = ctx.h, None

@@ -27,6 +27,10 @@ from .hebbian import ROWS, HebbianRule, Layout, combine
 # Weights at least this large (elements) get the in-call combine when it is safe (see
 # PlasticParam.can_fuse): one weight-sized buffer fewer at the step's peak.
 FUSE_MIN_NUMEL = 1 << 20
+# Devices where the in-call combine is used. On CUDA (H100) it measured slower (eight smaller
+# weight-gradient kernels instead of one: ResNet-18 in a CUDA graph 1.116 -> 1.199 x floor)
+# for no lower peak (the peak is elsewhere there), so CUDA combines after backward.
+FUSE_DEVICES = {"cpu"}
 
 _BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
 _STEP_HOOK = None
@@ -113,12 +117,13 @@ class PlasticParam:
         self.calls += 1
 
     # ---- backward side ------------------------------------------------------------
-    def can_fuse(self, w_numel: int) -> bool:
+    def can_fuse(self, w: torch.Tensor) -> bool:
         """May this backward combine H and G inside the call (chunked, no full G buffer)?
-        Only when the parameter is known to get its gradient from this one call (checked on
-        an earlier step), no raw totals are kept and no accumulation is under way."""
+        Only on FUSE_DEVICES, when the parameter is known to get its gradient from this one
+        call (checked on an earlier step), no raw totals are kept and no accumulation is under
+        way."""
         if not (self.direct and self.single_use and self.calls == 1
-                and w_numel >= FUSE_MIN_NUMEL):
+                and w.numel() >= FUSE_MIN_NUMEL and w.device.type in FUSE_DEVICES):
             return False
         if self.keep_totals or self.accumulation == "always":
             return False
@@ -129,8 +134,8 @@ class PlasticParam:
         """The call's weight gradient; kept (until the parameter's hook) only while single
         use is being checked or when it is already the combination. Holding it otherwise
         would stop autograd summing a shared weight's gradients in place."""
-        if fused or (self.single_use is None and self.direct
-                     and gw.numel() >= FUSE_MIN_NUMEL):
+        if fused or (self.single_use is None and self.direct and gw.numel() >= FUSE_MIN_NUMEL
+                     and gw.device.type in FUSE_DEVICES):
             self._returned, self._returned_version, self._fused = gw, gw._version, fused
 
     def _accumulating(self, p: torch.Tensor) -> bool:

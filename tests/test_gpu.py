@@ -122,10 +122,14 @@ def test_cuda_graph_step_equals_eager_steps(sample):
 @pytest.mark.parametrize("norm", ["layer", "unit"])
 def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, norm):
     """Every weight takes the in-call (blockwise) combine from the second step on, with the
-    compiled kernels (on by default on CUDA); two steps at lr 0 against the float64 oracle."""
+    compiled kernels (as inside cuda_graph_step); two steps at lr 0 against the float64
+    oracle."""
     import ghlc.runtime.state as st
+    from ghlc.runtime import fused
 
     monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    monkeypatch.setattr(st, "FUSE_DEVICES", {"cpu", "cuda"})  # off on CUDA by default
+    monkeypatch.setattr(fused, "_capturing", 1)  # as in cuda_graph_step
     e = next(z for z in ZOO if z.name == name)
     model, x = e.make()
     names = list(e.plastic)
@@ -148,9 +152,11 @@ def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, 
     assert any(s.state.single_use for s in sites.values())
 
 
-def test_cuda_compiled_kernels_equal_eager_formulas():
+def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
     from ghlc.runtime import fused
 
+    assert not fused.active(torch.zeros(1, device="cuda"))  # eager steps: eager formulas
+    monkeypatch.setattr(fused, "_capturing", 1)
     if not fused.active(torch.zeros(1, device="cuda")):
         pytest.skip("no Triton: the compiled kernels are off on this machine")
     gen = torch.Generator(device="cuda").manual_seed(0)
