@@ -12,13 +12,13 @@ of one full step (zero_grad, forward, cross-entropy, backward, [Hebbian], SGD st
 
 and, with --device cuda only,
 
+    ghlc_ref    ghlc with its fused kernels off (GHLC_FUSED=off: the eager formulas for the
+                channel softmax, Oja's decay and the sign combination), to show what they give
     bp_graph    bp with the whole step (forward, loss, backward, SGD step) captured in one
                 CUDA graph (static input/target tensors, 3 warm-up steps on a side stream);
                 a timed step copies the batch into the static tensors and replays the graph
     ghlc_graph  the same for ghlc
-    ghlc_ref_graph  ghlc_graph with its compiled kernels off (GHLC_FUSED=off: the eager
-                formulas for the channel softmax, Oja's decay and the sign combination, as
-                eager steps use them), to show what fusing gives
+    ghlc_ref_graph  the same for ghlc_ref
     ghlc_chunk_graph  ghlc_graph with the in-call combine that ghlc uses on CPU only (large
                 single-use weights: dL/dW in eight blocks of output units, each combined at
                 once), to show why it is off on CUDA
@@ -86,7 +86,7 @@ from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph")
-CUDA_VARIANTS = GRAPH_VARIANTS  # --device cuda only
+CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -693,7 +693,7 @@ def bench_resnet50(args) -> dict:
         "max_layer": patches["max_layer"],
     }
     out = {"batch": b, "size": size, "patches": patches}
-    names = ("bp", "ghlc")
+    names = ("bp", "ghlc", "ghlc_ref") if args.device == "cuda" else ("bp", "ghlc")
     for v in names:
         if args.device == "cuda":
             mem = memory_inproc("resnet50", v, b, size, "cuda")
@@ -872,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bp_peak_bytes'] / 2**20:.0f} MB, ghlc {r['ghlc_peak_bytes'] / 2**20:.0f} MB; "
               f"unfolded patches (paper's way) sum {pt['sum_bytes'] / 2**20:.0f} MB, "
               f"max {pt['max_bytes'] / 2**20:.0f} MB ({pt['max_layer']}); step bp "
-              f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms")
+              f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms"
+              + (f", ghlc_ref {r['ghlc_ref_ms']:.1f} ms" if "ghlc_ref_ms" in r else ""))
     for m, kern in kernels.items():
         note = f"; left out: {'; '.join(kern['skipped'])}" if kern["skipped"] else ""
         print(f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "

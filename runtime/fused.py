@@ -1,19 +1,21 @@
-"""Fused kernels for the rule's elementwise and reduction steps, made by ``torch.compile``.
+"""Fused kernels for the rule's elementwise and reduction steps.
 
 On a GPU a GHL step is many small kernels: the channel softmax alone is five passes over the
-layer's output. Compiled, the softmax is one reduction kernel and the sign combination two,
-with no weight-sized temporary. Each function here has an eager twin with the same formula
-(the reference; tests compare the two).
+layer's output. Here the softmax is one hand-written Triton kernel (``triton_softmax.py``),
+and Oja's decay and the sign combination are ``torch.compile``d into two kernels each, with
+no weight-sized temporary. Each function has an eager twin with the same formula (the
+reference; tests compare them).
 
 A compiled call costs more CPU time than the kernels it saves in an eager CUDA step
 (measured on an H100: DeepHebb 6.8 -> 9.0 ms, launch-bound), and less GPU time (in a CUDA
 graph, where CPU time is not replayed: ResNet-18 7.8 -> 7.3 ms). So by default (``auto``)
-they are used for CUDA tensors inside :func:`capturing` (which ``ghlc.cuda_graph_step``
-enters for its warm-up steps and the capture) when Triton is available. ``GHLC_FUSED`` in
-the environment, or :func:`set_mode`, selects ``on`` (always, also on CPU: needs a C++
-compiler, slow to compile) or ``off`` (never). Inside a ``torch.compile`` of the user's model
-the eager formula is used (the outer compile fuses it). If compiling fails, ghlc warns once
-and stays eager.
+the Triton softmax is used for every CUDA tensor when Triton is available, and the compiled
+kernels inside :func:`capturing` (which ``ghlc.cuda_graph_step`` enters for its warm-up steps
+and the capture). ``GHLC_FUSED`` in the environment, or :func:`set_mode`, selects ``on``
+(compiled kernels always, also on CPU: needs a C++ compiler, slow to compile) or ``off``
+(eager formulas only). Inside a ``torch.compile`` of the user's model the eager formulas are
+used (the outer compile fuses them). If a kernel fails to build, ghlc warns once and falls
+back.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 MODES = ("auto", "on", "off")
 _mode = os.environ.get("GHLC_FUSED", "auto")
 _broken: str | None = None  # why compiling failed, once it has
+_triton_broken: str | None = None  # why the Triton softmax failed, once it has
 _capturing = 0  # depth of capturing() scopes
 
 
@@ -53,6 +56,10 @@ def capturing():
         yield
     finally:
         _capturing -= 1
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _has_triton() -> bool:
@@ -152,14 +159,42 @@ def _run(name: str, fn: Callable, eager: Callable, *args):
     except Exception as e:  # a compiler/toolchain failure: fall back to the reference
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
-        _broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _broken = f"{type(e).__name__}: {first_line(e)}"
         warnings.warn(f"ghlc: compiling the fused Hebbian kernels failed ({_broken}); "
                       "using the eager formulas", RuntimeWarning, stacklevel=3)
         return eager(*args)
 
 
+def _triton_softmax(v: torch.Tensor) -> Callable | None:
+    """The hand-written Triton channel softmax, where it applies: CUDA tensors with Triton
+    available, any mode but ``off``, outside an outer torch.compile."""
+    global _triton_broken
+    if (_mode == "off" or _triton_broken is not None or not v.is_cuda
+            or torch.compiler.is_compiling() or not _has_triton()):
+        return None
+    try:
+        from .triton_softmax import channel_softmax
+    except Exception as e:  # pragma: no cover - a broken Triton install
+        _triton_broken = f"{type(e).__name__}: {e}"
+        return None
+    return channel_softmax
+
+
 def softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
-    """softmax(t * v) over ``dim`` (not the innermost dim: torch.softmax is best there)."""
+    """softmax(t * v) over ``dim`` (not the innermost dim: torch.softmax is best there). On
+    CUDA one Triton kernel (``runtime/triton_softmax.py``: one launch, low CPU cost, so in
+    eager steps too), else the compiled kernel where :func:`active`, else the eager formula."""
+    global _triton_broken
+    kernel = _triton_softmax(v)
+    if kernel is not None:
+        try:
+            return kernel(v, dim, t)
+        except Exception as e:  # a Triton compile failure: fall back, once
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            _triton_broken = f"{type(e).__name__}: {first_line(e)}"
+            warnings.warn(f"ghlc: the Triton softmax kernel failed ({_triton_broken}); using "
+                          "the compiled or eager formula", RuntimeWarning, stacklevel=2)
     if active(v):
         return _run("softmax", _softmax, softmax_eager, v, dim, t)
     return softmax_eager(v, dim, t)

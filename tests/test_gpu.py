@@ -156,6 +156,19 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
     from ghlc.runtime import fused
 
     assert not fused.active(torch.zeros(1, device="cuda"))  # eager steps: eager formulas
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for shape, dim, cl in [((16, 64, 9, 9), 1, False), ((8, 96, 7, 7), 1, True),
+                           ((4, 4, 8, 6, 6), 2, False), ((8, 600, 5), 1, False)]:
+        v = torch.randn(shape, device="cuda", generator=gen) * 4
+        if cl:
+            v = v.contiguous(memory_format=torch.channels_last)
+        if fused._triton_softmax(v) is None:
+            break  # no Triton here
+        y = fused.softmax(v, dim, 0.7)
+        assert y.stride() == v.stride()
+        torch.testing.assert_close(y.double(), torch.softmax(v.double() * 0.7, dim),
+                                   rtol=1e-5, atol=1e-7)
+    assert fused._triton_broken is None
     monkeypatch.setattr(fused, "_capturing", 1)
     if not fused.active(torch.zeros(1, device="cuda")):
         pytest.skip("no Triton: the compiled kernels are off on this machine")
