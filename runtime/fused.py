@@ -8,14 +8,14 @@ reference; tests compare them).
 
 A compiled call costs more CPU time than the kernels it saves in an eager CUDA step
 (measured on an H100: DeepHebb 6.8 -> 9.0 ms, launch-bound), and less GPU time (in a CUDA
-graph, where CPU time is not replayed: ResNet-18 7.8 -> 7.3 ms). So by default (``auto``)
-the Triton softmax is used for every CUDA tensor when Triton is available, and the compiled
-kernels inside :func:`capturing` (which ``ghlc.cuda_graph_step`` enters for its warm-up steps
-and the capture). ``GHLC_FUSED`` in the environment, or :func:`set_mode`, selects ``on``
-(compiled kernels always, also on CPU: needs a C++ compiler, slow to compile) or ``off``
-(eager formulas only). Inside a ``torch.compile`` of the user's model the eager formulas are
-used (the outer compile fuses them). If a kernel fails to build, ghlc warns once and falls
-back.
+graph, where CPU time is not replayed: ResNet-18 7.1 -> 6.4 ms). So by default (``auto``)
+the fused kernels are used for CUDA tensors inside :func:`capturing` (which
+``ghlc.cuda_graph_step`` enters for its warm-up steps and the capture) when Triton is
+available, and in eager steps only the Triton softmax, for large outputs. ``GHLC_FUSED`` in
+the environment, or :func:`set_mode`, selects ``on`` (always, also on CPU for the compiled
+ones: needs a C++ compiler, slow to compile) or ``off`` (eager formulas only). Inside a
+``torch.compile`` of the user's model the eager formulas are used (the outer compile fuses
+them). If a kernel fails to build, ghlc warns once and falls back.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ _mode = os.environ.get("GHLC_FUSED", "auto")
 _broken: str | None = None  # why compiling failed, once it has
 _triton_broken: str | None = None  # why the Triton softmax failed, once it has
 _capturing = 0  # depth of capturing() scopes
+# In an eager step a Triton launch costs more CPU time than the five eager passes it replaces
+# for small outputs (H100: 32x32 nets at batch 64, outputs of up to 4.2 M elements, 5-9 %
+# slower steps) and saves GPU time for large ones (ResNet-50 at 224x224: 67.8 -> 65.6 ms).
+TRITON_EAGER_MIN_NUMEL = 1 << 23
 
 
 def set_mode(mode: str) -> None:
@@ -167,10 +171,13 @@ def _run(name: str, fn: Callable, eager: Callable, *args):
 
 def _triton_softmax(v: torch.Tensor) -> Callable | None:
     """The hand-written Triton channel softmax, where it applies: CUDA tensors with Triton
-    available, any mode but ``off``, outside an outer torch.compile."""
+    available, outside an outer torch.compile; in ``auto`` mode inside :func:`capturing`, or
+    in an eager step for outputs of at least TRITON_EAGER_MIN_NUMEL elements."""
     global _triton_broken
     if (_mode == "off" or _triton_broken is not None or not v.is_cuda
             or torch.compiler.is_compiling() or not _has_triton()):
+        return None
+    if _mode == "auto" and _capturing == 0 and v.numel() < TRITON_EAGER_MIN_NUMEL:
         return None
     try:
         from .triton_softmax import channel_softmax
@@ -181,9 +188,9 @@ def _triton_softmax(v: torch.Tensor) -> Callable | None:
 
 
 def softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
-    """softmax(t * v) over ``dim`` (not the innermost dim: torch.softmax is best there). On
-    CUDA one Triton kernel (``runtime/triton_softmax.py``: one launch, low CPU cost, so in
-    eager steps too), else the compiled kernel where :func:`active`, else the eager formula."""
+    """softmax(t * v) over ``dim`` (not the innermost dim: torch.softmax is best there): one
+    Triton kernel (``triton_softmax.py``) where :func:`_triton_softmax` allows, else the
+    compiled kernel where :func:`active`, else the eager formula."""
     global _triton_broken
     kernel = _triton_softmax(v)
     if kernel is not None:

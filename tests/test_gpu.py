@@ -162,6 +162,8 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
         v = torch.randn(shape, device="cuda", generator=gen) * 4
         if cl:
             v = v.contiguous(memory_format=torch.channels_last)
+        if fused._triton_softmax(v) is None:  # eager step, small output: the eager formula
+            monkeypatch.setattr(fused, "TRITON_EAGER_MIN_NUMEL", 0)
         if fused._triton_softmax(v) is None:
             break  # no Triton here
         y = fused.softmax(v, dim, 0.7)
