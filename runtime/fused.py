@@ -21,6 +21,7 @@ them). If a kernel fails to build, ghlc warns once and falls back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -66,7 +67,9 @@ def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
+@functools.cache
 def _has_triton() -> bool:
+    """Triton usable for CUDA here (asked once: torch's check costs CPU time per call)."""
     try:
         from torch.utils._triton import has_triton
     except ImportError:  # pragma: no cover
@@ -174,10 +177,11 @@ def _triton_softmax(v: torch.Tensor) -> Callable | None:
     available, outside an outer torch.compile; in ``auto`` mode inside :func:`capturing`, or
     in an eager step for outputs of at least TRITON_EAGER_MIN_NUMEL elements."""
     global _triton_broken
-    if (_mode == "off" or _triton_broken is not None or not v.is_cuda
-            or torch.compiler.is_compiling() or not _has_triton()):
+    if _mode == "off" or _triton_broken is not None or not v.is_cuda:
         return None
     if _mode == "auto" and _capturing == 0 and v.numel() < TRITON_EAGER_MIN_NUMEL:
+        return None
+    if torch.compiler.is_compiling() or not _has_triton():
         return None
     try:
         from .triton_softmax import channel_softmax
