@@ -1,8 +1,9 @@
 """One SGD training step: plain backprop vs naive GHL vs ghlc GHL (exact and sampled).
 
 For each model (random 3x32x32 inputs, random labels, batch 64 by default) this measures, in
-one process and interleaved round-robin across the variants on every repeat, the median time
-of one full step (zero_grad, forward, cross-entropy, backward, [Hebbian], SGD step) of:
+one process and interleaved across the variants (a seeded shuffle of their order on every
+repeat), the median time of one full step (zero_grad, forward, cross-entropy, backward,
+[Hebbian], SGD step) of:
 
     bp         the model as is, plain backprop
     naive      GHL written the way the paper's demo does (bench/naive_ghl.py: forward hooks,
@@ -63,6 +64,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -113,10 +115,10 @@ MEMORY_METHOD = {
 }
 TIMING_METHOD = {
     "cpu": "time.perf_counter around one full step; median over repeats; the kernel floor's "
-           "weight-gradient kernels timed the same way, one round per repeat in the rotation",
+           "weight-gradient kernels timed the same way, one round per repeat in the shuffled order",
     "cuda": "CUDA events around one full step (synchronised); median over repeats; the kernel "
             "floor's weight-gradient kernels timed the same way (each sample the mean of "
-            f"{CUDA_KERNEL_CALLS} back-to-back calls), one round per repeat in the rotation",
+            f"{CUDA_KERNEL_CALLS} back-to-back calls), one round per repeat in the shuffled order",
 }
 
 
@@ -286,6 +288,15 @@ def make_runner(base: nn.Module, temp, variant: str, x: torch.Tensor, y: torch.T
 
 def variants_for(device: str) -> tuple[str, ...]:
     return VARIANTS + CUDA_VARIANTS if device == "cuda" else VARIANTS
+
+
+def run_order(items: list[str], rep: int) -> list[str]:
+    """The order of one repeat: shuffled with the repeat's seed, so that no variant is always
+    first or always right after the same other one (a rotation keeps the cyclic order, and a
+    variant that always follows, say, the allocation-heavy naive one is timed in a different
+    state from the rest)."""
+    random.Random(rep).shuffle(items)
+    return items
 
 
 def reference(variant: str) -> str:
@@ -635,10 +646,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         print(f"  {name}: kernel floor leaves out {note}", file=sys.stderr)
     times: dict[str, list[float]] = {v: [] for v in variants}
     rounds: list[list[float]] = []
-    order = [*variants, "kernels"]  # the kernel-floor round takes its turn in the rotation
     for rep in range(args.warmup + args.repeats):
-        k = rep % len(order)
-        for v in order[k:] + order[:k]:  # rotate the order: no variant always first
+        for v in run_order([*variants, "kernels"], rep):  # kernel-floor round included
             if v == "kernels":
                 ks = kernel_round(probes, args.device)
                 if rep >= args.warmup:
@@ -713,8 +722,7 @@ def bench_resnet50(args) -> dict:
     times: dict[str, list[float]] = {v: [] for v in names}
     n = max(1, min(args.repeats, 10))
     for rep in range(1 + n):
-        k = rep % len(names)
-        for v in names[k:] + names[:k]:
+        for v in run_order(list(names), rep):
             ms = timed_step(runners[v], x, y, args.device)
             if rep >= 1:
                 times[v].append(ms)

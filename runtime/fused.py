@@ -69,7 +69,7 @@ def first_line(e: BaseException) -> str:
 
 @functools.cache
 def _has_triton() -> bool:
-    """Triton usable for CUDA here (asked once: torch's check costs CPU time per call)."""
+    """Triton usable for CUDA here (asked once)."""
     try:
         from torch.utils._triton import has_triton
     except ImportError:  # pragma: no cover
