@@ -5,6 +5,8 @@ written once, with no temporaries. Imported only where Triton is available."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -57,8 +59,10 @@ def channel_softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     block_s = min(triton.next_power_of_2(s), 64)
     block_c = max(1, min(triton.next_power_of_2(c), 4096 // block_s))
     n_sblocks = triton.cdiv(s, block_s)
-    _channel_softmax[(outer * n_sblocks,)](
-        v3, y3, c, s, n_sblocks, *v3.stride(), *y3.stride(), float(t),
-        BLOCK_C=block_c, BLOCK_S=block_s,
-    )
+    # Triton launches on the current device (the CPU interpreter in tests has none)
+    with torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext():
+        _channel_softmax[(outer * n_sblocks,)](
+            v3, y3, c, s, n_sblocks, *v3.stride(), *y3.stride(), float(t),
+            BLOCK_C=block_c, BLOCK_S=block_s,
+        )
     return y3.view(v.shape)
