@@ -10,6 +10,8 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
                F.unfold patches + matmul after backward)
     ghlc       ghlc.prepare(model, ..., GHLConfig(temperature=...))
     ghlc_s25   ghlc with GHLConfig(sample_fraction=0.25) (fast approximate mode)
+    ghlc_fused (only with --variants) ghlc with GHLC_FUSED=on: the compiled kernels in every
+               step, on CPU too (Inductor's C++ backend; the first steps compile)
 
 and, with --device cuda only,
 
@@ -89,6 +91,7 @@ from ghlc.runtime import state as rt_state  # noqa: E402
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
+EXTRA_VARIANTS = ("ghlc_fused",)  # on request (--variants)
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -192,12 +195,12 @@ class Runner:
     def __init__(self, base: nn.Module, temp, variant: str, x2: torch.Tensor) -> None:
         model = copy.deepcopy(base).train()
         self.naive = None
-        self.fused = "off" if variant == "ghlc_ref" else fused.mode()
+        self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
         self.capturing = False
         if variant == "naive":
             self.naive = NaiveGHL(model, temp)
-        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk"):
+        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused"):
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
         elif variant == "ghlc_s25":
             cfg = ghlc.GHLConfig(temperature=temp, sample_fraction=SAMPLE_FRACTION)
@@ -623,7 +626,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     base = base.to(args.device)
     x, y = data(args.batch, 32, 10, args.device)
     fl = floor_stats(base, temp, x)
-    variants = list(variants_for(args.device))
+    variants = list(args.variants or variants_for(args.device))
     def each_variant(build) -> dict:
         """``build(v)`` for every variant; a graph variant whose capture fails is dropped."""
         out = {}
@@ -809,6 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-prepare-bench", action="store_true",
                    help="skip timing ghlc.prepare on a 200-layer model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variants to run instead of the device's default set "
+                        "(bp is always run); also ghlc_fused: ghlc with GHLC_FUSED=on "
+                        "(compiled kernels in every step, on CPU too)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
 
@@ -828,6 +835,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown model {m!r} (choose from {', '.join(MODELS)})",
                   file=sys.stderr)
             return 2
+    if args.variants:
+        known = VARIANTS + CUDA_VARIANTS + EXTRA_VARIANTS
+        chosen = ["bp"] + [v.strip() for v in args.variants.split(",")
+                           if v.strip() and v.strip() != "bp"]
+        for v in chosen:
+            if v not in known:
+                print(f"error: unknown variant {v!r} (choose from {', '.join(known)})",
+                      file=sys.stderr)
+                return 2
+            if v in CUDA_VARIANTS and args.device != "cuda":
+                print(f"error: variant {v!r} needs --device cuda", file=sys.stderr)
+                return 2
+        args.variants = tuple(dict.fromkeys(chosen))
     if args.repeats < 1 or args.batch < 2:
         print("error: --repeats must be >= 1 and --batch >= 2", file=sys.stderr)
         return 2
