@@ -149,11 +149,17 @@ def unit_amax(a: torch.Tensor, layout: Layout = ROWS) -> torch.Tensor:
     return per.expand(g, cin // g, cog).reshape(cin, cog).view(cin, cog, *([1] * (a.dim() - 2)))
 
 
-def _scale(h: torch.Tensor, rule: HebbianRule, layout: Layout) -> torch.Tensor:
-    """max|H| over the layer, or per output unit (``normalisation="unit"``)."""
+def _scale(h: torch.Tensor, rule: HebbianRule, layout: Layout,
+           nonneg: bool = False) -> torch.Tensor:
+    """max|H| over the layer, or per output unit (``normalisation="unit"``); ``nonneg``: h
+    is already |H|. (Plain max reductions: torch.linalg.vector_norm(h, inf) measured ~50x
+    slower than amax on CPU.)"""
     if rule.normalisation == "layer":
-        return torch.linalg.vector_norm(h, float("inf")) + 1e-30
-    return unit_amax(h.abs(), layout) + 1e-30
+        if nonneg:
+            return h.amax() + 1e-30
+        lo, hi = torch.aminmax(h)
+        return torch.maximum(hi, -lo) + 1e-30
+    return unit_amax(h if nonneg else h.abs(), layout) + 1e-30
 
 
 def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
@@ -167,7 +173,7 @@ def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
     if inplace and rule.normalisation == "layer":
         return fused.sign_combine_(h_raw, g)
     out = h_raw.abs_() if inplace else h_raw.abs()
-    scale = _scale(out, rule, layout)
+    scale = _scale(out, rule, layout, nonneg=True)
     return out.mul_(torch.sign(g)).div_(scale)  # sign(0) = 0: no step without a direction
 
 
@@ -197,7 +203,7 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
     if rule.global_signal == "none":
         return combine(h, None, rule, inplace=True)
     a = h.abs_()
-    scale = _scale(a, rule, ROWS)
+    scale = _scale(a, rule, ROWS, nonneg=True)
     n = w.shape[0]
     step = -(-n // chunks)
     for s in range(0, n, step):
