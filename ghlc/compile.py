@@ -13,7 +13,7 @@ from .errors import GHLError
 from .graph import LayerGraph
 from .passes import PassManager, default_passes
 from .passes.invariants import hebbian_complete
-from .runtime import Runtime, Site, install
+from .runtime import Runtime, Site, fused, install
 from .trace import trace
 
 
@@ -31,6 +31,7 @@ def compile(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:  # noqa: 
     eval-mode forwards are the original model's, untouched."""
     if lg.model is None:
         raise GHLError("this LayerGraph holds no model to compile")
+    fused.check_mode()
     problems = hebbian_complete(lg)
     if problems:
         raise GHLError("run the default passes before compile: " + "; ".join(problems))

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from ghlc.errors import ConfigError, first_line
+
 MODES = ("auto", "on", "off")
 _mode = os.environ.get("GHLC_FUSED", "auto")
 _broken: str | None = None  # why compiling failed, once it has
@@ -43,8 +45,14 @@ def set_mode(mode: str) -> None:
     """Select ``auto``, ``on`` or ``off`` for every later call (see the module docstring)."""
     global _mode
     if mode not in MODES:
-        raise ValueError(f"fused mode {mode!r} is not one of {', '.join(MODES)}")
+        raise ConfigError(f"fused mode {mode!r} is not one of {', '.join(MODES)}")
     _mode = mode
+
+
+def check_mode() -> None:
+    """Raise a one-line ConfigError for a bad ``GHLC_FUSED`` (checked by ``ghlc.compile``)."""
+    if _mode not in MODES:
+        raise ConfigError(f"GHLC_FUSED={_mode!r} is not one of {', '.join(MODES)}")
 
 
 def mode() -> str:
@@ -63,10 +71,6 @@ def capturing():
         _capturing -= 1
 
 
-def first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""
-
-
 @functools.cache
 def _has_triton() -> bool:
     """Triton usable for CUDA here (asked once)."""
@@ -83,8 +87,7 @@ def active(t: torch.Tensor) -> bool:
         return False
     if _mode == "on":
         return True
-    if _mode not in MODES:
-        raise ValueError(f"GHLC_FUSED={_mode!r} is not one of {', '.join(MODES)}")
+    check_mode()
     return _capturing > 0 and t.is_cuda and _has_triton()
 
 

@@ -106,11 +106,15 @@ def test_mode_off_and_bad_mode(monkeypatch):
     try:
         fused.set_mode("off")
         assert not fused.active(torch.zeros(1))
-        with pytest.raises(ValueError, match="not one of"):
+        with pytest.raises(ghlc.ConfigError, match="not one of"):
             fused.set_mode("fast")
     finally:
         fused.set_mode(old)
     assert not fused.active(torch.zeros(1))  # auto: CPU tensors stay eager
+    monkeypatch.setattr(fused, "_mode", "fast")  # as from GHLC_FUSED=fast
+    model, x, cfg = _build("vgg")
+    with pytest.raises(ghlc.ConfigError, match=r"^GHLC_FUSED='fast' is not one of auto, on, off$"):
+        ghlc.prepare(model, (x,), config=cfg)
 
 
 _TRITON_CHECK = """
