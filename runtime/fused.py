@@ -35,9 +35,10 @@ _mode = os.environ.get("GHLC_FUSED", "auto")
 _broken: str | None = None  # why compiling failed, once it has
 _triton_broken: str | None = None  # why the Triton softmax failed, once it has
 _capturing = 0  # depth of capturing() scopes
-# In an eager step a Triton launch costs more CPU time than the five eager passes it replaces
-# for small outputs (H100: 32x32 nets at batch 64, outputs of up to 4.2 M elements, 5-9 %
-# slower steps) and saves GPU time for large ones (ResNet-50 at 224x224: 67.8 -> 65.6 ms).
+# Eager steps use the Triton softmax from this output size on. On an H100 it saved time on
+# large outputs (ResNet-50 at 224x224, batch 64: 63.3 -> 58.8 ms per step) and showed no
+# resolvable gain on the 32x32 nets' outputs (at most 4.2 M elements; eager steps there are
+# CPU-bound and the A/B was within the benchmark's noise), so those keep the eager formula.
 TRITON_EAGER_MIN_NUMEL = 1 << 23
 
 

@@ -50,9 +50,9 @@ def compete(u: torch.Tensor, spec: CallSpec, rule: HebbianRule) -> torch.Tensor:
 def softmax_units(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     """softmax(t * v) over ``dim``. On CUDA, for a dim that is not the innermost (channels of
     NCHW), torch's spatial softmax kernel runs far below memory bandwidth (measured on an H100:
-    ~21 ms per ResNet-50 step at 224x224, batch 64); the same formula as reductions and
-    in-place passes runs near bandwidth, and in a CUDA graph as one compiled kernel
-    (``fused.softmax``). Elsewhere torch.softmax is the faster."""
+    ~21 ms per ResNet-50 step at 224x224, batch 64); ``fused.softmax`` computes it as one
+    Triton kernel (in CUDA graphs and for large outputs) or as reductions and in-place passes.
+    Elsewhere torch.softmax is the faster."""
     if dim in (-1, v.dim() - 1) or not (v.is_cuda or fused.active(v)):
         return torch.softmax(v if t == 1.0 else v * t, dim=dim)
     return fused.softmax(v, dim, t)
@@ -118,9 +118,9 @@ def hebbian_raw(
         dim = channel_dim(spec, y)
         dims = [i for i in range(y.dim()) if i != dim]
         extra = b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
-    if (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1:
-        return fused.oja_decay_(corr, w.detach(), extra)  # units along dim 0 (detach: a
-        # Parameter would make torch.compile specialise on its shape)
+    if (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1:  # units along dim 0
+        # (detached: torch.compile would specialise on a Parameter's shape)
+        return fused.oja_decay_(corr, w.detach(), extra)
     s = unit_dot(spec, corr, w)
     if extra is not None:
         s = s + extra
