@@ -12,6 +12,9 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
     ghlc_s25   ghlc with GHLConfig(sample_fraction=0.25) (fast approximate mode)
     ghlc_fused (only with --variants) ghlc with GHLC_FUSED=on: the compiled kernels in every
                step, on CPU too (Inductor's C++ backend; the first steps compile)
+    ghlc_nosoftmax (only with --variants) ghlc with GHLConfig(competition="none"): the same
+               step without the channel softmax, to show its share of the step (a different
+               rule: not GHL, a diagnostic)
 
 and, with --device cuda only,
 
@@ -91,7 +94,7 @@ from ghlc.runtime import state as rt_state  # noqa: E402
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
-EXTRA_VARIANTS = ("ghlc_fused",)  # on request (--variants)
+EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax")  # on request (--variants)
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -202,9 +205,10 @@ class Runner:
             self.naive = NaiveGHL(model, temp)
         elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused"):
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
-        elif variant == "ghlc_s25":
-            cfg = ghlc.GHLConfig(temperature=temp, sample_fraction=SAMPLE_FRACTION)
-            model = ghlc.prepare(model, (x2,), cfg)
+        elif variant in ("ghlc_s25", "ghlc_nosoftmax"):
+            extra = ({"sample_fraction": SAMPLE_FRACTION} if variant == "ghlc_s25"
+                     else {"competition": "none"})
+            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp, **extra))
         elif variant != "bp":
             raise ValueError(variant)
         self.model = model.train()
@@ -815,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated variants to run instead of the device's default set "
                         "(bp is always run); also ghlc_fused: ghlc with GHLC_FUSED=on "
-                        "(compiled kernels in every step, on CPU too)")
+                        "(compiled kernels in every step, on CPU too), ghlc_nosoftmax: "
+                        "ghlc without the channel softmax (a diagnostic)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
 
