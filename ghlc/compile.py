@@ -31,7 +31,6 @@ def compile(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:  # noqa: 
     eval-mode forwards are the original model's, untouched."""
     if lg.model is None:
         raise GHLError("this LayerGraph holds no model to compile")
-    fused.check_mode()
     problems = hebbian_complete(lg)
     if problems:
         raise GHLError("run the default passes before compile: " + "; ".join(problems))
@@ -39,6 +38,7 @@ def compile(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:  # noqa: 
 
 
 def compile_graph(lg: LayerGraph, inplace: bool) -> torch.nn.Module:
+    fused.check_mode()  # a bad GHLC_FUSED fails here, not at the first step
     model = lg.model if inplace else copy.deepcopy(lg.model)
     rt = build_runtime(lg)
     rt.graph = lg.evolve(model=None, program=None, example_inputs=())

@@ -1,5 +1,6 @@
 """End-to-end CLI tests: the commands run as a user would run them (subprocess)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,10 @@ def example_inputs():
 """
 
 
-def ghlc(*args, cwd, check=True):
+def ghlc(*args, cwd, check=True, env=None):
     r = subprocess.run([sys.executable, "-m", "ghlc.cli", *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300,
+                       env=None if env is None else {**os.environ, **env})
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -103,6 +105,10 @@ def test_bad_data(work):
     np.savez(work / "d.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4))
     r = ghlc("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work, check=False)
     one_line_error(r, "x_test")
+    r = ghlc("train", "model.ghl", "--data", "digits", "--out", "r2", cwd=work, check=False,
+             env={"GHLC_FUSED": "fast"})
+    one_line_error(r, "GHLC_FUSED='fast' is not one of auto, on, off")
+    assert not (work / "r2").exists()  # nothing half-written
 
 
 def test_version_and_help(work):
