@@ -1,16 +1,18 @@
 """The compiled kernels (``runtime/fused.py``) against their eager twins, and a whole GHL step
 with them forced on (CPU: ``mode 'on'``, an Inductor C++ build) against the oracle. On CUDA
-they are on by default; tests/test_gpu.py checks that path against the float64 oracle."""
+(used in CUDA-graph capture) tests/test_gpu.py checks them against the float64 oracle."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
-import oracle
 import pytest
 import torch
-from test_semantics import _assert_matches, _build, _plastic_names, loss_fn
+from test_semantics import (
+    _build,
+    _steps_against_oracle,
+    fused_calls,  # noqa: F401 (a fixture)
+)
 
 import ghlc
 from ghlc.runtime import fused
@@ -66,23 +68,10 @@ def test_compiled_kernels_equal_eager_twins(fused_on):
 
 @needs_cc
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
-def test_step_with_compiled_kernels_matches_oracle(fused_on, monkeypatch, name):
-    """Every path that uses a compiled kernel (softmax, in-place combine, in-call combine)."""
-    import ghlc.runtime.state as st
-
-    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
-    model, x, cfg = _build(name)
-    plain = copy.deepcopy(model)
-    m = ghlc.prepare(model, (x,), config=cfg)
-    names = _plastic_names(m)
-    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
-    expected = {n: oracle.expected_grad(h[n], g[n]) for n in names}
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    m.train()
-    for _ in range(2):  # the second step combines inside the calls
-        opt.zero_grad()
-        loss_fn(m(x)).backward()
-        _assert_matches(m, expected, g)
+def test_step_with_compiled_kernels_matches_oracle(fused_on, fused_calls, name):  # noqa: F811
+    """Every path that uses a compiled kernel (softmax, in-place combine, in-call combine);
+    the second step combines inside the calls."""
+    _steps_against_oracle(name, fused_calls, steps=2)
     assert fused._broken is None
 
 
