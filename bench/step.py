@@ -28,10 +28,17 @@ and, with --device cuda only,
     ghlc_chunk_graph  ghlc_graph with the in-call combine that ghlc uses on CPU only (large
                 single-use weights: dL/dW in eight blocks of output units, each combined at
                 once), to show why it is off on CUDA
+    ghlc_s25_graph  ghlc_s25 captured the same way (the sampled block of the batch is drawn
+                at capture and fixed across replays, see ghlc.cuda_graph_step)
 
 (a variant whose capture raises is dropped with a one-line warning), and the peak memory of
 one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph, the other
 rows' to bp.
+
+Ratios are of medians (median step / median bp step). Because the variants of one repeat run
+next to each other, each repeat also gives a paired ratio (its step / its bp step); the
+quartiles of those (``ratio/floor IQR`` in the table) show how far a ratio moves with the
+machine's load, so a target is read as met only where the whole IQR is below it.
 
 Two floors for GHL's extra cost, both over one backprop step:
 
@@ -52,7 +59,8 @@ Two floors for GHL's extra cost, both over one backprop step:
                  stride/padding/dilation is left out of the sum with a note.
 
 On request it also reports ResNet-50 at 224x224 (--resnet50: ghlc peak memory next to the
-size of the unfolded patch tensors the paper's way would need), and by default the time of
+size of the unfolded patch tensors the paper's way would need, the step times, the arithmetic
+floor, and on CUDA the bp/ghlc steps captured in CUDA graphs), and by default the time of
 ghlc.prepare on a 200-layer model.
 
     python bench/step.py --device cpu --repeats 5
@@ -92,7 +100,8 @@ from ghlc.runtime import fused  # noqa: E402
 from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
-GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph")
+GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph",
+                  "ghlc_s25_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
 EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax")  # on request (--variants)
 GRAPH_WARMUP = 3
@@ -682,10 +691,13 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
             floor, heb_ms = fl["floor"], hk
         kfloor = (ref_ms + heb_ms) / ref_ms
         med = medians[v]
+        q1, qm, q3 = quartiles([a / b for a, b in zip(times[v], times[ref])])
         rows.append({
             "model": name, "variant": v, "reference": ref, "median_ms": med,
             "times_ms": times[v], "ratio_to_bp": med / ref_ms, "floor": floor,
             "ratio_to_floor": med / ref_ms / floor,
+            "paired_ratio_quartiles": [q1, qm, q3],
+            "ratio_to_floor_iqr": [q1 / floor, q3 / floor],
             "kernel_floor": kfloor, "ratio_to_kernel_floor": med / ref_ms / kfloor,
             "hebbian_kernel_ms": heb_ms,
             "peak_mb": mems[v]["peak_bytes"] / 2**20,
@@ -696,19 +708,32 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     return rows, kern
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of xs (the lower/upper halves' medians; all three equal for one)."""
+    xs = sorted(xs)
+    n = len(xs)
+    if n == 1:
+        return xs[0], xs[0], xs[0]
+    half = n // 2
+    return statistics.median(xs[:half]), statistics.median(xs), statistics.median(xs[-half:])
+
+
 def bench_resnet50(args) -> dict:
     """ResNet-50, 224x224: ghlc vs backprop peak memory and time, and the patch sizes the
     unfold-based (paper's) implementation would materialise. The naive variant is not run."""
     b, size = args.resnet50_batch, 224
     torch.manual_seed(0)
     base, _ = build("resnet50")
-    patches = patch_bytes(base, torch.randn(2, 3, size, size))
+    x2 = torch.randn(2, 3, size, size)
+    patches = patch_bytes(base, x2)
+    fl = floor_stats(base, 1.0, x2)  # MACs are linear in the batch: the ratio is not
     scale = b / 2  # traced at batch 2; patch sizes are linear in the batch
     patches = {
         "sum_bytes": patches["sum_bytes"] * scale, "max_bytes": patches["max_bytes"] * scale,
         "max_layer": patches["max_layer"],
     }
-    out = {"batch": b, "size": size, "patches": patches}
+    out = {"batch": b, "size": size, "patches": patches, "floor": fl["floor"],
+           "floor_sampled": fl["floor_sampled"]}
     names = ("bp", "ghlc", "ghlc_ref") if args.device == "cuda" else ("bp", "ghlc")
     for v in names:
         if args.device == "cuda":
@@ -725,16 +750,30 @@ def bench_resnet50(args) -> dict:
             mem = json.loads(res.stdout.strip().splitlines()[-1])
         out[f"{v}_peak_bytes"] = mem["peak_bytes"]
     x, y = data(b, size, 1000, args.device)
-    runners = {v: Runner(base.to(args.device), 1.0, v, x[:2]) for v in names}
-    times: dict[str, list[float]] = {v: [] for v in names}
+    base = base.to(args.device)
+    runners = {v: Runner(base, 1.0, v, x[:2]) for v in names}
+    if args.device == "cuda":  # the whole step in one CUDA graph (dropped if capture fails)
+        for v in ("bp_graph", "ghlc_graph"):
+            try:
+                runners[v] = make_runner(base, 1.0, v, x, y)
+            except Exception as e:
+                warn_dropped("resnet50", v, e)
+                del e
+                _cuda_cleanup()
+    times: dict[str, list[float]] = {v: [] for v in runners}
     n = max(1, min(args.repeats, 10))
     for rep in range(1 + n):
-        for v in run_order(list(names), rep):
+        for v in run_order(list(runners), rep):
             ms = timed_step(runners[v], x, y, args.device)
             if rep >= 1:
                 times[v].append(ms)
-    for v in names:
+    for v in runners:
         out[f"{v}_ms"] = statistics.median(times[v])
+    for v in ("ghlc", "ghlc_graph"):
+        ref = reference(v)
+        if v in times and ref in times:
+            out[f"{v}_ratio_to_bp"] = out[f"{v}_ms"] / out[f"{ref}_ms"]
+            out[f"{v}_ratio_to_floor"] = out[f"{v}_ratio_to_bp"] / fl["floor"]
     del runners
     gc.collect()
     return out
@@ -774,12 +813,14 @@ def _bench_prepare(n_layers: int, device: str) -> dict:
 # ---------------------------------------------------------------------------- output
 def table(rows: list[dict]) -> str:
     head = ("model", "variant", "median ms", "ratio to bp", "floor", "ratio/floor",
-            "kernel floor", "ratio/kfloor", "peak MB", "mem ratio")
+            "ratio/floor IQR", "kernel floor", "ratio/kfloor", "peak MB", "mem ratio")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        lo, hi = r["ratio_to_floor_iqr"]
+        iqr = f"{lo:.3f}–{hi:.3f}" if r["variant"] != r["reference"] else "–"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['median_ms']:.1f} | {r['ratio_to_bp']:.3f} | "
-            f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {r['kernel_floor']:.3f} | "
+            f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {iqr} | {r['kernel_floor']:.3f} | "
             f"{r['ratio_to_kernel_floor']:.3f} | {r['peak_mb']:.1f} | {r['mem_ratio']:.3f} |"
         )
     return "\n".join(lines)
@@ -906,7 +947,11 @@ def main(argv: list[str] | None = None) -> int:
               f"unfolded patches (paper's way) sum {pt['sum_bytes'] / 2**20:.0f} MB, "
               f"max {pt['max_bytes'] / 2**20:.0f} MB ({pt['max_layer']}); step bp "
               f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms"
-              + (f", ghlc_ref {r['ghlc_ref_ms']:.1f} ms" if "ghlc_ref_ms" in r else ""))
+              + (f", ghlc_ref {r['ghlc_ref_ms']:.1f} ms" if "ghlc_ref_ms" in r else "")
+              + f"; floor {r['floor']:.3f}, ghlc ratio/floor {r['ghlc_ratio_to_floor']:.3f}"
+              + (f"; CUDA graph: bp {r['bp_graph_ms']:.1f} ms, ghlc {r['ghlc_graph_ms']:.1f} "
+                 f"ms, ratio/floor {r['ghlc_graph_ratio_to_floor']:.3f}"
+                 if "ghlc_graph_ratio_to_floor" in r else ""))
     for m, kern in kernels.items():
         note = f"; left out: {'; '.join(kern['skipped'])}" if kern["skipped"] else ""
         print(f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "

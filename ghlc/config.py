@@ -32,8 +32,9 @@ class GHLConfig:
     ``temperature`` is a float or a mapping from module path (glob allowed) to float;
     ``plastic`` names layer kinds made plastic ("conv", "linear"); ``include``/``exclude``
     are glob patterns on module paths (or parameter names) applied after ``plastic``.
-    ``sample_fraction`` < 1 estimates the Hebbian term from a random fraction of positions
-    (fast approximate mode); 1.0 is exact. ``hebbian_at`` says when H is computed:
+    ``sample_fraction`` < 1 estimates the Hebbian term from a random contiguous block of that
+    fraction of the batch (samples; rows of a linear layer's flattened input): the fast
+    approximate mode; 1.0 is exact. ``hebbian_at`` says when H is computed:
     ``auto`` (default: whichever keeps less memory alive), ``forward`` or ``backward``; the
     result is the same. ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
     (two weight-sized buffers per plastic layer) only while training accumulates several

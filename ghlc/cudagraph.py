@@ -34,6 +34,9 @@ def cuda_graph_step(
     optimiser's state are restored afterwards, so capturing does not train. The learning rate
     is baked in at capture (a scheduler's later changes do not reach the graph unless the
     optimiser takes its lr as a tensor). The returned loss tensor is overwritten by each replay.
+    With ``sample_fraction`` < 1 the block of the batch that the Hebbian term is estimated
+    from is drawn at capture and is the same block in every replay (with shuffled batches it
+    is still a random subset of the data).
     """
     if not torch.cuda.is_available():
         raise GHLError("cuda_graph_step needs a CUDA device")
