@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device check: the gpu-marked tests, then the step benchmark (its table is printed last).
+# Device check: the gpu-marked tests, the per-layer overhead table (bench/overhead.py), then
+# the step benchmark (its table is printed last).
 #   bench/gpu_check.sh                      # on a CUDA machine
 #   bench/gpu_check.sh --device cpu --repeats 1 --warmup 0 --batch 8 --resnet50-batch 2
 # Arguments go to bench/step.py after the defaults, so they override them (on a machine
@@ -24,8 +25,10 @@ if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then  # 5: no test carries the gpu mark
 fi
 
 json=bench/step_cuda.json
+dev=cuda
 args=(--device cuda --repeats 20 --resnet50 "$@")
-for a in "$@"; do [ "$a" = "cpu" ] && json=bench/step_cpu_check.json; done
+for a in "$@"; do [ "$a" = "cpu" ] && json=bench/step_cpu_check.json && dev=cpu; done
+"$PY" bench/overhead.py --device "$dev" --steps 100  # per-plastic-layer host cost
 "$PY" bench/step.py "${args[@]}" --json "$json"
 brc=$?
 if [ -n "${OUT:-}" ] && [ -f "$json" ]; then cp "$json" "$OUT/"; fi
