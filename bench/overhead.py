@@ -9,8 +9,8 @@ one process and interleaved, a plain backprop step and a ghlc step (every conv p
 and with ``sample_fraction=0.5``), and prints the extra time per plastic layer and, from one
 profiled step of each, the extra torch operators per plastic layer, the self time of ghlc's
 autograd Function (its Python in forward and backward, outside the operators it calls; the
-profiler inflates it) and the weight-gradient calls per step. On a GPU, eager steps of the 32x32 models in ``bench/step.py``
-pay this per plastic layer; inside a CUDA graph they do not.
+profiler inflates it) and the weight-gradient calls per step. On a GPU, eager steps of the
+32x32 models in ``bench/step.py`` pay this per plastic layer; inside a CUDA graph they do not.
 """
 
 from __future__ import annotations

@@ -1,0 +1,74 @@
+"""The benchmark scripts run end to end on CPU and report what their tables claim."""
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _step_module():
+    spec = importlib.util.spec_from_file_location("_bench_step", BENCH / "step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quartiles():
+    q = _step_module().quartiles
+    assert q([3.0]) == (3.0, 3.0, 3.0)
+    assert q([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.5, 3.0, 4.5)  # halves without the median
+    assert q([4.0, 1.0, 3.0, 2.0]) == (1.5, 2.5, 3.5)
+    xs = [1.3, 0.9, 1.1, 1.7, 1.0, 1.2, 1.05]
+    lo, mid, hi = q(xs)
+    assert lo <= mid <= hi and mid == statistics.median(xs)
+
+
+def _run(args, tmp_path, timeout=240):
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_step_bench_smoke(tmp_path):
+    out = tmp_path / "step.json"
+    text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "3", "--warmup", "0",
+                 "--batch", "4", "--variants", "ghlc", "--no-prepare-bench", "--json", out],
+                tmp_path)
+    res = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"bp", "ghlc"}
+    g = rows["ghlc"]
+    assert len(g["times_ms"]) == 3 and len(rows["bp"]["times_ms"]) == 3
+    paired = [a / b for a, b in zip(g["times_ms"], rows["bp"]["times_ms"])]
+    q1, qm, q3 = g["paired_ratio_quartiles"]
+    assert qm == pytest.approx(statistics.median(paired))
+    assert min(paired) <= q1 <= qm <= q3 <= max(paired)
+    assert g["ratio_to_floor_iqr"] == pytest.approx([q1 / g["floor"], q3 / g["floor"]])
+    assert g["ratio_to_bp"] == pytest.approx(g["median_ms"] / rows["bp"]["median_ms"])
+    assert 1.0 < g["floor"] < 2.0 and g["peak_mb"] > 0
+    line = next(ln for ln in text.splitlines() if ln.startswith("| fasthebb | ghlc |"))
+    assert f"{q1 / g['floor']:.3f}–{q3 / g['floor']:.3f}" in line
+
+
+def test_step_bench_rejects_bad_arguments(tmp_path):
+    r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_graph"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs --device cuda" in r.stderr
+
+
+def test_overhead_bench_smoke(tmp_path):
+    text = _run([BENCH / "overhead.py", "--layers", "3", "--steps", "5"], tmp_path)
+    rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| ")]
+    body = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+    assert set(body) == {"bp", "ghlc", "ghlc_s50"}
+    assert "3 plastic layers" in text
+    # a plastic call adds operators and a second weight-gradient call per layer
+    assert float(body["ghlc"][3]) > 0
+    assert int(body["ghlc"][5]) == 2 * int(body["bp"][5]) == 6
