@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,13 @@ def user_errors(fn):
             _fail(str(e))
         except KeyboardInterrupt:
             _fail("interrupted")
+        except BrokenPipeError:  # stdout closed early (`ghlc eval ... | head`): stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
         except OSError as e:
-            _fail(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
+            name = getattr(e, "filename", None)
+            _fail(f"{name}: {e.strerror or e}" if name else str(e.strerror or e))
 
     return wrapper
 
@@ -91,8 +97,10 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(), help="GHLConfig as TOML.")
 @click.option("-o", "--output", type=click.Path(), help="Artifact path (default MODEL.ghl).")
 @click.option("--explain", is_flag=True, help="List every layer not made plastic and why.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seeds torch before the model file is imported (initial weights).")
 @user_errors
-def convert(model_file, entry, input_shape, config_path, output, explain):
+def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     """Trace MODEL_FILE, make its layers Hebbian, and write a .ghl artifact."""
     import torch
 
@@ -104,6 +112,7 @@ def convert(model_file, entry, input_shape, config_path, output, explain):
     from .trace import trace
 
     cfg = _config(config_path)
+    torch.manual_seed(seed)  # the same file converts to the same initial weights
     loaded = load_model_file(model_file, entry)
     if input_shape:
         inputs = (torch.randn(*_shape(input_shape)),)
@@ -162,6 +171,29 @@ def inspect(artifact, fmt, output):
         click.echo(text, nl=False)
 
 
+def _pick_device(name: str):
+    """The torch device for ``--device``: auto (CUDA when available), cpu, cuda or cuda:N."""
+    import torch
+
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        idx = name.partition(":")[2]
+        if idx and not idx.isdigit():
+            raise GHLError(f"--device {name!r}: expected cuda or cuda:N")
+        if not torch.cuda.is_available():
+            raise GHLError(f"--device {name}: no CUDA device is available "
+                           "(torch.cuda.is_available() is False)")
+        n = torch.cuda.device_count()
+        if idx and int(idx) >= n:
+            raise GHLError(f"--device {name}: there are {n} CUDA device(s)")
+        return torch.device(name)
+    raise GHLError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def _load_any(path: str, method: str = "ghl"):
     """A .ghl artifact, or a training checkpoint (.pt) beside its run's model.ghl."""
     import torch
@@ -199,9 +231,11 @@ def _load_any(path: str, method: str = "ghl"):
 @click.option("--augment/--no-augment", default=False, help="Random crop + flip.")
 @click.option("--out", "out_dir", type=click.Path(), default="runs/latest", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available) | cpu | cuda | cuda:N.")
 @user_errors
 def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, method,
-          augment, out_dir, resume):
+          augment, out_dir, resume, device):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
     import torch
 
@@ -209,6 +243,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     from .data import augment_batch, load_data
     from .train import train as run_training
 
+    dev = _pick_device(device)
     torch.manual_seed(seed)
     model, meta = _load_any(artifact, method="ghl")
     plastic = {i.name for i in meta["graph"].plastic()}
@@ -217,7 +252,8 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
-    net = _load_any(str(out / "model.ghl"), method=method)[0]
+    net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
+    click.echo(f"training on {dev}")
     # bp keeps the same per-role settings, so that only the rule differs between methods
     res = run_training(
         net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 MODEL = """
 import torch
@@ -53,7 +54,8 @@ def test_convert_train_eval_export(work):
     r = ghlc("inspect", "model.ghl", "--format", "json", cwd=work)
     assert '"global_sign"' in r.stdout
     r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "2", "--out", "run",
-             cwd=work)
+             "--device", "cpu", cwd=work)
+    assert "training on cpu" in r.stdout
     assert (work / "run" / "last.pt").is_file() and (work / "run" / "metrics.jsonl").is_file()
     assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     r = ghlc("eval", "run/last.pt", "--data", "digits", cwd=work)
@@ -128,3 +130,62 @@ def test_methods_and_resume(work):
     assert len((work / "r" / "metrics.jsonl").read_text().splitlines()) == 3
     r = ghlc("eval", "bp/model.ghl", cwd=work)
     assert "accuracy" in r.stdout
+
+
+def test_train_device(work):
+    ghlc("convert", "model.py", cwd=work)
+    for bad in ("tpu", "cuda:x"):
+        r = ghlc("train", "model.ghl", "--device", bad, "--out", "d", cwd=work, check=False)
+        one_line_error(r, f"--device {bad!r}: expected")
+    if not torch.cuda.is_available():
+        r = ghlc("train", "model.ghl", "--device", "cuda", "--out", "d", cwd=work, check=False)
+        one_line_error(r, "--device cuda: no CUDA device is available")
+        r = ghlc("train", "model.ghl", "--epochs", "1", "--out", "auto", cwd=work)
+        assert "training on cpu" in r.stdout  # auto without CUDA
+    else:
+        r = ghlc("train", "model.ghl", "--device", "cuda:99", "--out", "d", cwd=work,
+                 check=False)
+        one_line_error(r, "CUDA device(s)")
+    assert not (work / "d").exists()  # nothing half-written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_train_on_cuda(work):
+    ghlc("convert", "model.py", cwd=work)
+    r = ghlc("train", "model.ghl", "--epochs", "2", "--device", "cuda", "--out", "g", cwd=work)
+    assert "training on cuda" in r.stdout and "epochs 2" in r.stdout
+    r = ghlc("train", "model.ghl", "--epochs", "3", "--device", "cuda", "--out", "g",
+             "--resume", cwd=work)
+    assert "epochs 3" in r.stdout
+    assert "accuracy" in ghlc("eval", "g/model.ghl", cwd=work).stdout  # saved for CPU
+
+
+def test_convert_is_seeded(work):
+    from safetensors import safe_open
+
+    def weights(path):
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    ghlc("convert", "model.py", "-o", "a.ghl", cwd=work)
+    ghlc("convert", "model.py", "-o", "b.ghl", cwd=work)
+    ghlc("convert", "model.py", "-o", "c.ghl", "--seed", "1", cwd=work)
+    a, b, c = (weights(work / f"{n}.ghl") for n in "abc")
+    assert a.keys() == b.keys() and any(k.endswith("weight") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_closed_stdout_is_quiet(work):
+    ghlc("convert", "model.py", cwd=work)
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: as after `| head` has exited
+    try:
+        p = subprocess.run([sys.executable, "-m", "ghlc.cli", "inspect", "model.ghl"], cwd=work,
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "Broken pipe" not in p.stderr, p.stderr
+    assert p.stderr == ""
