@@ -35,6 +35,9 @@ from .errors import GHLError, first_line
 
 CKPT_FORMAT = "ghlc-checkpoint"
 CKPT_VERSION = 1
+# On an accelerator the loss is checked for NaN/Inf every this many steps (and at the end of
+# an epoch): reading it back every step would make the host wait for the device each step.
+FINITE_CHECK_EVERY = 10
 
 
 class TrainingDiverged(GHLError):
@@ -94,6 +97,12 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _finite_check_every(dev: torch.device) -> int:
+    """Steps between NaN/Inf checks of the loss: every step on CPU (reading a CPU tensor
+    costs nothing), FINITE_CHECK_EVERY on an accelerator."""
+    return 1 if dev.type == "cpu" else FINITE_CHECK_EVERY
 
 
 def _cosine_lr(base: float, step: int, total: int) -> float:
@@ -236,7 +245,8 @@ def train(
     gets that generator too. A fresh run seeds torch's global RNG with ``seed`` (dropout) and
     writes an epoch-0 ``last.pt`` so any interruption can be resumed.
 
-    Raises ``TrainingDiverged`` on a NaN/Inf loss or weight (``last.pt`` keeps the last good
+    Raises ``TrainingDiverged`` on a NaN/Inf loss (checked every step on CPU, every
+    ``FINITE_CHECK_EVERY`` steps on an accelerator) or weight (``last.pt`` keeps the last good
     epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
     """
     if epochs < 1:
@@ -315,6 +325,8 @@ def train(
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             seen = 0
+            nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+            every = _finite_check_every(dev)
             lrs = [gr["lr"] for gr in opt.param_groups]
             bar = _bar(progress, steps_per_epoch, f"epoch {epoch}/{epochs}")
             try:
@@ -328,10 +340,13 @@ def train(
                     opt.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
                     logits = _logits(model(xb))
                     loss = F.cross_entropy(logits, yb)
-                    if not bool(torch.isfinite(loss)):
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                    if (step % every == 0 or step == steps_per_epoch) and bool(nonfinite):
+                        when = f"step {step}" if every == 1 else f"step {step} (or up to " \
+                            f"{every - 1} steps before it; checked every {every} steps)"
                         raise TrainingDiverged(
-                            f"training diverged at epoch {epoch} step {step}: loss is "
-                            f"{float(loss.detach())}; {last_path.name} keeps epoch {epoch - 1}")
+                            f"training diverged at epoch {epoch} {when}: the loss is not "
+                            f"finite; {last_path.name} keeps epoch {epoch - 1}")
                     loss.backward()
                     lrs = [gr["lr"] for gr in opt.param_groups]
                     opt.step()

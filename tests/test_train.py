@@ -230,6 +230,25 @@ def test_divergence(tmp_path, how):
         assert ck["epoch"] == 0
 
 
+def test_divergence_checked_every_few_steps(tmp_path, monkeypatch):
+    """On an accelerator the loss is read back every few steps; the same path, forced on CPU:
+    a NaN at step 1 is reported at the first check, and last.pt keeps the good epoch."""
+    import ghlc.train as tr
+
+    monkeypatch.setattr(tr, "_finite_check_every", lambda dev: 4)
+    x, y = make_data()
+    m, plastic = build("ghl", x)
+    run("ghl", tmp_path, epochs=1, model=m)
+    good = (tmp_path / "last.pt").read_bytes()
+    x = x.clone()
+    x[:] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 step 4 \(or up to 3 steps before it; "
+                       r"checked every 4 steps\): the loss is not finite"):
+        train(m, x, y, x, y, plastic=plastic, epochs=2, batch_size=16, out_dir=tmp_path,
+              resume=True, progress=False, lr=0.05, lr_plastic=0.05)
+    assert (tmp_path / "last.pt").read_bytes() == good
+
+
 def test_evaluate(tmp_path):
     x, y = make_data(100)
     m = make_model()
