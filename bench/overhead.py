@@ -67,14 +67,15 @@ def timed(s: Stepper, device: str) -> float:
 
 
 def op_split(s: Stepper, device: str) -> dict[str, float]:
-    """Microseconds of one profiled step by category, and the number of torch operators."""
+    """Of one profiled step: torch operators, the self time (us) of ghlc's autograd Function
+    frames, and the weight-gradient (convolution backward) calls."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         s()
         sync(device)
     ev = prof.key_averages()
     out = {"ops": sum(e.count for e in ev if e.key.startswith("aten::")),
-           "ghlc_python_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
+           "function_self_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
            "conv_backward_calls": sum(e.count for e in ev
                                       if e.key == "aten::convolution_backward")}
     return out
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         sp = splits[k]
         extra = (us - bp_us) / plastic if k != "bp" else 0.0
         ops = (sp["ops"] - splits["bp"]["ops"]) / plastic if k != "bp" else 0.0
-        py = sp["ghlc_python_us"] / plastic
+        py = sp["function_self_us"] / plastic
         print(f"| {k} | {us:.0f} | {extra:.1f} | {sp['ops']} | {ops:.1f} | {py:.1f} | "
               f"{sp['conv_backward_calls']} |")
     return 0
