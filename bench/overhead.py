@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step import sync  # noqa: E402  (also puts the repository root on the path)
 
 import ghlc  # noqa: E402
 
@@ -53,11 +55,6 @@ class Stepper:
         self.opt.step()
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(s: Stepper, device: str) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -74,11 +71,10 @@ def op_split(s: Stepper, device: str) -> dict[str, float]:
         s()
         sync(device)
     ev = prof.key_averages()
-    out = {"ops": sum(e.count for e in ev if e.key.startswith("aten::")),
-           "function_self_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
-           "conv_backward_calls": sum(e.count for e in ev
-                                      if e.key == "aten::convolution_backward")}
-    return out
+    return {"ops": sum(e.count for e in ev if e.key.startswith("aten::")),
+            "function_self_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
+            "conv_backward_calls": sum(e.count for e in ev
+                                       if e.key == "aten::convolution_backward")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -342,8 +342,9 @@ def train(
                     loss = F.cross_entropy(logits, yb)
                     nonfinite |= ~torch.isfinite(loss.detach())
                     if (step % every == 0 or step == steps_per_epoch) and bool(nonfinite):
-                        when = f"step {step}" if every == 1 else f"step {step} (or up to " \
-                            f"{every - 1} steps before it; checked every {every} steps)"
+                        when = f"step {step}" if every == 1 else (
+                            f"step {step} (or up to {every - 1} steps before it; checked every "
+                            f"{every} steps)")
                         raise TrainingDiverged(
                             f"training diverged at epoch {epoch} {when}: the loss is not "
                             f"finite; {last_path.name} keeps epoch {epoch - 1}")
