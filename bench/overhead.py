@@ -5,8 +5,9 @@
 
 A stack of ``--layers`` tiny conv-BN-ReLU blocks (8 channels, 4x4 inputs, batch 2) is so
 small that a step's time is the fixed cost of its calls, not arithmetic. The script times, in
-one process and interleaved, a plain backprop step and a ghlc step (every conv plastic, exact
-and with ``sample_fraction=0.5``), and prints the extra time per plastic layer and, from one
+one process and interleaved, a plain backprop step and ghlc steps (every conv plastic: exact,
+exact with ``interception="mode"`` (every torch call of the forward through a function mode),
+and ``sample_fraction=0.5``), and prints the extra time per plastic layer and, from one
 profiled step of each, the extra torch operators per plastic layer, the self time of ghlc's
 autograd Function (its Python in forward and backward, outside the operators it calls; the
 profiler inflates it) and the weight-gradient calls per step. On a GPU, eager steps of the
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     base = stack(args.layers).to(dev)
     x = torch.randn(2, 8, 4, 4, device=dev)
     y = torch.tensor([1, 2], device=dev)
-    configs = {"bp": None, "ghlc": {}, "ghlc_s50": {"sample_fraction": 0.5}}
+    configs = {"bp": None, "ghlc": {}, "ghlc_mode": {"interception": "mode"},
+               "ghlc_s50": {"sample_fraction": 0.5}}
     steppers = {}
     for name, kw in configs.items():
         m = copy.deepcopy(base)

@@ -20,7 +20,8 @@ from .trace import trace
 def build_runtime(lg: LayerGraph) -> Runtime:
     return Runtime([
         Site(i.name, i.module, lg.rule(i.name), i.weight_use, i.copy_out, i.out_saved,
-             lg.config.hebbian_at, lg.config.accumulation)
+             lg.config.hebbian_at, lg.config.accumulation,
+             i.module_call and lg.config.interception == "auto")
         for i in lg.plastic()
     ])
 

@@ -16,6 +16,7 @@ NORMALISATIONS = ("layer", "unit")
 GLOBAL_SIGNALS = ("grad_sign", "none")
 HEBBIAN_AT = ("auto", "forward", "backward")
 ACCUMULATION = ("auto", "always")
+INTERCEPTIONS = ("auto", "mode")
 LAYER_KINDS = ("conv", "linear")
 
 
@@ -42,6 +43,11 @@ class GHLConfig:
     ``normalisation``: H is divided by its max magnitude over the whole ``layer`` (the
     paper's rule, default) or over each output ``unit`` (every unit's largest step is the
     learning rate; see docs/ACCURACY.md for why this matters).
+    ``interception``: ``auto`` (default) replaces the ``forward`` of stock Conv/Linear
+    modules when the trace saw every plastic weight used only by its own module, so no
+    function mode runs (less host time per step); ``mode`` routes every torch call of a
+    training forward through a function mode, which also finds plastic weights used in ways
+    the trace did not see (say a branch first taken later in training).
     """
 
     temperature: float | Mapping[str, float] = 1.0
@@ -57,6 +63,7 @@ class GHLConfig:
     hebbian_at: str = "auto"
     accumulation: str = "auto"
     normalisation: str = "layer"
+    interception: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plastic", _tuple(self.plastic))
@@ -70,6 +77,7 @@ class GHLConfig:
             ("hebbian_at", HEBBIAN_AT),
             ("accumulation", ACCUMULATION),
             ("normalisation", NORMALISATIONS),
+            ("interception", INTERCEPTIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

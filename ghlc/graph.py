@@ -44,6 +44,7 @@ class LayerInfo:
     weight_use: str = "direct"  # direct | view | computed
     copy_out: bool = False  # output modified in place later: keep a private copy
     out_saved: bool = False  # backprop keeps the output alive anyway (saving it is free)
+    module_call: bool = False  # every call is its own stock Conv/Linear module's forward
     is_output: bool = False
     requires_grad: bool = True
     order: int = 0

@@ -12,6 +12,7 @@ from .config import GHLConfig
 from .errors import TraceError
 from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
 from .record import record
+from .runtime.install import owns_its_calls
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -47,9 +48,12 @@ def trace(
     g.add_node(OUTPUT, type="io")
     first: dict[str, int] = {}
     counts: dict[str, int] = {}
+    in_owner: dict[str, bool] = {}
     for i, c in enumerate(rec.calls):
         counts[c.param] = counts.get(c.param, 0) + 1
         first.setdefault(c.param, i)
+        own = c.weight_use == "direct" and c.module_stack[-1:] == (c.param.rpartition(".")[0],)
+        in_owner[c.param] = in_owner.get(c.param, True) and own
     outputs = {u for u, v in rec.edges if v == OUTPUT}
     for order, (name, idx) in enumerate(sorted(first.items(), key=lambda kv: kv[1])):
         c = rec.calls[idx]
@@ -61,6 +65,7 @@ def trace(
             out_shape=c.out_shape, groups=c.groups, calls=counts[name], weight_use=c.weight_use,
             copy_out=name in rec.mutated, out_saved=rec.out_saved(name),
             is_output=name in outputs,
+            module_call=in_owner[name] and mod is not None and owns_its_calls(mod),
             requires_grad=params[name].requires_grad, order=order,
         ))
     for u, v in rec.edges:

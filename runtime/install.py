@@ -1,12 +1,74 @@
-"""Attach a Runtime to a module: root hooks switch the GHL mode on for training forwards."""
+"""Attach a Runtime to a module: root hooks switch GHL on for training forwards.
+
+Two ways to reach the plastic calls:
+
+- a function mode (``GHLMode``) sees every torch call of the forward and routes the plastic
+  ones: needed for functional uses, views and computed weights;
+- where the trace found every plastic call to be its own stock ``nn.Conv{1,2,3}d`` /
+  ``nn.Linear`` module's forward (most models), those modules' ``forward`` is replaced by a
+  plastic one (:class:`PlasticForward`) and no mode is entered. The other torch calls of the
+  forward then cost nothing extra (a Python function mode costs several microseconds on every
+  call: measured by ``bench/overhead.py``).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .mode import GHLMode, Runtime
+from .calls import CallSpec, parse_call
+from .mode import GHLMode, Runtime, Site
 
 ATTR = "_ghl_runtime"
+_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def _stock(module: nn.Module):
+    """The torch class whose unmodified forward ``module`` runs, or None."""
+    for cls in (*_CONVS, nn.Linear):
+        if isinstance(module, cls) and type(module).forward is cls.forward and (
+                cls is nn.Linear or type(module)._conv_forward is cls._conv_forward):
+            return cls
+    return None
+
+
+def owns_its_calls(module: nn.Module) -> bool:
+    """Whether ``module`` is a Conv/Linear whose forward is torch's own (no override)."""
+    return _stock(module) is not None
+
+
+class PlasticForward:
+    """Replaces the ``forward`` of a stock Conv/Linear module whose weight is plastic: the
+    call is plastic during its runtime's training forwards, plain otherwise. (A callable
+    object, not a bound method, so that copies and pickles of the module keep it.)"""
+
+    def __init__(self, module: nn.Module, rt: Runtime, site: Site) -> None:
+        self.module, self.rt, self.site = module, rt, site
+        self.cls = _stock(module)
+        self.spec: CallSpec | None = None
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        w = m.weight
+        if not (self.rt.depth and w is self.site.param and w.requires_grad
+                and torch.is_grad_enabled()):
+            return self.cls.forward(m, input)
+        if self.cls is nn.Linear:
+            spec = self.spec or CallSpec("linear")
+            x, unbatched = input, False
+        else:
+            x, padding = input, m.padding
+            if m.padding_mode != "zeros":
+                x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                padding = 0
+            spec = self.spec
+            if spec is None:
+                spec = parse_call(_CONVS[self.cls], (x, w, m.bias, m.stride, padding,
+                                                     m.dilation, m.groups), {})[3]
+            unbatched = x.dim() == spec.nd + 1
+        self.spec = spec
+        return Runtime.plastic(self.site, x, w, m.bias, spec, unbatched)
 
 
 def _root_pre(module: torch.nn.Module, args) -> None:
@@ -15,15 +77,23 @@ def _root_pre(module: torch.nn.Module, args) -> None:
         rt.bind(module)
         for site in rt.sites.values():  # drop a term left by an interrupted backward
             site.state.pending = None
-        mode = GHLMode(rt)
-        mode.__enter__()
+        mode = None
+        if rt.module_calls:
+            rt.depth += 1
+        else:
+            mode = GHLMode(rt)
+            mode.__enter__()
         module.__dict__.setdefault("_ghl_modes", []).append(mode)
 
 
 def _root_post(module: torch.nn.Module, args, out) -> None:
     modes = module.__dict__.get("_ghl_modes")
     if modes:
-        modes.pop().__exit__(None, None, None)
+        mode = modes.pop()
+        if mode is None:
+            getattr(module, ATTR).depth -= 1
+        else:
+            mode.__exit__(None, None, None)
 
 
 def _owner_pre(module: torch.nn.Module, args) -> None:
@@ -50,6 +120,10 @@ def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     object.__setattr__(module, ATTR, runtime)
     module.register_forward_pre_hook(_root_pre)
     module.register_forward_hook(_root_post, always_call=True)
+    if runtime.module_calls:
+        for site in runtime.sites.values():
+            owner = module.get_submodule(site.layer)
+            owner.forward = PlasticForward(owner, runtime, site)
     for name, site in runtime.sites.items():
         if site.weight_use == "computed":
             owner = module.get_submodule(name.rpartition(".")[0])

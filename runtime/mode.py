@@ -3,7 +3,9 @@
 Plasticity is keyed by parameter identity: a call is plastic when its weight *is* a plastic
 parameter, a view of one, or (inside the owning module's forward) a tensor computed from it
 (weight standardisation). This sees functional uses (``F.linear(x, self.qkv.weight)``,
-``nn.MultiheadAttention``'s ``in_proj_weight``) that module hooks never see.
+``nn.MultiheadAttention``'s ``in_proj_weight``) that module hooks never see. Models whose
+plastic calls are all their own stock Conv/Linear modules' forwards skip the mode (see
+``install.py``); ``GHLConfig(interception="mode")`` keeps it.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ class Site:
 
     def __init__(self, name: str, layer: str, rule: HebbianRule, weight_use: str = "direct",
                  copy_out: bool = False, out_saved: bool = False, timing: str = "auto",
-                 accumulation: str = "auto") -> None:
+                 accumulation: str = "auto", module_call: bool = False) -> None:
         self.state = PlasticParam(name, rule, layer, accumulation)
         self.state.direct = weight_use == "direct"
         self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
-        self.out_saved, self.timing = out_saved, timing
+        self.out_saved, self.timing, self.module_call = out_saved, timing, module_call
+        self.param: torch.Tensor | None = None
 
 
 class Runtime:
@@ -56,6 +59,10 @@ class Runtime:
         self.by_id: dict[int, Site] = {}
         self.computed_stack: list[Site] = []
         self._bound_to: int | None = None
+        # every plastic call is its own module's stock forward: those forwards are replaced
+        # and no function mode is needed (see install.py); ``depth`` counts training forwards
+        self.module_calls = bool(sites) and all(s.module_call for s in sites)
+        self.depth = 0
 
     def bind(self, module: torch.nn.Module) -> None:
         if self._bound_to == id(module) and self.by_id:
@@ -90,15 +97,18 @@ class Runtime:
             x, w, b, spec, unbatched = parsed
             site, view = self.site_for(w)
             if site is not None and w.requires_grad and torch.is_grad_enabled():
-                site.state.arm(site.param)
-                try:
-                    return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out,
-                                        view, site.timing, site.out_saved)
-                except Exception as e:
-                    raise RuntimeGHLError(
-                        f"layer {site.layer!r} at {_user_line()}: {describe(e)}"
-                    ) from e
+                return self.plastic(site, x, w, b, spec, unbatched, view)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def plastic(site: Site, x, w, b, spec, unbatched: bool, view=None) -> torch.Tensor:
+        """Run one call of ``site`` as a plastic call; errors name the layer and user line."""
+        site.state.arm(site.param)
+        try:
+            return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view,
+                                site.timing, site.out_saved)
+        except Exception as e:
+            raise RuntimeGHLError(f"layer {site.layer!r} at {_user_line()}: {describe(e)}") from e
 
 
 def _user_line() -> str:

@@ -9,25 +9,31 @@ import ghlc
 
 
 class FlipsDtype(nn.Module):
-    def __init__(self):
+    def __init__(self, functional: bool):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.bad = False
+        self.functional, self.bad = functional, False
 
     def forward(self, x):
         if self.bad:
-            return F.conv2d(x.double(), self.conv.weight)  # dtype mismatch at train time
+            x = x.double()  # dtype mismatch at train time
+        if self.functional:
+            return F.conv2d(x, self.conv.weight, self.conv.bias)
         return self.conv(x)
 
 
-def test_runtime_error_names_layer_and_line():
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_runtime_error_names_layer_and_line(functional):
     x = torch.randn(2, 3, 8, 8)
-    m = ghlc.prepare(FlipsDtype(), (x,), ghlc.GHLConfig(include=("conv",)))
+    m = ghlc.prepare(FlipsDtype(functional), (x,), ghlc.GHLConfig(include=("conv",)))
+    assert ghlc.runtime.runtime_of(m).module_calls is not functional  # both interceptions
     m.bad = True
     with pytest.raises(ghlc.RuntimeGHLError, match=r"layer 'conv' at .*test_errors_runtime.py:\d+"):
         m(x)
+    assert ghlc.runtime.runtime_of(m).depth == 0  # the failed forward left GHL switched off
     m.bad = False
     m(x).sum().backward()  # the module still works after the error
+    assert m.conv.weight.grad.abs().max() == 1  # and is plastic: |H_n| sign(G) reaches 1
 
 
 def test_inplace_modification_after_call_is_handled():

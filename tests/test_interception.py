@@ -1,0 +1,221 @@
+"""The two ways the runtime reaches plastic calls give the same training step.
+
+Where every plastic call is its own stock Conv/Linear module's forward, the prepared module
+replaces those forwards and enters no function mode; elsewhere a function mode routes the
+calls. Here both are run on the same models and must give identical gradients step by step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+
+import ghlc
+
+ALL = ghlc.GHLConfig(plastic=("conv", "linear"), include=("*",))  # every layer plastic
+MODE = dataclasses.replace(ALL, interception="mode")
+
+
+class Probe(nn.Module):
+    """Notes how many function modes are active while the training forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(len(_get_current_function_mode_stack()))
+        return x
+
+
+class MyConv(nn.Conv2d):  # a subclass that keeps torch's forward
+    pass
+
+
+def net2d():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), Probe(),
+        nn.Conv2d(4, 4, 4, padding="same"),  # even kernel: asymmetric 'same' padding
+        nn.ReLU(),
+        MyConv(4, 6, 3, stride=2, groups=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 8), nn.Tanh(), nn.Linear(8, 3),
+    ), torch.randn(5, 3, 8, 8)
+
+
+def net1d_unbatched():
+    return nn.Sequential(nn.Conv1d(3, 5, 3, dilation=2), Probe(), nn.ReLU(), nn.Flatten(0),
+                         nn.Linear(5 * 12, 4)), torch.randn(3, 16)
+
+
+def _prepare(make, module_calls: bool):
+    torch.manual_seed(0)
+    model, x = make()
+    m = ghlc.prepare(model, (x,), ALL if module_calls else MODE)
+    assert ghlc.runtime.runtime_of(m).module_calls is module_calls
+    for mod in m.modules():
+        if isinstance(mod, Probe):
+            mod.seen.clear()  # the trace's run
+    return m, x
+
+
+def _steps(m, x, n=3):
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    grads = []
+    for _ in range(n):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+        opt.step()
+    return grads
+
+
+@pytest.mark.parametrize("make", [net2d, net1d_unbatched], ids=["2d", "1d-unbatched"])
+def test_module_forwards_match_the_function_mode(make):
+    fast, x = _prepare(make, True)
+    slow, _ = _prepare(make, False)
+    plastic = set(ghlc.runtime.runtime_of(fast).sites)
+    assert len(plastic) >= 2
+    got, want = _steps(fast, x), _steps(slow, x)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in g:
+            torch.testing.assert_close(g[k], w[k], rtol=0, atol=0, msg=k)
+        for k in plastic:  # the plastic gradients are GHL's, not backprop's
+            assert g[k].abs().max() == 1, k
+    probe = next(mod for mod in fast.modules() if isinstance(mod, Probe))
+    assert set(probe.seen) == {0}  # no function mode during the training forwards
+    probe = next(mod for mod in slow.modules() if isinstance(mod, Probe))
+    assert set(probe.seen) == {1}
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return F.linear(x, self.fc.weight, self.fc.bias)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class Twice(nn.Module):  # one module called twice: still its own forward
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+class PadConv(nn.Conv2d):  # overrides forward
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+
+class StdConv(nn.Conv2d):  # a computed weight (weight standardisation)
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias)
+
+
+@pytest.mark.parametrize("make,x,expected", [
+    (Functional, torch.randn(2, 6), False),
+    (Tied, torch.randn(2, 6), False),
+    (Twice, torch.randn(2, 6), True),
+    (lambda: nn.Sequential(PadConv(3, 4, 3)), torch.randn(2, 3, 6, 6), False),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
+     torch.randn(2, 3, 6, 6), True),
+    (lambda: nn.Sequential(StdConv(3, 4, 3)), torch.randn(2, 3, 6, 6), False),
+    (lambda: nn.MultiheadAttention(6, 2), (torch.randn(3, 2, 6),) * 3, False),
+], ids=["functional", "tied", "called-twice", "forward-override", "plain", "computed",
+        "mha"])
+def test_which_models_need_the_function_mode(make, x, expected):
+    x = x if isinstance(x, tuple) else (x,)
+    m = ghlc.prepare(make(), x, ALL)
+    rt = ghlc.runtime.runtime_of(m)
+    assert rt.sites
+    assert rt.module_calls is expected
+    out = m(*x)
+    (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    for name in rt.sites:  # plastic either way
+        p = m.get_parameter(name)
+        assert p.grad is not None and p.grad.abs().max() == 1, name
+
+
+def test_copies_and_pickles_keep_the_plastic_forwards():
+    m, x = _prepare(net2d, True)
+    want = _steps(copy.deepcopy(m), x)
+    for q in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        rt = ghlc.runtime.runtime_of(q)
+        for site in rt.sites.values():
+            fwd = q.get_submodule(site.layer).forward
+            assert fwd.module is q.get_submodule(site.layer) and fwd.rt is rt
+        got = _steps(q, x)
+        for g, w in zip(got, want):
+            for k in g:
+                torch.testing.assert_close(g[k], w[k], rtol=0, atol=0, msg=k)
+
+
+def test_eval_and_no_grad_forwards_are_the_plain_model():
+    m, x = _prepare(net2d, True)
+    plain = copy.deepcopy(m)
+    for mod in plain.modules():
+        mod.__dict__.pop("forward", None)  # back to torch's own forwards
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+    m.eval(), plain.eval()
+    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+
+
+class LateBranch(nn.Module):
+    """Uses its weight functionally only once ``late`` is set (after the trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.late = False
+
+    def forward(self, x):
+        if self.late:
+            return F.linear(x, self.fc.weight, self.fc.bias)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("interception", ["auto", "mode"])
+def test_uses_the_trace_did_not_see(interception):
+    """``auto`` makes plastic the calls the trace saw; ``mode`` also later, unseen ones."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    m = ghlc.prepare(LateBranch(), (x,), dataclasses.replace(ALL, interception=interception))
+    m.late = True
+    m(x).square().mean().backward()
+    g = m.fc.weight.grad
+    plain = copy.deepcopy(m).eval()  # eval: the original model, backprop gradient
+    plain.zero_grad()
+    plain(x).square().mean().backward()
+    if interception == "mode":
+        assert g.abs().max() == 1
+    else:
+        torch.testing.assert_close(g, plain.fc.weight.grad, rtol=0, atol=0)
+
+
+def test_interception_is_checked():
+    with pytest.raises(ghlc.ConfigError, match="interception"):
+        ghlc.GHLConfig(interception="hooks")
