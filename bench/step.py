@@ -36,9 +36,12 @@ one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph,
 rows' to bp.
 
 Ratios are of medians (median step / median bp step). Because the variants of one repeat run
-next to each other, each repeat also gives a paired ratio (its step / its bp step); the
-quartiles of those (``ratio/floor IQR`` in the table) show how far a ratio moves with the
-machine's load, so a target is read as met only where the whole IQR is below it.
+next to each other, each repeat also gives a paired ratio (its step / its bp step). The
+quartiles of those (``ratio/floor IQR`` in the table) show how far one repeat's ratio moves
+with the machine's load; the distribution-free 95 % confidence interval of their median
+(``ratio/floor 95% CI``: order statistics, no assumption on the noise) says how well the run
+pins the ratio down. A target is read as met where the whole CI is below it, missed where the
+whole CI is above it, and unresolved otherwise (more repeats narrow the CI, not the IQR).
 
 Two floors for GHL's extra cost, both over one backprop step:
 
@@ -75,6 +78,7 @@ import copy
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -691,13 +695,17 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
             floor, heb_ms = fl["floor"], hk
         kfloor = (ref_ms + heb_ms) / ref_ms
         med = medians[v]
-        q1, qm, q3 = quartiles([a / b for a, b in zip(times[v], times[ref])])
+        paired = [a / b for a, b in zip(times[v], times[ref])]
+        q1, qm, q3 = quartiles(paired)
+        ci_lo, ci_hi, ci_cover = median_ci(paired)
         rows.append({
             "model": name, "variant": v, "reference": ref, "median_ms": med,
             "times_ms": times[v], "ratio_to_bp": med / ref_ms, "floor": floor,
             "ratio_to_floor": med / ref_ms / floor,
             "paired_ratio_quartiles": [q1, qm, q3],
             "ratio_to_floor_iqr": [q1 / floor, q3 / floor],
+            "paired_ratio_median_ci": [ci_lo, ci_hi], "median_ci_coverage": ci_cover,
+            "ratio_to_floor_ci": [ci_lo / floor, ci_hi / floor],
             "kernel_floor": kfloor, "ratio_to_kernel_floor": med / ref_ms / kfloor,
             "hebbian_kernel_ms": heb_ms,
             "peak_mb": mems[v]["peak_bytes"] / 2**20,
@@ -716,6 +724,23 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
         return xs[0], xs[0], xs[0]
     half = n // 2
     return statistics.median(xs[:half]), statistics.median(xs), statistics.median(xs[-half:])
+
+
+def median_ci(xs: list[float], conf: float = 0.95) -> tuple[float, float, float]:
+    """(lo, hi, coverage): the distribution-free confidence interval of the median of xs, the
+    j-th smallest and j-th largest value for the largest j whose coverage
+    1 - 2 P(Binomial(n, 1/2) < j) is at least ``conf`` (the full range, with its smaller
+    coverage, when n is too small for ``conf``)."""
+    xs = sorted(xs)
+    n = len(xs)
+
+    def cover(j: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) * 0.5**n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and cover(j + 1) >= conf:
+        j += 1
+    return xs[j - 1], xs[n - j], cover(j)
 
 
 def bench_resnet50(args) -> dict:
@@ -813,14 +838,19 @@ def _bench_prepare(n_layers: int, device: str) -> dict:
 # ---------------------------------------------------------------------------- output
 def table(rows: list[dict]) -> str:
     head = ("model", "variant", "median ms", "ratio to bp", "floor", "ratio/floor",
-            "ratio/floor IQR", "kernel floor", "ratio/kfloor", "peak MB", "mem ratio")
+            "ratio/floor IQR", "ratio/floor 95% CI", "kernel floor", "ratio/kfloor", "peak MB",
+            "mem ratio")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        own = r["variant"] != r["reference"]
         lo, hi = r["ratio_to_floor_iqr"]
-        iqr = f"{lo:.3f}–{hi:.3f}" if r["variant"] != r["reference"] else "–"
+        iqr = f"{lo:.3f}–{hi:.3f}" if own else "–"
+        lo, hi = r["ratio_to_floor_ci"]
+        ci = f"{lo:.3f}–{hi:.3f}" if own else "–"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['median_ms']:.1f} | {r['ratio_to_bp']:.3f} | "
-            f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {iqr} | {r['kernel_floor']:.3f} | "
+            f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {iqr} | {ci} | "
+            f"{r['kernel_floor']:.3f} | "
             f"{r['ratio_to_kernel_floor']:.3f} | {r['peak_mb']:.1f} | {r['mem_ratio']:.3f} |"
         )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,19 @@ def test_quartiles():
     assert lo <= mid <= hi and mid == statistics.median(xs)
 
 
+def test_median_ci():
+    ci = _step_module().median_ci
+    # published distribution-free 95 % intervals: ranks (2, 8) of 9, (8, 18) of 25, (18, 33) of 50
+    for n, (j, k) in {9: (2, 8), 25: (8, 18), 50: (18, 33)}.items():
+        lo, hi, cover = ci([float(i) for i in range(n, 0, -1)])  # unsorted input
+        assert (lo, hi) == (j, k)
+        # coverage = P(j <= Binomial(n, 1/2) <= n - j), summed the other way round
+        assert cover == pytest.approx(sum(math.comb(n, i) for i in range(j, n - j + 1)) / 2**n)
+        assert cover >= 0.95
+    assert ci([2.0, 1.0, 3.0])[:2] == (1.0, 3.0)  # too few for 95 %: the full range
+    assert ci([2.0, 1.0, 3.0])[2] == pytest.approx(0.75)
+
+
 def _run(args, tmp_path, timeout=240):
     r = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=timeout)
@@ -53,8 +67,12 @@ def test_step_bench_smoke(tmp_path):
     assert g["ratio_to_floor_iqr"] == pytest.approx([q1 / g["floor"], q3 / g["floor"]])
     assert g["ratio_to_bp"] == pytest.approx(g["median_ms"] / rows["bp"]["median_ms"])
     assert 1.0 < g["floor"] < 2.0 and g["peak_mb"] > 0
+    assert g["paired_ratio_median_ci"] == [min(paired), max(paired)]  # 3 repeats: full range
+    assert g["ratio_to_floor_ci"] == pytest.approx([min(paired) / g["floor"],
+                                                    max(paired) / g["floor"]])
     line = next(ln for ln in text.splitlines() if ln.startswith("| fasthebb | ghlc |"))
     assert f"{q1 / g['floor']:.3f}–{q3 / g['floor']:.3f}" in line
+    assert f"{min(paired) / g['floor']:.3f}–{max(paired) / g['floor']:.3f}" in line
 
 
 def test_step_bench_rejects_bad_arguments(tmp_path):
