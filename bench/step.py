@@ -66,7 +66,7 @@ size of the unfolded patch tensors the paper's way would need, the step times, t
 floor, and on CUDA the bp/ghlc steps captured in CUDA graphs), and by default the time of
 ghlc.prepare on a 200-layer model.
 
-    python bench/step.py --device cpu --repeats 9
+    python bench/step.py --device cpu --repeats 25
     python bench/step.py --device cuda --repeats 20 --resnet50
 """
 
