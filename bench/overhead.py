@@ -5,13 +5,21 @@
 
 A stack of ``--layers`` tiny conv-BN-ReLU blocks (8 channels, 4x4 inputs, batch 2) is so
 small that a step's time is the fixed cost of its calls, not arithmetic. The script times, in
-one process and interleaved, a plain backprop step and ghlc steps (every conv plastic: exact,
-exact with ``interception="mode"`` (every torch call of the forward through a function mode),
-and ``sample_fraction=0.5``), and prints the extra time per plastic layer and, from one
-profiled step of each, the extra torch operators per plastic layer, the self time of ghlc's
-autograd Function (its Python in forward and backward, outside the operators it calls; the
-profiler inflates it) and the weight-gradient calls per step. On a GPU, eager steps of the
-32x32 models in ``bench/step.py`` pay this per plastic layer; inside a CUDA graph they do not.
+one process and interleaved, a plain backprop step and ghlc steps (every conv plastic):
+
+    ghlc       exact, as ghlc runs by default
+    ghlc_mode  exact with interception="mode": every torch call of the forward goes through
+               a function mode
+    ghlc_fn    exact with every plastic call run by ghlc's autograd Function (PlasticCall)
+               instead of backprop's node plus an output hook (the runtime's internal switch
+               ghlc.runtime.function.HOOKS)
+    ghlc_s50   sample_fraction=0.5
+
+It prints the extra time per plastic layer and, from one profiled step of each, the extra
+torch operators per plastic layer, the self time of PlasticCall (its Python in forward and
+backward, outside the operators it calls; the profiler inflates it) and the weight-gradient
+calls per step. On a GPU, eager steps of the 32x32 models in ``bench/step.py`` pay this per
+plastic layer; inside a CUDA graph they do not.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import sync  # noqa: E402  (also puts the repository root on the path)
 
 import ghlc  # noqa: E402
+import ghlc.runtime.function as rt_function  # noqa: E402
 
 GHL_FRAMES = ("PlasticCall", "PlasticCallBackward")
 
@@ -46,14 +55,19 @@ def stack(layers: int) -> nn.Module:
 
 
 class Stepper:
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.model, self.x, self.y = model.train(), x, y
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 hooks: bool = True) -> None:
+        self.model, self.x, self.y, self.hooks = model.train(), x, y, hooks
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def __call__(self) -> None:
-        self.opt.zero_grad()
-        F.cross_entropy(self.model(self.x), self.y).backward()
-        self.opt.step()
+        old, rt_function.HOOKS = rt_function.HOOKS, self.hooks
+        try:
+            self.opt.zero_grad()
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.opt.step()
+        finally:
+            rt_function.HOOKS = old
 
 
 def timed(s: Stepper, device: str) -> float:
@@ -97,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     base = stack(args.layers).to(dev)
     x = torch.randn(2, 8, 4, 4, device=dev)
     y = torch.tensor([1, 2], device=dev)
-    configs = {"bp": None, "ghlc": {}, "ghlc_mode": {"interception": "mode"},
+    configs = {"bp": None, "ghlc": {}, "ghlc_mode": {"interception": "mode"}, "ghlc_fn": {},
                "ghlc_s50": {"sample_fraction": 0.5}}
     steppers = {}
     for name, kw in configs.items():
         m = copy.deepcopy(base)
         if kw is not None:
             m = ghlc.prepare(m, (x,), ghlc.GHLConfig(**kw))
-        steppers[name] = Stepper(m, x, y)
+        steppers[name] = Stepper(m, x, y, hooks=name != "ghlc_fn")
     plastic = len(ghlc.runtime.runtime_of(steppers["ghlc"].model).sites)
     for s in steppers.values():
         for _ in range(5):
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{plastic} plastic layers, device {dev}, {torch.get_num_threads()} threads, "
           f"median of {args.steps} interleaved steps")
     head = ("variant", "step us", "extra us / plastic layer", "torch ops / step",
-            "extra ops / plastic layer", "Function self us / plastic layer",
+            "extra ops / plastic layer", "PlasticCall self us / plastic layer",
             "weight-grad calls / step")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

@@ -9,19 +9,27 @@ So each call picks when to compute H:
 
 ``auto`` takes whichever keeps less memory alive between forward and backward. H is added to
 the parameter's accumulator only when the call's backward runs, whichever the timing.
+
+Most calls run backprop's own (C++) autograd node and add H from a hook on the output
+(:func:`_hooked_call`), which costs less host time than a Python autograd Function
+(``bench/overhead.py``). Calls that may combine H and G inside the call (the in-call combine:
+large weights on ``FUSE_DEVICES``) need their weight gradient in hand and run
+:class:`PlasticCall`; both give the same numbers (tests force each).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ghlc.errors import RuntimeGHLError, first_line
 
+from . import state as _state
 from .calls import CallSpec
 from .hebbian import ROWS, fusable, fused_combine, hebbian_raw
 from .state import PlasticParam
+
+HOOKS = True  # False: every call runs PlasticCall (tests and A/B measurements)
 
 
 def _grads(spec: CallSpec, g, x, w, need):
@@ -36,6 +44,11 @@ def _grads(spec: CallSpec, g, x, w, need):
         g, x, w, bias_sizes, spec.stride, spec.padding, spec.dilation, spec.transposed,
         spec.output_padding if spec.transposed else (0,) * spec.nd, spec.groups, list(need),
     )
+
+
+def _create_graph_message(site: PlasticParam) -> str:
+    return (f"layer {site.layer!r}: a backward pass with create_graph=True through a plastic "
+            "layer is not supported (GHL replaces its weight's gradient)")
 
 
 def choose_timing(timing: str, out_saved: bool, copy_out: bool, w_numel: int,
@@ -65,8 +78,9 @@ class PlasticCall(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeGHLError(_create_graph_message(ctx.site))
         try:
             saved = ctx.saved_tensors
         except RuntimeError as e:
@@ -81,6 +95,10 @@ class PlasticCall(torch.autograd.Function):
         gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
         if ctx.h is not None:
             h, ctx.h = ctx.h, None
+        elif len(saved) < 4:  # H was computed in forward and used by an earlier backward
+            raise RuntimeGHLError(
+                f"layer {site.layer!r}: a second backward pass through the same graph "
+                "(retain_graph=True) is not supported")
         else:
             h = hebbian_raw(spec, x, saved[3].detach(), w, saved[2], site.rule)
         if fuse:
@@ -93,6 +111,52 @@ class PlasticCall(torch.autograd.Function):
         return gx, gw if need[1] else None, gb, None, None, None, None, None, None
 
 
+def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
+                 copy_out: bool, view) -> torch.Tensor:
+    """The call as backprop runs it; a hook on its output adds H to ``site`` when the output's
+    gradient arrives (before the call's own backward, so before the weight's gradient is
+    accumulated and combined)."""
+    out = spec.run(x, w, b)
+    site.note_call()
+    # (x, w, b are held as they are: the hook runs without grad mode, so nothing is recorded;
+    # only the output is detached, since a hook holding its own tensor would be a cycle)
+    if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
+        with torch.no_grad():
+            held = [hebbian_raw(spec, x, out.detach(), w, b, site.rule), None, None, 0]
+    else:  # the output shares its version counter with ``u``: in-place changes are seen
+        u = out.detach().clone() if copy_out else out.detach()
+        held = [None, x, u, u._version]
+    layout = (spec.transposed, spec.groups) if view is None else ROWS
+
+    def add_hebbian(g: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            raise RuntimeGHLError(_create_graph_message(site))
+        if not held:
+            raise RuntimeGHLError(
+                f"layer {site.layer!r}: a second backward pass through the same graph "
+                "(retain_graph=True) is not supported")
+        h, xs, u, version = held
+        held.clear()  # as autograd frees saved tensors: a graph kept alive (the user's
+        # ``loss``) must not keep this call's activations
+        if h is None:
+            if u._version != version:
+                raise RuntimeGHLError(
+                    f"layer {site.layer!r}: its output was modified in place after the call")
+            h = hebbian_raw(spec, xs, u, w, b, site.rule)
+        site.add(h, view, layout)
+
+    out.register_hook(add_hebbian)
+    return out
+
+
+def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
+    """Whether the call may use the in-call combine (see PlasticParam.can_fuse), which only
+    PlasticCall's backward can do."""
+    return not HOOKS or (view is None and site.direct and fusable(spec)
+                         and w.numel() >= _state.FUSE_MIN_NUMEL
+                         and w.device.type in _state.FUSE_DEVICES)
+
+
 def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
                  copy_out: bool = False, view: tuple | None = None, timing: str = "auto",
                  out_saved: bool = False) -> torch.Tensor:
@@ -101,6 +165,9 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
         x = x.unsqueeze(0)
     if spec.pre_pad:
         x = F.pad(x, list(spec.pre_pad))
-    out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view)
+    if _needs_function(spec, w, site, view):
+        out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view)
+    else:
+        out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view)
     return out.squeeze(0) if unbatched else out
 

@@ -85,7 +85,7 @@ def test_overhead_bench_smoke(tmp_path):
     text = _run([BENCH / "overhead.py", "--layers", "3", "--steps", "5"], tmp_path)
     rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| ")]
     body = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
-    assert set(body) == {"bp", "ghlc", "ghlc_mode", "ghlc_s50"}
+    assert set(body) == {"bp", "ghlc", "ghlc_mode", "ghlc_fn", "ghlc_s50"}
     assert "3 plastic layers" in text
     # a plastic call adds operators and a second weight-gradient call per layer
     assert float(body["ghlc"][3]) > 0

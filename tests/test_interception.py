@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import _get_current_function_mode_stack
+from zoo import BY_NAME, ZOO
 
 import ghlc
+import ghlc.runtime.function as rt_function
 
 ALL = ghlc.GHLConfig(plastic=("conv", "linear"), include=("*",))  # every layer plastic
 MODE = dataclasses.replace(ALL, interception="mode")
@@ -219,3 +223,100 @@ def test_uses_the_trace_did_not_see(interception):
 def test_interception_is_checked():
     with pytest.raises(ghlc.ConfigError, match="interception"):
         ghlc.GHLConfig(interception="hooks")
+
+
+# ---- how a plastic call runs: backprop's node + an output hook, or the autograd Function --
+
+
+@pytest.mark.parametrize("kw", [{}, {"hebbian_at": "backward"}, {"hebbian_at": "forward"},
+                                {"sample_fraction": 0.5}],
+                         ids=["auto", "backward", "forward", "sampled"])
+@pytest.mark.parametrize("name", [e.name for e in ZOO])
+def test_output_hooks_match_the_autograd_function(name, kw, monkeypatch):
+    """Both ways of running a plastic call give bit-identical gradients, step after step."""
+    entry = BY_NAME[name]
+    grads = {}
+    for hooks in (True, False):
+        monkeypatch.setattr(rt_function, "HOOKS", hooks)
+        model, x = entry.make()
+        cfg = ghlc.GHLConfig(**entry.config_kwargs(), **kw)
+        m = ghlc.prepare(model, (x,), cfg)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        out = []
+        for step in range(3):
+            torch.manual_seed(step)
+            opt.zero_grad()
+            y = m(x)
+            (y[0] if isinstance(y, tuple) else y).square().mean().backward()
+            out.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+            opt.step()
+        grads[hooks] = out
+    for step, (a, b) in enumerate(zip(grads[True], grads[False])):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"step {step}: {k}")
+
+
+class LateInPlace(nn.Module):
+    """Changes its conv's output in place only once ``late`` is set (after the trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.late = False
+
+    def forward(self, x):
+        u = self.conv(x)
+        if self.late:
+            u.mul_(2)  # saves nothing itself: only ghlc needs the old u
+        return u
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
+def test_output_changed_in_place_after_the_call_is_a_clear_error(hooks, monkeypatch):
+    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    x = torch.randn(2, 3, 6, 6)
+    m = ghlc.prepare(LateInPlace(), (x,), dataclasses.replace(ALL, hebbian_at="backward"))
+    m(x).sum().backward()
+    m.late = True
+    with pytest.raises(ghlc.RuntimeGHLError, match="layer 'conv': its output was modified in"):
+        m(x).sum().backward()
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
+def test_create_graph_through_a_plastic_layer_is_a_clear_error(hooks, monkeypatch):
+    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
+                     (torch.randn(2, 3, 6, 6),))
+    loss = m(torch.randn(2, 3, 6, 6)).square().sum()
+    with pytest.raises(ghlc.RuntimeGHLError, match="create_graph"):
+        torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+
+
+@pytest.mark.parametrize("timing", ["forward", "backward"])
+@pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
+def test_a_kept_loss_keeps_no_activations(hooks, timing, monkeypatch):
+    """A training loop keeps last step's ``loss`` (and so its graph) during the next forward:
+    what a plastic call kept for its backward must be gone once that backward ran."""
+    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                   nn.Flatten(), nn.Linear(16, 2)),
+                     (torch.randn(2, 3, 6, 6),), ghlc.GHLConfig(hebbian_at=timing))
+    x = torch.randn(2, 3, 6, 6)
+    loss = m(x).square().sum()
+    loss.backward()
+    ref = weakref.ref(x)
+    del x
+    gc.collect()
+    assert ref() is None and loss.grad_fn is not None
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
+def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, monkeypatch):
+    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
+                     (torch.randn(2, 3, 6, 6),), ghlc.GHLConfig(hebbian_at="forward"))
+    loss = m(torch.randn(2, 3, 6, 6)).square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(ghlc.RuntimeGHLError, match="retain_graph"):
+        loss.backward()

@@ -334,25 +334,42 @@ def test_trace_knows_which_outputs_backprop_keeps():
     assert lg.layer("c3.weight").copy_out  # ...but it is changed in place afterwards
 
 
-def test_auto_timing_keeps_no_extra_activation():
-    """auto: u is saved only where backprop keeps it anyway (c1); elsewhere H is computed in
-    the forward pass and only H is kept, so the saved tensors are backprop's plus H."""
-    model, x = _KeepsOrNot(), torch.randn(2, 3, 8, 8)
+def _kept_bytes(m, x, monkeypatch) -> int:
+    """Bytes of the distinct storages a training forward keeps for backward: autograd's saved
+    tensors, and the tensors held by hooks registered on outputs during the forward."""
+    seen: dict[int, int] = {}
+
+    def note(t):
+        if isinstance(t, torch.Tensor):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    hooks = []
+    with monkeypatch.context() as mp:
+        real = torch.Tensor.register_hook
+        mp.setattr(torch.Tensor, "register_hook",
+                   lambda self, fn: (hooks.append(fn), real(self, fn))[1])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (note(t), t)[1], lambda t: t):
+            out = m(x)
+    for fn in hooks:
+        for cell in fn.__closure__ or ():
+            v = cell.cell_contents
+            for t in v if isinstance(v, (tuple, list)) else (v,):
+                note(t)
+    out.sum().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
+def test_auto_timing_keeps_no_extra_activation(hooks, monkeypatch):
+    """auto: u is kept only where backprop keeps it anyway (c1); elsewhere H is computed in
+    the forward pass and only H is kept, so the kept tensors are backprop's plus H."""
+    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    model, x = _KeepsOrNot(), torch.randn(2, 3, 16, 16)  # c2's, c3's outputs larger than H
     sizes = {}
     for variant in ("bp", "auto", "backward"):
         m = copy.deepcopy(model) if variant == "bp" else ghlc.prepare(
             copy.deepcopy(model), (x,), ghlc.GHLConfig(hebbian_at=variant))
-        m.train()
-        seen: dict[int, int] = {}
-
-        def pack(t, seen=seen):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = m(x)
-        sizes[variant] = sum(seen.values())
-        out.sum().backward()
+        sizes[variant] = _kept_bytes(m.train(), x, monkeypatch)
     assert sizes["backward"] > sizes["bp"]
     # auto: c1 (kept by BN) adds nothing; c2, c3 add H (weight-sized) at most
     w_bytes = sum(4 * c.weight.numel() for c in (model.c2, model.c3))
