@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 from ghlc.errors import RuntimeGHLError, first_line
 
-from . import state as _state
 from .calls import CallSpec
 from .hebbian import ROWS, fusable, fused_combine, hebbian_raw
-from .state import PlasticParam
+from .state import PlasticParam, fuse_sized
 
 HOOKS = True  # False: every call runs PlasticCall (tests and A/B measurements)
 
@@ -152,9 +151,7 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
 def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
     """Whether the call may use the in-call combine (see PlasticParam.can_fuse), which only
     PlasticCall's backward can do."""
-    return not HOOKS or (view is None and site.direct and fusable(spec)
-                         and w.numel() >= _state.FUSE_MIN_NUMEL
-                         and w.device.type in _state.FUSE_DEVICES)
+    return not HOOKS or (view is None and site.direct and fusable(spec) and fuse_sized(w))
 
 
 def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,

@@ -32,6 +32,12 @@ FUSE_MIN_NUMEL = 1 << 20
 # for no lower peak (the peak is elsewhere there), so CUDA combines after backward.
 FUSE_DEVICES = {"cpu"}
 
+
+def fuse_sized(t: torch.Tensor) -> bool:
+    """A weight (or its gradient) large enough for the in-call combine, on a device that uses
+    it."""
+    return t.numel() >= FUSE_MIN_NUMEL and t.device.type in FUSE_DEVICES
+
 _BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
 _STEP_HOOK = None
 
@@ -122,8 +128,7 @@ class PlasticParam:
         Only on FUSE_DEVICES, when the parameter is known to get its gradient from this one
         call (checked on an earlier step), no raw totals are kept and no accumulation is under
         way."""
-        if not (self.direct and self.single_use and self.calls == 1
-                and w.numel() >= FUSE_MIN_NUMEL and w.device.type in FUSE_DEVICES):
+        if not (self.direct and self.single_use and self.calls == 1 and fuse_sized(w)):
             return False
         if self.keep_totals or self.accumulation == "always":
             return False
@@ -134,8 +139,7 @@ class PlasticParam:
         """The call's weight gradient; kept (until the parameter's hook) only while single
         use is being checked or when it is already the combination. Holding it otherwise
         would stop autograd summing a shared weight's gradients in place."""
-        if fused or (self.single_use is None and self.direct and gw.numel() >= FUSE_MIN_NUMEL
-                     and gw.device.type in FUSE_DEVICES):
+        if fused or (self.single_use is None and self.direct and fuse_sized(gw)):
             self._returned, self._returned_version, self._fused = gw, gw._version, fused
 
     def _accumulating(self, p: torch.Tensor) -> bool:
