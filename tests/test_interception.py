@@ -320,3 +320,23 @@ def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, monkey
     loss.backward(retain_graph=True)
     with pytest.raises(ghlc.RuntimeGHLError, match="retain_graph"):
         loss.backward()
+
+
+def test_autocast_steps_match_between_the_two_ways(monkeypatch):
+    """Mixed precision (CPU bfloat16 autocast): both ways give the same GHL gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    x = torch.randn(4, 3, 8, 8)
+    grads = {}
+    for hooks in (True, False):
+        monkeypatch.setattr(rt_function, "HOOKS", hooks)
+        m = ghlc.prepare(copy.deepcopy(model), (x[:2],))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x).float().square().mean()
+        loss.backward()
+        grads[hooks] = {k: p.grad.clone() for k, p in m.named_parameters()}
+        for name in ghlc.runtime.runtime_of(m).sites:
+            assert grads[hooks][name].abs().max() == 1, name
+    for k in grads[True]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=0, atol=0, msg=k)
