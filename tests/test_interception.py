@@ -1,8 +1,10 @@
-"""The two ways the runtime reaches plastic calls give the same training step.
+"""How the runtime reaches and runs plastic calls; every way gives the same training step.
 
-Where every plastic call is its own stock Conv/Linear module's forward, the prepared module
-replaces those forwards and enters no function mode; elsewhere a function mode routes the
-calls. Here both are run on the same models and must give identical gradients step by step.
+Reaching: where every plastic call is its own stock Conv/Linear module's forward, the prepared
+module replaces those forwards and enters no function mode; elsewhere a function mode routes
+the calls. Running: a call runs backprop's own autograd node plus a hook on its output, or
+ghlc's autograd Function (the in-call combine's way). The tests run the ways on the same
+models and require identical gradients step by step, and the same errors.
 """
 
 from __future__ import annotations
