@@ -39,7 +39,8 @@ class Recording:
     calls: list[CallRecord] = field(default_factory=list)
     edges: set[tuple[str, str]] = field(default_factory=set)
     mutated: set[str] = field(default_factory=set)  # params whose call output was changed in place
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    # conv/linear calls whose weight is no parameter: (module, why, weight requires grad)
+    skipped: list[tuple[str, str, bool]] = field(default_factory=list)
     saved_ptrs: set[int] | None = None  # storages autograd saved for backward (None: unknown)
 
     def out_saved(self, param: str) -> bool:
@@ -114,7 +115,8 @@ class _RecordMode(TorchFunctionMode):
                 self.out_owner[id(out)] = name
                 return out
             where = self.stack[-1] if self.stack else "<root>"
-            self.rec.skipped.append((where, f"{spec.name} weight is not a parameter"))
+            self.rec.skipped.append(
+                (where, f"{spec.name} weight is not a parameter", bool(w.requires_grad)))
         for leaf in tree_flatten(out)[0]:
             if isinstance(leaf, torch.Tensor):
                 old = self.prov.get(id(leaf), frozenset())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import networkx as nx
@@ -19,6 +20,19 @@ def _as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
+
+
+def _warn_unmapped(rec) -> None:
+    """One warning for conv/linear calls whose trainable weight is no parameter (say a
+    ``torch.nn.utils.parametrize``d weight): they cannot be made plastic. Calls with fixed
+    filters (buffers, constants: a blur pool's kernel) are not plastic by design and pass."""
+    where = sorted({w for w, _, trainable in rec.skipped if trainable})
+    if where:
+        names = ", ".join(repr(w) for w in where[:3]) + (", ..." if len(where) > 3 else "")
+        warnings.warn(
+            f"ghlc: conv/linear calls in {len(where)} module(s) ({names}) use a trainable "
+            "weight that is not a parameter (e.g. torch.nn.utils.parametrize): ghlc cannot "
+            "map it to a parameter, so these calls stay plain backprop", stacklevel=3)
 
 
 def trace(
@@ -41,6 +55,7 @@ def trace(
         rec = record(model, inputs)
         tier, program, errors = capture(model, inputs, tuple(tiers))
 
+    _warn_unmapped(rec)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules(remove_duplicate=False))
     g = nx.DiGraph()

@@ -1,5 +1,7 @@
 """Capture tiers, identity-keyed layer discovery, data-flow edges and trace errors."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -93,3 +95,33 @@ def test_trace_has_no_side_effects():
     assert torch.equal(rng, torch.random.get_rng_state())
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class _Unit(torch.nn.Module):
+    def forward(self, w):
+        return w / w.norm()
+
+
+def test_trainable_weights_that_are_no_parameter_are_reported():
+    """A parametrized weight cannot be mapped to a parameter: one warning names the module.
+    A fixed filter (a buffer) is not plastic by design and passes silently."""
+    from torch.nn.utils import parametrize
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 4, 3)
+            self.b = torch.nn.Conv2d(4, 4, 3)
+            parametrize.register_parametrization(self.b, "weight", _Unit())
+            self.register_buffer("blur", torch.full((4, 1, 2, 2), 0.25))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(self.b(self.a(x)), self.blur, groups=4)
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"1 module\(s\) \('b'\) use a trainable weight"):
+        lg = ghlc.trace(Net(), (x,))
+    assert [i.name for i in lg.layers()] == ["a.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ghlc.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), (x,))  # nothing to report
