@@ -50,6 +50,11 @@ def _create_graph_message(site: PlasticParam) -> str:
             "layer is not supported (GHL replaces its weight's gradient)")
 
 
+def _retained_graph_message(site: PlasticParam) -> str:
+    return (f"layer {site.layer!r}: a second backward pass through the same graph "
+            "(retain_graph=True) is not supported")
+
+
 def choose_timing(timing: str, out_saved: bool, copy_out: bool, w_numel: int,
                   out_numel: int) -> str:
     """``forward`` or ``backward`` for one call (see the module docstring)."""
@@ -95,9 +100,7 @@ class PlasticCall(torch.autograd.Function):
         if ctx.h is not None:
             h, ctx.h = ctx.h, None
         elif len(saved) < 4:  # H was computed in forward and used by an earlier backward
-            raise RuntimeGHLError(
-                f"layer {site.layer!r}: a second backward pass through the same graph "
-                "(retain_graph=True) is not supported")
+            raise RuntimeGHLError(_retained_graph_message(site))
         else:
             h = hebbian_raw(spec, x, saved[3].detach(), w, saved[2], site.rule)
         if fuse:
@@ -131,9 +134,7 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
         if torch.is_grad_enabled():
             raise RuntimeGHLError(_create_graph_message(site))
         if not held:
-            raise RuntimeGHLError(
-                f"layer {site.layer!r}: a second backward pass through the same graph "
-                "(retain_graph=True) is not supported")
+            raise RuntimeGHLError(_retained_graph_message(site))
         h, xs, u, version = held
         held.clear()  # as autograd frees saved tensors: a graph kept alive (the user's
         # ``loss``) must not keep this call's activations

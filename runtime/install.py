@@ -55,19 +55,17 @@ class PlasticForward:
                 and torch.is_grad_enabled()):
             return self.cls.forward(m, input)
         if self.cls is nn.Linear:
-            spec = self.spec or CallSpec("linear")
-            x, unbatched = input, False
+            x, padding = input, None
         else:
             x, padding = input, m.padding
             if m.padding_mode != "zeros":
                 x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
                 padding = 0
-            spec = self.spec
-            if spec is None:
-                spec = parse_call(_CONVS[self.cls], (x, w, m.bias, m.stride, padding,
-                                                     m.dilation, m.groups), {})[3]
-            unbatched = x.dim() == spec.nd + 1
-        self.spec = spec
+        if self.spec is None:  # fixed by the module's settings: parsed once
+            self.spec = CallSpec("linear") if padding is None else parse_call(
+                _CONVS[self.cls], (x, w, m.bias, m.stride, padding, m.dilation, m.groups), {})[3]
+        spec = self.spec
+        unbatched = spec.kind == "conv" and x.dim() == spec.nd + 1
         return Runtime.plastic(self.site, x, w, m.bias, spec, unbatched)
 
 

@@ -38,6 +38,7 @@ def fuse_sized(t: torch.Tensor) -> bool:
     it."""
     return t.numel() >= FUSE_MIN_NUMEL and t.device.type in FUSE_DEVICES
 
+
 _BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
 _STEP_HOOK = None
 
