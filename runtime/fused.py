@@ -14,8 +14,9 @@ the fused kernels are used for CUDA tensors inside :func:`capturing` (which
 available, and in eager steps only the Triton softmax, for large outputs. ``GHLC_FUSED`` in
 the environment, or :func:`set_mode`, selects ``on`` (always, also on CPU for the compiled
 ones: needs a C++ compiler, slow to compile) or ``off`` (eager formulas only). Inside a
-``torch.compile`` of the user's model the eager formulas are used (the outer compile fuses
-them). If a kernel fails to build, ghlc warns once and falls back.
+``torch.compile`` (a plastic call is a graph break under ``torch.compile`` of a prepared model,
+so this only matters to code compiled some other way) the eager formulas are used. If a
+kernel fails to build, ghlc warns once and falls back.
 """
 
 from __future__ import annotations

@@ -9,9 +9,16 @@ Two ways to reach the plastic calls:
   plastic one (:class:`PlasticForward`) and no mode is entered. The other torch calls of the
   forward then cost nothing extra (a Python function mode costs several microseconds on every
   call: measured by ``bench/overhead.py``).
+
+Under ``torch.compile`` each plastic module call is a graph break (it runs eagerly), and a
+model that needs the mode runs its whole training forward eagerly (:class:`EagerTraining`,
+and ``force_eager`` for compiled submodules): a traced graph keeps neither the parameter
+identities and views the mode goes by nor the Python state of the Hebbian hooks.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +56,17 @@ class PlasticForward:
         self.spec: CallSpec | None = None
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        if self.rt.depth and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():  # a graph break: see the module docstring
+                return _eager(self._training, (input,), {})
+            return self._training(input)
+        return self.cls.forward(self.module, input)
+
+    def _training(self, input: torch.Tensor) -> torch.Tensor:
+        """A call in a training forward: plastic unless the weight was replaced or frozen."""
         m = self.module
         w = m.weight
-        if not (self.rt.depth and w is self.site.param and w.requires_grad
-                and torch.is_grad_enabled()):
+        if not (w is self.site.param and w.requires_grad):
             return self.cls.forward(m, input)
         if self.cls is nn.Linear:
             x, padding = input, None
@@ -69,29 +83,64 @@ class PlasticForward:
         return Runtime.plastic(self.site, x, w, m.bias, spec, unbatched)
 
 
+class EagerTraining:
+    """``forward`` of a prepared module whose plastic calls need the function mode. Under
+    ``torch.compile`` its training forwards run eagerly, as one graph break: the mode finds
+    plastic calls by parameter identity and views (``in_proj_weight`` chunks), which a traced
+    graph does not keep (MultiheadAttention's weights would silently get plain gradients).
+    Eval and no-grad forwards, and every forward outside ``torch.compile``, are unchanged."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.inner = module.__dict__.get("forward")  # an instance-level forward, if any
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        if torch.compiler.is_compiling() and m.training and torch.is_grad_enabled():
+            return _eager(self._forward, args, kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+@torch._disable_dynamo  # torch.compiler.disable, importing dynamo only once it is called
+def _eager(fn, args: tuple, kwargs: dict):
+    """``fn(*args, **kwargs)`` outside torch.compile's graphs (a graph break when traced)."""
+    return fn(*args, **kwargs)
+
+
 def _root_pre(module: torch.nn.Module, args) -> None:
     rt: Runtime = getattr(module, ATTR)
     if module.training and torch.is_grad_enabled():
         rt.bind(module)
         for site in rt.sites.values():  # drop a term left by an interrupted backward
             site.state.pending = None
-        mode = None
+        mode = stance = None
         if rt.module_calls:
             rt.depth += 1
         else:
             mode = GHLMode(rt)
             mode.__enter__()
-        module.__dict__.setdefault("_ghl_modes", []).append(mode)
+            if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+                # torch.compile'd submodules run eagerly too: a traced graph would not keep
+                # the parameter identities and views the mode goes by (see EagerTraining)
+                stance = torch.compiler.set_stance("force_eager")
+        module.__dict__.setdefault("_ghl_modes", []).append((mode, stance))
 
 
 def _root_post(module: torch.nn.Module, args, out) -> None:
     modes = module.__dict__.get("_ghl_modes")
     if modes:
-        mode = modes.pop()
+        mode, stance = modes.pop()
         if mode is None:
             getattr(module, ATTR).depth -= 1
         else:
             mode.__exit__(None, None, None)
+        if stance is not None:
+            stance.__exit__(None, None, None)
 
 
 def _owner_pre(module: torch.nn.Module, args) -> None:
@@ -122,6 +171,8 @@ def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
         for site in runtime.sites.values():
             owner = module.get_submodule(site.layer)
             owner.forward = PlasticForward(owner, runtime, site)
+    elif runtime.sites:
+        module.forward = EagerTraining(module)
     for name, site in runtime.sites.items():
         if site.weight_use == "computed":
             owner = module.get_submodule(name.rpartition(".")[0])

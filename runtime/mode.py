@@ -67,10 +67,14 @@ class Runtime:
     def bind(self, module: torch.nn.Module) -> None:
         if self._bound_to == id(module) and self.by_id:
             return
-        params = dict(module.named_parameters(remove_duplicate=False))
+        params = {_plain_name(n): p for n, p in module.named_parameters(remove_duplicate=False)}
         self.by_id = {}
         for name, site in self.sites.items():
-            p = params[name]
+            p = params.get(name)
+            if p is None:
+                raise RuntimeGHLError(
+                    f"plastic parameter {name!r} is no longer in the model (was a submodule "
+                    "replaced after ghlc.prepare?); prepare the model as it will be trained")
             self.by_id[id(p)] = site
             site.param = p
         self._bound_to = id(module)
@@ -102,13 +106,20 @@ class Runtime:
 
     @staticmethod
     def plastic(site: Site, x, w, b, spec, unbatched: bool, view=None) -> torch.Tensor:
-        """Run one call of ``site`` as a plastic call; errors name the layer and user line."""
+        """Run one call of ``site`` as a plastic call; errors name the layer and user line.
+        Always eager: under ``torch.compile`` the callers are graph breaks (install.py)."""
         site.state.arm(site.param)
         try:
             return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view,
                                 site.timing, site.out_saved)
         except Exception as e:
             raise RuntimeGHLError(f"layer {site.layer!r} at {_user_line()}: {describe(e)}") from e
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name with the ``_orig_mod`` level of ``torch.compile``d submodules
+    removed (their parameters are the prepared model's own)."""
+    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
 
 
 def _user_line() -> str:
