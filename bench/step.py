@@ -15,6 +15,9 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
     ghlc_nosoftmax (only with --variants) ghlc with GHLConfig(competition="none"): the same
                step without the channel softmax, to show its share of the step (a different
                rule: not GHL, a diagnostic)
+    bp_compile, ghlc_compile (only with --variants) bp and ghlc under torch.compile (Inductor;
+               the first steps compile): each plastic call is a graph break and runs eagerly,
+               the rest of the step is compiled. ghlc_compile's ratios are to bp_compile
 
 and, with --device cuda only,
 
@@ -107,7 +110,8 @@ VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph",
                   "ghlc_s25_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
-EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax")  # on request (--variants)
+COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
+EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", *COMPILE_VARIANTS)  # on request (--variants)
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -210,6 +214,8 @@ class Runner:
 
     def __init__(self, base: nn.Module, temp, variant: str, x2: torch.Tensor) -> None:
         model = copy.deepcopy(base).train()
+        compiled = variant in COMPILE_VARIANTS
+        variant = variant.removesuffix("_compile")
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
@@ -224,7 +230,7 @@ class Runner:
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp, **extra))
         elif variant != "bp":
             raise ValueError(variant)
-        self.model = model.train()
+        self.model = torch.compile(model.train()) if compiled else model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -321,6 +327,8 @@ def run_order(items: list[str], rep: int) -> list[str]:
 
 def reference(variant: str) -> str:
     """The variant whose median step the ratios of ``variant`` are taken to."""
+    if variant in COMPILE_VARIANTS:
+        return "bp_compile"
     return "bp_graph" if variant in GRAPH_VARIANTS else "bp"
 
 
@@ -686,7 +694,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     for v in variants:
         ref = reference(v) if reference(v) in medians else "bp"
         ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
-        eager = v.removesuffix("_graph")
+        eager = v.removesuffix("_graph").removesuffix("_compile")
         if eager == "bp":
             floor, heb_ms = 1.0, 0.0
         elif eager == "ghlc_s25":
@@ -891,7 +899,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated variants to run instead of the device's default set "
                         "(bp is always run); also ghlc_fused: ghlc with GHLC_FUSED=on "
                         "(compiled kernels in every step, on CPU too), ghlc_nosoftmax: "
-                        "ghlc without the channel softmax (a diagnostic)")
+                        "ghlc without the channel softmax (a diagnostic), bp_compile and "
+                        "ghlc_compile: both under torch.compile (ghlc_compile's ratios are "
+                        "to bp_compile)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
 
