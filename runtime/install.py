@@ -18,6 +18,7 @@ identities and views the mode goes by nor the Python state of the Hebbian hooks.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -101,9 +102,16 @@ class EagerTraining:
         return self._forward(*args, **kwargs)
 
     def _forward(self, *args, **kwargs):
-        if self.inner is not None:
-            return self.inner(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return self._target()(*args, **kwargs)
+
+    def _target(self):
+        return self.inner if self.inner is not None else type(self.module).forward.__get__(
+            self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The model's own forward signature (libraries inspect ``model.forward``)."""
+        return inspect.signature(self._target())
 
 
 # torch.compiler.disable, except that torch's own variant imports dynamo (about 1.5 s) only

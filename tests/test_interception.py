@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import inspect
 import pickle
 import weakref
 
@@ -173,6 +174,7 @@ def test_copies_and_pickles_keep_the_plastic_forwards(module_calls):
         rt = ghlc.runtime.runtime_of(q)
         if not module_calls:  # the root's forward (eager under torch.compile) is its own
             assert q.forward.module is q
+            assert inspect.signature(q.forward) == inspect.signature(type(q).forward.__get__(q))
         for site in rt.sites.values() if module_calls else ():
             fwd = q.get_submodule(site.layer).forward
             assert fwd.module is q.get_submodule(site.layer) and fwd.rt is rt
