@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -50,6 +51,10 @@ def trace(
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    dynamo = sys.modules.get("torch._dynamo")  # (a compiled module implies it was imported)
+    if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
+        raise TraceError("got a torch.compile'd module: prepare the model first, then compile "
+                         "it: torch.compile(ghlc.prepare(model, ...))")
     inputs = _as_tuple(example_inputs)
     with torch.random.fork_rng():  # tracing never shifts the user's random streams
         rec = record(model, inputs)

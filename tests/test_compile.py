@@ -77,6 +77,12 @@ def test_compiled_submodule_of_a_prepared_model_trains_like_the_eager_one(name, 
     torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
 
 
+def test_preparing_a_compiled_model_is_a_clear_error():
+    model, x = BY_NAME["resnet"].make()
+    with pytest.raises(ghlc.TraceError, match="prepare the model first, then compile"):
+        ghlc.prepare(torch.compile(model, backend="aot_eager"), (x,))
+
+
 def test_a_replaced_plastic_layer_is_a_clear_error():
     entry = BY_NAME["resnet"]
     model, x = entry.make()
