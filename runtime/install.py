@@ -96,15 +96,13 @@ class EagerTraining:
         self.inner = module.__dict__.get("forward")  # an instance-level forward, if any
 
     def __call__(self, *args, **kwargs):
-        m = self.module
+        fn, m = self._target(), self.module
         if torch.compiler.is_compiling() and m.training and torch.is_grad_enabled():
-            return _eager(self._forward, args, kwargs)
-        return self._forward(*args, **kwargs)
-
-    def _forward(self, *args, **kwargs):
-        return self._target()(*args, **kwargs)
+            return _eager(fn, args, kwargs)
+        return fn(*args, **kwargs)
 
     def _target(self):
+        """The model's own forward, bound."""
         return self.inner if self.inner is not None else type(self.module).forward.__get__(
             self.module)
 
