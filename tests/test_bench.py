@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -28,6 +29,13 @@ def test_quartiles():
     xs = [1.3, 0.9, 1.1, 1.7, 1.0, 1.2, 1.05]
     lo, mid, hi = q(xs)
     assert lo <= mid <= hi and mid == statistics.median(xs)
+
+
+def test_sampled_rows_take_the_sampled_block():
+    rows = _step_module().sampled_rows
+    t = torch.arange(64 * 3.0).view(64, 3)
+    assert torch.equal(rows(t, 0.25), t[:16])
+    assert rows(t, 1.0) is t and rows(t[:2], 0.25).shape == (1, 3)  # at least one row
 
 
 def test_median_ci():
@@ -53,11 +61,19 @@ def _run(args, tmp_path, timeout=240):
 def test_step_bench_smoke(tmp_path):
     out = tmp_path / "step.json"
     text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "3", "--warmup", "0",
-                 "--batch", "4", "--variants", "ghlc", "--no-prepare-bench", "--json", out],
-                tmp_path)
+                 "--batch", "4", "--variants", "ghlc,ghlc_s25", "--no-prepare-bench", "--json",
+                 out], tmp_path)
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["rows"]}
-    assert set(rows) == {"bp", "ghlc"}
+    assert set(rows) == {"bp", "ghlc", "ghlc_s25"}
+    # the sampled kernel floor times the kernels on the sampled block (1 of the 4 samples)
+    kern = res["kernels"]["fasthebb"]
+    assert [lay["layer"] for lay in kern["sampled"]["layers"]] == [
+        lay["layer"] for lay in kern["layers"]]
+    bp_ms = rows["bp"]["median_ms"]
+    for v, k in (("ghlc", kern), ("ghlc_s25", kern["sampled"])):
+        assert rows[v]["hebbian_kernel_ms"] == pytest.approx(k["hebbian_kernel_ms"])
+        assert rows[v]["kernel_floor"] == pytest.approx((bp_ms + k["hebbian_kernel_ms"]) / bp_ms)
     g = rows["ghlc"]
     assert len(g["times_ms"]) == 3 and len(rows["bp"]["times_ms"]) == 3
     paired = [a / b for a, b in zip(g["times_ms"], rows["bp"]["times_ms"])]
