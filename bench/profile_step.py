@@ -2,11 +2,13 @@
 
     python bench/profile_step.py --model resnet18 --device cuda
     python bench/profile_step.py --model fasthebb --device cpu --batch 64
+    python bench/profile_step.py --model resnet18 --variants bp_graph,ghlc_graph  # CUDA graphs
 
 Builds the model as bench/step.py does, takes warm-up steps, profiles a few steps of each
 variant with torch.profiler and prints, per variant, the step time and the operators that
 take the most self time on the device (CUDA kernels on cuda, operators on cpu), and the
-number of kernel launches per step.
+number of kernel launches per step. A *_graph variant (CUDA) profiles replays of the
+captured step; its kernels are counted on the device (no launches on the host).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = step.data(args.batch, size, classes, args.device)
     cuda = args.device == "cuda"
     for variant in args.variants.split(","):
-        r = step.Runner(base, temp, variant, x[:2])
+        if variant in step.GRAPH_VARIANTS and not cuda:
+            print(f"error: {variant} needs --device cuda", file=sys.stderr)
+            return 2
+        r = step.make_runner(base, temp, variant, x, y)  # graph variants: warmed up, captured
         for _ in range(3):
             r.step(x, y)
         step.sync(args.device)
@@ -62,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         events = prof.key_averages()
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                             "cudaLaunchKernelExC"))
+        on_device = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA) / 1e3 / args.steps
         print(f"\n=== {args.model} {variant}: {ms:.2f} ms/step (wall, unprofiled)"
-              + (f", {launches / args.steps:.0f} kernel launches/step" if cuda else ""))
+              + (f", {launches / args.steps:.0f} kernel launches/step, "
+                 f"{on_device / args.steps:.0f} device activities/step, "
+                 f"{busy:.2f} ms/step of device time" if cuda else ""))
         print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
         del r
     return 0

@@ -106,3 +106,26 @@ def test_overhead_bench_smoke(tmp_path):
     # a plastic call adds operators and a second weight-gradient call per layer
     assert float(body["ghlc"][3]) > 0
     assert int(body["ghlc"][5]) == 2 * int(body["bp"][5]) == 6
+
+
+def test_wgrad_stack_bench_smoke(tmp_path):
+    text = _run([BENCH / "wgrad_stack.py", "--device", "cpu", "--model", "fasthebb", "--batch",
+                 "2", "--repeats", "1"], tmp_path)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| layer")]
+    assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)] + ["sum"]
+    for r in rows[:-1]:
+        assert float(r[-1]) <= 1e-5  # the stacked call gives both weight gradients
+        assert float(r[6]) == pytest.approx(float(r[4]) / float(r[3]), rel=1e-2)  # rounded
+    sums = [sum(float(r[i]) for r in rows[:-1]) for i in (3, 4, 5)]
+    assert [float(c) for c in rows[-1][3:6]] == pytest.approx(sums, abs=1e-3)
+
+
+def test_profile_step_smoke(tmp_path):
+    text = _run([BENCH / "profile_step.py", "--device", "cpu", "--model", "fasthebb", "--batch",
+                 "2", "--steps", "1", "--top", "3", "--variants", "bp,ghlc"], tmp_path)
+    assert "=== fasthebb bp:" in text and "=== fasthebb ghlc:" in text
+    assert "aten::convolution_backward" in text
+    r = subprocess.run([sys.executable, BENCH / "profile_step.py", "--device", "cpu",
+                        "--variants", "ghlc_graph"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs --device cuda" in r.stderr

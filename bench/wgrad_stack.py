@@ -1,0 +1,120 @@
+"""Two weight-gradient calls per plastic conv (backprop's dL/dW and the Hebbian sum y x) or
+one call with the two cotangents stacked along the output channels.
+
+    python bench/wgrad_stack.py --device cuda --model resnet18
+    python bench/wgrad_stack.py --device cpu --model fasthebb --repeats 5
+
+For every plastic conv of the model (shapes traced at the bench batch, as bench/step.py does)
+it times, on random tensors of the layer's shapes:
+
+    two       convolution_backward(g, x, w) and convolution_backward(y, x, w), weight
+              gradient only (what a GHL step computes today)
+    stacked   torch.cat([g, y], 1), then one convolution_backward with a weight of 2 x C_out
+              output channels (what a stacked call would cost)
+    no_cat    the stacked call alone, its input already stacked (a bound: y written into the
+              second half of a stacked buffer, g into the first, which backprop does not do)
+
+and prints the medians per layer and their sums. On CUDA each sample is the mean of 10
+back-to-back calls (bench/step.py's time_call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import step  # noqa: E402
+
+import ghlc  # noqa: E402
+
+VARIANTS = ("two", "stacked", "no_cat")
+
+
+def probes(name: str, batch: int, device: str) -> list[dict]:
+    """One dict per plastic conv: layer name and a function per variant."""
+    torch.manual_seed(0)
+    base, temp = step.build(name)
+    x, _ = step.data(batch, 32, 10, "cpu")
+    lg = ghlc.trace(base, (x,), config=ghlc.GHLConfig(temperature=temp))
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(lg)
+    out = []
+    for info in lg.layers():
+        if str(info.role) != "plastic" or info.kind == "linear":
+            continue
+        conv, why = step._conv_args(base.get_submodule(info.module), info)
+        if not conv:
+            print(f"  left out {info.name}: {why}", file=sys.stderr)
+            continue
+        mk = dict(device=device)
+        xi = torch.randn(info.in_shape, **mk)
+        g = torch.randn(info.out_shape, **mk)
+        y = torch.randn(info.out_shape, **mk)
+        w = torch.randn(info.weight_shape, **mk)
+        w2 = torch.cat([w, w])
+        gy = torch.cat([g, y], 1)
+
+        def wgrad(cot, weight, xi=xi, conv=conv):
+            return torch.ops.aten.convolution_backward(cot, xi, weight, None, *conv,
+                                                       [False, True, False])[1]
+
+        fns = {
+            "two": lambda g=g, y=y, w=w, f=wgrad: (f(g, w), f(y, w)),
+            "stacked": lambda g=g, y=y, w2=w2, f=wgrad: f(torch.cat([g, y], 1), w2),
+            "no_cat": lambda gy=gy, w2=w2, f=wgrad: f(gy, w2),
+        }
+        # the stacked call gives both gradients (same numbers up to float rounding)
+        a, b = fns["two"]()
+        both = fns["stacked"]()
+        c = w.shape[0]
+        scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+        err = max((both[:c] - a).abs().max().item(), (both[c:] - b).abs().max().item()) / scale
+        out.append({"layer": info.name, "shape": tuple(info.weight_shape),
+                    "out_shape": tuple(info.out_shape), "fns": fns, "err": err})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet18", choices=step.MODELS)
+    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.batch < 1:
+        print("error: --repeats and --batch must be >= 1", file=sys.stderr)
+        return 2
+    layers = probes(args.model, args.batch, args.device)
+    times = {(i, v): [] for i in range(len(layers)) for v in VARIANTS}
+    for rep in range(1 + args.repeats):  # the first round warms up (kernel selection)
+        for i, lay in enumerate(layers):
+            for v in step.run_order(list(VARIANTS), rep):
+                ms = step.time_call(lay["fns"][v], args.device)
+                if rep:
+                    times[i, v].append(ms)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, median of "
+          f"{args.repeats} (ms)")
+    print("| layer | weight | output | two | stacked | no_cat | stacked/two | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, lay in enumerate(layers):
+        two, st, nc = (med[i, v] for v in VARIANTS)
+        print(f"| {lay['layer']} | {'x'.join(map(str, lay['shape']))} | "
+              f"{'x'.join(map(str, lay['out_shape']))} | {two:.4f} | {st:.4f} | {nc:.4f} | "
+              f"{st / two:.3f} | {lay['err']:.1e} |")
+    tot = {v: sum(med[i, v] for i in range(len(layers))) for v in VARIANTS}
+    print(f"| sum | | | {tot['two']:.4f} | {tot['stacked']:.4f} | {tot['no_cat']:.4f} | "
+          f"{tot['stacked'] / tot['two']:.3f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
