@@ -14,7 +14,10 @@ Most calls run backprop's own (C++) autograd node and add H from a hook on the o
 (:func:`_hooked_call`), which costs less host time than a Python autograd Function
 (``bench/overhead.py``). Calls that may combine H and G inside the call (the in-call combine:
 large weights on ``FUSE_DEVICES``) need their weight gradient in hand and run
-:class:`PlasticCall`; both give the same numbers (tests force each).
+:class:`PlasticCall`; so do plain convs in a captured CUDA-graph step on ``STACK_DEVICES``,
+whose backward computes backprop's weight gradient and the Hebbian correlation in one stacked
+weight-gradient call (host time is not replayed there, GPU time is). All give the same numbers
+(tests force each).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 
 from ghlc.errors import RuntimeGHLError, first_line
 
+from . import fused, state
 from .calls import CallSpec
-from .hebbian import ROWS, fusable, fused_combine, hebbian_raw
+from .hebbian import ROWS, fusable, fused_combine, hebbian_raw, stackable, stacked_wgrads
 from .state import PlasticParam, fuse_sized
 
 HOOKS = True  # False: every call runs PlasticCall (tests and A/B measurements)
@@ -69,10 +73,10 @@ class PlasticCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
-                copy_out: bool, view):
+                copy_out: bool, view, stack: bool = False):
         out = spec.run(x, w, b)
         site.note_call()
-        ctx.spec, ctx.site, ctx.view = spec, site, view
+        ctx.spec, ctx.site, ctx.view, ctx.stack = spec, site, view, stack
         ctx.h = None
         if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
             ctx.h = hebbian_raw(spec, x, out, w, b, site.rule)
@@ -96,6 +100,14 @@ class PlasticCall(torch.autograd.Function):
         spec, site = ctx.spec, ctx.site
         need = ctx.needs_input_grad[:3]
         fuse = need[1] and ctx.view is None and fusable(spec) and site.can_fuse(w)
+        if ctx.stack and need[1] and not fuse and ctx.h is None and len(saved) == 4:
+            gx = gb = None
+            if need[0] or need[2]:
+                gx, _, gb = _grads(spec, g, x, w, (need[0], False, need[2]))
+            gw, h = stacked_wgrads(spec, x, w, saved[2], saved[3].detach(), g, site.rule)
+            site.add(h, None, (spec.transposed, spec.groups))
+            site.returned(gw, False)
+            return gx, gw, gb, None, None, None, None, None, None, None
         gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
         if ctx.h is not None:
             h, ctx.h = ctx.h, None
@@ -110,7 +122,7 @@ class PlasticCall(torch.autograd.Function):
             site.add(h, ctx.view, layout)
         if need[1]:
             site.returned(gw, fuse)
-        return gx, gw if need[1] else None, gb, None, None, None, None, None, None
+        return gx, gw if need[1] else None, gb, None, None, None, None, None, None, None
 
 
 def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
@@ -155,6 +167,13 @@ def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -
     return not HOOKS or (view is None and site.direct and fusable(spec) and fuse_sized(w))
 
 
+def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
+    """Whether the call's backward stacks the two weight gradients (see the module
+    docstring): a stackable conv of the parameter itself, while a CUDA graph is captured."""
+    return (fused.in_capture() and view is None and site.direct
+            and w.device.type in state.STACK_DEVICES and stackable(spec, site.rule))
+
+
 def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
                  copy_out: bool = False, view: tuple | None = None, timing: str = "auto",
                  out_saved: bool = False) -> torch.Tensor:
@@ -163,8 +182,9 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
         x = x.unsqueeze(0)
     if spec.pre_pad:
         x = F.pad(x, list(spec.pre_pad))
-    if _needs_function(spec, w, site, view):
-        out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view)
+    stack = _stacks(spec, w, site, view)
+    if stack or _needs_function(spec, w, site, view):
+        out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, stack)
     else:
         out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view)
     return out.squeeze(0) if unbatched else out

@@ -73,6 +73,11 @@ def capturing():
         _capturing -= 1
 
 
+def in_capture() -> bool:
+    """Inside a :func:`capturing` scope."""
+    return _capturing > 0
+
+
 @functools.cache
 def _has_triton() -> bool:
     """Triton usable for CUDA here (asked once)."""
@@ -116,15 +121,18 @@ def scaled_sign_eager_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) ->
     return a.mul_(g.sign_()).div_(scale)
 
 
-def oja_decay_eager_(c: torch.Tensor, w: torch.Tensor,
-                     extra: torch.Tensor | None) -> torch.Tensor:
-    """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]`` in place, output units along dim 0
-    (Oja's decay; ``extra`` is the bias term, or None)."""
+def oja_decay_eager_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]`` in place (or into ``out``), output
+    units along dim 0 (Oja's decay; ``extra`` is the bias term, or None)."""
     k = c.shape[0]
     s = torch.bmm(c.reshape(k, 1, -1), w.reshape(k, -1, 1)).view(k)
     if extra is not None:
         s = s + extra
-    return c.addcmul_(s.view(-1, *([1] * (w.dim() - 1))), w, value=-1.0)
+    s = s.view(-1, *([1] * (w.dim() - 1)))
+    if out is None:
+        return c.addcmul_(s, w, value=-1.0)
+    return torch.addcmul(c, s, w, value=-1.0, out=out)
 
 
 # ------------------------------------------------------------------ compiled twins
@@ -147,12 +155,14 @@ def _scaled_sign_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torc
     return a
 
 
-def _oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+def _oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     s = (c * w).flatten(1).sum(1)
     if extra is not None:
         s = s + extra
-    c.copy_(c - s.view(-1, *([1] * (w.dim() - 1))) * w)
-    return c
+    dst = c if out is None else out
+    dst.copy_(c - s.view(-1, *([1] * (w.dim() - 1))) * w)
+    return dst
 
 
 _compiled: dict[str, Callable] = {}
@@ -216,6 +226,25 @@ def softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     return softmax_eager(v, dim, t)
 
 
+def softmax_into(v: torch.Tensor, dim: int, t: float, out: torch.Tensor) -> bool:
+    """Write softmax(t * v) over ``dim`` into ``out`` (same shape, any strides) with the Triton
+    kernel where :func:`_triton_softmax` allows; False (nothing written) elsewhere."""
+    global _triton_broken
+    kernel = _triton_softmax(v)
+    if kernel is None or dim % v.dim() == v.dim() - 1:
+        return False
+    try:
+        kernel(v, dim, t, out=out)
+    except Exception as e:  # a Triton compile failure: fall back, once
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        _triton_broken = f"{type(e).__name__}: {first_line(e)}"
+        warnings.warn(f"ghlc: the Triton softmax kernel failed ({_triton_broken}); using "
+                      "the compiled or eager formula", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
 def sign_combine_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``h <- |h| * sign(g) / (max|h| + 1e-30)``, written into ``h``."""
     if active(h):
@@ -230,8 +259,9 @@ def scaled_sign_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch
     return scaled_sign_eager_(a, g, scale)
 
 
-def oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]``, written into ``c``."""
+def oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]``, written into ``c`` (or ``out``)."""
     if active(c):
-        return _run("oja_decay", _oja_decay_, oja_decay_eager_, c, w, extra)
-    return oja_decay_eager_(c, w, extra)
+        return _run("oja_decay", _oja_decay_, oja_decay_eager_, c, w, extra, out)
+    return oja_decay_eager_(c, w, extra, out)

@@ -110,9 +110,16 @@ def hebbian_raw(
     if rule.sample_fraction < 1.0:
         x, u = _subsample(spec, x, u, rule.sample_fraction)
     y = compete(u, spec, rule)
-    corr = weight_vjp(spec, x, w, y)
+    return hebbian_finish(spec, weight_vjp(spec, x, w, y), y, w, b, rule)
+
+
+def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                   b: torch.Tensor | None, rule: HebbianRule,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """H from the correlation ``corr`` = sum y.x (overwritten): Oja's decay, or ``corr``
+    itself for the plain Hebb rule. With ``out`` (rows layout only), H is written there."""
     if rule.local_rule == "hebb":
-        return corr
+        return corr if out is None else out.copy_(corr)
     extra = None
     if b is not None:
         dim = channel_dim(spec, y)
@@ -120,11 +127,47 @@ def hebbian_raw(
         extra = b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
     if (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1:  # units along dim 0
         # (detached: torch.compile would specialise on a Parameter's shape)
-        return fused.oja_decay_(corr, w.detach(), extra)
+        return fused.oja_decay_(corr, w.detach(), extra, out)
+    assert out is None, "out: rows layout only"
     s = unit_dot(spec, corr, w)
     if extra is not None:
         s = s + extra
     return corr.addcmul_(unit_scale(spec, s, w), w, value=-1.0)
+
+
+def stackable(spec: CallSpec, rule: HebbianRule) -> bool:
+    """Calls whose Hebbian correlation can share one weight-gradient call with backprop's
+    (:func:`stacked_wgrads`): plain convs over the whole batch."""
+    return (spec.kind == "conv" and not spec.transposed and spec.groups == 1
+            and rule.sample_fraction >= 1.0)
+
+
+def stacked_wgrads(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                   u: torch.Tensor, g: torch.Tensor, rule: HebbianRule
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dW, H) of a :func:`stackable` call from ONE weight-gradient call: the cotangents g
+    and y = compete(u) stacked along the output channels, against a weight of twice the
+    output channels (the input x is read and re-laid-out once for both). The softmax writes y
+    straight into its half of the stacked buffer where the Triton kernel runs. H is written
+    to a buffer of its own: as the weight's gradient it must not keep the stacked result's
+    storage (twice the weight) alive between steps."""
+    c = g.shape[1]
+    if g.is_contiguous():
+        gy = g.new_empty((g.shape[0], 2 * c, *g.shape[2:]))
+        gy[:, :c].copy_(g)
+        y = gy[:, c:]
+        if not (rule.competition == "softmax" and fused.softmax_into(u, 1, rule.temperature, y)):
+            y.copy_(compete(u, spec, rule))
+    else:
+        y = compete(u, spec, rule)
+        gy = torch.cat([g, y], 1)
+        y = gy[:, c:]
+    fmt = (torch.channels_last if w.dim() == 4 and not w.is_contiguous()
+           and w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    w2 = torch.empty((2 * c, *w.shape[1:]), dtype=w.dtype, device=w.device, memory_format=fmt)
+    both = weight_vjp(spec, x, w2, gy)  # (w2's values are not read: only its shape)
+    h = torch.empty_like(w, memory_format=torch.contiguous_format)
+    return both[:c], hebbian_finish(spec, both[c:], y, w, b, rule, out=h)
 
 
 def normalise(h: torch.Tensor) -> torch.Tensor:

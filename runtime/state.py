@@ -31,6 +31,11 @@ FUSE_MIN_NUMEL = 1 << 20
 # weight-gradient kernels instead of one: ResNet-18 in a CUDA graph 1.116 -> 1.199 x floor)
 # for no lower peak (the peak is elsewhere there), so CUDA combines after backward.
 FUSE_DEVICES = {"cpu"}
+# Devices where, inside a captured CUDA-graph step, a plain conv computes backprop's weight
+# gradient and the Hebbian correlation in one weight-gradient call with the two cotangents
+# stacked (hebbian.stacked_wgrads). On an H100 two separate calls took 2.63 ms per ResNet-18
+# step against 2.16 ms stacked (bench/wgrad_stack.py); on CPU stacking was slower.
+STACK_DEVICES = {"cuda"}
 
 
 def fuse_sized(t: torch.Tensor) -> bool:

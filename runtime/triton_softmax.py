@@ -42,8 +42,11 @@ def _channel_softmax(v_ptr, y_ptr, C, S, n_sblocks, so, sc, ss, yo, yc, ys, t,
                  y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def channel_softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
-    """softmax(t * v) over ``dim`` (t > 0), same shape and memory layout as ``v``."""
+def channel_softmax(v: torch.Tensor, dim: int, t: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(t * v) over ``dim`` (t > 0), same shape and memory layout as ``v``; or written
+    into ``out`` (same shape; its dims after ``dim`` must merge into one, as in a channel
+    slice of a contiguous tensor)."""
     dim = dim % v.dim()
     c = v.shape[dim]
     outer = 1
@@ -53,9 +56,9 @@ def channel_softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     for n in v.shape[dim + 1:]:
         s *= n
     v3 = v.reshape(outer, c, s)  # a view for contiguous and channels-last tensors
-    y3 = torch.empty_like(v3)
+    y3 = torch.empty_like(v3) if out is None else out.view(outer, c, s)
     if v3.numel() == 0:
-        return y3.view(v.shape)
+        return y3.view(v.shape) if out is None else out
     block_s = min(triton.next_power_of_2(s), 64)
     block_c = max(1, min(triton.next_power_of_2(c), 4096 // block_s))
     n_sblocks = triton.cdiv(s, block_s)
@@ -65,4 +68,4 @@ def channel_softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
             v3, y3, c, s, n_sblocks, *v3.stride(), *y3.stride(), float(t),
             BLOCK_C=block_c, BLOCK_S=block_s,
         )
-    return y3.view(v.shape)
+    return y3.view(v.shape) if out is None else out

@@ -63,6 +63,11 @@ def test_compiled_kernels_equal_eager_twins(fused_on):
         assert fused.oja_decay_(buf, w, extra).data_ptr() == buf.data_ptr()
         torch.testing.assert_close(buf.double(), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(buf, fused.oja_decay_eager_(c.clone(), w, extra))
+        for fn in (fused.oja_decay_, fused.oja_decay_eager_):  # into a buffer of its own
+            src, dst = c.clone(), torch.empty_like(c)
+            assert fn(src, w, extra, dst).data_ptr() == dst.data_ptr()
+            torch.testing.assert_close(dst, buf)
+            assert torch.equal(src, c)  # c is left as it was
     assert fused._broken is None
 
 

@@ -204,3 +204,58 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
     assert fused.sign_combine_(buf, gr).data_ptr() == buf.data_ptr()
     torch.testing.assert_close(buf, ref)
     assert fused._broken is None
+
+
+def test_cuda_triton_softmax_into_a_channel_slice():
+    """The softmax written straight into the second half of a stacked (N, 2C, H, W) buffer,
+    as the stacked weight gradients use it."""
+    from ghlc.runtime import fused
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    v = torch.randn(8, 24, 7, 5, device="cuda", generator=gen) * 3
+    buf = torch.full((8, 48, 7, 5), 7.0, device="cuda")
+    with fused.capturing():
+        wrote = fused.softmax_into(v, 1, 0.6, buf[:, 24:])
+    if not wrote:
+        pytest.skip("no Triton: the stacked path copies compete()'s output instead")
+    torch.testing.assert_close(buf[:, 24:].double(), torch.softmax(v.double() * 0.6, 1),
+                               rtol=1e-5, atol=1e-7)
+    assert (buf[:, :24] == 7.0).all()  # the other half is untouched
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg"])
+def test_cuda_stacked_weight_gradients_match_oracle(monkeypatch, name):
+    """Inside a capture scope (as in cuda_graph_step) stackable convs compute backprop's
+    weight gradient and the Hebbian correlation in one call; two steps at lr 0 against the
+    float64 oracle."""
+    import ghlc.runtime.function as fn
+    from ghlc.runtime import fused
+
+    calls = []
+    orig = fn.stacked_wgrads
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(fn, "stacked_wgrads", spy)
+    monkeypatch.setattr(fused, "_capturing", 1)
+    e = next(z for z in ZOO if z.name == name)
+    model, x = e.make()
+    names = list(e.plastic)
+    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
+    cfg = ghlc.GHLConfig(**{**e.config_kwargs(), "hebbian_at": "backward"})
+    m = ghlc.prepare(model.cuda(), (x.cuda(),), config=cfg).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(m(x.cuda())).backward()
+        for n in names:
+            got = m.get_parameter(n).grad.detach().cpu().to(torch.float64)
+            exp = oracle.expected_grad(h[n], g[n])
+            err = (got.abs() - exp.abs()).norm() / exp.norm().clamp_min(1e-30)
+            assert err <= 1e-4, f"{name} {n}: magnitude rel err {err:.3g}"
+            free = g[n].abs() <= 1e-5 * g[n].abs().max()
+            fixed = ~free & (exp.abs() > 1e-3 * exp.abs().max())
+            assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
+    assert calls

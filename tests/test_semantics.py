@@ -455,11 +455,11 @@ def test_auto_accumulation_stops_keeping_totals_after_a_plain_step(fused, reques
 # ---- in-call combine (large weights used by one call: no full G buffer) ----------------------
 
 
-def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3):
+def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3, **kw):
     """Train ``steps`` steps at lr 0 (the weights stay those of the plain copy), checking
     every step's grads against the oracle; returns the prepared model."""
     model, x, cfg = _build(name)
-    cfg = dataclasses.replace(cfg, global_signal=signal)
+    cfg = dataclasses.replace(cfg, global_signal=signal, **kw)
     plain = copy.deepcopy(model)
     m = ghlc.prepare(model, (x,), config=cfg)
     names = _plastic_names(m)
@@ -593,3 +593,80 @@ def test_model_that_differentiates_in_forward_is_traced():
     lg = ghlc.trace(_GradInForward(), (x,))
     assert lg.layer("c.weight").calls == 2 and not lg.layer("c.weight").out_saved
     assert lg.layer("fc.weight").calls == 1
+
+
+# ---- stacked weight gradients (inside a captured CUDA-graph step) ---------------------------
+
+
+@pytest.fixture
+def stacked_calls(monkeypatch):
+    """Every stackable conv stacks its two weight gradients, here on CPU (as inside
+    ``cuda_graph_step`` on CUDA); records the calls that did."""
+    import ghlc.runtime.function as fn
+    import ghlc.runtime.fused as fu
+    import ghlc.runtime.state as st
+
+    monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"})
+    monkeypatch.setattr(fu, "_capturing", 1)
+    calls: list[str] = []
+    orig = fn.stacked_wgrads
+
+    def spy(spec, *a, **k):
+        calls.append(spec.kind)
+        return orig(spec, *a, **k)
+
+    monkeypatch.setattr(fn, "stacked_wgrads", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name,signal,kw", [
+    ("resnet", "grad_sign", {}), ("resnet", "none", {}),
+    ("vgg", "grad_sign", {"hebbian_at": "backward"}),
+    ("conv_twice", "grad_sign", {"hebbian_at": "backward"}),  # a weight of two calls
+])
+def test_stacked_weight_gradients_match_oracle(stacked_calls, name, signal, kw):
+    """One weight-gradient call with backprop's cotangent and y stacked along the output
+    channels gives both gradients: the grads stay the oracle's, step after step."""
+    _steps_against_oracle(name, stacked_calls, signal, **kw)
+    assert stacked_calls and set(stacked_calls) == {"conv"}
+
+
+@pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"competition": "none"},
+                                {"competition": "hard"}, {"temperature": 0.3}],
+                         ids=["hebb", "no-competition", "hard-wta", "temperature"])
+def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw):
+    """Rule variants the oracle does not cover: the stacked call against the two calls."""
+    import ghlc.runtime.fused as fu
+    import ghlc.runtime.state as st
+
+    grads = {}
+    for stack in (False, True):
+        monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"} if stack else set())
+        monkeypatch.setattr(fu, "_capturing", 1)
+        model, x, cfg = _build("resnet")
+        m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, **kw))
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        out = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss_fn(m(x)).backward()
+            out.append({k: p.grad.clone() for k, p in m.named_parameters()})
+            opt.step()
+        grads[stack] = out
+    for a, b in zip(grads[False], grads[True]):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_stacking_skips_sampled_forward_timed_and_computed_weights(stacked_calls):
+    """The sampled mode's block of the batch, a term computed in the forward pass and a
+    computed weight (its gradient flows on to the parameter) cannot share backprop's call:
+    those calls keep the separate weight gradient."""
+    _steps_against_oracle("resnet", stacked_calls, hebbian_at="forward")
+    _steps_against_oracle("stdconv", stacked_calls, hebbian_at="backward")
+    assert not stacked_calls
+    model, x, cfg = _build("resnet")
+    m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, sample_fraction=0.5))
+    loss_fn(m(x)).backward()
+    assert not stacked_calls
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
