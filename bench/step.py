@@ -33,9 +33,8 @@ and, with --device cuda only,
                 once), to show why it is off on CUDA
     ghlc_s25_graph  ghlc_s25 captured the same way (the sampled block of the batch is drawn
                 at capture and fixed across replays, see ghlc.cuda_graph_step)
-    ghlc_sep_graph  ghlc_graph with backprop's weight gradient and the Hebbian correlation
-                as two weight-gradient calls (runtime/state.py STACK_DEVICES emptied), to
-                show what the stacked call gives
+    ghlc_stack_graph  ghlc_graph captured with stack_weight_grads=True (plain convs compute
+                backprop's weight gradient and the Hebbian correlation in one call)
 
 (a variant whose capture raises is dropped with a one-line warning), and the peak memory of
 one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph, the other
@@ -113,7 +112,7 @@ from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph",
-                  "ghlc_s25_graph", "ghlc_sep_graph")
+                  "ghlc_s25_graph", "ghlc_stack_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
 EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", *COMPILE_VARIANTS)  # on request (--variants)
@@ -224,11 +223,11 @@ class Runner:
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
-        self.stack = variant != "ghlc_sep"
+        self.stack = variant == "ghlc_stack"
         self.capturing = False
         if variant == "naive":
             self.naive = NaiveGHL(model, temp)
-        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_sep"):
+        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_stack"):
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
         elif variant in ("ghlc_s25", "ghlc_nosoftmax"):
             extra = ({"sample_fraction": SAMPLE_FRACTION} if variant == "ghlc_s25"
@@ -253,20 +252,18 @@ class Runner:
 def settings(r):
     """A runner's ghlc settings for the duration (variants run interleaved): the
     compiled-kernel mode (a graph's warm-up and capture in fused.capturing(), as
-    ghlc.cuda_graph_step), the in-call combine on CUDA for ghlc_chunk, no stacked weight
-    gradients for ghlc_sep."""
-    old = fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_DEVICES
+    ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack), and the in-call combine
+    on CUDA for ghlc_chunk."""
+    old = fused.mode(), rt_state.FUSE_DEVICES
     fused.set_mode(r.fused)
     if r.chunk:
         rt_state.FUSE_DEVICES = {"cpu", "cuda"}
-    if not r.stack:
-        rt_state.STACK_DEVICES = set()
     try:
-        with fused.capturing() if r.capturing else contextlib.nullcontext():
+        with fused.capturing(r.stack) if r.capturing else contextlib.nullcontext():
             yield
     finally:
         fused.set_mode(old[0])
-        rt_state.FUSE_DEVICES, rt_state.STACK_DEVICES = old[1], old[2]
+        rt_state.FUSE_DEVICES = old[1]
 
 
 class GraphRunner:

@@ -14,8 +14,9 @@ Most calls run backprop's own (C++) autograd node and add H from a hook on the o
 (:func:`_hooked_call`), which costs less host time than a Python autograd Function
 (``bench/overhead.py``). Calls that may combine H and G inside the call (the in-call combine:
 large weights on ``FUSE_DEVICES``) need their weight gradient in hand and run
-:class:`PlasticCall`; so do plain convs in a captured CUDA-graph step on ``STACK_DEVICES``,
-whose backward computes backprop's weight gradient and the Hebbian correlation in one stacked
+:class:`PlasticCall`; so do plain convs in a CUDA-graph step captured with
+``cuda_graph_step(..., stack_weight_grads=True)`` (on ``STACK_DEVICES``), whose backward
+computes backprop's weight gradient and the Hebbian correlation in one stacked
 weight-gradient call (host time is not replayed there, GPU time is). All give the same numbers
 (tests force each).
 """
@@ -169,8 +170,9 @@ def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -
 
 def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
     """Whether the call's backward stacks the two weight gradients (see the module
-    docstring): a stackable conv of the parameter itself, while a CUDA graph is captured."""
-    return (fused.in_capture() and view is None and site.direct
+    docstring): a stackable conv of the parameter itself, while a CUDA graph is captured
+    with ``stack_weight_grads=True``."""
+    return (fused.stacking() and view is None and site.direct
             and w.device.type in state.STACK_DEVICES and stackable(spec, site.rule))
 
 

@@ -36,6 +36,7 @@ _mode = os.environ.get("GHLC_FUSED", "auto")
 _broken: str | None = None  # why compiling failed, once it has
 _triton_broken: str | None = None  # why the Triton softmax failed, once it has
 _capturing = 0  # depth of capturing() scopes
+_stacking = 0  # depth of capturing(stack=True) scopes
 # Eager steps use the Triton softmax from this output size on. On an H100 it saved time on
 # large outputs (ResNet-50 at 224x224, batch 64: 63.3 -> 58.8 ms per step) and showed no
 # resolvable gain on the 32x32 nets' outputs (at most 4.2 M elements; eager steps there are
@@ -62,20 +63,23 @@ def mode() -> str:
 
 
 @contextlib.contextmanager
-def capturing():
+def capturing(stack: bool = False):
     """Scope of the warm-up steps and the capture of a CUDA graph: ``auto`` uses the compiled
-    kernels here (compiled during the warm-up, replayed without their CPU cost)."""
-    global _capturing
+    kernels here (compiled during the warm-up, replayed without their CPU cost). ``stack``:
+    plain convs also stack their two weight gradients into one call (``stacked_wgrads``)."""
+    global _capturing, _stacking
     _capturing += 1
+    _stacking += bool(stack)
     try:
         yield
     finally:
         _capturing -= 1
+        _stacking -= bool(stack)
 
 
-def in_capture() -> bool:
-    """Inside a :func:`capturing` scope."""
-    return _capturing > 0
+def stacking() -> bool:
+    """Inside a ``capturing(stack=True)`` scope."""
+    return _stacking > 0
 
 
 @functools.cache

@@ -103,8 +103,8 @@ class Small(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize("sample", [1.0, 0.5])
-def test_cuda_graph_step_equals_eager_steps(sample):
+@pytest.mark.parametrize(("sample", "stack"), [(1.0, False), (0.5, False), (1.0, True)])
+def test_cuda_graph_step_equals_eager_steps(sample, stack):
     torch.manual_seed(0)
     base = Small().cuda()
     xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(3)]
@@ -114,7 +114,8 @@ def test_cuda_graph_step_equals_eager_steps(sample):
     graphed = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],), cfg).train()
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
     opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
-    step = ghlc.cuda_graph_step(graphed, opt_g, F.cross_entropy, (xs[0],), ys[0])
+    step = ghlc.cuda_graph_step(graphed, opt_g, F.cross_entropy, (xs[0],), ys[0],
+                                stack_weight_grads=stack)
     for p, q in zip(eager.parameters(), graphed.parameters()):
         assert torch.equal(p, q)  # capturing did not train
     if sample < 1.0:  # the captured sample window is fixed; eager draws a new one each step
@@ -214,7 +215,7 @@ def test_cuda_triton_softmax_into_a_channel_slice():
     gen = torch.Generator(device="cuda").manual_seed(2)
     v = torch.randn(8, 24, 7, 5, device="cuda", generator=gen) * 3
     buf = torch.full((8, 48, 7, 5), 7.0, device="cuda")
-    with fused.capturing():
+    with fused.capturing(stack=True):
         wrote = fused.softmax_into(v, 1, 0.6, buf[:, 24:])
     if not wrote:
         pytest.skip("no Triton: the stacked path copies compete()'s output instead")
@@ -225,9 +226,9 @@ def test_cuda_triton_softmax_into_a_channel_slice():
 
 @pytest.mark.parametrize("name", ["resnet", "vgg"])
 def test_cuda_stacked_weight_gradients_match_oracle(monkeypatch, name):
-    """Inside a capture scope (as in cuda_graph_step) stackable convs compute backprop's
-    weight gradient and the Hebbian correlation in one call; two steps at lr 0 against the
-    float64 oracle."""
+    """Inside a stacking capture scope (cuda_graph_step(..., stack_weight_grads=True))
+    stackable convs compute backprop's weight gradient and the Hebbian correlation in one
+    call; two steps at lr 0 against the float64 oracle."""
     import ghlc.runtime.function as fn
     from ghlc.runtime import fused
 
@@ -240,6 +241,7 @@ def test_cuda_stacked_weight_gradients_match_oracle(monkeypatch, name):
 
     monkeypatch.setattr(fn, "stacked_wgrads", spy)
     monkeypatch.setattr(fused, "_capturing", 1)
+    monkeypatch.setattr(fused, "_stacking", 1)
     e = next(z for z in ZOO if z.name == name)
     model, x = e.make()
     names = list(e.plastic)

@@ -601,13 +601,14 @@ def test_model_that_differentiates_in_forward_is_traced():
 @pytest.fixture
 def stacked_calls(monkeypatch):
     """Every stackable conv stacks its two weight gradients, here on CPU (as inside
-    ``cuda_graph_step`` on CUDA); records the calls that did."""
+    ``cuda_graph_step(..., stack_weight_grads=True)`` on CUDA); records the calls that did."""
     import ghlc.runtime.function as fn
     import ghlc.runtime.fused as fu
     import ghlc.runtime.state as st
 
     monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"})
     monkeypatch.setattr(fu, "_capturing", 1)
+    monkeypatch.setattr(fu, "_stacking", 1)
     calls: list[str] = []
     orig = fn.stacked_wgrads
 
@@ -643,6 +644,7 @@ def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw):
     for stack in (False, True):
         monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"} if stack else set())
         monkeypatch.setattr(fu, "_capturing", 1)
+        monkeypatch.setattr(fu, "_stacking", 1)
         model, x, cfg = _build("resnet")
         m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, **kw))
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
