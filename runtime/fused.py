@@ -210,21 +210,32 @@ def _triton_softmax(v: torch.Tensor) -> Callable | None:
     return channel_softmax
 
 
+def _triton_call(v: torch.Tensor, dim: int, t: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The Triton softmax where :func:`_triton_softmax` allows; None elsewhere or, once, when
+    it fails to build (with a warning; the caller falls back)."""
+    global _triton_broken
+    kernel = _triton_softmax(v)
+    if kernel is None:
+        return None
+    try:
+        return kernel(v, dim, t, out=out)
+    except Exception as e:  # a Triton compile failure: fall back, once
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        _triton_broken = f"{type(e).__name__}: {first_line(e)}"
+        warnings.warn(f"ghlc: the Triton softmax kernel failed ({_triton_broken}); using "
+                      "the compiled or eager formula", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     """softmax(t * v) over ``dim`` (not the innermost dim: torch.softmax is best there): one
     Triton kernel (``triton_softmax.py``) where :func:`_triton_softmax` allows, else the
     compiled kernel where :func:`active`, else the eager formula."""
-    global _triton_broken
-    kernel = _triton_softmax(v)
-    if kernel is not None:
-        try:
-            return kernel(v, dim, t)
-        except Exception as e:  # a Triton compile failure: fall back, once
-            if torch.cuda.is_current_stream_capturing():
-                raise
-            _triton_broken = f"{type(e).__name__}: {first_line(e)}"
-            warnings.warn(f"ghlc: the Triton softmax kernel failed ({_triton_broken}); using "
-                          "the compiled or eager formula", RuntimeWarning, stacklevel=2)
+    y = _triton_call(v, dim, t)
+    if y is not None:
+        return y
     if active(v):
         return _run("softmax", _softmax, softmax_eager, v, dim, t)
     return softmax_eager(v, dim, t)
@@ -233,20 +244,7 @@ def softmax(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
 def softmax_into(v: torch.Tensor, dim: int, t: float, out: torch.Tensor) -> bool:
     """Write softmax(t * v) over ``dim`` into ``out`` (same shape, any strides) with the Triton
     kernel where :func:`_triton_softmax` allows; False (nothing written) elsewhere."""
-    global _triton_broken
-    kernel = _triton_softmax(v)
-    if kernel is None or dim % v.dim() == v.dim() - 1:
-        return False
-    try:
-        kernel(v, dim, t, out=out)
-    except Exception as e:  # a Triton compile failure: fall back, once
-        if torch.cuda.is_current_stream_capturing():
-            raise
-        _triton_broken = f"{type(e).__name__}: {first_line(e)}"
-        warnings.warn(f"ghlc: the Triton softmax kernel failed ({_triton_broken}); using "
-                      "the compiled or eager formula", RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    return dim % v.dim() != v.dim() - 1 and _triton_call(v, dim, t, out) is not None
 
 
 def sign_combine_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

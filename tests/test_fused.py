@@ -142,3 +142,28 @@ def test_triton_softmax_in_interpreter():
     res = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_triton_failure_falls_back_once(monkeypatch):
+    """A Triton kernel that fails to build: one warning, then the eager formula (softmax) or
+    nothing written (softmax_into, whose caller then copies compete()'s output)."""
+    calls = []
+
+    def broken(v, dim, t, out=None):
+        calls.append(1)
+        raise RuntimeError("no ptxas\nmore")
+
+    monkeypatch.setattr(fused, "_triton_broken", None)
+    monkeypatch.setattr(fused, "_triton_softmax",
+                        lambda v: None if fused._triton_broken else broken)
+    v = torch.randn(2, 5, 3, 3)
+    with pytest.warns(RuntimeWarning, match="Triton softmax kernel failed .*no ptxas"):
+        y = fused.softmax(v, 1, 0.5)
+    torch.testing.assert_close(y, fused.softmax_eager(v, 1, 0.5))
+    assert fused._triton_broken == "RuntimeError: no ptxas"
+    out = torch.zeros(2, 5, 3, 3)
+    assert not fused.softmax_into(v, 1, 0.5, out) and not out.any() and len(calls) == 1
+    monkeypatch.setattr(fused, "_triton_broken", None)
+    with pytest.warns(RuntimeWarning):
+        assert not fused.softmax_into(v, 1, 0.5, out)
+    assert not out.any() and len(calls) == 2

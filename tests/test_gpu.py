@@ -89,6 +89,31 @@ def check_cuda_step_against_oracle(name: str, at: str, compile_model: bool = Fal
         assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
 
 
+def two_steps_against_oracle(name: str, **cfg) -> torch.nn.Module:
+    """Two CUDA steps at lr 0 of a zoo model (config overrides ``cfg``), every plastic
+    gradient against the CPU float64 oracle; returns the prepared model."""
+    e = next(z for z in ZOO if z.name == name)
+    model, x = e.make()
+    names = list(e.plastic)
+    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
+    m = ghlc.prepare(model.cuda(), (x.cuda(),),
+                     config=ghlc.GHLConfig(**{**e.config_kwargs(), **cfg})).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    norm = cfg.get("normalisation", "layer")
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(m(x.cuda())).backward()
+        for n in names:
+            got = m.get_parameter(n).grad.detach().cpu().to(torch.float64)
+            exp = oracle.expected_grad(h[n], g[n], normalisation=norm)
+            err = (got.abs() - exp.abs()).norm() / exp.norm().clamp_min(1e-30)
+            assert err <= 1e-4, f"{name} {n}: magnitude rel err {err:.3g}"
+            free = g[n].abs() <= 1e-5 * g[n].abs().max()
+            fixed = ~free & (exp.abs() > 1e-3 * exp.abs().max())
+            assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
+    return m
+
+
 class Small(nn.Module):
     def __init__(self):
         super().__init__()
@@ -150,24 +175,7 @@ def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, 
     monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
     monkeypatch.setattr(st, "FUSE_DEVICES", {"cpu", "cuda"})  # off on CUDA by default
     monkeypatch.setattr(fused, "_capturing", 1)  # as in cuda_graph_step
-    e = next(z for z in ZOO if z.name == name)
-    model, x = e.make()
-    names = list(e.plastic)
-    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
-    cfg = ghlc.GHLConfig(**{**e.config_kwargs(), "normalisation": norm})
-    m = ghlc.prepare(model.cuda(), (x.cuda(),), config=cfg).train()
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn(m(x.cuda())).backward()
-        for n in names:
-            got = m.get_parameter(n).grad.detach().cpu().to(torch.float64)
-            exp = oracle.expected_grad(h[n], g[n], normalisation=norm)
-            err = (got.abs() - exp.abs()).norm() / exp.norm().clamp_min(1e-30)
-            assert err <= 1e-4, f"{name} {n}: magnitude rel err {err:.3g}"
-            free = g[n].abs() <= 1e-5 * g[n].abs().max()
-            fixed = ~free & (exp.abs() > 1e-3 * exp.abs().max())
-            assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
+    m = two_steps_against_oracle(name, normalisation=norm)
     sites = ghlc.runtime.runtime_of(m).sites
     assert any(s.state.single_use for s in sites.values())
 
@@ -242,22 +250,5 @@ def test_cuda_stacked_weight_gradients_match_oracle(monkeypatch, name):
     monkeypatch.setattr(fn, "stacked_wgrads", spy)
     monkeypatch.setattr(fused, "_capturing", 1)
     monkeypatch.setattr(fused, "_stacking", 1)
-    e = next(z for z in ZOO if z.name == name)
-    model, x = e.make()
-    names = list(e.plastic)
-    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
-    cfg = ghlc.GHLConfig(**{**e.config_kwargs(), "hebbian_at": "backward"})
-    m = ghlc.prepare(model.cuda(), (x.cuda(),), config=cfg).train()
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn(m(x.cuda())).backward()
-        for n in names:
-            got = m.get_parameter(n).grad.detach().cpu().to(torch.float64)
-            exp = oracle.expected_grad(h[n], g[n])
-            err = (got.abs() - exp.abs()).norm() / exp.norm().clamp_min(1e-30)
-            assert err <= 1e-4, f"{name} {n}: magnitude rel err {err:.3g}"
-            free = g[n].abs() <= 1e-5 * g[n].abs().max()
-            fixed = ~free & (exp.abs() > 1e-3 * exp.abs().max())
-            assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
+    two_steps_against_oracle(name, hebbian_at="backward")
     assert calls
