@@ -544,6 +544,33 @@ def _conv_args(mod: nn.Module, info) -> tuple[tuple, str]:
                 f"the recorded output {info.out_shape} from {info.in_shape}")
 
 
+def plastic_layers(base: nn.Module, temp, x: torch.Tensor) -> tuple[list[tuple], list[str]]:
+    """([(info, conv)], skipped) for the plastic layers of ``base`` traced at ``x``: ``conv``
+    = the call's convolution arguments (``()`` for linear layers); a conv whose arguments
+    cannot be had from its module is left out with a note in ``skipped``."""
+    cfg = ghlc.GHLConfig(temperature=temp)
+    lg = ghlc.trace(copy.deepcopy(base), (x,), config=cfg)
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(lg)
+    layers, skipped = [], []
+    for info in lg.layers():
+        if str(info.role) != "plastic":
+            continue
+        conv: tuple = ()
+        if info.kind != "linear":
+            conv, why = _conv_args(base.get_submodule(info.module), info)
+            if not conv:
+                skipped.append(f"{info.name}: {why}")
+                continue
+        layers.append((info, conv))
+    return layers, skipped
+
+
+def conv_weight_grad(cot: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                     conv: tuple) -> torch.Tensor:
+    """The weight gradient alone of a conv call (``conv``: its arguments after the bias)."""
+    return torch.ops.aten.convolution_backward(cot, x, w, None, *conv, [False, True, False])[1]
+
+
 def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: float = 1.0
                   ) -> tuple[list[dict], list[str]]:
     """One weight-gradient-only kernel per plastic layer, on random tensors of its shapes.
@@ -554,14 +581,10 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
     the rows for linear layers), as ``sample_fraction`` takes it.
     Returns (probes: layer, kind, calls, fn; skipped: one note per plastic layer left out).
     Each fn is called once here (allocations, kernel selection)."""
-    cfg = ghlc.GHLConfig(temperature=temp)
-    lg = ghlc.trace(copy.deepcopy(base), (x,), config=cfg)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(lg)
+    layers, skipped = plastic_layers(base, temp, x)
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    probes, skipped = [], []
-    for info in lg.layers():
-        if str(info.role) != "plastic":
-            continue
+    probes = []
+    for info, conv in layers:
         mk = dict(device=device, dtype=dtype)
         if info.kind == "linear":
             c_out, c_in = info.weight_shape[0], info.weight_shape[-1]
@@ -572,17 +595,12 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
             def fn(cot=cot, xi=xi):
                 return cot.t() @ xi
         else:
-            conv, why = _conv_args(base.get_submodule(info.module), info)
-            if not conv:
-                skipped.append(f"{info.name}: {why}")
-                continue
             xi = sampled_rows(torch.randn(info.in_shape, **mk), frac)
             cot = sampled_rows(torch.randn(info.out_shape, **mk), frac)
             w = torch.randn(info.weight_shape, **mk)
 
             def fn(cot=cot, xi=xi, w=w, conv=conv):
-                return torch.ops.aten.convolution_backward(
-                    cot, xi, w, None, *conv, [False, True, False])[1]
+                return conv_weight_grad(cot, xi, w, conv)
         with torch.no_grad():
             fn()
         probes.append({"layer": info.name, "kind": info.kind, "calls": max(1, info.calls),

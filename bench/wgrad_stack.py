@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step  # noqa: E402
 
-import ghlc  # noqa: E402
-
 VARIANTS = ("two", "stacked", "no_cat")
 
 
@@ -41,15 +39,12 @@ def probes(name: str, batch: int, device: str) -> list[dict]:
     torch.manual_seed(0)
     base, temp = step.build(name)
     x, _ = step.data(batch, 32, 10, "cpu")
-    lg = ghlc.trace(base, (x,), config=ghlc.GHLConfig(temperature=temp))
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(lg)
+    layers, skipped = step.plastic_layers(base, temp, x)
+    for note in skipped:
+        print(f"  left out {note}", file=sys.stderr)
     out = []
-    for info in lg.layers():
-        if str(info.role) != "plastic" or info.kind == "linear":
-            continue
-        conv, why = step._conv_args(base.get_submodule(info.module), info)
-        if not conv:
-            print(f"  left out {info.name}: {why}", file=sys.stderr)
+    for info, conv in layers:
+        if not conv:  # a linear layer
             continue
         mk = dict(device=device)
         xi = torch.randn(info.in_shape, **mk)
@@ -60,8 +55,7 @@ def probes(name: str, batch: int, device: str) -> list[dict]:
         gy = torch.cat([g, y], 1)
 
         def wgrad(cot, weight, xi=xi, conv=conv):
-            return torch.ops.aten.convolution_backward(cot, xi, weight, None, *conv,
-                                                       [False, True, False])[1]
+            return step.conv_weight_grad(cot, xi, weight, conv)
 
         fns = {
             "two": lambda g=g, y=y, w=w, f=wgrad: (f(g, w), f(y, w)),
