@@ -10,6 +10,9 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
                F.unfold patches + matmul after backward)
     ghlc       ghlc.prepare(model, ..., GHLConfig(temperature=...))
     ghlc_s25   ghlc with GHLConfig(sample_fraction=0.25) (fast approximate mode)
+    ghlc_p25   (only with --variants) ghlc with GHLConfig(sample_fraction=0.25,
+               sample_over="positions"): the sampled mode over a grid of output positions
+               of every sample (every 2nd row and column) instead of a block of the batch
     ghlc_fused (only with --variants) ghlc with GHLC_FUSED=on: the compiled kernels in every
                step, on CPU too (Inductor's C++ backend; the first steps compile)
     ghlc_nosoftmax (only with --variants) ghlc with GHLConfig(competition="none"): the same
@@ -33,6 +36,7 @@ and, with --device cuda only,
                 once), to show why it is off on CUDA
     ghlc_s25_graph  ghlc_s25 captured the same way (the sampled block of the batch is drawn
                 at capture and fixed across replays, see ghlc.cuda_graph_step)
+    ghlc_p25_graph  ghlc_p25 captured the same way (its grid offsets are drawn at capture)
     ghlc_stack_graph  ghlc_graph captured with stack_weight_grads=True (plain convs compute
                 backprop's weight gradient and the Hebbian correlation in one call)
 
@@ -63,7 +67,8 @@ Two floors for GHL's extra cost, both over one backprop step:
                  kernel floor = (bp step ms + sum) / bp step ms, the bp step being the same
                  run's median. For ghlc_s25 the kernels take the sampled block of the batch
                  (a quarter of the rows; on a GPU a small batch does not run in a quarter of
-                 the time, so this is not 0.25 of the sum). The kernels are timed in
+                 the time, so this is not 0.25 of the sum); for ghlc_p25 they are the strided
+                 weight-gradient calls of the sampled grid (offset 0). The kernels are timed in
                  the same process, interleaved with the step repeats, so they see the same
                  machine load. A plastic conv whose module does not give a consistent
                  stride/padding/dilation is left out of the sum with a note.
@@ -112,10 +117,13 @@ from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph",
-                  "ghlc_s25_graph", "ghlc_stack_graph")
+                  "ghlc_s25_graph", "ghlc_p25_graph", "ghlc_stack_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
-EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", *COMPILE_VARIANTS)  # on request (--variants)
+EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_p25",
+                  *COMPILE_VARIANTS)  # on request (--variants)
+SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
+KERNEL_KEY = {"batch": "sampled", "positions": "positions"}  # sample_over -> kernels[model][key]
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -229,9 +237,9 @@ class Runner:
             self.naive = NaiveGHL(model, temp)
         elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_stack"):
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
-        elif variant in ("ghlc_s25", "ghlc_nosoftmax"):
-            extra = ({"sample_fraction": SAMPLE_FRACTION} if variant == "ghlc_s25"
-                     else {"competition": "none"})
+        elif variant in (*SAMPLED, "ghlc_nosoftmax"):
+            extra = ({"sample_fraction": SAMPLE_FRACTION, "sample_over": SAMPLED[variant]}
+                     if variant in SAMPLED else {"competition": "none"})
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp, **extra))
         elif variant != "bp":
             raise ValueError(variant)
@@ -571,14 +579,15 @@ def conv_weight_grad(cot: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     return torch.ops.aten.convolution_backward(cot, x, w, None, *conv, [False, True, False])[1]
 
 
-def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: float = 1.0
-                  ) -> tuple[list[dict], list[str]]:
+def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: float = 1.0,
+                  over: str = "batch") -> tuple[list[dict], list[str]]:
     """One weight-gradient-only kernel per plastic layer, on random tensors of its shapes.
 
     The model is traced at x itself, so the recorded shapes are the ones at the benchmark
     batch (a layer called on a reshaped input, e.g. (N*T, C), keeps its real leading dim).
     ``frac`` < 1: the sampled mode's shapes, a block of that fraction of the leading dim (of
-    the rows for linear layers), as ``sample_fraction`` takes it.
+    the rows for linear layers), as ``sample_fraction`` takes it; with ``over="positions"``
+    a plain conv's strided call over the sampled grid of output positions (offsets 0).
     Returns (probes: layer, kind, calls, fn; skipped: one note per plastic layer left out).
     Each fn is called once here (allocations, kernel selection)."""
     layers, skipped = plastic_layers(base, temp, x)
@@ -594,6 +603,12 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
 
             def fn(cot=cot, xi=xi):
                 return cot.t() @ xi
+        elif over == "positions" and frac < 1 and not conv[3]:  # conv[3]: transposed
+            xi, cot, conv = grid_probe(info, conv, frac, mk)
+            w = torch.randn(info.weight_shape, **mk)
+
+            def fn(cot=cot, xi=xi, w=w, conv=conv):
+                return conv_weight_grad(cot, xi, w, conv)
         else:
             xi = sampled_rows(torch.randn(info.in_shape, **mk), frac)
             cot = sampled_rows(torch.randn(info.out_shape, **mk), frac)
@@ -607,6 +622,24 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
                        "fn": fn})
     sync(device)
     return probes, skipped
+
+
+def grid_probe(info, conv: tuple, frac: float, mk: dict) -> tuple:
+    """(narrowed input, cotangent, conv arguments) of the strided weight-gradient call that
+    ``sample_over="positions"`` makes for a conv layer (offsets 0)."""
+    from ghlc.runtime.calls import CallSpec
+    from ghlc.runtime.hebbian import grid_call, grid_pad, sample_grid
+
+    stride, padding, dilation, transposed, out_pad, groups = conv
+    nd = len(stride)
+    spec = CallSpec("conv", nd, False, tuple(stride), tuple(padding), tuple(dilation), (),
+                    groups)
+    xi = torch.randn(info.in_shape, **mk)
+    u = torch.randn(info.out_shape, **mk)
+    grid = sample_grid(spec, xi.shape, info.weight_shape, u.shape, frac, (0,) * nd)
+    sp, sx, su = grid_call(spec, xi, u, grid)
+    cot = grid_pad(su.contiguous(), grid)
+    return sx, cot, (sp.stride, sp.padding, dilation, transposed, out_pad, groups)
 
 
 def sampled_rows(t: torch.Tensor, frac: float) -> torch.Tensor:
@@ -706,28 +739,31 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     probes, skipped = kernel_probes(base, temp, x, args.device)
     for note in skipped:
         print(f"  {name}: kernel floor leaves out {note}", file=sys.stderr)
-    sampled = any(v.startswith("ghlc_s25") for v in variants)
-    probes_s = (kernel_probes(base, temp, x, args.device, SAMPLE_FRACTION)[0] if sampled
-                else [])
+    # the sampled variants' kernels: "sampled" (block of the batch), "positions" (grid)
+    probes_s = {KERNEL_KEY[over]: kernel_probes(base, temp, x, args.device, SAMPLE_FRACTION,
+                                           over)[0]
+                for v, over in SAMPLED.items()
+                if any(u.removesuffix("_graph") == v for u in variants)}
     times: dict[str, list[float]] = {v: [] for v in variants}
     rounds: list[list[float]] = []
-    rounds_s: list[list[float]] = []
+    rounds_s: dict[str, list[list[float]]] = {k: [] for k in probes_s}
     for rep in range(args.warmup + args.repeats):
         for v in run_order([*variants, "kernels"], rep):  # kernel-floor round included
             if v == "kernels":
                 ks = kernel_round(probes, args.device)
-                ks_s = kernel_round(probes_s, args.device)
+                ks_s = {k: kernel_round(p, args.device) for k, p in probes_s.items()}
                 if rep >= args.warmup:
                     rounds.append(ks)
-                    rounds_s.append(ks_s)
+                    for k in probes_s:
+                        rounds_s[k].append(ks_s[k])
                 continue
             ms = timed_step(runners[v], x, y, args.device)
             if rep >= args.warmup:
                 times[v].append(ms)
         print(f"  {name} repeat {rep + 1}/{args.warmup + args.repeats}", file=sys.stderr)
     kern = kernel_summary(probes, rounds, skipped)
-    if sampled:
-        kern["sampled"] = kernel_summary(probes_s, rounds_s, skipped)
+    for k, p in probes_s.items():
+        kern[k] = kernel_summary(p, rounds_s[k], skipped)
     del runners, probes, probes_s
     gc.collect()
     hk = kern["hebbian_kernel_ms"]
@@ -739,8 +775,9 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         eager = v.removesuffix("_graph").removesuffix("_compile")
         if eager == "bp":
             floor, heb_ms = 1.0, 0.0
-        elif eager == "ghlc_s25":
-            floor, heb_ms = fl["floor_sampled"], kern["sampled"]["hebbian_kernel_ms"]
+        elif eager in SAMPLED:
+            key = KERNEL_KEY[SAMPLED[eager]]
+            floor, heb_ms = fl["floor_sampled"], kern[key]["hebbian_kernel_ms"]
         else:
             floor, heb_ms = fl["floor"], hk
         kfloor = (ref_ms + heb_ms) / ref_ms
@@ -1039,7 +1076,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "
               f"{kern['hebbian_kernel_ms']:.2f} ms per step"
               + (f" ({kern['sampled']['hebbian_kernel_ms']:.2f} ms on the sampled block)"
-                 if "sampled" in kern else "") + note)
+                 if "sampled" in kern else "")
+              + (f" ({kern['positions']['hebbian_kernel_ms']:.2f} ms on the sampled grid)"
+                 if "positions" in kern else "") + note)
     print(f"wrote {out}")
     print(table(rows))
     return 0

@@ -17,6 +17,7 @@ GLOBAL_SIGNALS = ("grad_sign", "none")
 HEBBIAN_AT = ("auto", "forward", "backward")
 ACCUMULATION = ("auto", "always")
 INTERCEPTIONS = ("auto", "mode")
+SAMPLE_OVER = ("batch", "positions")
 LAYER_KINDS = ("conv", "linear")
 
 
@@ -33,9 +34,13 @@ class GHLConfig:
     ``temperature`` is a float or a mapping from module path (glob allowed) to float;
     ``plastic`` names layer kinds made plastic ("conv", "linear"); ``include``/``exclude``
     are glob patterns on module paths (or parameter names) applied after ``plastic``.
-    ``sample_fraction`` < 1 estimates the Hebbian term from a random contiguous block of that
-    fraction of the batch (samples; rows of a linear layer's flattened input): the fast
-    approximate mode; 1.0 is exact. ``hebbian_at`` says when H is computed:
+    ``sample_fraction`` < 1 estimates the Hebbian term from part of the batch: the fast
+    approximate mode; 1.0 is exact. ``sample_over="batch"`` (default) takes a random
+    contiguous block of that fraction of the samples (rows of a linear layer's flattened
+    input); ``"positions"`` takes, in every sample, a grid of output positions (every 2nd row
+    and column for 0.25 in 2-D) from a random offset, computed as the weight gradient of the
+    equivalent strided conv (linear layers: every n-th row; transposed convs: the batch
+    block). ``hebbian_at`` says when H is computed:
     ``auto`` (default: whichever keeps less memory alive), ``forward`` or ``backward``; the
     result is the same. ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
     (two weight-sized buffers per plastic layer) only while training accumulates several
@@ -60,6 +65,7 @@ class GHLConfig:
     global_signal: str = "grad_sign"
     default_temperature: float = field(default=1.0, repr=False)
     sample_fraction: float = 1.0
+    sample_over: str = "batch"
     hebbian_at: str = "auto"
     accumulation: str = "auto"
     normalisation: str = "layer"
@@ -78,6 +84,7 @@ class GHLConfig:
             ("accumulation", ACCUMULATION),
             ("normalisation", NORMALISATIONS),
             ("interception", INTERCEPTIONS),
+            ("sample_over", SAMPLE_OVER),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

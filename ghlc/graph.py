@@ -118,6 +118,8 @@ class LayerGraph:
                     f"  hebbian T={r.temperature:g} competition={r.competition}/"
                     f"{r.competition_scope} rule={r.local_rule} signal={r.global_signal}"
                     + (f" sample={r.sample_fraction:g}" if r.sample_fraction < 1 else "")
+                    + ("/positions" if r.sample_fraction < 1 and r.sample_over != "batch"
+                       else "")
                     + (f" norm={r.normalisation}" if r.normalisation != "layer" else "")
                 )
         order = {i.name: i.order for i in self.layers()}

@@ -11,7 +11,7 @@ def rule_for(cfg, module: str) -> HebbianRule:
         temperature=cfg.temperature_for(module), competition=cfg.competition,
         competition_scope=cfg.competition_scope, local_rule=cfg.local_rule,
         global_signal=cfg.global_signal, sample_fraction=cfg.sample_fraction,
-        normalisation=cfg.normalisation,
+        normalisation=cfg.normalisation, sample_over=cfg.sample_over,
     )
 
 

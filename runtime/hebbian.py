@@ -7,9 +7,11 @@ with cotangent y, computed by the vendor's weight-gradient kernel (no unfolded p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from . import fused
 from .calls import CallSpec
@@ -26,6 +28,7 @@ class HebbianRule:
     global_signal: str = "grad_sign"
     sample_fraction: float = 1.0
     normalisation: str = "layer"
+    sample_over: str = "batch"
 
 
 def channel_dim(spec: CallSpec, u: torch.Tensor) -> int:
@@ -108,7 +111,9 @@ def hebbian_raw(
     Oja's decay ``sum_j y_k u_k`` is taken as ``<W_k, corr_k> + b_k sum_j y_k`` (u is linear
     in W, so the two are equal): no activation-sized product is materialised."""
     if rule.sample_fraction < 1.0:
-        x, u = _subsample(spec, x, u, rule.sample_fraction)
+        if rule.sample_over == "positions" and spec.kind == "conv" and not spec.transposed:
+            return _hebbian_positions(spec, x, u, w, b, rule)
+        x, u = _subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
     y = compete(u, spec, rule)
     return hebbian_finish(spec, weight_vjp(spec, x, w, y), y, w, b, rule)
 
@@ -256,14 +261,145 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
     return a
 
 
-def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float):
-    """Fast approximate mode: a random contiguous block of samples (rows for linear).
-    A block is a view, so no activation is copied; batches are shuffled by the data loader."""
+def draw(n: int) -> int:
+    """A uniform integer in [0, n) from torch's generator (the sampled mode's one draw)."""
+    return int(torch.randint(0, n, ()))
+
+
+def _subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float,
+               over: str = "batch"):
+    """Fast approximate mode over the batch: a random contiguous block of samples (rows for
+    linear), a view, so no activation is copied; batches are shuffled by the data loader.
+    ``over="positions"`` for a linear layer: every n-th row (n = round(1/frac)) from a random
+    offset, so every sample contributes."""
     if spec.kind == "linear":
         x, u = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
     n = x.shape[0]
+    if over == "positions" and spec.kind == "linear":
+        q = min(n, grid_steps(frac, 1)[0])
+        a = draw(q)
+        return x[a::q], u[a::q]
     k = max(1, int(round(frac * n)))
     if k >= n:
         return x, u
-    start = int(torch.randint(0, n - k + 1, ()))
+    start = draw(n - k + 1)
     return x.narrow(0, start, k), u.narrow(0, start, k)
+
+
+@functools.cache
+def grid_steps(frac: float, nd: int) -> tuple[int, ...]:
+    """Steps of the sampled grid per spatial dim: integers whose product is round(1/frac),
+    as equal as they can be (the larger ones last): 0.25 in 2-D is every 2nd row and column."""
+    n = max(1, round(1 / frac))
+
+    def split(n: int, k: int) -> tuple[int, ...]:
+        if k == 1:
+            return (n,)
+        best: tuple[int, ...] | None = None
+        for d in range(1, n + 1):
+            if n % d == 0:
+                cand = (d, *split(n // d, k - 1))
+                if best is None or max(cand) < max(best):
+                    best = cand
+        assert best is not None
+        return best
+
+    return split(n, nd)
+
+
+@dataclass(frozen=True)
+class GridDim:
+    """One spatial dim of a sampled grid of output positions ``a, a+q, ...`` (``m`` of them),
+    as a strided conv: input narrowed to ``[start, start+length)``, stride ``stride``,
+    padding ``pad``, and ``lead`` all-zero output rows before the sampled ones. ``length``
+    0: the sampled outputs read padding only."""
+
+    q: int
+    a: int
+    m: int
+    start: int
+    length: int
+    stride: int
+    pad: int
+    lead: int
+
+
+def grid_dim(length: int, out: int, k: int, s: int, p: int, d: int, q: int, a: int) -> GridDim:
+    """The strided conv whose outputs are outputs ``a, a+q, ...`` of a conv (kernel ``k``,
+    stride ``s``, symmetric padding ``p``, dilation ``d``) over ``length`` input rows with
+    ``out`` outputs. Output ``a+q*j`` reads input rows ``(a+q*j)*s - p + t*d``: a stride of
+    ``q*s`` from row ``a*s - p``. Where the sampled outputs read more padding at the end than
+    at the start, the padding is made symmetric by adding a multiple of the stride at both
+    ends, which puts ``lead`` extra outputs (zero cotangent) before the sampled ones; the
+    last sampled output is then the strided call's last."""
+    m = (out - a + q - 1) // q
+    big = q * s
+    if a * s >= p:
+        pad, start = 0, a * s - p
+    else:
+        pad, start = p - a * s, 0
+    last = (m - 1) * big + d * (k - 1) - pad  # last row read, relative to start
+    avail = length - start
+    if last < 0 or avail <= 0:
+        return GridDim(q, a, m, start, 0, big, pad, 0)
+    lead = 0
+    if last <= avail - 1:
+        n = last + 1  # rows past the last one read are left out
+    else:  # reads past the end: padding there must be real padding
+        n = avail
+        short = last - (avail - 1) - pad
+        if short > 0:
+            lead = -(-short // big)
+            pad += lead * big
+    assert (n + 2 * pad - d * (k - 1) - 1) // big + 1 == lead + m  # (see the docstring)
+    return GridDim(q, a, m, start, n, big, pad, lead)
+
+
+def sample_grid(spec: CallSpec, x_shape, w_shape, out_shape, frac: float,
+                offsets: tuple[int, ...] | None = None) -> tuple[GridDim, ...]:
+    """The sampled grid of a (non-transposed, batched) conv call: steps from
+    :func:`grid_steps`, offsets drawn uniformly (or given)."""
+    steps = grid_steps(frac, spec.nd)
+    dims = []
+    for i in range(spec.nd):
+        out = out_shape[2 + i]
+        q = min(steps[i], out)
+        a = draw(q) if offsets is None else offsets[i]
+        dims.append(grid_dim(x_shape[2 + i], out, w_shape[2 + i], spec.stride[i],
+                             spec.padding[i], spec.dilation[i], q, a))
+    return tuple(dims)
+
+
+def grid_call(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, grid: tuple[GridDim, ...]
+              ) -> tuple[CallSpec, torch.Tensor, torch.Tensor]:
+    """(strided spec, narrowed input, sampled outputs) of a sampled grid (views, no copies)."""
+    sx = x
+    index = [slice(None), slice(None)]
+    for i, g in enumerate(grid):
+        sx = sx.narrow(2 + i, min(g.start, x.shape[2 + i]), g.length)
+        index.append(slice(g.a, None, g.q))
+    s = replace(spec, stride=tuple(g.stride for g in grid), padding=tuple(g.pad for g in grid))
+    return s, sx, u[tuple(index)]
+
+
+def grid_pad(y: torch.Tensor, grid: tuple[GridDim, ...]) -> torch.Tensor:
+    """y after its ``lead`` zero rows (a copy only where there are any)."""
+    pads: list[int] = []
+    for g in reversed(grid):
+        pads += [g.lead, 0]
+    return F.pad(y, pads) if any(pads) else y
+
+
+def _hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                       b: torch.Tensor | None, rule: HebbianRule) -> torch.Tensor:
+    """H from a random grid of output positions of every sample: every q-th position along
+    each spatial dim from a random offset (``grid_steps``), computed as the weight gradient of
+    the equivalent strided conv (no patches are unfolded)."""
+    grid = sample_grid(spec, x.shape, w.shape, u.shape, rule.sample_fraction)
+    s, sx, su = grid_call(spec, x, u, grid)
+    y = compete(su, spec, rule)
+    if any(g.length == 0 for g in grid):  # only padding under the sampled outputs
+        corr = torch.zeros_like(w, memory_format=torch.contiguous_format)
+    else:
+        corr = weight_vjp(s, sx, w, grid_pad(y, grid))
+    return hebbian_finish(spec, corr, y, w, b, rule)

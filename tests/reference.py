@@ -191,14 +191,19 @@ def _tconv_corr(module, x, w, y):
 # ---- the rule ------------------------------------------------------------------------------
 def ref_hebbian(module: nn.Module, x: torch.Tensor, competition: str = "softmax",
                 temperature: float = 1.0, local_rule: str = "oja",
-                scope: str = "layer") -> torch.Tensor:
-    """Un-normalised H (float64, the weight's shape) of one call ``module(x)``."""
+                scope: str = "layer", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Un-normalised H (float64, the weight's shape) of one call ``module(x)``. ``mask``
+    (0/1, the output's shape without the unit axis: (rows,) for a linear layer's flattened
+    rows, (N, *positions) for a batched conv) keeps only those terms of both sums (the
+    sampled mode)."""
     x = x.detach().double()
     w = module.weight.detach().double()
     b = module.bias.detach().double() if module.bias is not None else None
     if isinstance(module, nn.Linear):
         xs, u, w = _linear(module, x)
         y = ref_compete(u, 1, competition, temperature)
+        if mask is not None:
+            y = y * mask.double().view(-1, 1)
         corr = y.t() @ xs
         s = (y * u).sum(dim=0)  # per output unit
         decay = s.view(-1, 1) * w
@@ -213,6 +218,8 @@ def ref_hebbian(module: nn.Module, x: torch.Tensor, competition: str = "softmax"
             u, patches = _conv_forward(module, x, w, b)
         groups = module.groups if scope == "group" else 1
         y = ref_compete(u, 1, competition, temperature, groups)
+        if mask is not None:
+            y = y * mask.double().unsqueeze(1)
         corr = _tconv_corr(module, x, w, y) if transposed else _conv_corr(module, w, y, patches)
         s = (y * u).sum(dim=[i for i in range(u.dim()) if i != 1])  # per output unit
         if transposed:  # weight (C_in, C_out/g, *k): unit of [c, j] is group(c)*(C_out/g) + j

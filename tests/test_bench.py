@@ -61,17 +61,20 @@ def _run(args, tmp_path, timeout=240):
 def test_step_bench_smoke(tmp_path):
     out = tmp_path / "step.json"
     text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "3", "--warmup", "0",
-                 "--batch", "4", "--variants", "ghlc,ghlc_s25", "--no-prepare-bench", "--json",
-                 out], tmp_path)
+                 "--batch", "4", "--variants", "ghlc,ghlc_s25,ghlc_p25", "--no-prepare-bench",
+                 "--json", out], tmp_path)
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["rows"]}
-    assert set(rows) == {"bp", "ghlc", "ghlc_s25"}
-    # the sampled kernel floor times the kernels on the sampled block (1 of the 4 samples)
+    assert set(rows) == {"bp", "ghlc", "ghlc_s25", "ghlc_p25"}
+    # the sampled kernel floors time the kernels on the sampled block (1 of the 4 samples)
+    # and on the sampled grid of positions
     kern = res["kernels"]["fasthebb"]
-    assert [lay["layer"] for lay in kern["sampled"]["layers"]] == [
-        lay["layer"] for lay in kern["layers"]]
+    for key in ("sampled", "positions"):
+        assert [lay["layer"] for lay in kern[key]["layers"]] == [
+            lay["layer"] for lay in kern["layers"]]
     bp_ms = rows["bp"]["median_ms"]
-    for v, k in (("ghlc", kern), ("ghlc_s25", kern["sampled"])):
+    for v, k in (("ghlc", kern), ("ghlc_s25", kern["sampled"]),
+                 ("ghlc_p25", kern["positions"])):
         assert rows[v]["hebbian_kernel_ms"] == pytest.approx(k["hebbian_kernel_ms"])
         assert rows[v]["kernel_floor"] == pytest.approx((bp_ms + k["hebbian_kernel_ms"]) / bp_ms)
     g = rows["ghlc"]
@@ -129,3 +132,19 @@ def test_profile_step_smoke(tmp_path):
     r = subprocess.run([sys.executable, BENCH / "profile_step.py", "--device", "cpu",
                         "--variants", "ghlc_graph"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
+
+
+def test_grid_probe_is_the_runtime_call():
+    """The positions kernel floor times the strided call the runtime makes: same shapes."""
+    step = _step_module()
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(in_shape=(4, 3, 9, 8), out_shape=(4, 5, 9, 8),
+                           weight_shape=(5, 3, 3, 3))
+    conv = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+    xi, cot, args = step.grid_probe(info, conv, 0.25, {"dtype": torch.float32})
+    assert xi.shape == (4, 3, 9, 8) and cot.shape == (4, 5, 5, 4)  # rows 0,2,..8; cols 0,..6
+    assert args[0] == (2, 2) and args[1] == (1, 1)
+    w = torch.randn(info.weight_shape)
+    g = step.conv_weight_grad(cot, xi, w, args)
+    assert g.shape == w.shape

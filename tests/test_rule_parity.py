@@ -13,8 +13,11 @@ random temperature, competition, local rule, scope and global signal):
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -25,7 +28,9 @@ from torch.overrides import TorchFunctionMode
 
 import ghlc
 from ghlc.runtime import HebbianRule, hebbian_raw, parse_call
+from ghlc.runtime import hebbian as hebbian_module
 from ghlc.runtime.calls import CONV_FUNCS, LINEAR_FUNC
+from ghlc.runtime.hebbian import grid_steps
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference import ref_forward, ref_ghl_grad, ref_hebbian  # noqa: E402
@@ -267,6 +272,155 @@ def test_prepared_grad_matches_reference(name, data, rule):
         assert torch.equal(prepared.layer.bias.grad, plain.layer.bias.grad), desc
 
 
+
+# ---- (c) the sampled mode: the same sums over the sampled terms only ------------------------
+FRACTIONS = (0.5, 0.25, 1 / 3)
+
+
+def test_grid_steps():
+    """Steps of the positions grid: product round(1/fraction), as equal as they can be."""
+    assert grid_steps(0.25, 2) == (2, 2) and grid_steps(0.25, 1) == (4,)
+    assert grid_steps(0.25, 3) == (1, 2, 2) and grid_steps(0.5, 2) == (1, 2)
+    assert grid_steps(1 / 9, 2) == (3, 3) and grid_steps(0.125, 2) == (2, 4)
+    assert grid_steps(1 / 3, 2) == (1, 3)
+
+
+def test_grid_calls_equal_masked_weight_gradients():
+    """Every offset of a sweep of 1-D geometries (kernel, stride, padding, dilation, length,
+    step): the strided call of the sampled grid gives the weight gradient of the full call
+    with the cotangent zeroed off the grid (including grids that need leading zero outputs,
+    and grids that read padding only)."""
+    from ghlc.runtime.calls import CallSpec
+    from ghlc.runtime.hebbian import grid_call, grid_pad, sample_grid, weight_vjp
+
+    gen = torch.Generator().manual_seed(0)
+    cases = 0
+    seen = set()
+    for k, s, p, d, length, q in itertools.product((1, 2, 3, 5), (1, 2, 3), (0, 1, 2, 3),
+                                                   (1, 2), (1, 2, 5, 8), (2, 3, 4)):
+        out = (length + 2 * p - d * (k - 1) - 1) // s + 1
+        if out < 1:
+            continue
+        spec = CallSpec("conv", 1, False, (s,), (p,), (d,), (), 1)
+        x = torch.randn(2, 3, length, generator=gen, dtype=torch.float64)
+        w = torch.randn(4, 3, k, dtype=torch.float64)
+        u = torch.randn(2, 4, out, generator=gen, dtype=torch.float64)
+        for a in range(min(q, out)):
+            (g,) = sample_grid(spec, x.shape, w.shape, u.shape, 1 / q, (a,))
+            sp, sx, su = grid_call(spec, x, u, (g,))
+            got = (torch.zeros_like(w) if g.length == 0
+                   else weight_vjp(sp, sx, w, grid_pad(su, (g,))))
+            cot = torch.zeros_like(u)
+            cot[..., a::q] = u[..., a::q]
+            want = weight_vjp(spec, x, w, cot)
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (k, s, p, d, length, q, a)
+            seen.add("empty" if g.length == 0 else "lead" if g.lead else "plain")
+            cases += 1
+    assert cases > 1000 and seen == {"empty", "lead", "plain"}, (cases, seen)
+
+def sample_mask(m, x, u, frac: float, over: str, draws: list[int]) -> torch.Tensor:
+    """The 0/1 mask of the terms the sampled mode keeps, from the documented semantics and
+    the values it drew (in order): batch: samples (rows) [start, start + round(frac*n));
+    positions: outputs whose index along each spatial dim is offset mod step (linear: rows)."""
+    it = iter(draws)
+    if isinstance(m, nn.Linear):
+        n = x.reshape(-1, x.shape[-1]).shape[0]
+        mask = torch.zeros(n)
+        if over == "positions":
+            q = min(n, grid_steps(frac, 1)[0])
+            mask[next(it)::q] = 1
+            return mask
+        k = max(1, round(frac * n))
+        start = next(it) if k < n else 0
+        mask[start:start + k] = 1
+        return mask
+    ub = u if u.dim() == len(m.kernel_size) + 2 else u.unsqueeze(0)
+    n, out = ub.shape[0], ub.shape[2:]
+    mask = torch.zeros(n, *out)
+    if over == "positions" and not isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                                  nn.ConvTranspose3d)):
+        steps = grid_steps(frac, len(out))
+        index = [slice(None)]
+        for o, q in zip(out, steps):
+            q = min(q, o)
+            index.append(slice(next(it), None, q))
+        mask[tuple(index)] = 1
+        return mask
+    k = max(1, round(frac * n))
+    start = next(it) if k < n else 0
+    mask[start:start + k] = 1
+    return mask
+
+
+def recording_draw(data):
+    """A stand-in for the sampled mode's random draw: values from hypothesis, recorded."""
+    drawn: list[int] = []
+
+    def draw(n: int) -> int:
+        v = data.draw(st.integers(0, n - 1))
+        drawn.append(v)
+        return v
+
+    return draw, drawn
+
+
+@pytest.mark.parametrize("over", ["batch", "positions"])
+@pytest.mark.parametrize("name", KINDS)
+@settings(SETTINGS, max_examples=25)
+@given(data=st.data(), rule=rules(), frac=st.sampled_from(FRACTIONS))
+def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
+    """hebbian_raw in the sampled mode equals the reference's sums over the sampled terms."""
+    m, x, desc = data.draw(layers(name))
+    assume(no_ties(m, x, rule))
+    rule = dataclasses.replace(rule, sample_fraction=frac, sample_over=over)
+    with Record() as rec, torch.no_grad():
+        m(x)
+    xc, w, b, spec, unbatched = parse_call(*rec.calls[0])
+    if unbatched:
+        xc = xc.unsqueeze(0)
+    if spec.pre_pad:
+        xc = torch.nn.functional.pad(xc, list(spec.pre_pad))
+    draw, drawn = recording_draw(data)
+    with torch.no_grad(), mock.patch.object(hebbian_module, "draw", draw):
+        u = spec.run(xc, w, b)
+        h = hebbian_raw(spec, xc, u, w, b, rule)
+    mask = sample_mask(m, x, u, frac, over, drawn)
+    if mask.sum() < mask.numel():
+        event("sampled")
+    ref = ref_hebbian(m, x, rule.competition, rule.temperature, rule.local_rule,
+                      rule.competition_scope, mask=mask)
+    err = rel_err(h, ref)
+    assert err <= TOL[x.dtype], f"{desc} {rule} draws {drawn}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("over", ["batch", "positions"])
+@pytest.mark.parametrize("name", ["Linear", "Conv1d", "Conv2d", "ConvTranspose2d"])
+@settings(SETTINGS, max_examples=15)
+@given(data=st.data(), frac=st.sampled_from(FRACTIONS))
+def test_prepared_sampled_grad_matches_reference(name, over, data, frac):
+    """End to end: GHLConfig(sample_fraction, sample_over) gives |Hn| * sign(G) of the
+    reference's sampled H."""
+    m, x, desc = data.draw(layers(name))
+    model = One(m)
+    plain = copy.deepcopy(model)
+    cfg = ghlc.GHLConfig(plastic=("conv", "linear"), include=("*",), sample_fraction=frac,
+                         sample_over=over)
+    prepared = ghlc.prepare(model, (x,), cfg)
+    draw, drawn = recording_draw(data)
+    with mock.patch.object(hebbian_module, "draw", draw):
+        out = prepared(x)
+        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64).to(x.dtype)
+        (out * r).sum().backward()
+    plain_out = plain(x)
+    (plain_out * r).sum().backward()
+    with torch.no_grad():
+        u = m(x)
+    mask = sample_mask(m, x, u, frac, over, drawn)
+    h = ref_hebbian(m, x, mask=mask)
+    want = ref_ghl_grad(h, plain.layer.weight.grad)
+    err = rel_err(prepared.layer.weight.grad, want)
+    assert err <= TOL[x.dtype], f"{desc} draws {drawn}: rel err {err:.3g}"
 
 @pytest.mark.parametrize("t", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("dim", [0, 1, 2])
