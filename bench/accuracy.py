@@ -72,6 +72,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "temp-0.5": {"temperature": 0.5},
     "temp-2.0": {"temperature": 2.0},
     "sample-0.25": {"sample_fraction": 0.25},
+    "sample-positions-0.25": {"sample_fraction": 0.25, "sample_over": "positions"},
     "norm-unit": {"normalisation": "unit"},
 }
 

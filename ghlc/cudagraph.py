@@ -37,7 +37,9 @@ def cuda_graph_step(
     optimiser takes its lr as a tensor). The returned loss tensor is overwritten by each replay.
     With ``sample_fraction`` < 1 the block of the batch that the Hebbian term is estimated
     from is drawn at capture and is the same block in every replay (with shuffled batches it
-    is still a random subset of the data).
+    is still a random subset of the data); with ``sample_over="positions"`` the grid's
+    offsets are likewise fixed at capture (the same positions of every image in every step,
+    so prefer the batch block, or random crops, for long captured runs).
 
     ``stack_weight_grads=True`` trades memory for time: each plain conv (not grouped or
     transposed, whole batch, Hebbian term computed in the backward pass) computes backprop's

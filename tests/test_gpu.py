@@ -4,6 +4,7 @@ step against the eager step. Skipped without a CUDA device (run by bench/gpu_che
 from __future__ import annotations
 
 import copy
+import itertools
 
 import oracle
 import pytest
@@ -128,13 +129,21 @@ class Small(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize(("sample", "stack"), [(1.0, False), (0.5, False), (1.0, True)])
-def test_cuda_graph_step_equals_eager_steps(sample, stack):
+@pytest.mark.parametrize(("sample", "over", "stack"), [
+    (1.0, "batch", False), (0.5, "batch", False), (0.25, "positions", False),
+    (1.0, "batch", True)])
+def test_cuda_graph_step_equals_eager_steps(sample, over, stack, monkeypatch):
+    """The captured step against eager steps; the sampled modes draw the last block of the
+    batch or grid offset every time (patched), so that the graph's window, fixed at capture,
+    is eager's too."""
+    from ghlc.runtime import hebbian
+
+    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
     torch.manual_seed(0)
     base = Small().cuda()
     xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(3)]
     ys = [torch.randint(0, 10, (8,), device="cuda") for _ in range(3)]
-    cfg = ghlc.GHLConfig(sample_fraction=sample)
+    cfg = ghlc.GHLConfig(sample_fraction=sample, sample_over=over)
     eager = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],), cfg).train()
     graphed = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],), cfg).train()
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
@@ -143,14 +152,6 @@ def test_cuda_graph_step_equals_eager_steps(sample, stack):
                                 stack_weight_grads=stack)
     for p, q in zip(eager.parameters(), graphed.parameters()):
         assert torch.equal(p, q)  # capturing did not train
-    if sample < 1.0:  # the captured sample window is fixed; eager draws a new one each step
-        before = [p.detach().clone() for p in graphed.parameters()]
-        for x, y in zip(xs, ys):
-            assert torch.isfinite(step(x, target=y))
-        after = list(graphed.parameters())
-        assert all(torch.isfinite(p).all() for p in after)
-        assert not torch.equal(before[0], after[0])
-        return
     for x, y in zip(xs, ys):
         opt_e.zero_grad(set_to_none=True)
         loss_e = F.cross_entropy(eager(x), y)
@@ -161,6 +162,42 @@ def test_cuda_graph_step_equals_eager_steps(sample, stack):
         for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (nn.Conv2d(8, 16, 3, padding=1), (4, 8, 16, 16)),
+    (nn.Conv2d(8, 16, 5, padding="same"), (4, 8, 15, 16)),
+    (nn.Conv2d(8, 16, 3, stride=2, padding=1), (4, 8, 17, 16)),
+    (nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2), (4, 8, 16, 16)),
+    (nn.Conv2d(8, 16, 7, stride=2, padding=3), (4, 8, 32, 32)),
+    (nn.Conv1d(8, 16, 3, padding=1), (4, 8, 31)),
+    (nn.Conv3d(4, 8, 3, padding=1), (2, 4, 6, 8, 8)),
+], ids=["3x3", "5x5-same", "stride2", "dil2-g2", "7x7-s2", "1d", "3d"])
+def test_cuda_sampled_positions_match_cpu_float64(layer, shape, monkeypatch):
+    """The positions grid on CUDA (every offset) against the same grid on CPU in float64
+    (itself checked against the reference in test_rule_parity)."""
+    from ghlc.runtime import hebbian
+    from ghlc.runtime.calls import CallSpec
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    nd = x.dim() - 2
+    pad = layer.padding
+    if pad == "same":
+        pad = tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))
+    spec = CallSpec("conv", nd, False, layer.stride, pad, layer.dilation, (), layer.groups)
+    rule = hebbian.HebbianRule(sample_fraction=0.25, sample_over="positions")
+    steps = hebbian.grid_steps(0.25, nd)
+    u = spec.run(x, w, b)
+    for offsets in itertools.product(*[range(min(q, o)) for q, o in zip(steps, u.shape[2:])]):
+        it = iter(offsets * 2)
+        monkeypatch.setattr(hebbian, "draw", lambda n, it=it: next(it))
+        ref = hebbian.hebbian_raw(spec, x, u, w, b, rule)
+        xc, wc, bc = x.float().cuda(), w.float().cuda(), b.float().cuda()
+        got = hebbian.hebbian_raw(spec, xc, spec.run(xc, wc, bc), wc, bc, rule)
+        err = ((got.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-4, (offsets, err)
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet"])

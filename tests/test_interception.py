@@ -236,8 +236,9 @@ def test_interception_is_checked():
 
 
 @pytest.mark.parametrize("kw", [{}, {"hebbian_at": "backward"}, {"hebbian_at": "forward"},
-                                {"sample_fraction": 0.5}],
-                         ids=["auto", "backward", "forward", "sampled"])
+                                {"sample_fraction": 0.5},
+                                {"sample_fraction": 0.25, "sample_over": "positions"}],
+                         ids=["auto", "backward", "forward", "sampled", "positions"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
 def test_output_hooks_match_the_autograd_function(name, kw, monkeypatch):
     """Both ways of running a plastic call give bit-identical gradients, step after step."""
