@@ -39,6 +39,8 @@ and, with --device cuda only,
     ghlc_p25_graph  ghlc_p25 captured the same way (its grid offsets are drawn at capture)
     ghlc_stack_graph  ghlc_graph captured with stack_weight_grads=True (plain convs compute
                 backprop's weight gradient and the Hebbian correlation in one call)
+    ghlc_stack20_graph  the same, stacking only weights under 2**20 elements
+                (runtime/state.py STACK_MAX_NUMEL)
 
 (a variant whose capture raises is dropped with a one-line warning), and the peak memory of
 one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph, the other
@@ -117,7 +119,8 @@ from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph",
-                  "ghlc_s25_graph", "ghlc_p25_graph", "ghlc_stack_graph")
+                  "ghlc_s25_graph", "ghlc_p25_graph", "ghlc_stack_graph",
+                  "ghlc_stack20_graph")
 CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
 EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_p25",
@@ -231,11 +234,13 @@ class Runner:
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
-        self.stack = variant == "ghlc_stack"
+        self.stack = variant in ("ghlc_stack", "ghlc_stack20")
+        self.stack_max = 1 << 20 if variant == "ghlc_stack20" else None
         self.capturing = False
         if variant == "naive":
             self.naive = NaiveGHL(model, temp)
-        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_stack"):
+        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_stack",
+                         "ghlc_stack20"):
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
         elif variant in (*SAMPLED, "ghlc_nosoftmax"):
             extra = ({"sample_fraction": SAMPLE_FRACTION, "sample_over": SAMPLED[variant]}
@@ -260,18 +265,19 @@ class Runner:
 def settings(r):
     """A runner's ghlc settings for the duration (variants run interleaved): the
     compiled-kernel mode (a graph's warm-up and capture in fused.capturing(), as
-    ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack), and the in-call combine
-    on CUDA for ghlc_chunk."""
-    old = fused.mode(), rt_state.FUSE_DEVICES
+    ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack and its size limit for
+    ghlc_stack20), and the in-call combine on CUDA for ghlc_chunk."""
+    old = fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL
     fused.set_mode(r.fused)
     if r.chunk:
         rt_state.FUSE_DEVICES = {"cpu", "cuda"}
+    rt_state.STACK_MAX_NUMEL = r.stack_max
     try:
         with fused.capturing(r.stack) if r.capturing else contextlib.nullcontext():
             yield
     finally:
         fused.set_mode(old[0])
-        rt_state.FUSE_DEVICES = old[1]
+        rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL = old[1], old[2]
 
 
 class GraphRunner:
@@ -288,7 +294,7 @@ class GraphRunner:
             raise ValueError(variant)
         r = Runner(base, temp, eager, x[:2])
         self.model, self.opt, self.fused, self.chunk = r.model, r.opt, r.fused, r.chunk
-        self.stack = r.stack
+        self.stack, self.stack_max = r.stack, r.stack_max
         self.capturing = True
         self.static_x, self.static_y = x.clone(), y.clone()
         self.graph: torch.cuda.CUDAGraph | None = None

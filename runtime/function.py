@@ -173,7 +173,8 @@ def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
     docstring): a stackable conv of the parameter itself, while a CUDA graph is captured
     with ``stack_weight_grads=True``."""
     return (fused.stacking() and view is None and site.direct
-            and w.device.type in state.STACK_DEVICES and stackable(spec, site.rule))
+            and w.device.type in state.STACK_DEVICES and stackable(spec, site.rule)
+            and (state.STACK_MAX_NUMEL is None or w.numel() < state.STACK_MAX_NUMEL))
 
 
 def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,

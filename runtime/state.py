@@ -37,6 +37,12 @@ FUSE_DEVICES = {"cpu"}
 # 1.057 -> 0.948 x floor, peak memory 1.018 -> 1.089 x backprop (so opt-in); on CPU a
 # stacked call was slower.
 STACK_DEVICES = {"cuda"}
+# Stacking only weights under this many elements (None: every stackable conv). The stacked
+# call holds twice the weight and a copy of g next to H; leaving the large weights out may
+# keep most of the time saved at a lower peak (a CPU emulation of the captured step:
+# 1.061 -> 1.044 x backprop at 2**20). Not yet measured on a GPU: bench/step.py's
+# ghlc_stack20_graph does.
+STACK_MAX_NUMEL: int | None = None
 
 
 def fuse_sized(t: torch.Tensor) -> bool:

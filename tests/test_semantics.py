@@ -660,6 +660,28 @@ def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_stacking_size_limit(stacked_calls, monkeypatch):
+    """With STACK_MAX_NUMEL only the smaller weights stack; the grads stay the oracle's."""
+    import ghlc.runtime.function as fn
+    import ghlc.runtime.state as st
+
+    sizes: list[int] = []
+    inner = fn.stacked_wgrads
+
+    def spy(spec, x, w, *a, **k):
+        sizes.append(w.numel())
+        return inner(spec, x, w, *a, **k)
+
+    monkeypatch.setattr(fn, "stacked_wgrads", spy)
+    model, _, _ = _build("resnet")
+    numels = sorted({m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)})
+    limit = numels[len(numels) // 2]
+    monkeypatch.setattr(st, "STACK_MAX_NUMEL", limit)
+    _steps_against_oracle("resnet", stacked_calls, "grad_sign")
+    assert sizes and max(sizes) < limit
+    assert any(n >= limit for n in numels)  # some convs were left to the two calls
+
+
 def test_stacking_skips_sampled_forward_timed_and_computed_weights(stacked_calls):
     """The sampled mode's block of the batch, a term computed in the forward pass and a
     computed weight (its gradient flows on to the parameter) cannot share backprop's call:
