@@ -37,10 +37,11 @@ class GHLConfig:
     ``sample_fraction`` < 1 estimates the Hebbian term from part of the batch: the fast
     approximate mode; 1.0 is exact. ``sample_over="batch"`` (default) takes a random
     contiguous block of that fraction of the samples (rows of a linear layer's flattened
-    input); ``"positions"`` takes, in every sample, a grid of output positions (every 2nd row
-    and column for 0.25 in 2-D) from a random offset, computed as the weight gradient of the
-    equivalent strided conv (linear layers: every n-th row; transposed convs: the batch
-    block). ``hebbian_at`` says when H is computed:
+    input); ``"positions"`` takes, in every sample, a grid of output positions from a random
+    offset: 1/round(1/fraction) of them (0.25 in 2-D: every 2nd row and column; fractions
+    above 2/3 keep them all), computed as the weight gradient of the equivalent strided conv
+    (linear layers: every n-th row; transposed convs: the batch block). ``hebbian_at`` says
+    when H is computed:
     ``auto`` (default: whichever keeps less memory alive), ``forward`` or ``backward``; the
     result is the same. ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
     (two weight-sized buffers per plastic layer) only while training accumulates several
