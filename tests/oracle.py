@@ -13,6 +13,7 @@ for 3-d); transposed convolutions correlate the input with patches of the output
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -177,13 +178,56 @@ def compete(u: torch.Tensor, dim: int, rule: dict, groups: int = 1) -> torch.Ten
     return y.flatten(dim, dim + 1) if groups > 1 else y
 
 
+def grid_steps(frac: float, nd: int) -> tuple[int, ...]:
+    """Steps of the sampled positions grid: nd integers with product round(1/frac), the
+    smallest largest one, then the lexicographically first (brute force)."""
+    n = max(1, round(1 / frac))
+    tuples = [t for t in itertools.product(range(1, n + 1), repeat=nd) if math.prod(t) == n]
+    return min(tuples, key=lambda t: (max(t), t))
+
+
+def sample_mask(c: Call, rule: dict) -> torch.Tensor | None:
+    """The sampled mode's 0/1 mask over the call's terms (rows for linear, (N, *positions) of
+    the output for convs), or None when exact. ``rule["draw"](n)`` gives the integer in
+    [0, n) the runtime draws (tests patch the runtime's draw with the same function)."""
+    frac = rule.get("sample_fraction", 1.0)
+    if frac >= 1.0:
+        return None
+    draw, over = rule["draw"], rule.get("sample_over", "batch")
+    if c.kind == "linear":
+        rows = c.u.reshape(-1, c.u.shape[-1]).shape[0]
+        mask = torch.zeros(rows, dtype=torch.float64)
+        if over == "positions":
+            q = min(rows, round(1 / frac))
+            mask[draw(q)::q] = 1
+            return mask
+    else:
+        n, out = c.u.shape[0], c.u.shape[2:]
+        mask = torch.zeros(n, *out, dtype=torch.float64)
+        if over == "positions" and not c.transposed:
+            index: list = [slice(None)]
+            for o, q in zip(out, grid_steps(frac, len(out))):
+                q = min(q, o)
+                index.append(slice(draw(q), None, q))
+            mask[tuple(index)] = 1
+            return mask
+        rows = n
+    k = max(1, round(frac * rows))
+    start = draw(rows - k + 1) if k < rows else 0
+    mask[start:start + k] = 1
+    return mask
+
+
 def call_term(c: Call, rule: dict) -> torch.Tensor:
     """Raw H of one call, shaped like the weight as used."""
     oja = rule.get("local_rule", "oja") == "oja"
+    mask = sample_mask(c, rule)
     if c.kind == "linear":
         x = c.x.reshape(-1, c.x.shape[-1])
         u = c.u.reshape(-1, c.u.shape[-1])
         y = compete(u, 1, rule)
+        if mask is not None:
+            y = y * mask[:, None]
         h = y.t() @ x
         if oja:
             h = h - (y * u).sum(0)[:, None] * c.w
@@ -191,6 +235,8 @@ def call_term(c: Call, rule: dict) -> torch.Tensor:
     g = c.groups
     scope_groups = g if rule.get("competition_scope", "layer") == "group" else 1
     y = compete(c.u, 1, rule, scope_groups)
+    if mask is not None:
+        y = y * mask.unsqueeze(1)
     k = tuple(c.w.shape[2:])
     n = c.x.shape[0]
     kf = math.prod(k)

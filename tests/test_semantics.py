@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo import BY_NAME
+from zoo import BY_NAME, ZOO
 
 import ghlc
 import ghlc.runtime.function as rt_function
@@ -455,15 +455,17 @@ def test_auto_accumulation_stops_keeping_totals_after_a_plain_step(fused, reques
 # ---- in-call combine (large weights used by one call: no full G buffer) ----------------------
 
 
-def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3, **kw):
+def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3, oracle_rule=None,
+                          **kw):
     """Train ``steps`` steps at lr 0 (the weights stay those of the plain copy), checking
-    every step's grads against the oracle; returns the prepared model."""
+    every step's grads against the oracle (``oracle_rule``: its rule settings, if any);
+    returns the prepared model."""
     model, x, cfg = _build(name)
     cfg = dataclasses.replace(cfg, global_signal=signal, **kw)
     plain = copy.deepcopy(model)
     m = ghlc.prepare(model, (x,), config=cfg)
     names = _plastic_names(m)
-    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn, rule=oracle_rule)
     expected = {n: oracle.expected_grad(h[n], g[n], signal) for n in names}
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     m.train()
@@ -658,6 +660,23 @@ def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw):
     for a, b in zip(grads[False], grads[True]):
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("over", ["batch", "positions"])
+@pytest.mark.parametrize("name", [e.name for e in ZOO])
+def test_sampled_modes_match_oracle(name, over, monkeypatch):
+    """The sampled modes on every zoo model against the oracle's sums over the sampled terms
+    (the draw fixed to its last value: the last block of the batch, or odd grid offsets,
+    which need the strided call's leading zero rows)."""
+    from ghlc.runtime import hebbian
+
+    def last(n: int) -> int:
+        return n - 1
+
+    monkeypatch.setattr(hebbian, "draw", last)
+    rule = {"sample_fraction": 0.25, "sample_over": over, "draw": last}
+    _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
+                          sample_over=over)
 
 
 def test_stacking_size_limit(stacked_calls, monkeypatch):
