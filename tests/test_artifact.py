@@ -37,6 +37,16 @@ def test_round_trip_outputs_and_gradients(tmp_path):
     assert rt.sites["3.weight"].state.rule.temperature == 2.0
 
 
+def test_round_trip_keeps_the_sampled_mode(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    cfg = ghlc.GHLConfig(sample_fraction=0.25, sample_over="positions")
+    m = ghlc.prepare(net(), (x[:1],), cfg)
+    ghlc.save(m, tmp_path / "m.ghl")
+    loaded = ghlc.load(tmp_path / "m.ghl", model=net())
+    rule = loaded._ghl_runtime.sites["0.weight"].state.rule
+    assert (rule.sample_fraction, rule.sample_over) == (0.25, "positions")
+
+
 def test_load_checks_the_model(tmp_path):
     x = torch.randn(1, 3, 8, 8)
     ghlc.save(ghlc.prepare(net(), (x,)), tmp_path / "m.ghl")

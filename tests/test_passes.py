@@ -173,6 +173,16 @@ def test_insert_hebbian_rule_carries_config_variants():
     assert lg.g.nodes[GLOBAL_SIGN]["signal"] == "none"
 
 
+def test_insert_hebbian_rule_carries_sampling():
+    lg = run(make(ghlc.GHLConfig(sample_fraction=0.25, sample_over="positions"))[2])
+    r = lg.rule("conv1.weight")
+    assert (r.sample_fraction, r.sample_over) == (0.25, "positions")
+    assert "sample=0.25/positions" in lg.to_text()
+    assert "sample=" not in run(make(ghlc.GHLConfig())[2]).to_text()
+    with pytest.raises(ghlc.ConfigError, match="sample_over='rows' is not one of batch, positions"):
+        ghlc.GHLConfig(sample_over="rows")
+
+
 # ---- broadcast_global_sign -----------------------------------------------------------------
 
 def test_broadcast_global_sign_one_source_edge_to_every_hebbian_node():
