@@ -609,15 +609,12 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
 
             def fn(cot=cot, xi=xi):
                 return cot.t() @ xi
-        elif over == "positions" and frac < 1 and not conv[3]:  # conv[3]: transposed
-            xi, cot, conv = grid_probe(info, conv, frac, mk)
-            w = torch.randn(info.weight_shape, **mk)
-
-            def fn(cot=cot, xi=xi, w=w, conv=conv):
-                return conv_weight_grad(cot, xi, w, conv)
         else:
-            xi = sampled_rows(torch.randn(info.in_shape, **mk), frac)
-            cot = sampled_rows(torch.randn(info.out_shape, **mk), frac)
+            if over == "positions" and frac < 1 and not conv[3]:  # conv[3]: transposed
+                xi, cot, conv = grid_probe(info, conv, frac, mk)
+            else:
+                xi = sampled_rows(torch.randn(info.in_shape, **mk), frac)
+                cot = sampled_rows(torch.randn(info.out_shape, **mk), frac)
             w = torch.randn(info.weight_shape, **mk)
 
             def fn(cot=cot, xi=xi, w=w, conv=conv):

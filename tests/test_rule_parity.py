@@ -33,6 +33,7 @@ from ghlc.runtime.calls import CONV_FUNCS, LINEAR_FUNC
 from ghlc.runtime.hebbian import grid_steps
 
 sys.path.insert(0, os.path.dirname(__file__))
+import oracle  # noqa: E402
 from reference import ref_forward, ref_ghl_grad, ref_hebbian  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -319,37 +320,15 @@ def test_grid_calls_equal_masked_weight_gradients():
     assert cases > 1000 and seen == {"empty", "lead", "plain"}, (cases, seen)
 
 def sample_mask(m, x, u, frac: float, over: str, draws: list[int]) -> torch.Tensor:
-    """The 0/1 mask of the terms the sampled mode keeps, from the documented semantics and
-    the values it drew (in order): batch: samples (rows) [start, start + round(frac*n));
-    positions: outputs whose index along each spatial dim is offset mod step (linear: rows)."""
+    """The 0/1 mask of the terms the sampled mode keeps (the oracle's, given the values the
+    runtime drew, in order: the oracle derives each draw's range itself)."""
     it = iter(draws)
-    if isinstance(m, nn.Linear):
-        n = x.reshape(-1, x.shape[-1]).shape[0]
-        mask = torch.zeros(n)
-        if over == "positions":
-            q = min(n, grid_steps(frac, 1)[0])
-            mask[next(it)::q] = 1
-            return mask
-        k = max(1, round(frac * n))
-        start = next(it) if k < n else 0
-        mask[start:start + k] = 1
-        return mask
-    ub = u if u.dim() == len(m.kernel_size) + 2 else u.unsqueeze(0)
-    n, out = ub.shape[0], ub.shape[2:]
-    mask = torch.zeros(n, *out)
-    if over == "positions" and not isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                                  nn.ConvTranspose3d)):
-        steps = grid_steps(frac, len(out))
-        index = [slice(None)]
-        for o, q in zip(out, steps):
-            q = min(q, o)
-            index.append(slice(next(it), None, q))
-        mask[tuple(index)] = 1
-        return mask
-    k = max(1, round(frac * n))
-    start = next(it) if k < n else 0
-    mask[start:start + k] = 1
-    return mask
+    transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    ub = u if isinstance(m, nn.Linear) or u.dim() == len(m.kernel_size) + 2 else u.unsqueeze(0)
+    call = oracle.Call(name="", kind="linear" if isinstance(m, nn.Linear) else "conv", x=x,
+                       u=ub, w=m.weight, transposed=transposed)
+    return oracle.sample_mask(call, {"sample_fraction": frac, "sample_over": over,
+                                     "draw": lambda n: next(it)})
 
 
 def recording_draw(data):

@@ -414,18 +414,25 @@ def _vgg_steps(accumulation: str):
 def fused_calls(monkeypatch):
     """Every weight qualifies for the in-call combine (not only large ones); records the
     kinds of the calls that used it."""
-    import ghlc.runtime.function as fn
     import ghlc.runtime.state as st
 
     monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
-    calls: list[str] = []
-    orig = fn.fused_combine
+    return _spy(monkeypatch, "fused_combine", lambda spec, *a: spec.kind)
 
-    def spy(spec, *a, **k):
-        calls.append(spec.kind)
-        return orig(spec, *a, **k)
 
-    monkeypatch.setattr(fn, "fused_combine", spy)
+def _spy(monkeypatch, name: str, note) -> list:
+    """Wrap ``ghlc.runtime.function.<name>`` (called with the call's spec first); returns the
+    list that gets ``note(*args)`` of every call."""
+    import ghlc.runtime.function as fn
+
+    calls: list = []
+    orig = getattr(fn, name)
+
+    def spy(*a, **k):
+        calls.append(note(*a))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(fn, name, spy)
     return calls
 
 
@@ -604,22 +611,13 @@ def test_model_that_differentiates_in_forward_is_traced():
 def stacked_calls(monkeypatch):
     """Every stackable conv stacks its two weight gradients, here on CPU (as inside
     ``cuda_graph_step(..., stack_weight_grads=True)`` on CUDA); records the calls that did."""
-    import ghlc.runtime.function as fn
     import ghlc.runtime.fused as fu
     import ghlc.runtime.state as st
 
     monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"})
     monkeypatch.setattr(fu, "_capturing", 1)
     monkeypatch.setattr(fu, "_stacking", 1)
-    calls: list[str] = []
-    orig = fn.stacked_wgrads
-
-    def spy(spec, *a, **k):
-        calls.append(spec.kind)
-        return orig(spec, *a, **k)
-
-    monkeypatch.setattr(fn, "stacked_wgrads", spy)
-    return calls
+    return _spy(monkeypatch, "stacked_wgrads", lambda spec, *a: spec.kind)
 
 
 @pytest.mark.parametrize("name,signal,kw", [
@@ -681,17 +679,9 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
 
 def test_stacking_size_limit(stacked_calls, monkeypatch):
     """With STACK_MAX_NUMEL only the smaller weights stack; the grads stay the oracle's."""
-    import ghlc.runtime.function as fn
     import ghlc.runtime.state as st
 
-    sizes: list[int] = []
-    inner = fn.stacked_wgrads
-
-    def spy(spec, x, w, *a, **k):
-        sizes.append(w.numel())
-        return inner(spec, x, w, *a, **k)
-
-    monkeypatch.setattr(fn, "stacked_wgrads", spy)
+    sizes = _spy(monkeypatch, "stacked_wgrads", lambda spec, x, w, *a: w.numel())
     model, _, _ = _build("resnet")
     numels = sorted({m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)})
     limit = numels[len(numels) // 2]
