@@ -414,3 +414,27 @@ def test_softmax_units_cuda_formula_matches_float64(t, dim, monkeypatch):
     got = hebbian.softmax_units(v, dim, t)
     monkeypatch.undo()
     assert rel_err(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3, 2.5])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "group_view", "half"])
+def test_softmax_units_cpu_matches_torch_softmax(t, layout):
+    """The CPU path (in place on t*v where that is a contiguous tensor of its own) gives
+    torch.softmax(v * t)'s numbers bit for bit, over every dim and layout, and leaves v as it
+    was."""
+    from ghlc.runtime import hebbian
+
+    v = torch.randn(5, 12, 6, 4, generator=torch.Generator().manual_seed(3)) * 4
+    if layout == "channels_last":
+        v = v.contiguous(memory_format=torch.channels_last)
+    elif layout == "group_view":
+        v = v.unflatten(1, (3, 4))
+    elif layout == "half":
+        v = v.to(torch.bfloat16)
+    before = v.clone()
+    for dim in range(v.dim()):
+        got = hebbian.softmax_units(v, dim, t)
+        want = torch.softmax(v * t if t != 1.0 else v, dim)
+        assert got.dtype == want.dtype and torch.equal(got, want), (layout, dim)
+        assert got.data_ptr() != v.data_ptr()
+    assert torch.equal(v, before)
