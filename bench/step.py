@@ -32,7 +32,7 @@ and, with --device cuda only,
     ghlc_graph  the same for ghlc
     ghlc_ref_graph  the same for ghlc_ref
     ghlc_chunk_graph  ghlc_graph with the in-call combine that ghlc uses on CPU only (large
-                single-use weights: dL/dW in eight blocks of output units, each combined at
+                single-use weights: dL/dW in blocks of output units, each combined at
                 once), to show why it is off on CUDA
     ghlc_s25_graph  ghlc_s25 captured the same way (the sampled block of the batch is drawn
                 at capture and fixed across replays, see ghlc.cuda_graph_step)

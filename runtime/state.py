@@ -27,9 +27,9 @@ from .hebbian import ROWS, HebbianRule, Layout, combine
 # Weights at least this large (elements) get the in-call combine when it is safe (see
 # PlasticParam.can_fuse): one weight-sized buffer fewer at the step's peak.
 FUSE_MIN_NUMEL = 1 << 20
-# Devices where the in-call combine is used. On CUDA (H100) it measured slower (eight smaller
-# weight-gradient kernels instead of one: ResNet-18 in a CUDA graph 1.116 -> 1.199 x floor)
-# for no lower peak (the peak is elsewhere there), so CUDA combines after backward.
+# Devices where the in-call combine is used. On CUDA (H100) it measured slower (then eight
+# smaller weight-gradient kernels instead of one: ResNet-18 in a CUDA graph 1.116 -> 1.199 x
+# floor) for no lower peak (the peak is elsewhere there), so CUDA combines after backward.
 FUSE_DEVICES = {"cpu"}
 # Devices where a CUDA-graph step captured with stack_weight_grads=True has each plain conv
 # compute backprop's weight gradient and the Hebbian correlation in one weight-gradient call,

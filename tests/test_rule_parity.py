@@ -438,3 +438,31 @@ def test_softmax_units_cpu_matches_torch_softmax(t, layout):
         assert got.dtype == want.dtype and torch.equal(got, want), (layout, dim)
         assert got.data_ptr() != v.data_ptr()
     assert torch.equal(v, before)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("units", [None, 1, 3, 6, 7, 100])
+def test_in_call_combine_blocks_match_one_combine(kind, units):
+    """The in-call combine's blockwise dL/dW (any block size, the last block short) gives
+    the reference |H_n| * sign(G) of the full gradient."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "conv":
+        m = nn.Conv2d(4, 7, 3, stride=2, padding=1).double()
+        x = torch.randn(3, 4, 9, 9, dtype=torch.float64, generator=gen)
+    else:
+        m = nn.Linear(5, 7).double()
+        x = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen)
+    with Record() as rec, torch.no_grad():
+        m(x)
+    xc, w, b, spec, _ = parse_call(*rec.calls[0])
+    rule = HebbianRule(temperature=0.7)
+    with torch.no_grad():
+        u = spec.run(xc, w, b)
+        gout = torch.randn(u.shape, dtype=u.dtype, generator=gen)
+        h = hebbian_raw(spec, xc, u, w, b, rule)
+    (m(x) * gout).sum().backward()
+    want = ref_ghl_grad(ref_hebbian(m, x, temperature=0.7), m.weight.grad)
+    with torch.no_grad():
+        got = hebbian_module.fused_combine(spec, gout, xc, w, h.clone(), rule, units)
+    assert rel_err(got, want) <= TOL[torch.float64]
+    assert hebbian_module.block_units(7) == 4 and hebbian_module.block_units(4096) == 256
