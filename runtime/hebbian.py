@@ -69,15 +69,51 @@ def softmax_units(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
     return fused.softmax(v, dim, t)
 
 
-def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
-    """sum over uses of cot (x) x: the weight gradient of the call with cotangent ``cot``."""
-    if spec.kind == "linear":
-        return cot.reshape(-1, cot.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+# Output units per block where a weight gradient is computed a block at a time: the in-call
+# combine (at most this many, at least two blocks) and large conv weights on CPU (below). On
+# the 2-core CPU, dL/dx plus dL/dW in blocks of 256 units took 0.95-1.04 x backprop's one
+# combined call for ResNet-18's layer4 convs and 0.86 x for DeepHebb's 1536x384x3x3, against
+# 1.09-1.21 x and 0.89 x in eight blocks (64 units for a 512-unit weight: oneDNN's kernels
+# run slower on narrow blocks).
+BLOCK_UNITS = 256
+# Conv weights of at least this many elements (and more than BLOCK_UNITS output units) get
+# their Hebbian correlation a block of BLOCK_UNITS units at a time on these devices: there
+# oneDNN's weight gradient of such a weight took 0.45-0.80 x the one call's time for 3x3
+# weights of 3.5-9.4 M elements at 4x4-8x8 outputs (DeepHebb's 1536x384x3x3: 0.76 x), and
+# about the same time below that size (microbenchmarks, bench/wgrad_blocks.py).
+WGRAD_BLOCK_MIN_NUMEL = 1 << 22
+WGRAD_BLOCK_DEVICES = {"cpu"}
+
+
+def _conv_wgrad(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
+                cot: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.convolution_backward(
         cot, x, w, None, spec.stride, spec.padding, spec.dilation, spec.transposed,
         spec.output_padding if spec.transposed else (0,) * spec.nd, spec.groups,
         [False, True, False],
     )[1]
+
+
+def wgrad_blocked(spec: CallSpec, w: torch.Tensor) -> bool:
+    """Whether :func:`weight_vjp` computes this call's weight gradient in blocks of units."""
+    return (spec.kind == "conv" and not spec.transposed and spec.groups == 1
+            and w.shape[0] > BLOCK_UNITS and w.numel() >= WGRAD_BLOCK_MIN_NUMEL
+            and w.device.type in WGRAD_BLOCK_DEVICES)
+
+
+def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
+    """sum over uses of cot (x) x: the weight gradient of the call with cotangent ``cot``
+    (in blocks of output units where :func:`wgrad_blocked`; the same sums)."""
+    if spec.kind == "linear":
+        return cot.reshape(-1, cot.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if not wgrad_blocked(spec, w):
+        return _conv_wgrad(spec, x, w, cot)
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    n = w.shape[0]
+    for s in range(0, n, BLOCK_UNITS):
+        e = min(n, s + BLOCK_UNITS)
+        out[s:e] = _conv_wgrad(spec, x, w[s:e], cot.narrow(1, s, e - s))
+    return out
 
 
 def unit_scale(spec: CallSpec, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -245,14 +281,6 @@ def _weight_grad_rows(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch
         g2 = g.reshape(-1, g.shape[-1])[:, s:e]
         return g2.t() @ x.reshape(-1, x.shape[-1])
     return weight_vjp(spec, x, w[s:e], g.narrow(1, s, e - s))
-
-
-# Output units per block in the in-call combine (at most; at least two blocks). On the 2-core
-# CPU, dL/dx plus dL/dW in blocks of 256 units took 0.95-1.04 x backprop's one combined call
-# for ResNet-18's layer4 convs and 0.86 x for DeepHebb's 1536x384x3x3, against 1.09-1.21 x
-# and 0.89 x in eight blocks (64 units for a 512-unit weight: the kernels run slower on
-# narrow blocks).
-BLOCK_UNITS = 256
 
 
 def block_units(n: int) -> int:

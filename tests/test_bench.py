@@ -124,6 +124,18 @@ def test_wgrad_stack_bench_smoke(tmp_path):
     assert [float(c) for c in rows[-1][3:6]] == pytest.approx(sums, abs=1e-3)
 
 
+def test_wgrad_blocks_bench_smoke(tmp_path):
+    text = _run([BENCH / "wgrad_blocks.py", "--device", "cpu", "--model", "fasthebb", "--batch",
+                 "2", "--repeats", "1", "--units", "32,64"], tmp_path)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| layer")]
+    assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)]
+    for r in rows:
+        assert r[2] == "no"  # FastHebb's weights are far under the blocking size
+        assert float(r[-1]) <= 1e-5  # every variant gives the same weight gradient
+        assert r[5] != "–" and float(r[5].split()[1].strip("()")) > 0  # blocks of 32 ran
+
+
 def test_profile_step_smoke(tmp_path):
     text = _run([BENCH / "profile_step.py", "--device", "cpu", "--model", "fasthebb", "--batch",
                  "2", "--steps", "1", "--top", "3", "--variants", "bp,ghlc"], tmp_path)

@@ -466,3 +466,33 @@ def test_in_call_combine_blocks_match_one_combine(kind, units):
         got = hebbian_module.fused_combine(spec, gout, xc, w, h.clone(), rule, units)
     assert rel_err(got, want) <= TOL[torch.float64]
     assert hebbian_module.block_units(7) == 4 and hebbian_module.block_units(4096) == 256
+
+
+def test_blocked_weight_gradient_matches_one_call(monkeypatch):
+    """Large conv weights on CPU get the Hebbian correlation a block of output units at a
+    time (forced here on a small conv, blocks of 3 units, the last one short): the same sums
+    as one call; transposed, grouped and linear calls and other devices keep one call."""
+    gen = torch.Generator().manual_seed(6)
+    m = nn.Conv2d(4, 7, 3, stride=2, padding=1, dilation=1).double()
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64, generator=gen)
+    with Record() as rec, torch.no_grad():
+        m(x)
+    xc, w, _, spec, _ = parse_call(*rec.calls[0])
+    cot = torch.randn(spec.run(xc, w, None).shape, dtype=w.dtype, generator=gen)
+    one = hebbian_module.weight_vjp(spec, xc, w, cot)
+    assert not hebbian_module.wgrad_blocked(spec, w)  # small: one call by default
+    monkeypatch.setattr(hebbian_module, "BLOCK_UNITS", 3)
+    monkeypatch.setattr(hebbian_module, "WGRAD_BLOCK_MIN_NUMEL", 0)
+    assert hebbian_module.wgrad_blocked(spec, w)
+    calls = []
+    orig = hebbian_module._conv_wgrad
+    monkeypatch.setattr(hebbian_module, "_conv_wgrad",
+                        lambda s, a, ww, c: calls.append(ww.shape[0]) or orig(s, a, ww, c))
+    got = hebbian_module.weight_vjp(spec, xc, w, cot)
+    assert calls == [3, 3, 1]
+    assert rel_err(got, one) <= 1e-12
+    for other in (dataclasses.replace(spec, transposed=True),
+                  dataclasses.replace(spec, groups=7), dataclasses.replace(spec, kind="linear")):
+        assert not hebbian_module.wgrad_blocked(other, w)
+    monkeypatch.setattr(hebbian_module, "WGRAD_BLOCK_DEVICES", {"cuda"})
+    assert not hebbian_module.wgrad_blocked(spec, w)

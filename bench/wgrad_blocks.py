@@ -1,0 +1,147 @@
+"""A conv's weight gradient in one call, or a block of output units at a time.
+
+    python bench/wgrad_blocks.py --device cpu --model deephebb
+    python bench/wgrad_blocks.py --device cpu --model resnet18 --extra --repeats 7
+
+For every plastic conv of the model (shapes traced at the bench batch, as bench/step.py does)
+and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradient alone
+(``convolution_backward``, weight only) on random tensors of the layer's shapes:
+
+    one      one call over all output units
+    uN       one call per block of N output units, each written into one output tensor
+    ghlc     ``ghlc.runtime.hebbian.weight_vjp``: what ghlc's Hebbian term uses (blocks of
+             BLOCK_UNITS units where ``wgrad_blocked``, else one call)
+
+and prints, per layer, the medians and the paired ratios to ``one`` (each repeat runs every
+variant once, in a shuffled order). The in-call combine uses blocks of at most BLOCK_UNITS
+units too (``block_units``). On CUDA each sample is the mean of 10 back-to-back calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import step  # noqa: E402
+
+from ghlc.runtime import hebbian  # noqa: E402
+from ghlc.runtime.calls import CallSpec  # noqa: E402
+
+# (name, batch, C_in, C_out, size, kernel, stride, padding): larger convs than the bench
+# models have, to show where blocks start to pay
+EXTRA = (
+    ("c512-1024 8x8", 64, 512, 1024, 8, 3, 1, 1),
+    ("c768-768 8x8", 64, 768, 768, 8, 3, 1, 1),
+    ("c1024-1024 4x4", 64, 1024, 1024, 4, 3, 1, 1),
+    ("c256-1536 8x8", 64, 256, 1536, 8, 3, 1, 1),
+    ("c2048-512 1x1 7x7", 64, 2048, 512, 7, 1, 1, 0),
+)
+
+
+def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
+          units: list[int]) -> dict:
+    cot = torch.randn(spec.run(x, w, None).shape, device=x.device)
+
+    def blocks(n: int) -> torch.Tensor:
+        out = torch.empty_like(w)
+        for s in range(0, w.shape[0], n):
+            e = min(w.shape[0], s + n)
+            out[s:e] = hebbian._conv_wgrad(spec, x, w[s:e], cot.narrow(1, s, e - s))
+        return out
+
+    fns = {"one": lambda: hebbian._conv_wgrad(spec, x, w, cot),
+           "ghlc": lambda: hebbian.weight_vjp(spec, x, w, cot)}
+    for n in units:
+        if n < w.shape[0]:
+            fns[f"u{n}"] = lambda n=n: blocks(n)
+    ref = fns["one"]()
+    scale = ref.abs().max().item() or 1.0
+    err = max((f() - ref).abs().max().item() for f in fns.values()) / scale
+    return {"layer": name, "shape": tuple(w.shape), "fns": fns, "err": err,
+            "blocked": hebbian.wgrad_blocked(spec, w)}
+
+
+def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) -> list[dict]:
+    torch.manual_seed(0)
+    base, temp = step.build(model)
+    x, _ = step.data(batch, 32, 10, "cpu")
+    layers, skipped = step.plastic_layers(base, temp, x)
+    for note in skipped:
+        print(f"  left out {note}", file=sys.stderr)
+    out = []
+    for info, conv in layers:
+        if not conv or conv[3] or conv[5] != 1:  # linear, transposed or grouped
+            continue
+        stride, padding, dilation = (tuple(a) for a in conv[:3])
+        spec = CallSpec("conv", len(stride), stride=stride, padding=padding, dilation=dilation)
+        xi = torch.randn(info.in_shape, device=device)
+        w = torch.randn(info.weight_shape, device=device)
+        out.append(_case(info.name, xi, w, spec, units))
+    if extra:
+        for name, n, ci, co, size, k, s, p in EXTRA:
+            spec = CallSpec("conv", nd=2, stride=(s, s), padding=(p, p), dilation=(1, 1))
+            xi = torch.randn(n, ci, size, size, device=device)
+            w = torch.randn(co, ci, k, k, device=device)
+            out.append(_case(name, xi, w, spec, units))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="deephebb", choices=step.MODELS)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--units", default="64,128,256,512", help="block sizes to time")
+    p.add_argument("--extra", action="store_true", help="also a few larger convs")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.batch < 1:
+        print("error: --repeats and --batch must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        units = sorted({int(u) for u in args.units.split(",") if u.strip()})
+    except ValueError:
+        print(f"error: --units {args.units!r} is not a list of integers", file=sys.stderr)
+        return 2
+    if not units or min(units) < 1:
+        print("error: --units must list positive integers", file=sys.stderr)
+        return 2
+    rows = cases(args.model, args.batch, args.device, args.extra, units)
+    times: dict = {(i, v): [] for i, r in enumerate(rows) for v in r["fns"]}
+    for rep in range(1 + args.repeats):  # the first round warms up
+        for i, r in enumerate(rows):
+            for v in step.run_order(list(r["fns"]), rep):
+                ms = step.time_call(r["fns"][v], args.device)
+                if rep:
+                    times[i, v].append(ms)
+    cols = ["ghlc", *(f"u{n}" for n in units)]
+    print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, weight gradient "
+          f"only, median of {args.repeats} (ms), paired ratio to one call")
+    print("| layer | weight | ghlc blocks | one | " + " | ".join(cols) + " | max rel diff |")
+    print("|---|---|---|---|" + "---|" * len(cols) + "---|")
+    for i, r in enumerate(rows):
+        one = times[i, "one"]
+        cells = []
+        for c in cols:
+            if (i, c) not in times:
+                cells.append("–")
+                continue
+            ratio = statistics.median(a / b for a, b in zip(times[i, c], one))
+            cells.append(f"{statistics.median(times[i, c]):.1f} ({ratio:.3f})")
+        print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | "
+              f"{'yes' if r['blocked'] else 'no'} | {statistics.median(one):.1f} | "
+              + " | ".join(cells) + f" | {r['err']:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
