@@ -78,9 +78,9 @@ def softmax_units(v: torch.Tensor, dim: int, t: float) -> torch.Tensor:
 BLOCK_UNITS = 256
 # Conv weights of at least this many elements (and more than BLOCK_UNITS output units) get
 # their Hebbian correlation a block of BLOCK_UNITS units at a time on these devices: there
-# oneDNN's weight gradient of such a weight took 0.45-0.80 x the one call's time for 3x3
-# weights of 3.5-9.4 M elements at 4x4-8x8 outputs (DeepHebb's 1536x384x3x3: 0.76 x), and
-# about the same time below that size (microbenchmarks, bench/wgrad_blocks.py).
+# oneDNN's weight gradient in blocks took 0.48-0.81 x the one call's time for 3x3 weights of
+# 4.7-9.4 M elements at 4x4-8x8 outputs (DeepHebb's 1536x384x3x3: 0.75 x), and 0.95-1.12 x
+# on ResNet-18's smaller 3x3 weights (microbenchmarks, bench/wgrad_blocks.py).
 WGRAD_BLOCK_MIN_NUMEL = 1 << 22
 WGRAD_BLOCK_DEVICES = {"cpu"}
 
