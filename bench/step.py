@@ -337,6 +337,39 @@ def variants_for(device: str) -> tuple[str, ...]:
     return VARIANTS + CUDA_VARIANTS if device == "cuda" else VARIANTS
 
 
+def layer_bench_args(p: argparse.ArgumentParser, model: str, device: str,
+                     repeats: int) -> None:
+    """--model, --device, --batch and --repeats of the per-layer kernel benches
+    (wgrad_stack.py, wgrad_blocks.py), with these defaults."""
+    p.add_argument("--model", default=model, choices=MODELS)
+    p.add_argument("--device", default=device, choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=repeats)
+
+
+def layer_bench_error(args: argparse.Namespace) -> str | None:
+    """The one-line problem with :func:`layer_bench_args`'s values, or None."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but no CUDA device"
+    if args.repeats < 1 or args.batch < 1:
+        return "--repeats and --batch must be >= 1"
+    return None
+
+
+def time_layers(layers: list[dict], device: str, repeats: int) -> dict:
+    """{(layer index, variant): [ms]} for every layer's ``fns``: one warm-up round (kernel
+    selection), then ``repeats`` rounds, each running every layer's variants in a shuffled
+    order (:func:`run_order`)."""
+    times: dict = {(i, v): [] for i, lay in enumerate(layers) for v in lay["fns"]}
+    for rep in range(1 + repeats):
+        for i, lay in enumerate(layers):
+            for v in run_order(list(lay["fns"]), rep):
+                ms = time_call(lay["fns"][v], device)
+                if rep:
+                    times[i, v].append(ms)
+    return times
+
+
 def run_order(items: list[str], rep: int) -> list[str]:
     """The order of one repeat: shuffled with the repeat's seed, so that no variant is always
     first or always right after the same other one (a rotation keeps the cyclic order, and a

@@ -94,18 +94,13 @@ def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="deephebb", choices=step.MODELS)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    step.layer_bench_args(p, "deephebb", "cpu", 5)
     p.add_argument("--units", default="64,128,256,512", help="block sizes to time")
     p.add_argument("--extra", action="store_true", help="also a few larger convs")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device", file=sys.stderr)
-        return 2
-    if args.repeats < 1 or args.batch < 1:
-        print("error: --repeats and --batch must be >= 1", file=sys.stderr)
+    problem = step.layer_bench_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         units = sorted({int(u) for u in args.units.split(",") if u.strip()})
@@ -116,13 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --units must list positive integers", file=sys.stderr)
         return 2
     rows = cases(args.model, args.batch, args.device, args.extra, units)
-    times: dict = {(i, v): [] for i, r in enumerate(rows) for v in r["fns"]}
-    for rep in range(1 + args.repeats):  # the first round warms up
-        for i, r in enumerate(rows):
-            for v in step.run_order(list(r["fns"]), rep):
-                ms = step.time_call(r["fns"][v], args.device)
-                if rep:
-                    times[i, v].append(ms)
+    times = step.time_layers(rows, args.device, args.repeats)
     cols = ["ghlc", *(f"u{n}" for n in units)]
     print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, weight gradient "
           f"only, median of {args.repeats} (ms), paired ratio to one call")

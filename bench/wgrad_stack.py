@@ -75,25 +75,14 @@ def probes(name: str, batch: int, device: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet18", choices=step.MODELS)
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=20)
+    step.layer_bench_args(p, "resnet18", "cuda", 20)
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device", file=sys.stderr)
-        return 2
-    if args.repeats < 1 or args.batch < 1:
-        print("error: --repeats and --batch must be >= 1", file=sys.stderr)
+    problem = step.layer_bench_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     layers = probes(args.model, args.batch, args.device)
-    times = {(i, v): [] for i in range(len(layers)) for v in VARIANTS}
-    for rep in range(1 + args.repeats):  # the first round warms up (kernel selection)
-        for i, lay in enumerate(layers):
-            for v in step.run_order(list(VARIANTS), rep):
-                ms = step.time_call(lay["fns"][v], args.device)
-                if rep:
-                    times[i, v].append(ms)
+    times = step.time_layers(layers, args.device, args.repeats)
     med = {k: statistics.median(t) for k, t in times.items()}
     print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, median of "
           f"{args.repeats} (ms)")
