@@ -612,6 +612,18 @@ def plastic_layers(base: nn.Module, temp, x: torch.Tensor) -> tuple[list[tuple],
     return layers, skipped
 
 
+def bench_layers(name: str, batch: int) -> list[tuple]:
+    """[(info, conv)] of a bench model's plastic layers traced at ``batch`` 3x32x32 inputs
+    (:func:`plastic_layers`); the layers left out are noted on stderr."""
+    torch.manual_seed(0)
+    base, temp = build(name)
+    x, _ = data(batch, 32, 10, "cpu")
+    layers, skipped = plastic_layers(base, temp, x)
+    for note in skipped:
+        print(f"  left out {note}", file=sys.stderr)
+    return layers
+
+
 def conv_weight_grad(cot: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                      conv: tuple) -> torch.Tensor:
     """The weight gradient alone of a conv call (``conv``: its arguments after the bias)."""

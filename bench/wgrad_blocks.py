@@ -47,19 +47,11 @@ EXTRA = (
 def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
           units: list[int]) -> dict:
     cot = torch.randn(spec.run(x, w, None).shape, device=x.device)
-
-    def blocks(n: int) -> torch.Tensor:
-        out = torch.empty_like(w)
-        for s in range(0, w.shape[0], n):
-            e = min(w.shape[0], s + n)
-            out[s:e] = hebbian._conv_wgrad(spec, x, w[s:e], cot.narrow(1, s, e - s))
-        return out
-
     fns = {"one": lambda: hebbian._conv_wgrad(spec, x, w, cot),
            "ghlc": lambda: hebbian.weight_vjp(spec, x, w, cot)}
     for n in units:
         if n < w.shape[0]:
-            fns[f"u{n}"] = lambda n=n: blocks(n)
+            fns[f"u{n}"] = lambda n=n: hebbian.wgrad_by_units(spec, x, w, cot, n)
     ref = fns["one"]()
     scale = ref.abs().max().item() or 1.0
     err = max((f() - ref).abs().max().item() for f in fns.values()) / scale
@@ -68,14 +60,8 @@ def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
 
 
 def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) -> list[dict]:
-    torch.manual_seed(0)
-    base, temp = step.build(model)
-    x, _ = step.data(batch, 32, 10, "cpu")
-    layers, skipped = step.plastic_layers(base, temp, x)
-    for note in skipped:
-        print(f"  left out {note}", file=sys.stderr)
     out = []
-    for info, conv in layers:
+    for info, conv in step.bench_layers(model, batch):
         if not conv or conv[3] or conv[5] != 1:  # linear, transposed or grouped
             continue
         stride, padding, dilation = (tuple(a) for a in conv[:3])

@@ -36,14 +36,8 @@ VARIANTS = ("two", "stacked", "no_cat")
 
 def probes(name: str, batch: int, device: str) -> list[dict]:
     """One dict per plastic conv: layer name and a function per variant."""
-    torch.manual_seed(0)
-    base, temp = step.build(name)
-    x, _ = step.data(batch, 32, 10, "cpu")
-    layers, skipped = step.plastic_layers(base, temp, x)
-    for note in skipped:
-        print(f"  left out {note}", file=sys.stderr)
     out = []
-    for info, conv in layers:
+    for info, conv in step.bench_layers(name, batch):
         if not conv:  # a linear layer
             continue
         mk = dict(device=device)

@@ -108,10 +108,16 @@ def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tens
         return cot.reshape(-1, cot.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     if not wgrad_blocked(spec, w):
         return _conv_wgrad(spec, x, w, cot)
+    return wgrad_by_units(spec, x, w, cot, BLOCK_UNITS)
+
+
+def wgrad_by_units(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor,
+                   units: int) -> torch.Tensor:
+    """A plain conv's weight gradient with cotangent ``cot``, ``units`` output units a call."""
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
     n = w.shape[0]
-    for s in range(0, n, BLOCK_UNITS):
-        e = min(n, s + BLOCK_UNITS)
+    for s in range(0, n, units):
+        e = min(n, s + units)
         out[s:e] = _conv_wgrad(spec, x, w[s:e], cot.narrow(1, s, e - s))
     return out
 
