@@ -147,8 +147,7 @@ def unit_dot(spec: CallSpec, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Per output unit, the dot product of two weight-shaped tensors (no weight-sized
     temporary where units are the leading dimension)."""
     if (spec.kind == "linear" or not spec.transposed) and a.dim() > 1:
-        k = a.shape[0]
-        return torch.bmm(a.reshape(k, 1, -1), w.reshape(k, -1, 1)).view(k)
+        return fused.row_dots(a, w)
     return unit_sum(spec, a * w)
 
 

@@ -136,6 +136,18 @@ def test_wgrad_blocks_bench_smoke(tmp_path):
         assert r[5] != "–" and float(r[5].split()[1].strip("()")) > 0  # blocks of 32 ran
 
 
+def test_rule_ops_bench_smoke(tmp_path):
+    text = _run([BENCH / "rule_ops.py", "--device", "cpu", "--model", "fasthebb", "--batch",
+                 "2", "--repeats", "1"], tmp_path)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| layer")]
+    assert [r[0] for r in rows] == [*(f"block{i}.conv.weight" for i in range(1, 5)),
+                                    "**all layers**"]
+    for r in rows[:-1]:
+        assert all(float(c) > 0 for c in r[2:7])
+        assert float(r[7].split(" / ")[0]) < 1e-4  # ghlc's dots against float64
+
+
 def test_profile_step_smoke(tmp_path):
     text = _run([BENCH / "profile_step.py", "--device", "cpu", "--model", "fasthebb", "--batch",
                  "2", "--steps", "1", "--top", "3", "--variants", "bp,ghlc"], tmp_path)

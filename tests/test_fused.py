@@ -167,3 +167,21 @@ def test_triton_failure_falls_back_once(monkeypatch):
     with pytest.warns(RuntimeWarning):
         assert not fused.softmax_into(v, 1, 0.5, out)
     assert not out.any() and len(calls) == 2
+
+
+def test_row_dots_match_float64_sums():
+    """Per-row dots over blocks of rows (CPU) against plain float64 sums: blocks of one row,
+    of rows that do not divide the weight, one call, and weights that are not contiguous."""
+    g = torch.Generator().manual_seed(1)
+    for shape in [(7, 5, 3, 3), (10, 7), (1, 4), (5, 2, 1, 1)]:
+        c, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        ref = (c.double() * w.double()).flatten(1).sum(1)
+        per_row = c[0].numel()
+        for block in (1, 2 * per_row + 1, 3 * per_row, 10 ** 9, fused.DOT_BLOCK_NUMEL):
+            got = fused.row_dots(c, w, block)
+            assert got.shape == (shape[0],) and got.dtype == c.dtype
+            torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    c = torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    ref = (c.double() * w.double()).flatten(1).sum(1)
+    torch.testing.assert_close(fused.row_dots(c, w, 40).double(), ref, rtol=1e-6, atol=1e-6)
