@@ -1,18 +1,27 @@
-"""The rule's weight-sized work per plastic layer: Oja's decay and the sign combination.
+"""The rule's weight-sized work per plastic layer: the per-unit dots of Oja's decay (one
+bmm, or ghlc's ``fused.row_dots``), the whole decay and the sign combination.
 
     python bench/rule_ops.py --model resnet18
     python bench/rule_ops.py --model deephebb --repeats 25
+    python bench/rule_ops.py --model resnet18 --in-step --repeats 10
 
-For every plastic layer of the model (weights of its shapes, random values) it times, after
-the layer's Hebbian correlation is in hand:
+For every plastic layer of the model (weights of its shapes, random values) it times what
+the rule does once the layer's Hebbian correlation is in hand:
 
-    bmm        the per-unit dots <corr_k, W_k> as one torch.bmm of (1 x n) by (n x 1)
-    row_dots   the same dots as ghlc computes them (``fused.row_dots``)
-    oja        Oja's decay as ghlc computes it (``fused.oja_decay_``, into a buffer)
-    combine    |H| sign(G) / max|H| in place (``hebbian.combine``)
+    dots_bmm   the per-unit dots <corr_k, W_k> as one torch.bmm of (1 x n) by (n x 1)
+    dots       the same as ghlc computes them (``fused.row_dots``)
+    oja        Oja's decay as ghlc computes it (``fused.oja_decay_``)
+    combine    |H| sign(G) / max|H| in place as ghlc computes it (``fused.sign_combine_``)
 
-and prints the medians per layer, their sums over the model, and the paired ratio of
-``row_dots`` to ``bmm`` (each repeat runs every variant once, in a shuffled order).
+Each call gets fresh copies of the inputs it writes (made outside the timed region), as in
+a step, where H and G are new tensors every time. It prints the medians per layer and summed
+over the model, and the paired ratio dots / dots_bmm (each repeat runs every variant once
+over all layers, in a shuffled order).
+
+Microbenchmarks of such passes can mislead (they depend on what the heap and the caches
+hold), so ``--in-step`` times the dots inside real ghlc training steps of the model (batch
+64, as bench/step.py), the two ways alternating step by step, and prints the time per step
+spent in them.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,62 +38,131 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step  # noqa: E402
 
-from ghlc.runtime import fused, hebbian  # noqa: E402
+from ghlc.runtime import fused  # noqa: E402
 
-VARIANTS = ("bmm", "row_dots", "oja", "combine")
+VARIANTS = ("dots_bmm", "dots", "oja", "combine")
+PAIRS = (("dots", "dots_bmm"),)
 
 
-def _bmm_dots(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _dots_bmm(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     k = c.shape[0]
     return torch.bmm(c.reshape(k, 1, -1), w.reshape(k, -1, 1)).view(k)
 
 
-def cases(model: str, batch: int, device: str) -> list[dict]:
+# variant -> (function, which of the layer's tensors it takes: copied fresh for every call)
+OPS = {
+    "dots_bmm": (_dots_bmm, ("c", "w")),
+    "dots": (fused.row_dots, ("c", "w")),
+    "oja": (lambda c, w: fused.oja_decay_(c, w, None), ("c*", "w")),
+    "combine": (fused.sign_combine_, ("h*", "g*")),
+}
+
+
+def layers(model: str, batch: int, device: str) -> list[dict]:
     out = []
-    rule = hebbian.HebbianRule()
     for info, _ in step.bench_layers(model, batch):
         shape = tuple(info.weight_shape)
-        w, c, g = (torch.randn(shape, device=device) for _ in range(3))
-        h, buf = torch.randn(shape, device=device), torch.empty(shape, device=device)
-        ref = (c.double() * w.double()).flatten(1).sum(1)
-        err = (fused.row_dots(c, w).double() - ref).abs().max().item()
-        err_bmm = (_bmm_dots(c, w).double() - ref).abs().max().item()
-        fns = {"bmm": lambda c=c, w=w: _bmm_dots(c, w),
-               "row_dots": lambda c=c, w=w: fused.row_dots(c, w),
-               "oja": lambda c=c, w=w, b=buf: fused.oja_decay_(c, w, None, b),
-               "combine": lambda h=h, g=g: hebbian.combine(h, g, rule, inplace=True)}
-        out.append({"layer": info.name, "shape": shape, "fns": fns, "err": err,
-                    "err_bmm": err_bmm})
+        t = {k: torch.randn(shape, device=device) for k in "cwhg"}
+        ref = (t["c"].double() * t["w"].double()).flatten(1).sum(1)
+        err = {v: (OPS[v][0](t["c"], t["w"]).double() - ref).abs().max().item()
+               for v in ("dots", "dots_bmm")}
+        out.append({"layer": info.name, "shape": shape, "t": t, "err": err})
+    return out
+
+
+def timed(layer: dict, variant: str, device: str) -> float:
+    """ms of one call on fresh copies of the tensors it writes (``*``)."""
+    fn, names = OPS[variant]
+    args = [layer["t"][n[0]].clone() if n.endswith("*") else layer["t"][n] for n in names]
+    step.sync(device)
+    t0 = time.perf_counter()
+    fn(*args)
+    step.sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def in_step(model: str, repeats: int) -> dict[str, list[float]]:
+    """{way: [ms per step spent in the per-unit dots]} over ``repeats`` ghlc steps each."""
+    torch.manual_seed(0)
+    base, temp = step.build(model)
+    x, y = step.data(64, 32, 10, "cpu")
+    runner = step.make_runner(base, temp, "ghlc", x, y)
+    ghlc_dots, spent = fused.row_dots, [0.0]
+
+    def timing(fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[0] += time.perf_counter() - t0
+            return out
+        return call
+
+    ways = {"dots_bmm": timing(lambda c, w, block=0: _dots_bmm(c, w)),
+            "dots": timing(ghlc_dots)}
+    out: dict[str, list[float]] = {k: [] for k in ways}
+    try:
+        for rep in range(2 + repeats):  # two warm-up steps
+            for k in step.run_order(list(ways), rep):
+                fused.row_dots = ways[k]
+                spent[0] = 0.0
+                runner.step(x, y)
+                if rep >= 2:
+                    out[k].append(spent[0] * 1e3)
+    finally:
+        fused.row_dots = ghlc_dots
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     step.layer_bench_args(p, "resnet18", "cpu", 15)
+    p.add_argument("--in-step", action="store_true",
+                   help="time the dots inside training steps instead (CPU, batch 64)")
     args = p.parse_args(argv)
     problem = step.layer_bench_error(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    rows = cases(args.model, args.batch, args.device)
-    times = step.time_layers(rows, args.device, args.repeats)
-    print(f"{args.model}, {step.machine(args.device)}, median of {args.repeats} (ms); "
-          "max abs error of the dots against float64")
-    print("| layer | weight | " + " | ".join(VARIANTS) + " | row_dots / bmm | error "
-          "row_dots / bmm |")
-    print("|---|---|" + "---|" * len(VARIANTS) + "---|---|")
-    per_rep = {v: [0.0] * args.repeats for v in VARIANTS}
+    if args.in_step:
+        if args.device != "cpu":
+            print("error: --in-step times CPU steps only", file=sys.stderr)
+            return 2
+        got = in_step(args.model, args.repeats)
+        ratio = statistics.median(a / b for a, b in zip(got["dots"], got["dots_bmm"]))
+        print(f"{args.model}, {step.machine('cpu')}, {args.repeats} ghlc steps per way: ms "
+              "per step in the per-unit dots (median)")
+        print(f"| dots_bmm | dots | dots / dots_bmm |\n|---|---|---|\n"
+              f"| {statistics.median(got['dots_bmm']):.2f} | "
+              f"{statistics.median(got['dots']):.2f} | {ratio:.3f} |")
+        return 0
+    rows = layers(args.model, args.batch, args.device)
+    times = {(i, v): [] for i in range(len(rows)) for v in VARIANTS}
+    for rep in range(1 + args.repeats):  # the first round warms up
+        for v in step.run_order(list(VARIANTS), rep):
+            for i, r in enumerate(rows):
+                ms = timed(r, v, args.device)
+                if rep:
+                    times[i, v].append(ms)
+    total = {v: [sum(times[i, v][j] for i in range(len(rows))) for j in range(args.repeats)]
+             for v in VARIANTS}
+
+    def ratio(a: list[float], b: list[float]) -> str:
+        return f"{statistics.median(x / y for x, y in zip(a, b)):.3f}"
+
+    print(f"{args.model}, {step.machine(args.device)}, median of {args.repeats} (ms), fresh "
+          "inputs every call; dots: max abs error against float64")
+    heads = [*VARIANTS, *(f"{a} / {b}" for a, b in PAIRS), "error dots / dots_bmm"]
+    print("| layer | weight | " + " | ".join(heads) + " |")
+    print("|---|---|" + "---|" * len(heads))
     for i, r in enumerate(rows):
-        for v in VARIANTS:
-            for j, ms in enumerate(times[i, v]):
-                per_rep[v][j] += ms
-        ratio = statistics.median(a / b for a, b in zip(times[i, "row_dots"], times[i, "bmm"]))
-        cells = " | ".join(f"{statistics.median(times[i, v]):.3f}" for v in VARIANTS)
-        print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {cells} | {ratio:.3f} | "
-              f"{r['err']:.1e} / {r['err_bmm']:.1e} |")
-    total = statistics.median(a / b for a, b in zip(per_rep["row_dots"], per_rep["bmm"]))
-    cells = " | ".join(f"{statistics.median(per_rep[v]):.2f}" for v in VARIANTS)
-    print(f"| **all layers** | | {cells} | {total:.3f} | |")
+        cells = [f"{statistics.median(times[i, v]):.3f}" for v in VARIANTS]
+        cells += [ratio(times[i, a], times[i, b]) for a, b in PAIRS]
+        cells.append(f"{r['err']['dots']:.1e} / {r['err']['dots_bmm']:.1e}")
+        print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | " + " | ".join(cells)
+              + " |")
+    cells = [f"{statistics.median(total[v]):.2f}" for v in VARIANTS]
+    cells += [ratio(total[a], total[b]) for a, b in PAIRS]
+    print("| **all layers** | | " + " | ".join(cells) + " | |")
     return 0
 
 

@@ -133,9 +133,10 @@ DOT_BLOCK_NUMEL = 1 << 18
 def row_dots(c: torch.Tensor, w: torch.Tensor, block: int = DOT_BLOCK_NUMEL) -> torch.Tensor:
     """``<c[k], w[k]>`` for every k along dim 0 (real tensors of one shape). On CPU,
     ``torch.linalg.vecdot`` over blocks of rows (a temporary of at most ``block`` elements):
-    one torch.bmm of (1 x n) by (n x 1) matrices ran 1.5-5 x slower there (ResNet-18's conv
-    weights: 7.0 against 2.9 ms per step, ``bench/rule_ops.py``). Elsewhere that bmm (one
-    kernel, no temporary)."""
+    one torch.bmm of (1 x n) by (n x 1) matrices ran slower there and rounds more (timed
+    inside ResNet-18 steps: 9.7 against 7.6 ms per step; max error against float64 for a
+    512x512x3x3 weight 5.8e-4 against 3.1e-5; ``bench/rule_ops.py``). Elsewhere that bmm
+    (one kernel, no temporary)."""
     k = c.shape[0]
     c2, w2 = c.reshape(k, -1), w.reshape(k, -1)
     if c.device.type != "cpu":
