@@ -185,4 +185,3 @@ def test_row_dots_match_float64_sums():
     w = torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     ref = (c.double() * w.double()).flatten(1).sum(1)
     torch.testing.assert_close(fused.row_dots(c, w, 40).double(), ref, rtol=1e-6, atol=1e-6)
-
