@@ -143,14 +143,6 @@ def unit_sum(spec: CallSpec, t: torch.Tensor) -> torch.Tensor:
     return per.view(g, cin // g, cog).sum(1).reshape(-1)
 
 
-def unit_dot(spec: CallSpec, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per output unit, the dot product of two weight-shaped tensors (no weight-sized
-    temporary where units are the leading dimension)."""
-    if (spec.kind == "linear" or not spec.transposed) and a.dim() > 1:
-        return fused.row_dots(a, w)
-    return unit_sum(spec, a * w)
-
-
 def hebbian_raw(
     spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     rule: HebbianRule,
@@ -183,7 +175,7 @@ def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch
         # (detached: torch.compile would specialise on a Parameter's shape)
         return fused.oja_decay_(corr, w.detach(), extra, out)
     assert out is None, "out: rows layout only"
-    s = unit_dot(spec, corr, w)
+    s = unit_sum(spec, corr * w)  # per unit <corr, w> (transposed convs, 1-D weights)
     if extra is not None:
         s = s + extra
     return corr.addcmul_(unit_scale(spec, s, w), w, value=-1.0)
