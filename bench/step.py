@@ -340,7 +340,7 @@ def variants_for(device: str) -> tuple[str, ...]:
 def layer_bench_args(p: argparse.ArgumentParser, model: str, device: str,
                      repeats: int) -> None:
     """--model, --device, --batch and --repeats of the per-layer kernel benches
-    (wgrad_stack.py, wgrad_blocks.py), with these defaults."""
+    (wgrad_stack.py, wgrad_blocks.py, rule_ops.py), with these defaults."""
     p.add_argument("--model", default=model, choices=MODELS)
     p.add_argument("--device", default=device, choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=64)
