@@ -133,6 +133,9 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     out = Path(output) if output else Path(model_file).with_suffix(".ghl")
     save(m, out)
     click.echo(layer_table(lg))
+    if not lg.plastic():
+        click.echo("warning: no layer is plastic, so training this artifact is plain backprop "
+                   "(--explain says why for each layer)", err=True)
     if explain:
         click.echo("\nnot plastic:")
         for i in lg.layers():

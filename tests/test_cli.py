@@ -49,6 +49,7 @@ def one_line_error(r, pattern):
 def test_convert_train_eval_export(work):
     r = ghlc("convert", "model.py", "--explain", cwd=work)
     assert "GHL" in r.stdout and "2 of 3 layers plastic" in r.stdout
+    assert "warning" not in r.stderr
     assert "output layer" in r.stdout or "not in config.plastic" in r.stdout
     assert (work / "model.ghl").is_file()
     r = ghlc("inspect", "model.ghl", "--format", "json", cwd=work)
@@ -62,6 +63,17 @@ def test_convert_train_eval_export(work):
     assert "accuracy" in r.stdout
     r = ghlc("export", "run/model.ghl", "-o", "m.onnx", cwd=work)
     assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
+
+
+def test_convert_warns_when_nothing_is_plastic(work):
+    (work / "head.py").write_text(
+        "import torch.nn as nn\n"
+        "def head():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))\n")
+    r = ghlc("convert", "head.py", "--input-shape", "2,3,2,2", cwd=work)
+    assert "0 of 1 layers plastic" in r.stdout
+    assert r.stderr.strip().startswith("warning: no layer is plastic")
+    assert (work / "head.ghl").is_file()
 
 
 def test_bad_inputs(work):
