@@ -224,9 +224,11 @@ def _load_any(path: str, method: str = "ghl"):
               help="digits | FILE.npz | cifar10:DIR | cifar100:DIR")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=5e-3, show_default=True, help="LR of backprop layers.")
-@click.option("--lr-plastic", default=1e-2, show_default=True, help="LR of plastic layers.")
-@click.option("--wd-plastic", default=5e-2, show_default=True,
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(min=0.0),
+              help="LR of backprop layers.")
+@click.option("--lr-plastic", default=1e-2, show_default=True, type=click.FloatRange(min=0.0),
+              help="LR of plastic layers.")
+@click.option("--wd-plastic", default=5e-2, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight decay of plastic layers.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--method", type=click.Choice(["ghl", "bp", "hebbian"]), default="ghl",

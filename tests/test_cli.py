@@ -96,6 +96,10 @@ def test_bad_inputs(work):
                    "does not exist")
     (work / "junk.ghl").write_bytes(b"not an artifact")
     one_line_error(ghlc("inspect", "junk.ghl", cwd=work, check=False), "not a ghlc artifact")
+    for opt in ("--lr", "--lr-plastic", "--wd-plastic"):  # rejected before any work
+        r = ghlc("train", "junk.ghl", opt, "-1", cwd=work, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"Invalid value for '{opt}'" in r.stderr, r.stderr
 
 
 def test_truncated_and_future_artifacts(work):
