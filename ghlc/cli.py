@@ -246,6 +246,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
 
     from .artifact import save
     from .data import augment_batch, load_data
+    from .train import check_labels
     from .train import train as run_training
 
     dev = _pick_device(device)
@@ -254,6 +255,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     plastic = {i.name for i in meta["graph"].plastic()}
     shape = tuple(meta["inputs"][0]["shape"][1:])
     ds = load_data(data, shape, augment=augment)
+    check_labels(model, ds.x_train, torch.cat([ds.y_train, ds.y_test]))  # before any file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})

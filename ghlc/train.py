@@ -68,6 +68,24 @@ def _as_tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Labels must index the model's outputs: checked on one sample before any file is
+    written (eval mode, no grad: no dropout draw, no BatchNorm update, no Hebbian work)."""
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise GHLError(f"negative label {lo}")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = _logits(model(x[:1].to(_device(model))))
+    finally:
+        model.train(was)
+    if logits.dim() >= 2 and hi >= logits.shape[1]:
+        raise GHLError(f"label {hi} out of range: the model gives {logits.shape[1]} outputs "
+                       f"(classes 0..{logits.shape[1] - 1})")
+
+
 def _device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -245,7 +263,8 @@ def train(
     gets that generator too. A fresh run seeds torch's global RNG with ``seed`` (dropout) and
     writes an epoch-0 ``last.pt`` so any interruption can be resumed.
 
-    Raises ``TrainingDiverged`` on a NaN/Inf loss (checked every step on CPU, every
+    Raises ``GHLError`` before writing anything when a label is negative or not below the
+    model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss (checked every step on CPU, every
     ``FINITE_CHECK_EVERY`` steps on an accelerator) or weight (``last.pt`` keeps the last good
     epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
     """
@@ -260,6 +279,7 @@ def train(
     n = y_train.shape[0]
     if n == 0:
         raise GHLError("the training set is empty")
+    check_labels(model, x_train, torch.cat([y_train, y_test]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"

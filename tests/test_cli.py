@@ -102,6 +102,17 @@ def test_bad_inputs(work):
         assert f"Invalid value for '{opt}'" in r.stderr, r.stderr
 
 
+def test_labels_beyond_the_model_outputs(work):
+    ghlc("convert", "model.py", cwd=work)
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 8, 8), dtype=np.float32)
+    np.savez(work / "many.npz", x_train=x, y_train=np.array([0, 1, 2, 3, 4, 12]),
+             x_test=x, y_test=np.zeros(6, dtype=np.int64))
+    r = ghlc("train", "model.ghl", "--data", "many.npz", "--out", "run", cwd=work, check=False)
+    one_line_error(r, "label 12 out of range: the model gives 10 outputs")
+    assert not (work / "run").exists()
+
+
 def test_truncated_and_future_artifacts(work):
     ghlc("convert", "model.py", cwd=work)
     data = (work / "model.ghl").read_bytes()

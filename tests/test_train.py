@@ -132,7 +132,8 @@ def test_resume_is_bit_identical(tmp_path, kind):
 
     def bomb(mod, args):
         calls["n"] += 1
-        if calls["n"] == 4 + 1 + 3:  # 4 steps + 1 eval batch in epoch 1; then step 3
+        if calls["n"] == 1 + 4 + 1 + 3:  # the label check's probe, 4 steps + 1 eval batch
+            # in epoch 1; then step 3
             raise KeyboardInterrupt
 
     h = m.register_forward_pre_hook(bomb)
@@ -205,6 +206,21 @@ def test_resume_errors(tmp_path):
     with pytest.raises(GHLError, match="not in the model"):
         train(make_model(), x, y, x, y, plastic={"nope.weight"}, out_dir=tmp_path,
               progress=False)
+
+
+def test_labels_checked_before_any_file(tmp_path):
+    x, y = make_data(32)
+    for bad, msg in ((N_CLASSES, "out of range: the model gives 3 outputs"),
+                     (-1, "negative label")):
+        y2 = y.clone()
+        y2[7] = bad
+        m, plastic = build("ghl", x)
+        before = [p.detach().clone() for p in m.parameters()]
+        with pytest.raises(GHLError, match=msg):
+            train(m, x, y2, x, y, plastic=plastic, out_dir=tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+        assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+        assert m.training
 
 
 @pytest.mark.parametrize("how", ["lr", "nan_input"])
