@@ -264,9 +264,10 @@ def train(
     writes an epoch-0 ``last.pt`` so any interruption can be resumed.
 
     Raises ``GHLError`` before writing anything when a label is negative or not below the
-    model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss (checked every step on CPU, every
-    ``FINITE_CHECK_EVERY`` steps on an accelerator) or weight (``last.pt`` keeps the last good
-    epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
+    model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss
+    (checked every step on CPU, every ``FINITE_CHECK_EVERY`` steps on an accelerator) or
+    weight (``last.pt`` keeps the last good epoch) and ``TrainingInterrupted`` on Ctrl-C
+    (``last.pt`` keeps the last completed epoch).
     """
     if epochs < 1:
         raise GHLError(f"epochs must be >= 1, got {epochs}")
