@@ -71,9 +71,8 @@ def _as_tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
 def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Labels must index the model's outputs: checked on one sample before any file is
     written (eval mode, no grad: no dropout draw, no BatchNorm update, no Hebbian work)."""
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0:
-        raise GHLError(f"negative label {lo}")
+    if y.numel() == 0:
+        return
     was = model.training
     model.eval()
     try:
@@ -81,6 +80,13 @@ def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
             logits = _logits(model(x[:1].to(_device(model))))
     finally:
         model.train(was)
+    _check_range(logits, y)
+
+
+def _check_range(logits: torch.Tensor, y: torch.Tensor) -> None:
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise GHLError(f"negative label {lo}")
     if logits.dim() >= 2 and hi >= logits.shape[1]:
         raise GHLError(f"label {hi} out of range: the model gives {logits.shape[1]} outputs "
                        f"(classes 0..{logits.shape[1] - 1})")
@@ -147,6 +153,8 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 256, classes=None) -> dic
                 xb = x[i:i + batch_size].to(dev)
                 yb = y[i:i + batch_size].to(dev)
                 out = _logits(model(xb))
+                if i == 0:
+                    _check_range(out, y)
                 loss_sum += float(F.cross_entropy(out.float(), yb, reduction="sum"))
                 preds.append(out.argmax(1).cpu())
     finally:

@@ -111,6 +111,10 @@ def test_labels_beyond_the_model_outputs(work):
     r = ghlc("train", "model.ghl", "--data", "many.npz", "--out", "run", cwd=work, check=False)
     one_line_error(r, "label 12 out of range: the model gives 10 outputs")
     assert not (work / "run").exists()
+    np.savez(work / "many_test.npz", x_train=x, y_train=np.zeros(6, dtype=np.int64),
+             x_test=x, y_test=np.array([0, 1, 2, 3, 4, 12]))
+    r = ghlc("eval", "model.ghl", "--data", "many_test.npz", cwd=work, check=False)
+    one_line_error(r, "label 12 out of range: the model gives 10 outputs")
 
 
 def test_truncated_and_future_artifacts(work):
