@@ -11,16 +11,43 @@ import torch
 
 from .capture import capture
 from .config import GHLConfig
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
 from .record import record
-from .runtime.install import owns_its_calls
+from .runtime.install import ATTR, owns_its_calls
 
 
 def _as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
+
+
+def _check_not_prepared(model: torch.nn.Module) -> None:
+    """A module ghlc already prepared holds plastic calls: tracing it again would stack a
+    second runtime on the first (two Hebbian terms, wrong gradients)."""
+    for name, m in model.named_modules():
+        if getattr(m, ATTR, None) is not None:
+            where = "the model" if not name else f"its submodule {name!r}"
+            raise TraceError(f"{where} is already prepared by ghlc: trace or prepare the "
+                             "original model (ghlc.load rebuilds a saved one)")
+
+
+def _materialise_lazy(model: torch.nn.Module, inputs: tuple) -> None:
+    """Lazy modules (``nn.LazyLinear`` ...) get their shapes from a first forward: run one on
+    the example inputs, in eval mode without grad (no BatchNorm update, no dropout draw)."""
+    if not any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
+        return
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        raise TraceError(f"the model fails on the example inputs (run to initialise its lazy "
+                         f"modules): {type(e).__name__}: {first_line(e)}") from None
+    finally:
+        model.train(was)
 
 
 def _warn_unmapped(rec) -> None:
@@ -55,8 +82,10 @@ def trace(
     if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
         raise TraceError("got a torch.compile'd module: prepare the model first, then compile "
                          "it: torch.compile(ghlc.prepare(model, ...))")
+    _check_not_prepared(model)
     inputs = _as_tuple(example_inputs)
     with torch.random.fork_rng():  # tracing never shifts the user's random streams
+        _materialise_lazy(model, inputs)
         rec = record(model, inputs)
         tier, program, errors = capture(model, inputs, tuple(tiers))
 

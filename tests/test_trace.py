@@ -1,7 +1,9 @@
 """Capture tiers, identity-keyed layer discovery, data-flow edges and trace errors."""
 
+import copy
 import warnings
 
+import oracle
 import pytest
 import torch
 import torch.nn as nn
@@ -95,6 +97,46 @@ def test_trace_has_no_side_effects():
     assert torch.equal(rng, torch.random.get_rng_state())
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_prepared_model_is_not_prepared_again():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
+    x = torch.randn(2, 3, 8, 8)
+    p = ghlc.prepare(m, (x,))
+    with pytest.raises(TraceError, match="the model is already prepared by ghlc"):
+        ghlc.prepare(p, (x,))
+    with pytest.raises(TraceError, match="submodule 'inner' is already prepared"):
+        ghlc.trace(_Wrap(p), (x,))
+    ghlc.prepare(m, (x,))  # the original model stays preparable
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_lazy_modules_are_initialised_and_match_the_oracle():
+    torch.manual_seed(0)
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.LazyLinear(5))
+    x = torch.randn(6, 3, 8, 8)
+    m = ghlc.prepare(lazy, (x[:2],))
+    assert not any(torch.nn.parameter.is_lazy(p) for p in lazy.parameters())
+    assert lazy.training and torch.equal(lazy[1].running_mean, torch.zeros(4))  # no BN update
+    plain = copy.deepcopy(lazy)
+    h, g, _ = oracle.run_plain(plain, (x,), ["0.weight"], lambda out: out.logsumexp(1).mean())
+    m.zero_grad()
+    m(x).logsumexp(1).mean().backward()
+    want = oracle.expected_grad(h["0.weight"], g["0.weight"])
+    got = dict(m.named_parameters())["0.weight"].grad.to(torch.float64)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    broken = nn.Sequential(nn.LazyLinear(3), nn.Linear(4, 2))  # 3 outputs into a 4-input layer
+    with pytest.raises(TraceError, match="lazy modules.*RuntimeError"):
+        ghlc.prepare(broken, (torch.randn(2, 3),))
 
 
 class _Unit(torch.nn.Module):
