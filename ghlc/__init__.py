@@ -9,11 +9,12 @@ from . import passes, runtime  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .compile import compile, prepare  # noqa: E402
 from .cudagraph import cuda_graph_step  # noqa: E402
+from .export import export_onnx  # noqa: E402
 from .graph import LayerGraph  # noqa: E402
 from .trace import trace  # noqa: E402
 
 __all__ = [
     "ConfigError", "GHLConfig", "GHLError", "LayerGraph", "PassError", "RuntimeGHLError",
-    "TraceError", "compile", "cuda_graph_step", "load", "passes", "prepare", "runtime", "save",
-    "trace",
+    "TraceError", "compile", "cuda_graph_step", "export_onnx", "load", "passes", "prepare",
+    "runtime", "save", "trace",
 ]

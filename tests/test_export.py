@@ -44,6 +44,12 @@ def _files(d):
     return sorted(os.listdir(d))
 
 
+def test_public_api_name(prepared, tmp_path):
+    m, x = prepared
+    rep = ghlc.export_onnx(m, tmp_path / "api.onnx", example_inputs=(x,))
+    assert rep.max_abs_diff <= 1e-4 * rep.scale and (tmp_path / "api.onnx").is_file()
+
+
 def test_export_dynamic_batch_matches_onnxruntime(prepared, tmp_path):
     m, x = prepared
     out = tmp_path / "sub" / "model.onnx"
