@@ -126,18 +126,30 @@ class PlasticCall(torch.autograd.Function):
         return gx, gw if need[1] else None, gb, None, None, None, None, None, None, None
 
 
+def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
+                h_dtype: torch.dtype | None) -> torch.Tensor:
+    """H of one call; with ``h_dtype`` (a call run by autocast in a lower precision) from
+    its operands upcast to the weight's dtype, so that H and the rule's arithmetic are in
+    that dtype."""
+    if h_dtype is None:
+        return hebbian_raw(spec, x, u, w, b, site.rule)
+    x, u, w, b = (t if t is None else t.to(h_dtype) for t in (x, u, w, b))
+    with torch.autocast(x.device.type, enabled=False):  # (H in the forward pass: inside it)
+        return hebbian_raw(spec, x, u, w, b, site.rule)
+
+
 def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
-                 copy_out: bool, view) -> torch.Tensor:
+                 copy_out: bool, view, h_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The call as backprop runs it; a hook on its output adds H to ``site`` when the output's
     gradient arrives (before the call's own backward, so before the weight's gradient is
-    accumulated and combined)."""
+    accumulated and combined). ``h_dtype``: see :func:`_hebbian_in`."""
     out = spec.run(x, w, b)
     site.note_call()
     # (x, w, b are held as they are: the hook runs without grad mode, so nothing is recorded;
     # only the output is detached, since a hook holding its own tensor would be a cycle)
     if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
         with torch.no_grad():
-            held = [hebbian_raw(spec, x, out.detach(), w, b, site.rule), None, None, 0]
+            held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0]
     else:  # the output shares its version counter with ``u``: in-place changes are seen
         u = out.detach().clone() if copy_out else out.detach()
         held = [None, x, u, u._version]
@@ -155,7 +167,7 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
             if u._version != version:
                 raise RuntimeGHLError(
                     f"layer {site.layer!r}: its output was modified in place after the call")
-            h = hebbian_raw(spec, xs, u, w, b, site.rule)
+            h = _hebbian_in(spec, xs, u, w, b, site, h_dtype)
         site.add(h, view, layout)
 
     out.register_hook(add_hebbian)
@@ -177,14 +189,40 @@ def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
             and (state.STACK_MAX_NUMEL is None or w.numel() < state.STACK_MAX_NUMEL))
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a conv/linear on ``x``'s device in, or None when it is off."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as autocast would pass it to a lower-precision op: floating tensors other than
+    float64 in ``dtype``, the rest as they are."""
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
 def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
                  copy_out: bool = False, view: tuple | None = None, timing: str = "auto",
                  out_saved: bool = False) -> torch.Tensor:
-    """Run one conv/linear call as a plastic call (handles unbatched and 'same' padding)."""
+    """Run one conv/linear call as a plastic call (handles unbatched and 'same' padding).
+
+    Under autocast the call runs as autocast runs the plain op (its operands cast to the
+    autocast dtype; ``torch.convolution`` itself is not autocast), and H is computed in the
+    weight's dtype from those same operands (:func:`_hooked_call`)."""
     if unbatched:
         x = x.unsqueeze(0)
     if spec.pre_pad:
         x = F.pad(x, list(spec.pre_pad))
+    amp = autocast_dtype(x)
+    if amp is not None:
+        h_dtype = w.dtype
+        x, w, b = _cast(x, amp), _cast(w, amp), _cast(b, amp)
+        if w.dtype != h_dtype:  # the weight's gradient passes a cast: no in-call combine
+            out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view,
+                               h_dtype)
+            return out.squeeze(0) if unbatched else out
     stack = _stacks(spec, w, site, view)
     if stack or _needs_function(spec, w, site, view):
         out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, stack)

@@ -1,0 +1,117 @@
+"""Plastic calls under autocast: run as autocast runs the plain ops, H in the weight's dtype.
+
+The reference is the float64 oracle on the operands autocast actually used (the recorded
+input and weight rounded to bfloat16, the recorded bfloat16 output) and the plain model's own
+autocast gradient for the sign."""
+
+from __future__ import annotations
+
+import copy
+
+import oracle
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ghlc
+import ghlc.runtime.state as st
+
+AMP = torch.bfloat16
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # H in backward
+        nn.Conv2d(8, 6, 3), nn.ReLU(),  # no BN: H in forward (auto) when H is smaller
+        nn.Flatten(), nn.Linear(6 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5),
+    )
+
+
+def loss_fn(out: torch.Tensor) -> torch.Tensor:
+    return out.float().logsumexp(1).mean()
+
+
+def call_h(c: oracle.Call, bias: torch.Tensor | None) -> torch.Tensor:
+    """H of one autocast call in float64: y from the call's own (bfloat16) output, Σ y·x from
+    the operands autocast passed to the kernel, and Oja's Σ y⊙u from the output recomputed
+    exactly from those operands (ghlc's Σ y⊙u = <W_k, Σ y·x> + b_k Σ y holds for that u)."""
+    c.x, c.w = c.x.to(AMP).double(), c.w.to(AMP).double()
+    b = None if bias is None else bias.detach().to(AMP).double()
+    corr = oracle.call_term(c, {"local_rule": "hebb"})
+    if c.kind == "linear":
+        u = F.linear(c.x, c.w, b).reshape(-1, c.w.shape[0])
+        y = oracle.compete(c.u.reshape(-1, c.w.shape[0]), 1, {})
+        s = (y * u).sum(0)
+    else:
+        u = F.conv2d(c.x, c.w, b, c.stride, c.padding, c.dilation, c.groups)
+        y = oracle.compete(c.u, 1, {})
+        s = (y * u).sum(dim=(0, 2, 3))
+    return corr - s.view(-1, *[1] * (c.w.dim() - 1)) * c.w
+
+
+def reference(plain: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Expected gradients of the plastic weights for one autocast step of ``plain``: |H_n|
+    times the sign of the plain model's own autocast gradient."""
+    plain.train()
+    plain.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=AMP):
+        out, calls = oracle.record(plain, (x,), names)
+    loss_fn(out).backward()
+    params = dict(plain.named_parameters())
+    h = {c.name: call_h(c, params.get(c.name.removesuffix("weight") + "bias")) for c in calls}
+    assert sorted(h) == sorted(names) and len(calls) == len(names)
+    return {n: oracle.expected_grad(h[n], params[n].grad) for n in names}
+
+
+def check(m: nn.Module, want: dict[str, torch.Tensor]) -> None:
+    got = dict(m.named_parameters())
+    for n, exp in want.items():
+        g = got[n].grad
+        assert g.dtype == torch.float32, n
+        err = (g.double() - exp).norm() / exp.norm()
+        assert err <= 1e-4, f"{n}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("timing", ["auto", "forward", "backward"])
+def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing):
+    base = model()
+    x = torch.randn(4, 3, 8, 8)
+    cfg = ghlc.GHLConfig(plastic=("conv", "linear"), include=("8",), hebbian_at=timing)
+    m = ghlc.prepare(copy.deepcopy(base), (x[:1],), cfg)
+    names = sorted(ghlc.runtime.runtime_of(m).sites)
+    assert names == ["0.weight", "3.weight", "6.weight", "8.weight"]
+    want = reference(copy.deepcopy(base), x, names)
+
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=AMP):
+        out = m(x)
+        plain_out = copy.deepcopy(base)(x)
+    assert out.dtype == AMP and torch.equal(out, plain_out)  # the plain model's autocast forward
+    loss_fn(out).backward()
+    check(m, want)
+
+
+def test_autocast_after_plain_steps_with_the_in_call_combine(monkeypatch):
+    """A weight that took the in-call combine in plain steps gets its gradient through a cast
+    under autocast: it combines after backward there, and back in the call afterwards."""
+    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    base = model()
+    x = torch.randn(4, 3, 8, 8)
+    m = ghlc.prepare(copy.deepcopy(base), (x[:1],))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the weights stay the reference's
+    for _ in range(2):  # plain steps: single use seen, then the in-call combine
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        opt.step()
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=AMP):
+        out = m(x)
+    loss_fn(out).backward()
+    check(m, reference(copy.deepcopy(base), x, ["0.weight", "3.weight"]))
+    opt.step()
+    opt.zero_grad()
+    loss_fn(m(x)).backward()  # plain again: the in-call combine, as before
+    h, g, _ = oracle.run_plain(copy.deepcopy(base), (x,), ["0.weight", "3.weight"], loss_fn)
+    check(m, {n: oracle.expected_grad(h[n], g[n]) for n in h})
