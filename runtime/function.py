@@ -215,16 +215,14 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
         x = x.unsqueeze(0)
     if spec.pre_pad:
         x = F.pad(x, list(spec.pre_pad))
-    amp = autocast_dtype(x)
+    amp, h_dtype = autocast_dtype(x), None
     if amp is not None:
-        h_dtype = w.dtype
+        w_dtype = w.dtype
         x, w, b = _cast(x, amp), _cast(w, amp), _cast(b, amp)
-        if w.dtype != h_dtype:  # the weight's gradient passes a cast: no in-call combine
-            out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view,
-                               h_dtype)
-            return out.squeeze(0) if unbatched else out
-    stack = _stacks(spec, w, site, view)
-    if stack or _needs_function(spec, w, site, view):
+        h_dtype = w_dtype if w.dtype != w_dtype else None
+    if h_dtype is not None:  # the weight's gradient passes a cast: no in-call combine
+        out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view, h_dtype)
+    elif (stack := _stacks(spec, w, site, view)) or _needs_function(spec, w, site, view):
         out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, stack)
     else:
         out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view)
