@@ -19,7 +19,7 @@ fi
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_errors_runtime.py \
-    tests/test_cli.py
+    tests/test_cli.py tests/test_autocast.py
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then  # 5: no test carries the gpu mark
     echo "gpu tests failed (exit $rc)" >&2
