@@ -21,6 +21,12 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
     bp_compile, ghlc_compile (only with --variants) bp and ghlc under torch.compile (Inductor;
                the first steps compile): each plastic call is a graph break and runs eagerly,
                the rest of the step is compiled. ghlc_compile's ratios are to bp_compile
+    bp_amp, ghlc_amp, ghlc_amp_low (only with --variants) the forward and loss under
+               torch.autocast in bfloat16 (backprop runs its convs in bfloat16): ghlc_amp with
+               the default GHLConfig(hebbian_precision="full"), H from the operands upcast to
+               float32; ghlc_amp_low with hebbian_precision="autocast", the correlation in
+               bfloat16. Their ratios are to bp_amp; ghlc_amp's kernel floor uses the float32
+               weight-gradient kernels, ghlc_amp_low's the bfloat16 ones
 
 and, with --device cuda only,
 
@@ -41,6 +47,8 @@ and, with --device cuda only,
                 backprop's weight gradient and the Hebbian correlation in one call)
     ghlc_stack20_graph  the same, stacking only weights under 2**20 elements
                 (runtime/state.py STACK_MAX_NUMEL)
+    bp_amp_graph, ghlc_amp_graph, ghlc_amp_low_graph  (only with --variants) the autocast
+                variants above captured the same way (ratios to bp_amp_graph)
 
 (a variant whose capture raises is dropped with a one-line warning), and the peak memory of
 one step. The *_graph rows' ratios (to bp, to the floors) are taken to bp_graph, the other
@@ -118,15 +126,20 @@ from ghlc.runtime import fused  # noqa: E402
 from ghlc.runtime import state as rt_state  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
+AMP_VARIANTS = ("bp_amp", "ghlc_amp", "ghlc_amp_low")  # forward under autocast (AMP_DTYPE)
+AMP_GRAPH_VARIANTS = tuple(v + "_graph" for v in AMP_VARIANTS)
 GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph",
                   "ghlc_s25_graph", "ghlc_p25_graph", "ghlc_stack_graph",
-                  "ghlc_stack20_graph")
-CUDA_VARIANTS = ("ghlc_ref", *GRAPH_VARIANTS)  # --device cuda only
+                  "ghlc_stack20_graph", *AMP_GRAPH_VARIANTS)
+CUDA_VARIANTS = ("ghlc_ref", *(v for v in GRAPH_VARIANTS if v not in AMP_GRAPH_VARIANTS))
+CUDA_ONLY = (*CUDA_VARIANTS, *AMP_GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
-EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_p25",
-                  *COMPILE_VARIANTS)  # on request (--variants)
+EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_p25", *COMPILE_VARIANTS,
+                  *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
+AMP_DTYPE = torch.bfloat16
 SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
 KERNEL_KEY = {"batch": "sampled", "positions": "positions"}  # sample_over -> kernels[model][key]
+AMP_KERNELS = "amp_low"  # kernels[model][key]: the full kernels in AMP_DTYPE
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
@@ -230,7 +243,9 @@ class Runner:
     def __init__(self, base: nn.Module, temp, variant: str, x2: torch.Tensor) -> None:
         model = copy.deepcopy(base).train()
         compiled = variant in COMPILE_VARIANTS
-        variant = variant.removesuffix("_compile")
+        self.amp = variant in AMP_VARIANTS
+        precision = "autocast" if variant == "ghlc_amp_low" else "full"
+        variant = variant.removesuffix("_compile").removesuffix("_amp_low").removesuffix("_amp")
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
@@ -241,7 +256,8 @@ class Runner:
             self.naive = NaiveGHL(model, temp)
         elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_stack",
                          "ghlc_stack20"):
-            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp))
+            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp,
+                                                                hebbian_precision=precision))
         elif variant in (*SAMPLED, "ghlc_nosoftmax"):
             extra = ({"sample_fraction": SAMPLE_FRACTION, "sample_over": SAMPLED[variant]}
                      if variant in SAMPLED else {"competition": "none"})
@@ -251,10 +267,15 @@ class Runner:
         self.model = torch.compile(model.train()) if compiled else model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The forward and the loss (under autocast for the *_amp* variants)."""
+        with torch.autocast(x.device.type, dtype=AMP_DTYPE, enabled=self.amp):
+            return F.cross_entropy(self.model(x), y)
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with settings(self):
             self.opt.zero_grad()
-            loss = F.cross_entropy(self.model(x), y)
+            loss = self.loss(x, y)
             loss.backward()
             if self.naive is not None:
                 self.naive.apply()
@@ -294,6 +315,7 @@ class GraphRunner:
             raise ValueError(variant)
         r = Runner(base, temp, eager, x[:2])
         self.model, self.opt, self.fused, self.chunk = r.model, r.opt, r.fused, r.chunk
+        self.loss_fn = r.loss
         self.stack, self.stack_max = r.stack, r.stack_max
         self.capturing = True
         self.static_x, self.static_y = x.clone(), y.clone()
@@ -304,7 +326,7 @@ class GraphRunner:
         with torch.cuda.stream(s), settings(self):
             for _ in range(GRAPH_WARMUP):
                 self.opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.model(self.static_x), self.static_y)
+                loss = self.loss_fn(self.static_x, self.static_y)
                 loss.backward()
                 self.opt.step()
         torch.cuda.current_stream().wait_stream(s)
@@ -313,7 +335,7 @@ class GraphRunner:
         self.opt.zero_grad(set_to_none=True)  # grads are allocated in the graph's pool
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g), settings(self):
-            self.loss = F.cross_entropy(self.model(self.static_x), self.static_y)
+            self.loss = self.loss_fn(self.static_x, self.static_y)
             self.loss.backward()
             self.opt.step()
         self.graph = g
@@ -383,7 +405,8 @@ def reference(variant: str) -> str:
     """The variant whose median step the ratios of ``variant`` are taken to."""
     if variant in COMPILE_VARIANTS:
         return "bp_compile"
-    return "bp_graph" if variant in GRAPH_VARIANTS else "bp"
+    base = "bp_amp" if "_amp" in variant else "bp"
+    return base + "_graph" if variant in GRAPH_VARIANTS else base
 
 
 def warn_dropped(model_name: str, variant: str, err: BaseException) -> None:
@@ -631,7 +654,8 @@ def conv_weight_grad(cot: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 
 
 def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: float = 1.0,
-                  over: str = "batch") -> tuple[list[dict], list[str]]:
+                  over: str = "batch", dtype: torch.dtype | None = None
+                  ) -> tuple[list[dict], list[str]]:
     """One weight-gradient-only kernel per plastic layer, on random tensors of its shapes.
 
     The model is traced at x itself, so the recorded shapes are the ones at the benchmark
@@ -639,10 +663,11 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
     ``frac`` < 1: the sampled mode's shapes, a block of that fraction of the leading dim (of
     the rows for linear layers), as ``sample_fraction`` takes it; with ``over="positions"``
     a plain conv's strided call over the sampled grid of output positions (offsets 0).
+    ``dtype``: the tensors' dtype (default x's).
     Returns (probes: layer, kind, calls, fn; skipped: one note per plastic layer left out).
     Each fn is called once here (allocations, kernel selection)."""
     layers, skipped = plastic_layers(base, temp, x)
-    dtype = x.dtype if x.is_floating_point() else torch.float32
+    dtype = dtype or (x.dtype if x.is_floating_point() else torch.float32)
     probes = []
     for info, conv in layers:
         mk = dict(device=device, dtype=dtype)
@@ -792,6 +817,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
                                            over)[0]
                 for v, over in SAMPLED.items()
                 if any(u.removesuffix("_graph") == v for u in variants)}
+    if any(v.startswith("ghlc_amp_low") for v in variants):
+        probes_s[AMP_KERNELS] = kernel_probes(base, temp, x, args.device, dtype=AMP_DTYPE)[0]
     times: dict[str, list[float]] = {v: [] for v in variants}
     rounds: list[list[float]] = []
     rounds_s: dict[str, list[list[float]]] = {k: [] for k in probes_s}
@@ -821,8 +848,10 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         ref = reference(v) if reference(v) in medians else "bp"
         ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
         eager = v.removesuffix("_graph").removesuffix("_compile")
-        if eager == "bp":
+        if eager in ("bp", "bp_amp"):
             floor, heb_ms = 1.0, 0.0
+        elif eager == "ghlc_amp_low":
+            floor, heb_ms = fl["floor"], kern[AMP_KERNELS]["hebbian_kernel_ms"]
         elif eager in SAMPLED:
             key = KERNEL_KEY[SAMPLED[eager]]
             floor, heb_ms = fl["floor_sampled"], kern[key]["hebbian_kernel_ms"]
@@ -1028,7 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(compiled kernels in every step, on CPU too), ghlc_nosoftmax: "
                         "ghlc without the channel softmax (a diagnostic), bp_compile and "
                         "ghlc_compile: both under torch.compile (ghlc_compile's ratios are "
-                        "to bp_compile)")
+                        "to bp_compile), bp_amp, ghlc_amp and ghlc_amp_low: the forward "
+                        "under autocast in bfloat16 (ratios to bp_amp, added when needed), "
+                        "and on CUDA their *_graph captures")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
 
@@ -1050,6 +1081,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.variants:
         known = VARIANTS + CUDA_VARIANTS + EXTRA_VARIANTS
+        asked = [v.strip() for v in args.variants.split(",")]
+        for refv, group in (("bp_amp", AMP_VARIANTS), ("bp_amp_graph", AMP_GRAPH_VARIANTS)):
+            if refv not in asked and any(v in group for v in asked):  # the ratios' reference
+                args.variants = refv + "," + args.variants
         chosen = ["bp"] + [v.strip() for v in args.variants.split(",")
                            if v.strip() and v.strip() != "bp"]
         for v in chosen:
@@ -1057,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: unknown variant {v!r} (choose from {', '.join(known)})",
                       file=sys.stderr)
                 return 2
-            if v in CUDA_VARIANTS and args.device != "cuda":
+            if v in CUDA_ONLY and args.device != "cuda":
                 print(f"error: variant {v!r} needs --device cuda", file=sys.stderr)
                 return 2
         args.variants = tuple(dict.fromkeys(chosen))

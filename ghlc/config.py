@@ -18,6 +18,7 @@ HEBBIAN_AT = ("auto", "forward", "backward")
 ACCUMULATION = ("auto", "always")
 INTERCEPTIONS = ("auto", "mode")
 SAMPLE_OVER = ("batch", "positions")
+PRECISIONS = ("full", "autocast")
 LAYER_KINDS = ("conv", "linear")
 
 
@@ -54,6 +55,13 @@ class GHLConfig:
     function mode runs (less host time per step); ``mode`` routes every torch call of a
     training forward through a function mode, which also finds plastic weights used in ways
     the trace did not see (say a branch first taken later in training).
+    ``hebbian_precision`` matters only under ``torch.autocast``, where a plastic call runs in
+    autocast's lower precision like the plain op: ``full`` (default) computes H from the
+    call's operands upcast to the weight's dtype (the rule's numbers to that dtype's
+    rounding); ``autocast`` computes the competition and the correlation sum y.x in
+    autocast's dtype, as autocast computes backprop's own weight gradient, and Oja's decay
+    in the weight's: faster (the Hebbian kernels at the lower precision's rate, no upcast
+    copies), H to about the lower precision (see docs/PERFORMANCE.md, "Mixed precision").
     """
 
     temperature: float | Mapping[str, float] = 1.0
@@ -71,6 +79,7 @@ class GHLConfig:
     accumulation: str = "auto"
     normalisation: str = "layer"
     interception: str = "auto"
+    hebbian_precision: str = "full"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plastic", _tuple(self.plastic))
@@ -86,6 +95,7 @@ class GHLConfig:
             ("normalisation", NORMALISATIONS),
             ("interception", INTERCEPTIONS),
             ("sample_over", SAMPLE_OVER),
+            ("hebbian_precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(

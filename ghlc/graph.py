@@ -121,6 +121,7 @@ class LayerGraph:
                     + ("/positions" if r.sample_fraction < 1 and r.sample_over != "batch"
                        else "")
                     + (f" norm={r.normalisation}" if r.normalisation != "layer" else "")
+                    + (f" precision={r.precision}" if r.precision != "full" else "")
                 )
         order = {i.name: i.order for i in self.layers()}
         order[INPUT], order[OUTPUT] = -1, 10**9

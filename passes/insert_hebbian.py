@@ -12,6 +12,7 @@ def rule_for(cfg, module: str) -> HebbianRule:
         competition_scope=cfg.competition_scope, local_rule=cfg.local_rule,
         global_signal=cfg.global_signal, sample_fraction=cfg.sample_fraction,
         normalisation=cfg.normalisation, sample_over=cfg.sample_over,
+        precision=cfg.hebbian_precision,
     )
 
 

@@ -128,13 +128,17 @@ class PlasticCall(torch.autograd.Function):
 
 def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
                 h_dtype: torch.dtype | None) -> torch.Tensor:
-    """H of one call; with ``h_dtype`` (a call run by autocast in a lower precision) from
-    its operands upcast to the weight's dtype, so that H and the rule's arithmetic are in
-    that dtype."""
+    """H of one call. With ``h_dtype`` (a call run by autocast in a lower precision) H is in
+    that dtype (the weight's): by default from the call's operands upcast to it, so that all
+    of the rule's arithmetic is in it; with the rule's ``precision="autocast"`` the
+    competition and the correlation run on the operands as they are (as autocast runs
+    backprop's own weight gradient) and only Oja's decay in ``h_dtype``."""
     if h_dtype is None:
         return hebbian_raw(spec, x, u, w, b, site.rule)
-    x, u, w, b = (t if t is None else t.to(h_dtype) for t in (x, u, w, b))
     with torch.autocast(x.device.type, enabled=False):  # (H in the forward pass: inside it)
+        if site.rule.precision == "autocast":
+            return hebbian_raw(spec, x, u, w, b, site.rule, h_dtype)
+        x, u, w, b = (t if t is None else t.to(h_dtype) for t in (x, u, w, b))
         return hebbian_raw(spec, x, u, w, b, site.rule)
 
 

@@ -29,6 +29,7 @@ class HebbianRule:
     sample_fraction: float = 1.0
     normalisation: str = "layer"
     sample_over: str = "batch"
+    precision: str = "full"
 
 
 def channel_dim(spec: CallSpec, u: torch.Tensor) -> int:
@@ -145,18 +146,32 @@ def unit_sum(spec: CallSpec, t: torch.Tensor) -> torch.Tensor:
 
 def hebbian_raw(
     spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-    rule: HebbianRule,
+    rule: HebbianRule, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Un-normalised local term H of one call (same shape as w).
 
     Oja's decay ``sum_j y_k u_k`` is taken as ``<W_k, corr_k> + b_k sum_j y_k`` (u is linear
-    in W, so the two are equal): no activation-sized product is materialised."""
+    in W, so the two are equal): no activation-sized product is materialised. With ``dtype``
+    (operands in a lower precision, ``precision="autocast"``), y and the correlation are
+    computed in the operands' dtype, and Oja's decay and H in ``dtype`` (:func:`finish_in`)."""
     if rule.sample_fraction < 1.0:
         if rule.sample_over == "positions" and spec.kind == "conv" and not spec.transposed:
-            return _hebbian_positions(spec, x, u, w, b, rule)
+            return _hebbian_positions(spec, x, u, w, b, rule, dtype)
         x, u = _subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
     y = compete(u, spec, rule)
-    return hebbian_finish(spec, weight_vjp(spec, x, w, y), y, w, b, rule)
+    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype)
+
+
+def finish_in(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+              b: torch.Tensor | None, rule: HebbianRule,
+              dtype: torch.dtype | None) -> torch.Tensor:
+    """:func:`hebbian_finish` in ``dtype``: the correlation, w and b cast to it first (the
+    correlation of a lower-precision call is rounded once, as backprop's own weight gradient
+    is under autocast; the rest of the rule runs in ``dtype``)."""
+    if dtype is not None and corr.dtype != dtype:
+        corr, w = corr.to(dtype), w.to(dtype)
+        b = None if b is None else b.to(dtype)
+    return hebbian_finish(spec, corr, y, w, b, rule)
 
 
 def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
@@ -170,7 +185,9 @@ def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch
     if b is not None:
         dim = channel_dim(spec, y)
         dims = [i for i in range(y.dim()) if i != dim]
-        extra = b * (y.sum(dim=dims) if dims else y)  # sum(dim=[]) would sum over everything
+        # (sum(dim=[]) would sum over everything; a lower-precision y is summed in b's dtype)
+        sum_dtype = None if y.dtype == b.dtype else b.dtype
+        extra = b * (y.sum(dim=dims, dtype=sum_dtype) if dims else y.to(b.dtype))
     if (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1:  # units along dim 0
         # (detached: torch.compile would specialise on a Parameter's shape)
         return fused.oja_decay_(corr, w.detach(), extra, out)
@@ -436,7 +453,8 @@ def grid_pad(y: torch.Tensor, grid: tuple[GridDim, ...]) -> torch.Tensor:
 
 
 def _hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                       b: torch.Tensor | None, rule: HebbianRule) -> torch.Tensor:
+                       b: torch.Tensor | None, rule: HebbianRule,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """H from a random grid of output positions of every sample: every q-th position along
     each spatial dim from a random offset (``grid_steps``), computed as the weight gradient of
     the equivalent strided conv (no patches are unfolded)."""
@@ -447,4 +465,4 @@ def _hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torc
         corr = torch.zeros_like(w, memory_format=torch.contiguous_format)
     else:
         corr = weight_vjp(s, sx, w, grid_pad(y, grid))
-    return hebbian_finish(spec, corr, y, w, b, rule)
+    return finish_in(spec, corr, y, w, b, rule, dtype)

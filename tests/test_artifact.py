@@ -47,6 +47,14 @@ def test_round_trip_keeps_the_sampled_mode(tmp_path):
     assert (rule.sample_fraction, rule.sample_over) == (0.25, "positions")
 
 
+def test_round_trip_keeps_the_hebbian_precision(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    m = ghlc.prepare(net(), (x[:1],), ghlc.GHLConfig(hebbian_precision="autocast"))
+    ghlc.save(m, tmp_path / "m.ghl")
+    loaded = ghlc.load(tmp_path / "m.ghl", model=net())
+    assert loaded._ghl_runtime.sites["0.weight"].state.rule.precision == "autocast"
+
+
 def test_load_checks_the_model(tmp_path):
     x = torch.randn(1, 3, 8, 8)
     ghlc.save(ghlc.prepare(net(), (x,)), tmp_path / "m.ghl")

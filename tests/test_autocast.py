@@ -122,3 +122,38 @@ def test_autocast_after_plain_steps_with_the_in_call_combine(monkeypatch):
     loss_fn(m(x)).backward()  # plain again: the in-call combine, as before
     h, g, _ = oracle.run_plain(copy.deepcopy(base), (x,), ["0.weight", "3.weight"], loss_fn)
     check(m, {n: oracle.expected_grad(h[n], g[n]) for n in h})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("timing", ["auto", "forward", "backward"])
+def test_autocast_precision_computes_the_correlation_in_the_lower_precision(timing, device,
+                                                                           monkeypatch):
+    """``hebbian_precision="autocast"``: the correlation runs in bfloat16, so H differs from
+    the float32 path by bfloat16 rounding (relative 2⁻⁸ per term) and no more; without
+    autocast the option changes nothing."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    base = model().to(device)
+    x = torch.randn(4, 3, 8, 8).to(device)
+    names = ["0.weight", "3.weight", "6.weight", "8.weight"]
+    want = reference(copy.deepcopy(base), x, names)
+
+    def grads(precision: str, amp: bool) -> dict[str, torch.Tensor]:
+        cfg = ghlc.GHLConfig(plastic=("conv", "linear"), include=("8",), hebbian_at=timing,
+                             hebbian_precision=precision)
+        m = ghlc.prepare(copy.deepcopy(base), (x[:1],), cfg)
+        with torch.autocast(device, dtype=AMP, enabled=amp):
+            out = m(x)
+        loss_fn(out).backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+
+    low, full = grads("autocast", True), grads("full", True)
+    for n, exp in want.items():
+        assert low[n].dtype == torch.float32, n
+        err = ((low[n].double() - exp).norm() / exp.norm()).item()
+        assert 0 < err <= 1.5e-2, f"{n}: rel err {err:.3g}"  # > 0: the bfloat16 path ran
+        assert not torch.equal(low[n], full[n]), n
+    for n in low:  # biases and other parameters: backprop's own gradients
+        if n not in want:
+            assert torch.equal(low[n], full[n]), n
+    plain_low, plain_full = grads("autocast", False), grads("full", False)
+    assert all(torch.equal(plain_low[n], plain_full[n]) for n in plain_full)

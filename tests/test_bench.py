@@ -94,6 +94,27 @@ def test_step_bench_smoke(tmp_path):
     assert f"{min(paired) / g['floor']:.3f}–{max(paired) / g['floor']:.3f}" in line
 
 
+def test_step_bench_autocast_variants(tmp_path):
+    """bp_amp is added as the reference of the autocast rows; ghlc_amp's kernel floor uses the
+    float32 kernels, ghlc_amp_low's the bfloat16 ones; the graph variants need CUDA."""
+    out = tmp_path / "step.json"
+    _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "2", "--warmup", "0",
+          "--batch", "4", "--variants", "ghlc_amp,ghlc_amp_low", "--no-prepare-bench",
+          "--json", out], tmp_path)
+    res = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"bp", "bp_amp", "ghlc_amp", "ghlc_amp_low"}
+    kern = res["kernels"]["fasthebb"]
+    amp_ms = rows["bp_amp"]["median_ms"]
+    for v, k in (("ghlc_amp", kern), ("ghlc_amp_low", kern["amp_low"])):
+        assert rows[v]["reference"] == "bp_amp"
+        assert rows[v]["ratio_to_bp"] == pytest.approx(rows[v]["median_ms"] / amp_ms)
+        assert rows[v]["kernel_floor"] == pytest.approx((amp_ms + k["hebbian_kernel_ms"]) / amp_ms)
+    r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_amp_graph"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs --device cuda" in r.stderr
+
+
 def test_step_bench_rejects_bad_arguments(tmp_path):
     r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_graph"],
                        cwd=tmp_path, capture_output=True, text=True)

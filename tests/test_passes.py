@@ -183,6 +183,17 @@ def test_insert_hebbian_rule_carries_sampling():
         ghlc.GHLConfig(sample_over="rows")
 
 
+
+def test_insert_hebbian_rule_carries_the_precision():
+    lg = run(make(ghlc.GHLConfig(hebbian_precision="autocast"))[2])
+    assert lg.rule("conv1.weight").precision == "autocast"
+    assert "precision=autocast" in lg.to_text()
+    assert "precision=" not in run(make(ghlc.GHLConfig())[2]).to_text()
+    with pytest.raises(ghlc.ConfigError,
+                       match="hebbian_precision='half' is not one of full, autocast"):
+        ghlc.GHLConfig(hebbian_precision="half")
+
+
 # ---- broadcast_global_sign -----------------------------------------------------------------
 
 def test_broadcast_global_sign_one_source_edge_to_every_hebbian_node():

@@ -372,6 +372,39 @@ def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
     assert err <= TOL[x.dtype], f"{desc} {rule} draws {drawn}: rel err {err:.3g}"
 
 
+@pytest.mark.parametrize("over", ["exact", "batch", "positions"])
+@pytest.mark.parametrize("name", KINDS)
+@settings(SETTINGS, max_examples=8)
+@given(data=st.data(), rule=rules())
+def test_hebbian_raw_with_a_wider_result_dtype_matches_reference(name, over, data, rule):
+    """``hebbian_raw(..., dtype)``, the path of ``hebbian_precision="autocast"`` (y and the
+    correlation in the operands' dtype, Oja's decay and H in ``dtype``), on float32 operands
+    with a float64 result: the float64 reference on the same operands, to float32 rounding,
+    exact and in both sampled modes."""
+    m, x, desc = data.draw(layers(name))
+    m, x = m.float(), x.float()
+    assume(no_ties(m, x, rule))
+    if over != "exact":
+        rule = dataclasses.replace(rule, sample_fraction=0.25, sample_over=over)
+    with Record() as rec, torch.no_grad():
+        m(x)
+    xc, w, b, spec, unbatched = parse_call(*rec.calls[0])
+    if unbatched:
+        xc = xc.unsqueeze(0)
+    if spec.pre_pad:
+        xc = torch.nn.functional.pad(xc, list(spec.pre_pad))
+    draw, drawn = recording_draw(data)
+    with torch.no_grad(), mock.patch.object(hebbian_module, "draw", draw):
+        u = spec.run(xc, w, b)
+        h = hebbian_raw(spec, xc, u, w, b, rule, torch.float64)
+    assert h.dtype == torch.float64 and h.shape == w.shape, desc
+    mask = None if over == "exact" else sample_mask(m, x, u, 0.25, over, drawn)
+    ref = ref_hebbian(m, x, rule.competition, rule.temperature, rule.local_rule,
+                      rule.competition_scope, mask=mask)
+    err = rel_err(h, ref)
+    assert err <= TOL[torch.float32], f"{desc} {rule} draws {drawn}: rel err {err:.3g}"
+
+
 @pytest.mark.parametrize("over", ["batch", "positions"])
 @pytest.mark.parametrize("name", ["Linear", "Conv1d", "Conv2d", "ConvTranspose2d"])
 @settings(SETTINGS, max_examples=15)
