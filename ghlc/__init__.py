@@ -6,6 +6,7 @@ from .errors import ConfigError, GHLError, PassError, RuntimeGHLError, TraceErro
 __version__ = "0.1.0"
 
 from . import passes, runtime  # noqa: E402
+from .amp import GradScaler  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .compile import compile, prepare  # noqa: E402
 from .cudagraph import cuda_graph_step  # noqa: E402
@@ -14,7 +15,7 @@ from .graph import LayerGraph  # noqa: E402
 from .trace import trace  # noqa: E402
 
 __all__ = [
-    "ConfigError", "GHLConfig", "GHLError", "LayerGraph", "PassError", "RuntimeGHLError",
-    "TraceError", "compile", "cuda_graph_step", "export_onnx", "load", "passes", "prepare",
-    "runtime", "save", "trace",
+    "ConfigError", "GHLConfig", "GHLError", "GradScaler", "LayerGraph", "PassError",
+    "RuntimeGHLError", "TraceError", "compile", "cuda_graph_step", "export_onnx", "load",
+    "passes", "prepare", "runtime", "save", "trace",
 ]

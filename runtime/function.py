@@ -23,6 +23,9 @@ weight-gradient call (host time is not replayed there, GPU time is). All give th
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -193,6 +196,13 @@ def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
             and (state.STACK_MAX_NUMEL is None or w.numel() < state.STACK_MAX_NUMEL))
 
 
+@functools.cache
+def _warn_float16() -> None:
+    warnings.warn("ghlc: float16 autocast: scale the loss with ghlc.GradScaler, not "
+                  "torch.amp.GradScaler, whose unscale_ would also divide the plastic weights' "
+                  "|H|*sign(G) by the loss scale", stacklevel=4)
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs a conv/linear on ``x``'s device in, or None when it is off."""
     dev = x.device.type
@@ -221,6 +231,8 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
         x = F.pad(x, list(spec.pre_pad))
     amp, h_dtype = autocast_dtype(x), None
     if amp is not None:
+        if amp == torch.float16 and not state.SCALER_IN_USE:
+            _warn_float16()
         w_dtype = w.dtype
         x, w, b = _cast(x, amp), _cast(w, amp), _cast(b, amp)
         h_dtype = w_dtype if w.dtype != w_dtype else None

@@ -52,6 +52,8 @@ def fuse_sized(t: torch.Tensor) -> bool:
 
 
 _BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
+# Whether a ghlc.GradScaler was made (float16 autocast then does not warn about torch's)
+SCALER_IN_USE = False
 _STEP_HOOK = None
 
 
@@ -59,10 +61,19 @@ def _after_step(optimizer, args, kwargs) -> None:
     """Global optimiser post-step hook: release the raw totals of the stepped parameters."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            ref = _BY_PARAM.get(id(p))
-            st = ref() if ref is not None else None
-            if st is not None and st.param_ref is not None and st.param_ref() is p:
+            if (st := _site_of(p)) is not None:
                 st.after_step()
+
+
+def _site_of(p: torch.Tensor) -> PlasticParam | None:
+    ref = _BY_PARAM.get(id(p))
+    st = ref() if ref is not None else None
+    return st if st is not None and st.param_ref is not None and st.param_ref() is p else None
+
+
+def is_plastic(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a plastic parameter of a prepared model (its gradient is ghlc's)."""
+    return _site_of(p) is not None
 
 
 def _register_step_hook() -> None:

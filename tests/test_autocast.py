@@ -7,6 +7,7 @@ autocast gradient for the sign."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import oracle
 import pytest
@@ -157,3 +158,59 @@ def test_autocast_precision_computes_the_correlation_in_the_lower_precision(timi
             assert torch.equal(low[n], full[n]), n
     plain_low, plain_full = grads("autocast", False), grads("full", False)
     assert all(torch.equal(plain_low[n], plain_full[n]) for n in plain_full)
+
+
+def fp16_step(m: nn.Module, x: torch.Tensor, scaler) -> torch.optim.Optimizer:
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = m(x)
+    scaler.scale(loss_fn(out)).backward()
+    return opt
+
+
+def test_grad_scaler_leaves_the_plastic_gradients_unscaled(monkeypatch):
+    """float16 autocast with loss scaling: ghlc.GradScaler's unscale_ gives the plastic
+    weights back |H|*sign(G) as backward left it (torch's would divide it by the scale), and
+    unscales every other gradient as torch's does; its step moves a plastic weight by
+    lr * |H|*sign(G)."""
+    monkeypatch.setattr(st, "SCALER_IN_USE", False)
+    base = model()
+    x = torch.randn(4, 3, 8, 8)
+    plastic = ["0.weight", "3.weight"]
+    grads = {}
+    for kind in ("ghlc", "torch"):
+        m = ghlc.prepare(copy.deepcopy(base), (x[:1],))
+        scaler = (ghlc.GradScaler if kind == "ghlc" else torch.amp.GradScaler)("cpu")
+        opt = fp16_step(m, x, scaler)
+        params = dict(m.named_parameters())
+        before = {n: p.grad.clone() for n, p in params.items()}
+        scaler.unscale_(opt)
+        grads[kind] = {n: p.grad.clone() for n, p in params.items()}
+        s = scaler.get_scale()
+        assert s == 2.0**16
+        for n in params:
+            want = before[n] if (kind == "ghlc" and n in plastic) else before[n] / s
+            assert torch.equal(grads[kind][n], want), (kind, n)
+        if kind == "ghlc":
+            w0 = {n: params[n].detach().clone() for n in plastic}
+            scaler.step(opt)
+            scaler.update()
+            for n in plastic:
+                assert torch.allclose(params[n].detach(), w0[n] - 0.5 * before[n], atol=1e-7), n
+    assert st.SCALER_IN_USE
+
+
+def test_float16_autocast_warns_about_torch_grad_scaler(monkeypatch):
+    from ghlc.runtime import function
+
+    monkeypatch.setattr(st, "SCALER_IN_USE", False)
+    function._warn_float16.cache_clear()
+    m = ghlc.prepare(model(), (torch.randn(1, 3, 8, 8),))
+    with pytest.warns(UserWarning, match="ghlc.GradScaler"):
+        fp16_step(m, torch.randn(4, 3, 8, 8), torch.amp.GradScaler("cpu"))
+    function._warn_float16.cache_clear()
+    ghlc.GradScaler("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp16_step(m, torch.randn(4, 3, 8, 8), torch.amp.GradScaler("cpu"))
+    function._warn_float16.cache_clear()
