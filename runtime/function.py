@@ -77,13 +77,19 @@ class PlasticCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
-                copy_out: bool, view, stack: bool = False):
+                copy_out: bool, view, stack: bool = False, amp: torch.dtype | None = None):
+        # amp: autocast's dtype; x and b come cast, w is cast here, so that the weight's
+        # gradient (returned in w's dtype) reaches the parameter with no cast in between and
+        # the in-call combine still applies; H is then in w's dtype (_hebbian_in)
+        h_dtype, ctx.w_dtype = (w.dtype if amp is not None else None), w.dtype
+        if amp is not None:
+            w = w.to(amp)
         out = spec.run(x, w, b)
         site.note_call()
-        ctx.spec, ctx.site, ctx.view, ctx.stack = spec, site, view, stack
+        ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
         if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
-            ctx.h = hebbian_raw(spec, x, out, w, b, site.rule)
+            ctx.h = _hebbian_in(spec, x, out, w, b, site, h_dtype)
             ctx.save_for_backward(x, w)
         else:
             ctx.save_for_backward(x, w, b, out.clone() if copy_out else out)
@@ -111,22 +117,24 @@ class PlasticCall(torch.autograd.Function):
             gw, h = stacked_wgrads(spec, x, w, saved[2], saved[3].detach(), g, site.rule)
             site.add(h, None, (spec.transposed, spec.groups))
             site.returned(gw, False)
-            return gx, gw, gb, None, None, None, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None, None, None, None
         gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
         if ctx.h is not None:
             h, ctx.h = ctx.h, None
         elif len(saved) < 4:  # H was computed in forward and used by an earlier backward
             raise RuntimeGHLError(_retained_graph_message(site))
         else:
-            h = hebbian_raw(spec, x, saved[3].detach(), w, saved[2], site.rule)
+            h = _hebbian_in(spec, x, saved[3].detach(), w, saved[2], site, ctx.h_dtype)
         if fuse:
-            gw = fused_combine(spec, g, x, w, h, site.rule)
+            gw = fused_combine(spec, g, x, w, h, site.rule)  # (in h's dtype)
         else:
             layout = (spec.transposed, spec.groups) if ctx.view is None else ROWS
             site.add(h, ctx.view, layout)
+            if gw is not None and gw.dtype != ctx.w_dtype:  # (w was cast in the forward)
+                gw = gw.to(ctx.w_dtype)
         if need[1]:
             site.returned(gw, fuse)
-        return gx, gw if need[1] else None, gb, None, None, None, None, None, None, None
+        return gx, gw if need[1] else None, gb, None, None, None, None, None, None, None, None
 
 
 def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
@@ -224,7 +232,9 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
 
     Under autocast the call runs as autocast runs the plain op (its operands cast to the
     autocast dtype; ``torch.convolution`` itself is not autocast), and H is computed in the
-    weight's dtype from those same operands (:func:`_hooked_call`)."""
+    weight's dtype (:func:`_hebbian_in`). A call that may combine inside its backward casts
+    the weight itself (:class:`PlasticCall`), so that its gradient reaches the parameter
+    as the call returned it."""
     if unbatched:
         x = x.unsqueeze(0)
     if spec.pre_pad:
@@ -233,10 +243,13 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
     if amp is not None:
         if amp == torch.float16 and not state.SCALER_IN_USE:
             _warn_float16()
-        w_dtype = w.dtype
-        x, w, b = _cast(x, amp), _cast(w, amp), _cast(b, amp)
-        h_dtype = w_dtype if w.dtype != w_dtype else None
-    if h_dtype is not None:  # the weight's gradient passes a cast: no in-call combine
+        x, b, wc = _cast(x, amp), _cast(b, amp), _cast(w, amp)
+        h_dtype = w.dtype if wc.dtype != w.dtype else None
+        w = w if h_dtype is not None and _needs_function(spec, w, site, view) else wc
+    if h_dtype is not None and w is not wc:  # the weight is cast inside the call
+        out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, False,
+                                wc.dtype)
+    elif h_dtype is not None:
         out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view, h_dtype)
     elif (stack := _stacks(spec, w, site, view)) or _needs_function(spec, w, site, view):
         out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, stack)

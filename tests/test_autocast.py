@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import ghlc
 import ghlc.runtime.state as st
+from ghlc.runtime.hebbian import fused_combine
 
 AMP = torch.bfloat16
 DEVICES = ["cpu", pytest.param("cuda", marks=[
@@ -80,7 +81,14 @@ def check(m: nn.Module, want: dict[str, torch.Tensor]) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("timing", ["auto", "forward", "backward"])
-def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, monkeypatch):
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "function"])
+def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, hooks,
+                                                               monkeypatch):
+    """Both runtimes: backprop's node with the output hook, and PlasticCall (which casts the
+    weight itself under autocast)."""
+    from ghlc.runtime import function
+
+    monkeypatch.setattr(function, "HOOKS", hooks)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same kernels
     base = model().to(device)
     x = torch.randn(4, 3, 8, 8).to(device)
@@ -101,23 +109,39 @@ def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, m
     check(m, want)
 
 
-def test_autocast_after_plain_steps_with_the_in_call_combine(monkeypatch):
-    """A weight that took the in-call combine in plain steps gets its gradient through a cast
-    under autocast: it combines after backward there, and back in the call afterwards."""
+@pytest.mark.parametrize("precision", ["full", "autocast"])
+def test_autocast_after_plain_steps_with_the_in_call_combine(precision, monkeypatch):
+    """A weight that takes the in-call combine in plain steps keeps it under autocast (the
+    call casts the weight itself, so its gradient reaches the parameter as returned), with
+    the oracle's gradients, and after autocast steps too."""
+    from ghlc.runtime import function
+
     monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    combines = []
+    monkeypatch.setattr(function, "fused_combine",
+                        lambda *a, **k: combines.append(a[4].dtype) or fused_combine(*a, **k))
     base = model()
     x = torch.randn(4, 3, 8, 8)
-    m = ghlc.prepare(copy.deepcopy(base), (x[:1],))
+    m = ghlc.prepare(copy.deepcopy(base), (x[:1],), ghlc.GHLConfig(hebbian_precision=precision))
     opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the weights stay the reference's
     for _ in range(2):  # plain steps: single use seen, then the in-call combine
         opt.zero_grad()
         loss_fn(m(x)).backward()
         opt.step()
+    assert combines == [torch.float32] * 2
     opt.zero_grad()
     with torch.autocast("cpu", dtype=AMP):
         out = m(x)
     loss_fn(out).backward()
-    check(m, reference(copy.deepcopy(base), x, ["0.weight", "3.weight"]))
+    assert combines == [torch.float32] * 4  # H in float32 under autocast too
+    want = reference(copy.deepcopy(base), x, ["0.weight", "3.weight"])
+    if precision == "full":
+        check(m, want)
+    else:  # the correlation in bfloat16: see the test above
+        for n, p in m.named_parameters():
+            if n in want:
+                assert p.grad.dtype == torch.float32
+                assert (p.grad.double() - want[n]).norm() / want[n].norm() <= 1.5e-2, n
     opt.step()
     opt.zero_grad()
     loss_fn(m(x)).backward()  # plain again: the in-call combine, as before
