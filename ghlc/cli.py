@@ -238,9 +238,13 @@ def _load_any(path: str, method: str = "ghl"):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when available) | cpu | cuda | cuda:N.")
+@click.option("--autocast", type=click.Choice(["off", "bf16"]), default="off",
+              show_default=True,
+              help="Run the training forward under torch.autocast in bfloat16 (see the "
+                   "artifact's hebbian_precision for the plastic layers).")
 @user_errors
 def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, method,
-          augment, out_dir, resume, device):
+          augment, out_dir, resume, device, autocast):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
     import torch
 
@@ -266,7 +270,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
         net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed,
         out_dir=out, resume=resume, augment=augment_batch if augment else None,
-        classes=ds.classes,
+        classes=ds.classes, autocast=torch.bfloat16 if autocast == "bf16" else None,
     )
     trained = model
     trained.load_state_dict(net.state_dict())

@@ -263,13 +263,18 @@ def train(
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     progress: bool = True,
     classes=None,
+    autocast: torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps.
 
     Parameters named in ``plastic`` use ``lr_plastic``/``wd_plastic``, the rest ``lr``/``wd``.
     Epoch ``e`` (1-based) shuffles with a generator seeded ``seed*1000+e``; ``augment(x, g)``
     gets that generator too. A fresh run seeds torch's global RNG with ``seed`` (dropout) and
-    writes an epoch-0 ``last.pt`` so any interruption can be resumed.
+    writes an epoch-0 ``last.pt`` so any interruption can be resumed. ``autocast`` (say
+    ``torch.bfloat16``) runs each training forward and loss under ``torch.autocast`` in that
+    dtype (plastic layers: see ``GHLConfig(hebbian_precision=...)``); evaluation stays in the
+    model's dtype. float16 needs loss scaling (``ghlc.GradScaler``), which this loop does not
+    do, so it is refused.
 
     Raises ``GHLError`` before writing anything when a label is negative or not below the
     model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss
@@ -281,6 +286,8 @@ def train(
         raise GHLError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise GHLError(f"batch_size must be >= 1, got {batch_size}")
+    if autocast is not None and autocast != torch.bfloat16:
+        raise GHLError(f"autocast {autocast} is not supported here: use torch.bfloat16")
     x_train, y_train = _as_tensors(x_train, y_train)
     if x_test is None:
         x_test, y_test = x_train[:0], y_train[:0]
@@ -309,7 +316,8 @@ def train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     dev = _device(model)
     hparams = {"batch_size": batch_size, "seed": seed, "epochs": epochs, "lr": lr,
-               "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic}
+               "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic,
+               "autocast": str(autocast).removeprefix("torch.") if autocast else None}
 
     history: list[dict[str, Any]] = []
     best_acc = float("-inf")
@@ -367,8 +375,10 @@ def train(
                     xb = xb.to(dev, non_blocking=True)
                     yb = y_train[idx].to(dev, non_blocking=True)
                     opt.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
-                    logits = _logits(model(xb))
-                    loss = F.cross_entropy(logits, yb)
+                    with torch.autocast(dev.type, dtype=autocast or torch.bfloat16,
+                                        enabled=autocast is not None):
+                        logits = _logits(model(xb))
+                        loss = F.cross_entropy(logits, yb)
                     nonfinite |= ~torch.isfinite(loss.detach())
                     if (step % every == 0 or step == steps_per_epoch) and bool(nonfinite):
                         when = f"step {step}" if every == 1 else (

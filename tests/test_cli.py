@@ -65,6 +65,19 @@ def test_convert_train_eval_export(work):
     assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
 
 
+def test_train_under_autocast(work):
+    ghlc("convert", "model.py", cwd=work)
+    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
+             "--device", "cpu", "--autocast", "bf16", cwd=work)
+    assert "test acc" in r.stdout
+    import torch
+
+    ck = torch.load(work / "run" / "last.pt", weights_only=True)
+    assert ck["hparams"]["autocast"] == "bfloat16"
+    r = ghlc("train", "model.ghl", "--autocast", "fp16", cwd=work, check=False)
+    assert r.returncode == 2 and "Invalid value for '--autocast'" in r.stderr, r.stderr
+
+
 def test_convert_warns_when_nothing_is_plastic(work):
     (work / "head.py").write_text(
         "import torch.nn as nn\n"

@@ -296,3 +296,40 @@ def test_augment_and_progress(tmp_path, capsys):
     assert seen == [16] * 4
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "img_s" in err
+
+
+def test_autocast_training_step(tmp_path):
+    """train(autocast=torch.bfloat16): one step equals a hand-written SGD step with the
+    forward and loss under bfloat16 autocast (and not the float32 step); float16 is refused."""
+    x, y = make_data(1)
+
+    def net():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+        return ghlc.prepare(m, (x,))
+
+    m = net()
+    plastic = set(runtime_of(m).sites)
+    train(m, x, y, None, None, plastic=plastic, epochs=1, batch_size=1, out_dir=tmp_path,
+          progress=False, lr=0.05, lr_plastic=0.1, autocast=torch.bfloat16)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["hparams"]["autocast"] == "bfloat16"
+
+    def manual(amp: bool) -> dict:
+        h = net()
+        groups = [[p for n, p in h.named_parameters() if n not in plastic],
+                  [p for n, p in h.named_parameters() if n in plastic]]
+        opt = torch.optim.SGD([{"params": groups[0], "lr": 0.05, "weight_decay": 0.0},
+                               {"params": groups[1], "lr": 0.1, "weight_decay": 5e-2}])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = nn.functional.cross_entropy(h(x), y)
+        loss.backward()
+        opt.step()
+        return state(h)
+
+    assert_identical(state(m), manual(True))
+    assert not torch.equal(state(m)["0.weight"], manual(False)["0.weight"])
+    with pytest.raises(GHLError, match="use torch.bfloat16"):
+        train(net(), x, y, None, None, plastic=plastic, out_dir=tmp_path / "b",
+              progress=False, autocast=torch.float16)
+    assert not (tmp_path / "b").exists()  # refused before any file is written
