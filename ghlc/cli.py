@@ -242,9 +242,12 @@ def _load_any(path: str, method: str = "ghl"):
               show_default=True,
               help="Run the training forward under torch.autocast in bfloat16 (see the "
                    "artifact's hebbian_precision for the plastic layers).")
+@click.option("--cuda-graph", is_flag=True,
+              help="CUDA: replay each full batch's forward and backward from one captured "
+                   "CUDA graph (faster for small models).")
 @user_errors
 def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, method,
-          augment, out_dir, resume, device, autocast):
+          augment, out_dir, resume, device, autocast, cuda_graph):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
     import torch
 
@@ -254,6 +257,8 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     from .train import train as run_training
 
     dev = _pick_device(device)
+    if cuda_graph and dev.type != "cuda":
+        raise GHLError(f"--cuda-graph needs a CUDA device (training would run on {dev})")
     torch.manual_seed(seed)
     model, meta = _load_any(artifact, method="ghl")
     plastic = {i.name for i in meta["graph"].plastic()}
@@ -271,6 +276,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
         batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed,
         out_dir=out, resume=resume, augment=augment_batch if augment else None,
         classes=ds.classes, autocast=torch.bfloat16 if autocast == "bf16" else None,
+        cuda_graph=cuda_graph,
     )
     trained = model
     trained.load_state_dict(net.state_dict())

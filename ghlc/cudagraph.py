@@ -26,9 +26,20 @@ def cuda_graph_step(
     example_target: torch.Tensor,
     warmup: int = 3,
     stack_weight_grads: bool = False,
+    *,
+    optimizer_step: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> Callable[..., torch.Tensor]:
     """Capture ``zero_grad; loss_fn(model(*inputs), target).backward(); optimizer.step()`` in a
     CUDA graph and return ``step(*inputs, target) -> loss`` that replays it.
+
+    ``optimizer_step=False`` leaves the optimiser out of the graph: ``step`` replays the
+    forward, loss and backward, leaves the gradients in ``.grad``, and the caller runs
+    ``optimizer.step()`` eagerly (so learning-rate schedules and any optimiser work as usual).
+    Each ``step`` re-points ``.grad`` at the graph's gradient buffers first, so eager steps in
+    between (say, a smaller last batch) do not detach them. ``autocast`` (a dtype) runs the
+    forward and loss under ``torch.autocast`` in it (without autocast's weight cache, which
+    CUDA graphs do not allow).
 
     Inputs must keep the example's shapes and dtypes; they are copied into static buffers.
     ``warmup`` eager steps run on a side stream first (as CUDA graphs require); the model's and
@@ -54,11 +65,16 @@ def cuda_graph_step(
     tensors = [*inputs, example_target, *model.parameters()]
     if any(not t.is_cuda for t in tensors):
         raise GHLError("cuda_graph_step: the model, inputs and target must all be on CUDA")
-    if optimizer.defaults.get("capturable") is False:
+    if optimizer_step and optimizer.defaults.get("capturable") is False:
         raise GHLError(f"{type(optimizer).__name__} must be built with capturable=True to be "
                        "captured in a CUDA graph")
     static_in = [t.detach().clone() for t in inputs]
     static_target = example_target.detach().clone()
+
+    def forward() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=autocast or torch.bfloat16,
+                            enabled=autocast is not None, cache_enabled=False):
+            return loss_fn(model(*static_in), static_target)
 
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
@@ -67,8 +83,8 @@ def cuda_graph_step(
     with torch.cuda.stream(side), fused.capturing(stack_weight_grads):
         for _ in range(max(1, warmup)):
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(*static_in), static_target).backward()
-            optimizer.step()
+            forward().backward()
+            optimizer.step()  # (also without optimizer_step: ghlc's state after a step)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     with torch.no_grad():
@@ -79,11 +95,15 @@ def cuda_graph_step(
     optimizer.zero_grad(set_to_none=True)
     try:
         with torch.cuda.graph(graph), fused.capturing(stack_weight_grads):
-            static_loss = loss_fn(model(*static_in), static_target)
+            static_loss = forward()
             static_loss.backward()
-            optimizer.step()
+            if optimizer_step:
+                optimizer.step()
     except Exception as e:
-        raise GHLError(f"this training step cannot be captured in a CUDA graph: {e}") from e
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GHLError(f"this training step cannot be captured in a CUDA graph: {msg}") from e
+    grads = [] if optimizer_step else [
+        (p, p.grad) for p in model.parameters() if p.grad is not None]
 
     def step(*new_inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if len(new_inputs) != len(static_in):
@@ -94,6 +114,8 @@ def cuda_graph_step(
                                f"{tuple(buf.shape)}")
             buf.copy_(t)
         static_target.copy_(target)
+        for p, g in grads:
+            p.grad = g
         graph.replay()
         return static_loss
 

@@ -264,6 +264,7 @@ def train(
     progress: bool = True,
     classes=None,
     autocast: torch.dtype | None = None,
+    cuda_graph: bool = False,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps.
 
@@ -274,7 +275,12 @@ def train(
     ``torch.bfloat16``) runs each training forward and loss under ``torch.autocast`` in that
     dtype (plastic layers: see ``GHLConfig(hebbian_precision=...)``); evaluation stays in the
     model's dtype. float16 needs loss scaling (``ghlc.GradScaler``), which this loop does not
-    do, so it is refused.
+    do, so it is refused. ``cuda_graph=True`` (CUDA only) captures the forward, loss and
+    backward of a full batch in one CUDA graph and replays it every full-batch step
+    (:func:`ghlc.cuda_graph_step` with ``optimizer_step=False``; the optimiser, the schedule
+    and a smaller last batch run eagerly): the small-model speed-up of a captured step. The
+    capture runs before anything is written; a model that cannot be captured raises
+    ``GHLError``.
 
     Raises ``GHLError`` before writing anything when a label is negative or not below the
     model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss
@@ -297,7 +303,6 @@ def train(
         raise GHLError("the training set is empty")
     check_labels(model, x_train, torch.cat([y_train, y_test]))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
     metrics_path, plot_path = out / "metrics.jsonl", out / "curves.png"
 
@@ -317,13 +322,25 @@ def train(
     dev = _device(model)
     hparams = {"batch_size": batch_size, "seed": seed, "epochs": epochs, "lr": lr,
                "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic,
-               "autocast": str(autocast).removeprefix("torch.") if autocast else None}
+               "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+               "cuda_graph": cuda_graph}
+    # (a missing or foreign checkpoint fails before the capture)
+    ckpt = load_checkpoint(last_path) if resume else None
+    graph_step, graph_logits = None, []
+    if cuda_graph and n >= batch_size:
+        def graph_loss(out, target):
+            graph_logits[:] = [_logits(out)]
+            return F.cross_entropy(graph_logits[0], target)
+
+        model.train()
+        graph_step = _capture(model, opt, graph_loss, x_train[:batch_size].to(dev),
+                              y_train[:batch_size].to(dev), autocast)
+    out.mkdir(parents=True, exist_ok=True)
 
     history: list[dict[str, Any]] = []
     best_acc = float("-inf")
     start_epoch = 0
-    if resume:
-        ckpt = load_checkpoint(last_path)
+    if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -374,11 +391,16 @@ def train(
                         xb = augment(xb, g)
                     xb = xb.to(dev, non_blocking=True)
                     yb = y_train[idx].to(dev, non_blocking=True)
-                    opt.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
-                    with torch.autocast(dev.type, dtype=autocast or torch.bfloat16,
-                                        enabled=autocast is not None):
-                        logits = _logits(model(xb))
-                        loss = F.cross_entropy(logits, yb)
+                    replay = graph_step is not None and yb.shape[0] == batch_size
+                    if replay:  # forward, loss and backward in one graph replay
+                        loss = graph_step(xb, target=yb)
+                        logits = graph_logits[0]
+                    else:
+                        opt.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
+                        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16,
+                                            enabled=autocast is not None):
+                            logits = _logits(model(xb))
+                            loss = F.cross_entropy(logits, yb)
                     nonfinite |= ~torch.isfinite(loss.detach())
                     if (step % every == 0 or step == steps_per_epoch) and bool(nonfinite):
                         when = f"step {step}" if every == 1 else (
@@ -387,7 +409,8 @@ def train(
                         raise TrainingDiverged(
                             f"training diverged at epoch {epoch} {when}: the loss is not "
                             f"finite; {last_path.name} keeps epoch {epoch - 1}")
-                    loss.backward()
+                    if not replay:
+                        loss.backward()
                     lrs = [gr["lr"] for gr in opt.param_groups]
                     opt.step()
                     sched.step()
@@ -439,6 +462,20 @@ def train(
         best_acc=best_acc if math.isfinite(best_acc) else float("nan"), out_dir=out,
         history=history,
     )
+
+
+def _capture(model: nn.Module, opt: torch.optim.Optimizer,
+             loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], x: torch.Tensor,
+             y: torch.Tensor, autocast: torch.dtype | None) -> Callable[..., torch.Tensor]:
+    """The training step of one full batch captured in a CUDA graph (forward, loss, backward;
+    the optimiser steps eagerly): ``step(x, target=y) -> loss``."""
+    from .cudagraph import cuda_graph_step
+
+    if x.device.type != "cuda":
+        raise GHLError(f"cuda_graph needs the model on a CUDA device (it is on {x.device})")
+
+    return cuda_graph_step(model, opt, loss_fn, (x,), y, optimizer_step=False,
+                           autocast=autocast)
 
 
 def _bar(progress: bool, total: int, desc: str):

@@ -76,6 +76,9 @@ def test_train_under_autocast(work):
     assert ck["hparams"]["autocast"] == "bfloat16"
     r = ghlc("train", "model.ghl", "--autocast", "fp16", cwd=work, check=False)
     assert r.returncode == 2 and "Invalid value for '--autocast'" in r.stderr, r.stderr
+    one_line_error(ghlc("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",
+                        "graphed", cwd=work, check=False), "--cuda-graph needs a CUDA device")
+    assert not (work / "graphed").exists()
 
 
 def test_convert_warns_when_nothing_is_plastic(work):

@@ -164,6 +164,73 @@ def test_cuda_graph_step_equals_eager_steps(sample, over, stack, monkeypatch):
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_step_without_the_optimiser(amp):
+    """optimizer_step=False: the graph holds forward, loss and backward, the optimiser steps
+    eagerly after each replay; an eager step of another batch size in between does not
+    detach the graph's gradients. Against eager steps (under the same autocast)."""
+    torch.manual_seed(0)
+    base = Small().cuda()
+    xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(4)]
+    ys = [torch.randint(0, 10, (8,), device="cuda") for _ in range(4)]
+    xs[2], ys[2] = xs[2][:5], ys[2][:5]  # a smaller batch: eager in both runs
+    eager = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],)).train()
+    graphed = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],)).train()
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
+    step = ghlc.cuda_graph_step(graphed, opt_g, F.cross_entropy, (xs[0],), ys[0],
+                                optimizer_step=False, autocast=amp)
+
+    def eager_step(m, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    tol = {"rtol": 1e-5, "atol": 1e-6} if amp is None else {"rtol": 1e-3, "atol": 1e-4}
+    for x, y in zip(xs, ys):
+        loss_e = eager_step(eager, opt_e, x, y)
+        if x.shape[0] == 8:
+            loss_g = step(x, target=y)
+            opt_g.step()
+        else:
+            loss_g = eager_step(graphed, opt_g, x, y)
+        assert torch.allclose(loss_g, loss_e, **tol)
+        for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            assert torch.allclose(p, q, **tol), n
+
+
+@pytest.mark.parametrize("method", ["bp", "ghl"])
+def test_train_with_cuda_graph_matches_eager_training(tmp_path, method):
+    """ghlc.train(cuda_graph=True) on CUDA against the eager loop: 61 samples in batches of
+    16 (three replays and an eager batch of 13 per epoch), two epochs."""
+    from ghlc.runtime import runtime_of
+    from ghlc.train import train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(61, 3, 16, 16, generator=g), torch.randint(0, 10, (61,), generator=g)
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        m = Small()
+        if method == "ghl":
+            m = ghlc.prepare(m, (x[:2],))
+        plastic = set(runtime_of(m).sites) if method == "ghl" else set()
+        m = m.cuda()
+        res = train(m, x, y, x[:16], y[:16], plastic=plastic, epochs=2, batch_size=16,
+                    out_dir=tmp_path / str(graph), progress=False, lr=0.05, lr_plastic=0.05,
+                    cuda_graph=graph)
+        runs.append((m, res))
+    (m_e, r_e), (m_g, r_g) = runs
+    for a, b in zip(r_e.history, r_g.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+    for (n, p), q in zip(m_e.named_parameters(), m_g.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), n
+
+
 @pytest.mark.parametrize(("layer", "shape"), [
     (nn.Conv2d(8, 16, 3, padding=1), (4, 8, 16, 16)),
     (nn.Conv2d(8, 16, 5, padding="same"), (4, 8, 15, 16)),
