@@ -74,6 +74,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "sample-0.25": {"sample_fraction": 0.25},
     "sample-positions-0.25": {"sample_fraction": 0.25, "sample_over": "positions"},
     "norm-unit": {"normalisation": "unit"},
+    # Training forward under bfloat16 autocast ("autocast" is the training loop's setting, not
+    # a GHLConfig field): H in float32 (the default), and in bfloat16 (hebbian_precision).
+    "amp-bf16": {"autocast": "bfloat16"},
+    "amp-bf16-low": {"autocast": "bfloat16", "hebbian_precision": "autocast"},
 }
 
 # --quick: FastHebb only, a 2000-image CIFAR-10 slice, a few epochs. The paper's classifier
@@ -168,7 +172,7 @@ def plan(args) -> list[RunSpec]:
 def config_for(spec: RunSpec) -> ghlc.GHLConfig:
     mod = NETS[spec.net]
     kw: dict[str, Any] = {"temperature": mod.TEMPERATURES}
-    kw.update(spec.cfg)
+    kw.update({k: v for k, v in spec.cfg.items() if k != "autocast"})
     if spec.method == "hebbian":
         kw["global_signal"] = "none"
     return ghlc.GHLConfig(**kw)
@@ -271,7 +275,8 @@ def run_one(spec: RunSpec, data_dir: Path, device: torch.device, progress: bool)
                 batch_size=spec.batch_size, lr=spec.lr, lr_plastic=spec.lr_conv,
                 wd_plastic=spec.wd_conv, wd=0.0, seed=spec.seed, out_dir=run_dir,
                 resume=resume, augment=augment_batch if spec.augment else None,
-                progress=progress, classes=classes)
+                progress=progress, classes=classes,
+                autocast=getattr(torch, spec.cfg["autocast"]) if "autocast" in spec.cfg else None)
     print(f"[done] {spec.name}: test acc {res.final.get('test_acc', float('nan')):.4f} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
 

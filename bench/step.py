@@ -124,6 +124,7 @@ from naive_ghl import NaiveGHL  # noqa: E402
 import ghlc  # noqa: E402
 from ghlc.runtime import fused  # noqa: E402
 from ghlc.runtime import state as rt_state  # noqa: E402
+from ghlc.train import slow_bf16  # noqa: E402
 
 VARIANTS = ("bp", "naive", "ghlc", "ghlc_s25")
 AMP_VARIANTS = ("bp_amp", "ghlc_amp", "ghlc_amp_low")  # forward under autocast (AMP_DTYPE)
@@ -1096,6 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: variant {v!r} needs --device cuda", file=sys.stderr)
                 return 2
         args.variants = tuple(dict.fromkeys(chosen))
+        if any(v in AMP_VARIANTS for v in args.variants) and (
+                why := slow_bf16(torch.device(args.device))):
+            print(f"warning: {why} (the *_amp rows measure those kernels)", file=sys.stderr)
     if args.repeats < 1 or args.batch < 2:
         print("error: --repeats must be >= 1 and --batch >= 2", file=sys.stderr)
         return 2

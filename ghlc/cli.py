@@ -8,12 +8,13 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import warnings
 from functools import wraps
 from pathlib import Path
 
 import click
 
-from .errors import GHLError
+from .errors import GHLError, SlowPrecisionWarning
 
 
 def _fail(msg: str) -> None:
@@ -253,7 +254,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
 
     from .artifact import save
     from .data import augment_batch, load_data
-    from .train import check_labels
+    from .train import check_labels, slow_bf16
     from .train import train as run_training
 
     dev = _pick_device(device)
@@ -270,14 +271,18 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
     click.echo(f"training on {dev}")
+    if autocast == "bf16" and (why := slow_bf16(dev)):
+        click.echo(f"warning: {why}", err=True)
     # bp keeps the same per-role settings, so that only the rule differs between methods
-    res = run_training(
-        net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,
-        batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed,
-        out_dir=out, resume=resume, augment=augment_batch if augment else None,
-        classes=ds.classes, autocast=torch.bfloat16 if autocast == "bf16" else None,
-        cuda_graph=cuda_graph,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPrecisionWarning)  # (said above, once)
+        res = run_training(
+            net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,
+            batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic,
+            seed=seed, out_dir=out, resume=resume, augment=augment_batch if augment else None,
+            classes=ds.classes, autocast=torch.bfloat16 if autocast == "bf16" else None,
+            cuda_graph=cuda_graph,
+        )
     trained = model
     trained.load_state_dict(net.state_dict())
     save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})

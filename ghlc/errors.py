@@ -23,6 +23,10 @@ class RuntimeGHLError(GHLError, RuntimeError):
     """A failure inside the compiled training module, naming the layer."""
 
 
+class SlowPrecisionWarning(UserWarning):
+    """A requested precision that runs on slow fallback kernels on this device."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (at most 300 characters), or ''."""
     lines = str(e).strip().splitlines()

@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GHLError, first_line
+from .errors import GHLError, SlowPrecisionWarning, first_line
 
 CKPT_FORMAT = "ghlc-checkpoint"
 CKPT_VERSION = 1
@@ -90,6 +91,26 @@ def _check_range(logits: torch.Tensor, y: torch.Tensor) -> None:
     if logits.dim() >= 2 and hi >= logits.shape[1]:
         raise GHLError(f"label {hi} out of range: the model gives {logits.shape[1]} outputs "
                        f"(classes 0..{logits.shape[1] - 1})")
+
+
+def _cpu_native_bf16() -> bool | None:
+    """Whether oneDNN runs bfloat16 natively on this CPU (None: torch cannot tell)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def slow_bf16(dev: torch.device) -> str | None:
+    """Why bfloat16 autocast on ``dev`` runs on slow fallback kernels, or None: on a CPU
+    without native bfloat16 support (oneDNN needs AVX-512 BF16 or AMX) torch runs bfloat16
+    convolutions and matrix products on its reference kernels (a FastHebb training step took
+    about 14x its float32 time on an AVX2-only CPU)."""
+    if dev.type != "cpu" or _cpu_native_bf16() in (True, None):  # None: unknown, no warning
+        return None
+    return ("bfloat16 autocast on this CPU runs on slow fallback kernels (no AVX-512 BF16 or "
+            "AMX: torch has no native bfloat16 convolutions here), often over 10x slower than "
+            "float32; train without autocast")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -320,6 +341,8 @@ def train(
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     dev = _device(model)
+    if autocast is not None and (why := slow_bf16(dev)):
+        warnings.warn(why, SlowPrecisionWarning, stacklevel=2)
     hparams = {"batch_size": batch_size, "seed": seed, "epochs": epochs, "lr": lr,
                "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic,
                "autocast": str(autocast).removeprefix("torch.") if autocast else None,

@@ -74,6 +74,10 @@ def test_train_under_autocast(work):
 
     ck = torch.load(work / "run" / "last.pt", weights_only=True)
     assert ck["hparams"]["autocast"] == "bfloat16"
+    from ghlc.train import slow_bf16
+
+    slow = slow_bf16(torch.device("cpu"))  # this machine's CPU: one warning line, or none
+    assert r.stderr.count("warning: bfloat16 autocast") == (slow is not None), r.stderr
     r = ghlc("train", "model.ghl", "--autocast", "fp16", cwd=work, check=False)
     assert r.returncode == 2 and "Invalid value for '--autocast'" in r.stderr, r.stderr
     one_line_error(ghlc("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",

@@ -381,3 +381,27 @@ def test_cuda_graph_needs_cuda(tmp_path):
         train(m, x, y, None, None, plastic=plastic, out_dir=tmp_path / "g", progress=False,
               cuda_graph=True)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_slow_bfloat16_cpu_warning(tmp_path, monkeypatch, native):
+    """bfloat16 autocast on a CPU without native bfloat16 kernels warns (once per run) that it
+    runs on slow fallback kernels; with native support, or when torch cannot tell, it does
+    not; float32 training never does."""
+    import warnings
+
+    from ghlc.errors import SlowPrecisionWarning
+
+    monkeypatch.setattr(T, "_cpu_native_bf16", lambda: native)
+    x, y = make_data(8)
+    for amp in (torch.bfloat16, None):
+        m, plastic = build("ghl", x)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            train(m, x, y, None, None, plastic=plastic, epochs=1, batch_size=8,
+                  out_dir=tmp_path / str(amp), progress=False, autocast=amp)
+        slow = [w for w in got if issubclass(w.category, SlowPrecisionWarning)]
+        assert len(slow) == (native is False and amp is not None)
+        if slow:
+            assert "slow fallback kernels" in str(slow[0].message)
+    assert T.slow_bf16(torch.device("cuda")) is None
