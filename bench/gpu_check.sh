@@ -8,6 +8,10 @@
 # without CUDA the gpu-marked tests skip themselves). If ghlc is not importable it is
 # installed from this checkout first (editable, no dependencies, no network).
 # With OUT set, logs and the JSON results are also written there.
+# With ACCURACY=1 it first trains FastHebb for 10 epochs three ways (GHL in float32; under
+# bfloat16 autocast with H in float32; with H in bfloat16) and prints their test accuracy:
+# the accuracy cost of the mixed-precision modes (docs/ACCURACY.md). It reads
+# cifar10-subset.npz from DATA_DIR (default ../shared/data) and needs about a minute or two.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +28,19 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then  # 5: no test carries the gpu mark
     echo "gpu tests failed (exit $rc)" >&2
+fi
+
+if [ "${ACCURACY:-0}" = 1 ]; then
+    acc_dev=cuda
+    for a in "$@"; do [ "$a" = "cpu" ] && acc_dev=cpu; done
+    "$PY" bench/accuracy.py --nets fasthebb --methods ghl --seeds 0 --epochs 10 --lr 1e-2 \
+        --augment --ablations amp-bf16,amp-bf16-low --device "$acc_dev" --no-report \
+        --no-progress --data-dir "${DATA_DIR:-../shared/data}" || echo "accuracy runs failed" >&2
+    if [ -n "${OUT:-}" ]; then
+        for d in bench/runs/fasthebb-ghl-s0 bench/runs/fasthebb-ghl-amp-bf16*-s0; do
+            [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$OUT/$(basename "$d").jsonl"
+        done
+    fi
 fi
 
 json=bench/step_cuda.json
