@@ -343,15 +343,9 @@ def recording_draw(data):
     return draw, drawn
 
 
-@pytest.mark.parametrize("over", ["batch", "positions"])
-@pytest.mark.parametrize("name", KINDS)
-@settings(SETTINGS, max_examples=25)
-@given(data=st.data(), rule=rules(), frac=st.sampled_from(FRACTIONS))
-def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
-    """hebbian_raw in the sampled mode equals the reference's sums over the sampled terms."""
-    m, x, desc = data.draw(layers(name))
-    assume(no_ties(m, x, rule))
-    rule = dataclasses.replace(rule, sample_fraction=frac, sample_over=over)
+def recorded_hebbian(m, x, data, rule, dtype=None):
+    """hebbian_raw on the one call of ``m(x)`` as ghlc sees it (batched, pre-padded), with the
+    sampled modes' draws taken from ``data`` and recorded: (H, u, w, draws)."""
     with Record() as rec, torch.no_grad():
         m(x)
     xc, w, b, spec, unbatched = parse_call(*rec.calls[0])
@@ -362,7 +356,20 @@ def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
     draw, drawn = recording_draw(data)
     with torch.no_grad(), mock.patch.object(hebbian_module, "draw", draw):
         u = spec.run(xc, w, b)
-        h = hebbian_raw(spec, xc, u, w, b, rule)
+        h = hebbian_raw(spec, xc, u, w, b, rule, dtype)
+    return h, u, w, drawn
+
+
+@pytest.mark.parametrize("over", ["batch", "positions"])
+@pytest.mark.parametrize("name", KINDS)
+@settings(SETTINGS, max_examples=25)
+@given(data=st.data(), rule=rules(), frac=st.sampled_from(FRACTIONS))
+def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
+    """hebbian_raw in the sampled mode equals the reference's sums over the sampled terms."""
+    m, x, desc = data.draw(layers(name))
+    assume(no_ties(m, x, rule))
+    rule = dataclasses.replace(rule, sample_fraction=frac, sample_over=over)
+    h, u, w, drawn = recorded_hebbian(m, x, data, rule)
     mask = sample_mask(m, x, u, frac, over, drawn)
     if mask.sum() < mask.numel():
         event("sampled")
@@ -386,17 +393,7 @@ def test_hebbian_raw_with_a_wider_result_dtype_matches_reference(name, over, dat
     assume(no_ties(m, x, rule))
     if over != "exact":
         rule = dataclasses.replace(rule, sample_fraction=0.25, sample_over=over)
-    with Record() as rec, torch.no_grad():
-        m(x)
-    xc, w, b, spec, unbatched = parse_call(*rec.calls[0])
-    if unbatched:
-        xc = xc.unsqueeze(0)
-    if spec.pre_pad:
-        xc = torch.nn.functional.pad(xc, list(spec.pre_pad))
-    draw, drawn = recording_draw(data)
-    with torch.no_grad(), mock.patch.object(hebbian_module, "draw", draw):
-        u = spec.run(xc, w, b)
-        h = hebbian_raw(spec, xc, u, w, b, rule, torch.float64)
+    h, u, w, drawn = recorded_hebbian(m, x, data, rule, torch.float64)
     assert h.dtype == torch.float64 and h.shape == w.shape, desc
     mask = None if over == "exact" else sample_mask(m, x, u, 0.25, over, drawn)
     ref = ref_hebbian(m, x, rule.competition, rule.temperature, rule.local_rule,
