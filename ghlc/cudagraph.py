@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import GHLError
+from .errors import GHLError, first_line
 from .runtime import fused
 
 
@@ -100,7 +100,7 @@ def cuda_graph_step(
             if optimizer_step:
                 optimizer.step()
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise GHLError(f"this training step cannot be captured in a CUDA graph: {msg}") from e
     grads = [] if optimizer_step else [
         (p, p.grad) for p in model.parameters() if p.grad is not None]
