@@ -38,6 +38,16 @@ def test_sampled_rows_take_the_sampled_block():
     assert rows(t, 1.0) is t and rows(t[:2], 0.25).shape == (1, 3)  # at least one row
 
 
+def test_machine_names_the_cpu_kernels(monkeypatch):
+    step = _step_module()
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert f"; {cap}" in step.machine("cpu")
+    monkeypatch.setattr(step, "_cpu_native_bf16", lambda: False)
+    assert step.cpu_kernels() == f"; {cap}, no native bfloat16"
+    monkeypatch.setattr(step, "_cpu_native_bf16", lambda: None)
+    assert step.cpu_kernels() == f"; {cap}"
+
+
 def test_median_ci():
     ci = _step_module().median_ci
     # published distribution-free 95 % intervals: ranks (2, 8) of 9, (8, 18) of 25, (18, 33) of 50
