@@ -1039,8 +1039,8 @@ def machine(device: str) -> str:
 
 def cpu_kernels() -> str:
     """The CPU's vector instruction set as torch's kernels use it, and whether oneDNN has
-    native bfloat16 there (machines of one name differ: ratios to backprop moved by several
-    per cent between an AVX-512 and an AVX2-only AMD EPYC)."""
+    native bfloat16 there (machines of one name differ: an AVX2-only "AMD EPYC" ran every
+    step about twice as long as an earlier one, and has no fast bfloat16)."""
     parts = []
     try:
         parts.append(torch.backends.cpu.get_cpu_capability())
