@@ -8,16 +8,15 @@ from its source file (or a module the caller passes) and the weights are read by
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .errors import GHLError, first_line
+from .fileio import write_atomic
 from .graph import LayerGraph
 from .runtime import runtime_of
 from .serialize import graph_from_json, graph_to_json
@@ -28,26 +27,6 @@ VERSION = 1
 
 class ArtifactError(GHLError):
     """A file that is not a ghlc artifact, is damaged, or comes from a newer format."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``; nothing half-written survives."""
-    path = Path(path)
-    d = path.parent if str(path.parent) else Path(".")
-    if not d.is_dir():
-        raise GHLError(f"{path}: directory {d} does not exist")
-    if not os.access(d, os.W_OK):
-        raise GHLError(f"{path}: directory {d} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise GHLError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def input_spec(example_inputs: tuple) -> list[dict[str, Any]]:
@@ -81,7 +60,7 @@ def save(module: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_atomic(path, safetensors_bytes(tensors, metadata=meta))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -153,7 +153,8 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
 @user_errors
 def inspect(artifact, fmt, output):
     """Show the layer graph of ARTIFACT with its Hebbian nodes and global-sign edges."""
-    from .artifact import atomic_write, read_meta
+    from .artifact import read_meta
+    from .fileio import write_atomic
     from .serialize import graph_to_json
 
     lg = read_meta(artifact)["graph"]
@@ -169,7 +170,7 @@ def inspect(artifact, fmt, output):
             text = subprocess.run(["dot", "-Tsvg"], input=text, capture_output=True,
                                   text=True, check=True).stdout
     if output:
-        atomic_write(output, lambda tmp: Path(tmp).write_text(text))
+        write_atomic(output, text)
         click.echo(f"wrote {output}")
     else:
         click.echo(text, nl=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import GHLError, first_line
+from .fileio import atomic_path
 
 __all__ = ["ExportError", "ExportReport", "export_onnx"]
 
@@ -47,10 +47,6 @@ def export_onnx(
     rtol: float = 1e-4,
 ) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it with onnxruntime."""
-    import onnx
-
-    import ghlc
-
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
         else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
@@ -58,54 +54,21 @@ def export_onnx(
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
     except OSError as e:
         raise ExportError(f"{path}: cannot write to folder {path.parent} "
                           f"({e.strerror or type(e).__name__})") from None
-    tmp = Path(tmp_name)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _no_tf32():
-            ref = _flat_outputs(model(*inputs))
-        if not ref:
-            raise ExportError("the model returns no tensor outputs")
-        in_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
-        out_names = ["output"] if len(ref) == 1 else [f"output_{i}" for i in range(len(ref))]
-        _torch_export(model, inputs, tmp, opset, dynamic_batch, in_names, out_names)
-        try:
-            proto = onnx.load(str(tmp))
-        except Exception as e:
-            raise ExportError(f"the exporter wrote an unreadable file ({type(e).__name__})") \
-                from None
-        _check_no_hebbian(proto)
-        md = {"ghlc_version": ghlc.__version__, "torch_version": torch.__version__}
-        md.update({str(k): str(v) for k, v in (metadata or {}).items()})
-        onnx.helper.set_model_props(proto, md)
-        try:
-            onnx.checker.check_model(proto)
-        except Exception as e:
-            raise ExportError(f"exported graph fails the ONNX checker: {_first_line(e)}") \
-                from None
-        onnx.save(proto, str(tmp))
-        used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                          opset or 0)
-        diff, scale, providers = _check_ort(tmp, inputs, ref, in_names, rtol)
-        if dynamic_batch:
-            _check_other_batch(model, tmp, inputs, in_names, rtol)
-        os.replace(tmp, path)
-    except ExportError:
-        _unlink(tmp)
-        raise
-    except BaseException as e:
-        _unlink(tmp)
-        if isinstance(e, OSError):
-            raise ExportError(f"{path}: cannot write ({e.strerror or type(e).__name__})") \
-                from None
-        if isinstance(e, Exception):
-            raise ExportError(f"export failed: {type(e).__name__}: {_first_line(e)}") from None
-        raise
+        with atomic_path(path, ExportError) as tmp:
+            try:
+                diff, scale, providers, used_opset = _export_checked(
+                    model, inputs, tmp, opset, dynamic_batch, metadata, rtol)
+            except (ExportError, OSError):
+                raise
+            except Exception as e:
+                raise ExportError(f"export failed: {type(e).__name__}: {_first_line(e)}") \
+                    from None
     finally:
         model.train(was_training)
     return ExportReport(path=path, max_abs_diff=diff, scale=scale, providers=providers,
@@ -115,13 +78,44 @@ def export_onnx(
 # --------------------------------------------------------------------------- helpers
 
 
+def _export_checked(model, inputs, tmp: Path, opset, dynamic_batch, metadata, rtol):
+    """Export to ``tmp``, add the metadata, and check the file against torch's outputs."""
+    import onnx
+
+    import ghlc
+
+    with torch.no_grad(), _no_tf32():
+        ref = _flat_outputs(model(*inputs))
+    if not ref:
+        raise ExportError("the model returns no tensor outputs")
+    in_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    out_names = ["output"] if len(ref) == 1 else [f"output_{i}" for i in range(len(ref))]
+    _torch_export(model, inputs, tmp, opset, dynamic_batch, in_names, out_names)
+    try:
+        proto = onnx.load(str(tmp))
+    except Exception as e:
+        raise ExportError(f"the exporter wrote an unreadable file ({type(e).__name__})") \
+            from None
+    _check_no_hebbian(proto)
+    md = {"ghlc_version": ghlc.__version__, "torch_version": torch.__version__}
+    md.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    onnx.helper.set_model_props(proto, md)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ExportError(f"exported graph fails the ONNX checker: {_first_line(e)}") \
+            from None
+    onnx.save(proto, str(tmp))
+    used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                      opset or 0)
+    diff, scale, providers = _check_ort(tmp, inputs, ref, in_names, rtol)
+    if dynamic_batch:
+        _check_other_batch(model, tmp, inputs, in_names, rtol)
+    return diff, scale, providers, used_opset
+
+
 def _first_line(e: BaseException) -> str:
     return first_line(e) or type(e).__name__
-
-
-def _unlink(p: Path) -> None:
-    with contextlib.suppress(OSError):
-        p.unlink()
 
 
 @contextlib.contextmanager
@@ -158,6 +152,8 @@ def _torch_export(model, inputs, tmp: Path, opset, dynamic_batch, in_names, out_
                               input_names=in_names, output_names=out_names,
                               dynamic_axes=axes, do_constant_folding=True)
             return
+        except OSError:  # a write failure (full disk), not the exporter's limit
+            raise
         except Exception as e:
             errors.append(f"TorchScript exporter: {type(e).__name__}: {_first_line(e)}")
         try:
@@ -168,6 +164,8 @@ def _torch_export(model, inputs, tmp: Path, opset, dynamic_batch, in_names, out_
             torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=opset,
                               input_names=in_names, output_names=out_names, **kw)
             return
+        except OSError:
+            raise
         except Exception as e:
             errors.append(f"dynamo exporter: {type(e).__name__}: {_first_line(e)}")
     raise ExportError("torch.onnx.export failed; " + "; ".join(errors))

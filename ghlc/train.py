@@ -17,10 +17,9 @@ ends with weights bit-identical to an unbroken run with the same arguments.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GHLError, SlowPrecisionWarning, first_line
+from .fileio import write_atomic
 
 CKPT_FORMAT = "ghlc-checkpoint"
 CKPT_VERSION = 1
@@ -129,17 +129,6 @@ def _logits(out) -> torch.Tensor:
     raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -199,7 +188,7 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 256, classes=None) -> dic
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(h) + "\n" for h in history)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(path, text)
 
 
 def _plot(path: Path, history: list[dict[str, Any]]) -> None:
@@ -221,7 +210,9 @@ def _plot(path: Path, history: list[dict[str, Any]]) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.legend()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    write_atomic(path, buf.getvalue())
 
 
 def _rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
@@ -241,7 +232,9 @@ def _checkpoint(model, opt, sched, epoch, best_acc, history, dev, hparams) -> di
 
 
 def _save(path: Path, ckpt: dict[str, Any]) -> None:
-    _atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    write_atomic(path, buf.getbuffer())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """End-to-end CLI tests: the commands run as a user would run them (subprocess)."""
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,14 @@ def example_inputs():
 """
 
 
-def ghlc(*args, cwd, check=True, env=None):
+def ghlc(*args, cwd, check=True, env=None, max_file_bytes=None):
+    def limits():  # in the child: umask 022, and files capped as on a nearly full disk
+        os.umask(0o022)
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     r = subprocess.run([sys.executable, "-m", "ghlc.cli", *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=300,
+                       capture_output=True, text=True, timeout=300, preexec_fn=limits,
                        env=None if env is None else {**os.environ, **env})
     if check:
         assert r.returncode == 0, r.stderr
@@ -120,6 +126,28 @@ def test_bad_inputs(work):
         r = ghlc("train", "junk.ghl", opt, "-1", cwd=work, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert f"Invalid value for '{opt}'" in r.stderr, r.stderr
+
+
+def test_a_full_disk_leaves_nothing_behind(work):
+    # A file-size limit makes writes fail with an OSError (EFBIG) just as a full disk does
+    # (ENOSPC): every writer must give one line naming the file, and leave no part of it.
+    ghlc("convert", "model.py", cwd=work)
+    ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "ok", cwd=work)
+    for name in ("model.ghl", "ok/model.ghl", "ok/last.pt", "ok/metrics.jsonl", "ok/curves.png"):
+        assert (work / name).stat().st_mode & 0o777 == 0o644, name  # as open() under umask
+    art, ckpt = (work / "ok" / n for n in ("model.ghl", "last.pt"))
+    assert art.stat().st_size < ckpt.stat().st_size
+    r = ghlc("convert", "model.py", "-o", "full.ghl", cwd=work, check=False, max_file_bytes=512)
+    one_line_error(r, "full.ghl: cannot write: File too large")
+    between = (art.stat().st_size + ckpt.stat().st_size) // 2  # the artifact fits, not last.pt
+    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
+             cwd=work, check=False, max_file_bytes=between)
+    one_line_error(r, "last.pt: cannot write: File too large")
+    r = ghlc("export", "ok/model.ghl", "-o", "m.onnx", cwd=work, check=False, max_file_bytes=512)
+    one_line_error(r, "m.onnx: cannot write: File too large")
+    assert not (work / "full.ghl").exists() and not (work / "m.onnx").exists()
+    assert not (work / "run" / "last.pt").exists()
+    assert not [p.name for p in work.rglob("*.tmp")]
 
 
 def test_labels_beyond_the_model_outputs(work):
