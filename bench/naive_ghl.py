@@ -9,8 +9,9 @@ Forward hooks keep each convolution's input ``x`` and output ``u``. After ``loss
     H = H / (max|H| + 1e-30)
     W.grad = |H| * sign(W.grad)
 
-Only ``nn.Conv2d`` with ``groups == 1`` and zero padding is supported (all the benchmark's
-models). This is deliberately the straightforward implementation, not an optimised one.
+Only ``nn.Conv2d`` with zero padding is supported (all the benchmark's models); a grouped or
+depthwise conv takes one matmul per group (batched). This is deliberately the straightforward
+implementation, not an optimised one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class NaiveGHL:
         for name, mod in model.named_modules():
             if not isinstance(mod, nn.Conv2d):
                 continue
-            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 raise ValueError(f"naive GHL: unsupported conv {name!r}")
             t = temperature.get(name, 1.0) if isinstance(temperature, Mapping) else temperature
             self.convs.append((name, mod, float(t)))
@@ -52,13 +53,13 @@ class NaiveGHL:
                 continue
             x, u = self.cache.pop(name)
             w = mod.weight
-            c_out = w.shape[0]
+            c_out, g = w.shape[0], mod.groups
             y = torch.softmax(t * u, dim=1)
             patches = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
             ckk = patches.shape[1]
-            p2 = patches.permute(1, 0, 2).reshape(ckk, -1)  # (C_in*k*k, N*L)
-            y2 = y.permute(1, 0, 2, 3).reshape(c_out, -1)  # (C_out, N*L)
-            corr = (y2 @ p2.t()).view_as(w)
+            p2 = patches.permute(1, 0, 2).reshape(g, ckk // g, -1)  # (g, C_in/g*k*k, N*L)
+            y2 = y.permute(1, 0, 2, 3).reshape(g, c_out // g, -1)  # (g, C_out/g, N*L)
+            corr = torch.bmm(y2, p2.transpose(1, 2)).view_as(w)
             decay = (y * u).sum(dim=(0, 2, 3)).view(-1, 1, 1, 1) * w
             h = corr - decay
             h = h / (h.abs().max() + 1e-30)

@@ -29,7 +29,8 @@ import step  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet18", choices=(*step.MODELS, "resnet50"))
+    p.add_argument("--model", default="resnet18",
+                   choices=(*step.MODELS, *step.EXTRA_MODELS, "resnet50"))
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)

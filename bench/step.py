@@ -146,6 +146,7 @@ CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to
 SAMPLE_FRACTION = 0.25
 LR = 1e-3
 MODELS = ("deephebb", "fasthebb", "resnet18")
+EXTRA_MODELS = ("mobilenetv2",)  # on request (--models): depthwise convs, not in the targets
 
 MEMORY_METHOD = {
     "cpu": (
@@ -193,9 +194,12 @@ def build(name: str) -> tuple[nn.Module, float | dict]:
         return m.fasthebb(), dict(m.TEMPERATURES)
     if name == "resnet18":
         return _example("resnet").resnet18(), 1.0
+    if name == "mobilenetv2":
+        return _example("mobilenet").mobilenetv2(), 1.0
     if name == "resnet50":
         return resnet50(), 1.0
-    raise SystemExit(f"error: unknown model {name!r} (choose from {', '.join(MODELS)})")
+    raise SystemExit(f"error: unknown model {name!r} "
+                     f"(choose from {', '.join(MODELS + EXTRA_MODELS)})")
 
 
 class Bottleneck(nn.Module):
@@ -364,7 +368,7 @@ def layer_bench_args(p: argparse.ArgumentParser, model: str, device: str,
                      repeats: int) -> None:
     """--model, --device, --batch and --repeats of the per-layer kernel benches
     (wgrad_stack.py, wgrad_blocks.py, rule_ops.py), with these defaults."""
-    p.add_argument("--model", default=model, choices=MODELS)
+    p.add_argument("--model", default=model, choices=MODELS + EXTRA_MODELS)
     p.add_argument("--device", default=device, choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=repeats)
@@ -1056,7 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated: " + ", ".join(MODELS))
+                   help="comma-separated: " + ", ".join(MODELS) + " (default), "
+                        + ", ".join(EXTRA_MODELS) + " (on request)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -1091,8 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            print(f"error: unknown model {m!r} (choose from {', '.join(MODELS)})",
+        if m not in MODELS + EXTRA_MODELS:
+            print(f"error: unknown model {m!r} "
+                  f"(choose from {', '.join(MODELS + EXTRA_MODELS)})",
                   file=sys.stderr)
             return 2
     if args.variants:

@@ -30,6 +30,7 @@ MODELS = {
     "deephebb": ("deephebb", "deephebb"),
     "fasthebb": ("fasthebb", "fasthebb"),
     "resnet18": ("resnet", "resnet18"),
+    "mobilenetv2": ("mobilenet", "mobilenetv2"),
 }
 
 

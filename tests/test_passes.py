@@ -267,6 +267,7 @@ def test_train_mode_forward_unchanged_by_compile():
 
 @pytest.mark.parametrize("stem,factory", [
     ("deephebb", "deephebb"), ("fasthebb", "fasthebb"), ("resnet", "resnet18"),
+    ("mobilenet", "mobilenetv2"),
 ])
 def test_examples_eval_outputs_identical(stem, factory):
     mod = load_example(stem)
