@@ -43,8 +43,10 @@ class GHLConfig:
     above 2/3 keep them all), computed as the weight gradient of the equivalent strided conv
     (linear layers: every n-th row; transposed convs: the batch block). ``hebbian_at`` says
     when H is computed:
-    ``auto`` (default: whichever keeps less memory alive), ``forward`` or ``backward``; the
-    result is the same. ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
+    ``auto`` (default: whichever keeps less memory alive; on CPU, for large conv weights
+    whose output backprop does not keep, H of the last 512 units is recomputed in the backward
+    pass instead of kept), ``forward`` or ``backward``; the result is the same.
+    ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
     (two weight-sized buffers per plastic layer) only while training accumulates several
     backward passes per optimiser step (seen at the first step); ``always`` keeps them always.
     ``normalisation``: H is divided by its max magnitude over the whole ``layer`` (the

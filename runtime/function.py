@@ -33,10 +33,22 @@ from ghlc.errors import RuntimeGHLError, first_line
 
 from . import fused, state
 from .calls import CallSpec
-from .hebbian import ROWS, fusable, fused_combine, hebbian_raw, stackable, stacked_wgrads
+from .hebbian import (
+    ROWS,
+    SplitH,
+    fusable,
+    fused_combine,
+    hebbian_raw,
+    hebbian_split,
+    hebbian_split_finish,
+    split_units,
+    stackable,
+    stacked_wgrads,
+)
 from .state import PlasticParam, fuse_sized
 
 HOOKS = True  # False: every call runs PlasticCall (tests and A/B measurements)
+SPLIT = True  # False: no split timing (hebbian_split; tests and A/B measurements)
 
 
 def _grads(spec: CallSpec, g, x, w, need):
@@ -89,8 +101,14 @@ class PlasticCall(torch.autograd.Function):
         ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
         if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
-            ctx.h = _hebbian_in(spec, x, out, w, b, site, h_dtype)
-            ctx.save_for_backward(x, w)
+            split = SPLIT and timing == "auto" and h_dtype is None
+            n_split = split_units(spec, w, site.rule) if split else 0
+            if n_split:  # H of the last units recomputed in backward (hebbian_split)
+                ctx.h = hebbian_split(spec, x, out, w, b, site.rule, n_split)
+                ctx.save_for_backward(x, w, b)
+            else:
+                ctx.h = _hebbian_in(spec, x, out, w, b, site, h_dtype)
+                ctx.save_for_backward(x, w)
         else:
             ctx.save_for_backward(x, w, b, out.clone() if copy_out else out)
         return out
@@ -119,7 +137,9 @@ class PlasticCall(torch.autograd.Function):
             site.returned(gw, False)
             return gx, gw, gb, None, None, None, None, None, None, None, None
         gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
-        if ctx.h is not None:
+        if isinstance(ctx.h, SplitH):
+            h, ctx.h = hebbian_split_finish(spec, w, saved[2], ctx.h, site.rule), None
+        elif ctx.h is not None:
             h, ctx.h = ctx.h, None
         elif len(saved) < 4:  # H was computed in forward and used by an earlier backward
             raise RuntimeGHLError(_retained_graph_message(site))
