@@ -122,7 +122,6 @@ sys.path.insert(0, str(ROOT))
 from naive_ghl import NaiveGHL  # noqa: E402
 
 import ghlc  # noqa: E402
-from ghlc.runtime import function as rt_function  # noqa: E402
 from ghlc.runtime import fused  # noqa: E402
 from ghlc.runtime import state as rt_state  # noqa: E402
 from ghlc.train import _cpu_native_bf16, slow_bf16  # noqa: E402
@@ -136,7 +135,7 @@ GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph"
 CUDA_VARIANTS = ("ghlc_ref", *(v for v in GRAPH_VARIANTS if v not in AMP_GRAPH_VARIANTS))
 CUDA_ONLY = (*CUDA_VARIANTS, *AMP_GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
-EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_nosplit", "ghlc_p25", *COMPILE_VARIANTS,
+EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_recompute", "ghlc_p25", *COMPILE_VARIANTS,
                   *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
 AMP_DTYPE = torch.bfloat16
 SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
@@ -255,16 +254,16 @@ class Runner:
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
-        self.split = variant != "ghlc_nosplit"
         self.stack = variant in ("ghlc_stack", "ghlc_stack20")
         self.stack_max = 1 << 20 if variant == "ghlc_stack20" else None
         self.capturing = False
         if variant == "naive":
             self.naive = NaiveGHL(model, temp)
-        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_nosplit",
+        elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_recompute",
                          "ghlc_stack", "ghlc_stack20"):
-            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp,
-                                                                hebbian_precision=precision))
+            at = "recompute" if variant == "ghlc_recompute" else "auto"
+            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(
+                temperature=temp, hebbian_precision=precision, hebbian_at=at))
         elif variant in (*SAMPLED, "ghlc_nosoftmax"):
             extra = ({"sample_fraction": SAMPLE_FRACTION, "sample_over": SAMPLED[variant]}
                      if variant in SAMPLED else {"competition": "none"})
@@ -294,11 +293,9 @@ def settings(r):
     """A runner's ghlc settings for the duration (variants run interleaved): the
     compiled-kernel mode (a graph's warm-up and capture in fused.capturing(), as
     ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack and its size limit for
-    ghlc_stack20), the in-call combine on CUDA for ghlc_chunk, and no split timing for
-    ghlc_nosplit."""
-    old = fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL, rt_function.SPLIT
+    ghlc_stack20), and the in-call combine on CUDA for ghlc_chunk."""
+    old = fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL
     fused.set_mode(r.fused)
-    rt_function.SPLIT = r.split
     if r.chunk:
         rt_state.FUSE_DEVICES = {"cpu", "cuda"}
     rt_state.STACK_MAX_NUMEL = r.stack_max
@@ -307,7 +304,7 @@ def settings(r):
             yield
     finally:
         fused.set_mode(old[0])
-        rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL, rt_function.SPLIT = old[1:]
+        rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL = old[1], old[2]
 
 
 class GraphRunner:
@@ -324,7 +321,6 @@ class GraphRunner:
             raise ValueError(variant)
         r = Runner(base, temp, eager, x[:2])
         self.model, self.opt, self.fused, self.chunk = r.model, r.opt, r.fused, r.chunk
-        self.split = r.split
         self.loss_fn = r.loss
         self.stack, self.stack_max = r.stack, r.stack_max
         self.capturing = True
@@ -1081,8 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated variants to run instead of the device's default set "
                         "(bp is always run); also ghlc_fused: ghlc with GHLC_FUSED=on "
                         "(compiled kernels in every step, on CPU too), ghlc_nosoftmax: "
-                        "ghlc without the channel softmax (a diagnostic), ghlc_nosplit: ghlc "
-                        "without the split timing (H of large convs kept whole), bp_compile and "
+                        "ghlc without the channel softmax (a diagnostic), ghlc_recompute: "
+                        "ghlc with hebbian_at='recompute', bp_compile and "
                         "ghlc_compile: both under torch.compile (ghlc_compile's ratios are "
                         "to bp_compile), bp_amp, ghlc_amp and ghlc_amp_low: the forward "
                         "under autocast in bfloat16 (ratios to bp_amp, added when needed), "

@@ -7,7 +7,9 @@ So each call picks when to compute H:
 - ``backward``: save u and compute H in the backward pass (free when u is kept anyway);
 - ``forward``: compute H right away and keep only H (weight-sized) until the backward pass.
 
-``auto`` takes whichever keeps less memory alive between forward and backward. H is added to
+``auto`` takes whichever keeps less memory alive between forward and backward; ``recompute``
+does too, but where that is ``forward`` for a large conv it keeps H of all but the last units
+and recomputes those in the backward pass (:func:`~.hebbian.hebbian_split`). H is added to
 the parameter's accumulator only when the call's backward runs, whichever the timing.
 
 Most calls run backprop's own (C++) autograd node and add H from a hook on the output
@@ -48,7 +50,6 @@ from .hebbian import (
 from .state import PlasticParam, fuse_sized
 
 HOOKS = True  # False: every call runs PlasticCall (tests and A/B measurements)
-SPLIT = True  # False: no split timing (hebbian_split; tests and A/B measurements)
 
 
 def _grads(spec: CallSpec, g, x, w, need):
@@ -78,7 +79,7 @@ def _retained_graph_message(site: PlasticParam) -> str:
 def choose_timing(timing: str, out_saved: bool, copy_out: bool, w_numel: int,
                   out_numel: int) -> str:
     """``forward`` or ``backward`` for one call (see the module docstring)."""
-    if timing != "auto":
+    if timing not in ("auto", "recompute"):
         return timing
     u_cost = 0 if (out_saved and not copy_out) else out_numel  # extra kept by saving u
     return "forward" if w_numel < u_cost else "backward"
@@ -101,7 +102,7 @@ class PlasticCall(torch.autograd.Function):
         ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
         if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
-            split = SPLIT and timing == "auto" and h_dtype is None
+            split = timing == "recompute" and h_dtype is None
             n_split = split_units(spec, w, site.rule) if split else 0
             if n_split:  # H of the last units recomputed in backward (hebbian_split)
                 ctx.h = hebbian_split(spec, x, out, w, b, site.rule, n_split)

@@ -322,21 +322,20 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
     return a
 
 
-# Split timing (``hebbian_at="auto"``, CPU, large conv weights whose output backprop does
+# Split timing (``hebbian_at="recompute"``, large conv weights whose output backprop does
 # not keep): H of the first units is computed in the forward pass and kept; for the last
 # SPLIT_UNITS units only the softmax's per-position log-sum-exp is kept, and their output and
 # H are recomputed a block at a time in the backward pass. One forward conv over those units
 # buys their rows of H not held between the passes (DeepHebb's 1536x384x3x3 conv on a 2-core
-# CPU: 512 units, peak 1.062 -> 1.047 x backprop's, about 6 % more step time).
+# CPU: 512 units, peak 1.062 -> 1.046 x backprop's, about 10 % more step time).
 SPLIT_UNITS = 512
 SPLIT_MIN_NUMEL = 1 << 22
-SPLIT_DEVICES = {"cpu"}
 
 
 def split_units(spec: CallSpec, w: torch.Tensor, rule: HebbianRule) -> int:
     """How many output units of this call :func:`hebbian_split` recomputes (0: no split)."""
     if (spec.kind != "conv" or spec.transposed or spec.groups != 1
-            or w.device.type not in SPLIT_DEVICES or w.numel() < SPLIT_MIN_NUMEL
+            or w.numel() < SPLIT_MIN_NUMEL
             or rule.competition != "softmax" or rule.competition_scope != "layer"
             or (rule.sample_fraction < 1.0 and rule.sample_over != "batch")
             or w.shape[0] < 2 * SPLIT_UNITS):
@@ -367,8 +366,11 @@ def hebbian_split(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Ten
     lse = torch.logsumexp(s, dim=1, keepdim=True)
     y = torch.sub(s[:, :k], lse).exp_()
     del s
-    h = hebbian_finish(spec, weight_vjp(spec, x, w[:k], y), y, w[:k],
-                       None if b is None else b[:k], rule)
+    # (in blocks of units where the whole weight's correlation would be: w[:k] alone may be
+    # under the size limit, and one call on it is the slower)
+    corr = (wgrad_by_units(spec, x, w[:k], y, BLOCK_UNITS) if wgrad_blocked(spec, w)
+            else weight_vjp(spec, x, w[:k], y))
+    h = hebbian_finish(spec, corr, y, w[:k], None if b is None else b[:k], rule)
     return SplitH(h, lse, x)
 
 

@@ -735,15 +735,15 @@ def test_stacking_skips_sampled_forward_timed_and_computed_weights(stacked_calls
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-# ---- split timing (H of the last units recomputed in backward) -----------------------------
+# ---- hebbian_at="recompute" (H of the last units recomputed in backward) --------------------
 
 
 @pytest.mark.parametrize("over", ["none", "batch"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_split_timing_matches_oracle(name, over, monkeypatch):
-    """The split timing (on CPU for large conv weights whose output is not kept; forced here
-    on every plain conv of a PlasticCall, the last 2 units recomputed) on every zoo model,
-    exact and batch-sampled, against the oracle."""
+def test_recompute_timing_matches_oracle(name, over, monkeypatch):
+    """``hebbian_at="recompute"`` (for large conv weights whose output is not kept; here on
+    every plain conv of a PlasticCall, the last 2 units recomputed) on every zoo model, exact
+    and batch-sampled, against the oracle."""
     from ghlc.runtime import function as fn
     from ghlc.runtime import hebbian
 
@@ -752,12 +752,12 @@ def test_split_timing_matches_oracle(name, over, monkeypatch):
     monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
     split = _spy(monkeypatch, "hebbian_split", lambda spec, x, u, w, *a: w.shape[0])
     if over == "none":
-        _steps_against_oracle(name, [], steps=2)
+        _steps_against_oracle(name, [], steps=2, hebbian_at="recompute")
     else:
         monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
         rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
         _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                              sample_over=over)
+                              sample_over=over, hebbian_at="recompute")
     model, x, cfg = _build(name)
     lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
         ghlc.trace(model, (x,), config=cfg))
@@ -771,9 +771,9 @@ def test_split_timing_matches_oracle(name, over, monkeypatch):
 @pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"temperature": 0.3},
                                 {"normalisation": "unit"}, {"global_signal": "none"}],
                          ids=["hebb", "temperature", "unit-norm", "pure-hebbian"])
-def test_split_timing_matches_the_forward_timing(monkeypatch, kw):
-    """Rule variants the oracle does not cover: the split against the plain forward timing
-    (the only other change: no split), two steps with the in-call combine."""
+def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw):
+    """Rule variants the oracle does not cover: ``recompute`` against ``auto`` (which takes
+    the forward timing there), two steps with the in-call combine."""
     from ghlc.runtime import function as fn
     from ghlc.runtime import hebbian
 
@@ -782,10 +782,9 @@ def test_split_timing_matches_the_forward_timing(monkeypatch, kw):
     monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
     split = _spy(monkeypatch, "hebbian_split", lambda *a: 1)
     grads = {}
-    for on in (False, True):
-        monkeypatch.setattr(fn, "SPLIT", on)
+    for at in ("auto", "recompute"):
         model, x, cfg = _build("vgg")
-        m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, **kw))
+        m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, hebbian_at=at, **kw))
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
         out = []
         for _ in range(2):
@@ -793,15 +792,15 @@ def test_split_timing_matches_the_forward_timing(monkeypatch, kw):
             loss_fn(m(x)).backward()
             out.append({k: p.grad.clone() for k, p in m.named_parameters()})
             opt.step()
-        grads[on] = out
-    assert split  # the second run split
-    for a, b in zip(grads[False], grads[True]):
+        grads[at] = out
+        assert bool(split) == (at == "recompute")  # only the second run split
+    for a, b in zip(grads["auto"], grads["recompute"]):
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_split_timing_conditions():
-    """Where the split applies: large plain convs on CPU, softmax over the layer, exact or
+def test_recompute_timing_conditions():
+    """Where the split applies: large plain convs, softmax over the layer, exact or
     batch-sampled."""
     from ghlc.runtime.calls import CallSpec
     from ghlc.runtime.hebbian import SPLIT_UNITS, HebbianRule, split_units
@@ -817,18 +816,5 @@ def test_split_timing_conditions():
     assert split_units(dataclasses.replace(spec, groups=2), w, HebbianRule()) == 0
     assert split_units(CallSpec("linear"), torch.empty(1536, 4096), HebbianRule()) == 0
     assert split_units(spec, torch.empty(512, 384, 3, 3), HebbianRule()) == 0  # too small
-
-
-def test_split_timing_only_under_auto(monkeypatch):
-    """``hebbian_at="forward"`` keeps the whole H from the forward pass (no recomputation)."""
-    from ghlc.runtime import function as fn
-    from ghlc.runtime import hebbian
-
-    monkeypatch.setattr(fn, "HOOKS", False)
-    monkeypatch.setattr(hebbian, "SPLIT_UNITS", 2)
-    monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
-    split = _spy(monkeypatch, "hebbian_split", lambda *a: 1)
-    _steps_against_oracle("vgg", [], steps=1, hebbian_at="forward")
-    assert not split
-    _steps_against_oracle("vgg", [], steps=1)
-    assert split
+    with pytest.raises(ghlc.errors.ConfigError, match="hebbian_at"):
+        ghlc.GHLConfig(hebbian_at="later")
