@@ -327,7 +327,7 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
 # SPLIT_UNITS units only the softmax's per-position log-sum-exp is kept, and their output and
 # H are recomputed a block at a time in the backward pass. One forward conv over those units
 # buys their rows of H not held between the passes (DeepHebb's 1536x384x3x3 conv on a 2-core
-# CPU: 512 units, peak 1.062 -> 1.046 x backprop's, about 10 % more step time).
+# CPU: 512 units, peak 1.062 -> 1.046 x backprop's, about 9 % more step time).
 SPLIT_UNITS = 512
 SPLIT_MIN_NUMEL = 1 << 22
 
