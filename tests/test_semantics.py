@@ -633,6 +633,27 @@ def test_stacked_weight_gradients_match_oracle(stacked_calls, name, signal, kw):
     assert stacked_calls and set(stacked_calls) == {"conv"}
 
 
+def _two_step_grads(name: str, **kw) -> list[dict[str, torch.Tensor]]:
+    """Every parameter's grad over two SGD steps (lr 0.05) of zoo model ``name`` prepared
+    with its config changed by ``kw``."""
+    model, x, cfg = _build(name)
+    m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, **kw))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    out = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        out.append({k: p.grad.clone() for k, p in m.named_parameters()})
+        opt.step()
+    return out
+
+
+def _assert_same_grads(want: list[dict], got: list[dict]) -> None:
+    for a, b in zip(want, got, strict=True):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"competition": "none"},
                                 {"competition": "hard"}, {"temperature": 0.3}],
                          ids=["hebb", "no-competition", "hard-wta", "temperature"])
@@ -646,19 +667,8 @@ def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw):
         monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"} if stack else set())
         monkeypatch.setattr(fu, "_capturing", 1)
         monkeypatch.setattr(fu, "_stacking", 1)
-        model, x, cfg = _build("resnet")
-        m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, **kw))
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        out = []
-        for _ in range(2):
-            opt.zero_grad()
-            loss_fn(m(x)).backward()
-            out.append({k: p.grad.clone() for k, p in m.named_parameters()})
-            opt.step()
-        grads[stack] = out
-    for a, b in zip(grads[False], grads[True]):
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+        grads[stack] = _two_step_grads("resnet", **kw)
+    _assert_same_grads(grads[False], grads[True])
 
 
 @pytest.mark.parametrize("over", ["batch", "positions"])
@@ -783,20 +793,9 @@ def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw):
     split = _spy(monkeypatch, "hebbian_split", lambda *a: 1)
     grads = {}
     for at in ("auto", "recompute"):
-        model, x, cfg = _build("vgg")
-        m = ghlc.prepare(model, (x,), config=dataclasses.replace(cfg, hebbian_at=at, **kw))
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        out = []
-        for _ in range(2):
-            opt.zero_grad()
-            loss_fn(m(x)).backward()
-            out.append({k: p.grad.clone() for k, p in m.named_parameters()})
-            opt.step()
-        grads[at] = out
+        grads[at] = _two_step_grads("vgg", hebbian_at=at, **kw)
         assert bool(split) == (at == "recompute")  # only the second run split
-    for a, b in zip(grads["auto"], grads["recompute"]):
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same_grads(grads["auto"], grads["recompute"])
 
 
 def test_recompute_timing_conditions():
