@@ -76,23 +76,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     A failure (full disk, no permission, ...) raises a one-line :class:`GHLError` naming
     ``path`` and the reason, and leaves ``path`` as it was.
     """
-    path = Path(path)
     buf = memoryview(data.encode() if isinstance(data, str) else data)
-    d = _check_folder(path)
-    try:
-        fd, tmp = _create_temp(path, d)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
         try:
             while buf:
                 buf = buf[os.write(fd, buf):]
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
