@@ -138,7 +138,8 @@ def row_dots(c: torch.Tensor, w: torch.Tensor, block: int = DOT_BLOCK_NUMEL) -> 
     7.9; max error against float64 for a 512x512x3x3 weight 5.8e-4 against 3.1e-5;
     ``bench/rule_ops.py --in-step``). Elsewhere that bmm (one kernel, no temporary)."""
     k = c.shape[0]
-    c2, w2 = c.reshape(k, -1), w.reshape(k, -1)
+    order = memory_order(c)  # (a channels-last weight: its rows as views, not copies)
+    c2, w2 = c.permute(order).reshape(k, -1), w.permute(order).reshape(k, -1)
     if c.device.type != "cpu":
         return torch.bmm(c2.unsqueeze(1), w2.unsqueeze(2)).view(k)
     rows = max(1, block // max(1, c2.shape[1]))
@@ -148,6 +149,14 @@ def row_dots(c: torch.Tensor, w: torch.Tensor, block: int = DOT_BLOCK_NUMEL) -> 
     for s in range(0, k, rows):
         torch.linalg.vecdot(c2[s:s + rows], w2[s:s + rows], out=out[s:s + rows])
     return out
+
+
+def memory_order(t: torch.Tensor) -> list[int]:
+    """Dim 0, then ``t``'s other dims from the outermost in memory to the innermost: permuted
+    so, a dense tensor whose dim-0 slices are dense (a channels-last weight) is contiguous,
+    and its rows reshape as views. Ties keep the dims' order."""
+    rest = sorted(range(1, t.dim()), key=lambda d: -t.stride(d))
+    return [0, *rest]
 
 
 def oja_decay_eager_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,

@@ -185,3 +185,33 @@ def test_row_dots_match_float64_sums():
     w = torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     ref = (c.double() * w.double()).flatten(1).sum(1)
     torch.testing.assert_close(fused.row_dots(c, w, 40).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_row_dots_mixed_layouts_and_no_copies():
+    """A channels-last weight's rows are read where they lie (no copy of either operand);
+    mixed layouts pair the same elements (against float64 sums)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(2)
+    cl = torch.channels_last
+    a, b = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    ref = (a.double() * b.double()).flatten(1).sum(1)
+    for c, w in [(a.contiguous(memory_format=cl), b), (a, b.contiguous(memory_format=cl)),
+                 (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl))]:
+        for block in (40, 10 ** 9):
+            torch.testing.assert_close(fused.row_dots(c, w, block).double(), ref,
+                                       rtol=1e-6, atol=1e-6)
+    c, w = a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)
+    with Ops() as ops:
+        fused.row_dots(c, w, 40)
+    assert ops.names and not {"clone.default", "copy_.default", "_to_copy.default"} & set(
+        ops.names), ops.names

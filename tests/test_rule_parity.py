@@ -465,9 +465,36 @@ def test_softmax_units_cpu_matches_torch_softmax(t, layout):
     for dim in range(v.dim()):
         got = hebbian.softmax_units(v, dim, t)
         want = torch.softmax(v * t if t != 1.0 else v, dim)
-        assert got.dtype == want.dtype and torch.equal(got, want), (layout, dim)
         assert got.data_ptr() != v.data_ptr()
+        if layout == "channels_last" and dim == 1:  # the channels lie innermost: see below
+            continue
+        assert got.dtype == want.dtype and torch.equal(got, want), (layout, dim)
     assert torch.equal(v, before)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3])
+@pytest.mark.parametrize("shape,fmt", [((5, 12, 6, 4), torch.channels_last),
+                                       ((3, 7, 4, 5, 2), torch.channels_last_3d)])
+def test_softmax_units_cpu_channels_last(t, shape, fmt):
+    """Over the channels of a channels-last output the CPU softmax runs where they lie
+    (innermost): y keeps u's layout (torch.softmax returns the standard layout, which the
+    weight-gradient call then copies back), and its numbers are torch's innermost-dim
+    softmax of the same memory, within float32 rounding of float64."""
+    from ghlc.runtime import hebbian
+
+    v = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 4).contiguous(
+        memory_format=fmt)
+    assert not v.is_contiguous()
+    got = hebbian.softmax_units(v, 1, t)
+    assert got.stride() == v.stride()
+    last = v.movedim(1, -1)  # the same memory, channels last in the logical order too
+    assert last.is_contiguous()
+    assert torch.equal(got.movedim(1, -1), torch.softmax(last * t if t != 1.0 else last, -1))
+    ref = torch.softmax(v.double() * t, 1)
+    assert ((got.double() - ref).abs() / ref.clamp_min(1e-30)).max() <= 1e-5
+    for dim in (0, 2, 3):  # other dims: as before
+        assert torch.equal(hebbian.softmax_units(v, dim, t),
+                           torch.softmax(v * t if t != 1.0 else v, dim))
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])

@@ -464,11 +464,13 @@ def test_auto_accumulation_stops_keeping_totals_after_a_plain_step(fused, reques
 
 
 def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3, oracle_rule=None,
-                          **kw):
+                          memory_format=None, **kw):
     """Train ``steps`` steps at lr 0 (the weights stay those of the plain copy), checking
     every step's grads against the oracle (``oracle_rule``: its rule settings, if any);
     returns the prepared model."""
     model, x, cfg = _build(name)
+    if memory_format is not None:
+        model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
     cfg = dataclasses.replace(cfg, global_signal=signal, **kw)
     plain = copy.deepcopy(model)
     m = ghlc.prepare(model, (x,), config=cfg)
@@ -494,6 +496,30 @@ def test_in_call_combine_matches_oracle(fused_calls, name, signal):
     its gradient computed a block of output units at a time; the grads stay the oracle's."""
     _, fused = _steps_against_oracle(name, fused_calls, signal)
     assert fused[0] == 0 and fused[1] > 0  # the first step checks single use
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "unet"])
+@pytest.mark.parametrize("timing", ["auto", "forward", "backward", "recompute"])
+def test_channels_last_models_match_oracle(monkeypatch, name, fuse, timing):
+    """A model and input in channels-last layout (as users do for speed): every step's grads
+    are the oracle's, with the in-call combine on every weight or on none, for every timing
+    of H (the recompute split forced onto these small convs), and each plastic weight's
+    gradient keeps the weight's layout."""
+    import ghlc.runtime.hebbian as hb
+    import ghlc.runtime.state as st
+
+    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0 if fuse else 1 << 62)
+    monkeypatch.setattr(hb, "SPLIT_MIN_NUMEL", 0)
+    monkeypatch.setattr(hb, "SPLIT_UNITS", 2)
+    fused = _spy(monkeypatch, "fused_combine", lambda spec, *a: spec.kind)
+    cl = torch.channels_last
+    m, per_step = _steps_against_oracle(name, fused, memory_format=cl, hebbian_at=timing)
+    assert (per_step[-1] > per_step[0]) == fuse
+    for n in _plastic_names(m):
+        p = m.get_parameter(n)
+        if p.dim() == 4:
+            assert p.grad.stride() == p.stride(), n
 
 
 def test_in_call_combine_skips_shared_weights(fused_calls):
