@@ -144,6 +144,7 @@ AMP_KERNELS = "amp_low"  # kernels[model][key]: the full kernels in AMP_DTYPE
 GRAPH_WARMUP = 3
 CUDA_KERNEL_CALLS = 10  # kernel-floor sample on CUDA: mean of this many back-to-back calls
 SAMPLE_FRACTION = 0.25
+CHANNELS_LAST = False  # --channels-last: every model and input in channels-last memory format
 LR = 1e-3
 MODELS = ("deephebb", "fasthebb", "resnet18")
 EXTRA_MODELS = ("mobilenetv2",)  # on request (--models): depthwise convs, not in the targets
@@ -185,7 +186,13 @@ def _example(name: str):
 
 
 def build(name: str) -> tuple[nn.Module, float | dict]:
-    """(fresh model, temperature setting) for a model name."""
+    """(fresh model, temperature setting) for a model name (channels-last with
+    ``--channels-last``)."""
+    m, temp = _build(name)
+    return (m.to(memory_format=torch.channels_last) if CHANNELS_LAST else m), temp
+
+
+def _build(name: str) -> tuple[nn.Module, float | dict]:
     if name == "deephebb":
         m = _example("deephebb")
         return m.deephebb(), dict(m.TEMPERATURES)
@@ -433,9 +440,15 @@ def _cuda_cleanup() -> None:
 
 def data(batch: int, size: int, classes: int, device: str):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=g)
+    x = layout(torch.randn(batch, 3, size, size, generator=g))
     y = torch.randint(0, classes, (batch,), generator=g)
     return x.to(device), y.to(device)
+
+
+def layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the run's memory format: channels-last for 4-D tensors with
+    ``--channels-last``, else as it is."""
+    return t.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST and t.dim() == 4 else t
 
 
 def sync(device: str) -> None:
@@ -526,6 +539,8 @@ def memory(model_name: str, variant: str, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu",
            "--batch", str(args.batch), "--probe", f"{model_name}:{variant}"]
+    if CHANNELS_LAST:
+        cmd.append("--channels-last")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -689,9 +704,9 @@ def kernel_probes(base: nn.Module, temp, x: torch.Tensor, device: str, frac: flo
             if over == "positions" and frac < 1 and not conv[3]:  # conv[3]: transposed
                 xi, cot, conv = grid_probe(info, conv, frac, mk)
             else:
-                xi = sampled_rows(torch.randn(info.in_shape, **mk), frac)
-                cot = sampled_rows(torch.randn(info.out_shape, **mk), frac)
-            w = torch.randn(info.weight_shape, **mk)
+                xi = sampled_rows(layout(torch.randn(info.in_shape, **mk)), frac)
+                cot = sampled_rows(layout(torch.randn(info.out_shape, **mk)), frac)
+            w = layout(torch.randn(info.weight_shape, **mk))
 
             def fn(cot=cot, xi=xi, w=w, conv=conv):
                 return conv_weight_grad(cot, xi, w, conv)
@@ -713,8 +728,8 @@ def grid_probe(info, conv: tuple, frac: float, mk: dict) -> tuple:
     nd = len(stride)
     spec = CallSpec("conv", nd, False, tuple(stride), tuple(padding), tuple(dilation), (),
                     groups)
-    xi = torch.randn(info.in_shape, **mk)
-    u = torch.randn(info.out_shape, **mk)
+    xi = layout(torch.randn(info.in_shape, **mk))
+    u = layout(torch.randn(info.out_shape, **mk))
     grid = sample_grid(spec, xi.shape, info.weight_shape, u.shape, frac, (0,) * nd)
     sp, sx, su = grid_call(spec, xi, u, grid)
     cot = grid_pad(su.contiguous(), grid)
@@ -722,9 +737,10 @@ def grid_probe(info, conv: tuple, frac: float, mk: dict) -> tuple:
 
 
 def sampled_rows(t: torch.Tensor, frac: float) -> torch.Tensor:
-    """The first max(1, round(frac * n)) of t's n rows (all of them for frac 1)."""
+    """The first max(1, round(frac * n)) of t's n rows (all of them for frac 1), in t's
+    memory format."""
     k = max(1, int(round(frac * t.shape[0])))
-    return t[:k].contiguous() if k < t.shape[0] else t
+    return t[:k].clone() if k < t.shape[0] else t
 
 
 def time_call(fn, device: str) -> float:
@@ -939,6 +955,8 @@ def bench_resnet50(args) -> dict:
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu",
                    "--batch", str(b), "--probe", f"resnet50:{v}"]
+            if CHANNELS_LAST:
+                cmd.append("--channels-last")
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"resnet50 probe failed:\n{res.stderr[-2000:]}")
@@ -1083,8 +1101,13 @@ def main(argv: list[str] | None = None) -> int:
                         "to bp_compile), bp_amp, ghlc_amp and ghlc_amp_low: the forward "
                         "under autocast in bfloat16 (ratios to bp_amp, added when needed), "
                         "and on CUDA their *_graph captures")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every variant's model and input in channels-last memory format "
+                        "(ratios to bp in that format too)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
+    global CHANNELS_LAST
+    CHANNELS_LAST = args.channels_last
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1132,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": machine(args.device), "device": args.device, "batch": args.batch,
         "repeats": args.repeats, "warmup": args.warmup, "sample_fraction": SAMPLE_FRACTION,
+        "memory_format": "channels_last" if CHANNELS_LAST else "contiguous",
         "timing_method": TIMING_METHOD[args.device], "memory_method": MEMORY_METHOD[args.device],
         "command": "python bench/step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows, "kernels": kernels,
@@ -1158,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     save()
 
     print(f"machine: {result['machine']}")
+    if CHANNELS_LAST:
+        print("memory format: channels-last (models and inputs)")
     ck = result["compiled_kernels"]
     print(f"compiled kernels (GHLC_FUSED={ck['mode']}): "
           + ("active" if ck["active"] else "not used") + (f"; failed: {ck['failed']}"

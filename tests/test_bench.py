@@ -71,6 +71,30 @@ def test_sampled_rows_take_the_sampled_block():
     assert rows(t, 1.0) is t and rows(t[:2], 0.25).shape == (1, 3)  # at least one row
 
 
+def test_channels_last_runs_build_every_tensor_channels_last(monkeypatch):
+    """--channels-last: the models' conv weights, the input and the kernel-floor probes'
+    tensors (the sampled block too) are channels-last; without it all stay as they were."""
+    step = _step_module()
+    cl = torch.channels_last
+    for on in (False, True):
+        monkeypatch.setattr(step, "CHANNELS_LAST", on)
+        m, temp = step.build("fasthebb")
+        x, _ = step.data(8, 32, 10, "cpu")
+        fmt = cl if on else torch.contiguous_format
+        convs = [p for p in m.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+        assert any(p.is_contiguous() for p in convs) != on
+        assert x.is_contiguous(memory_format=fmt) and x.is_contiguous() != on
+        probes, _ = step.kernel_probes(m, temp, x, "cpu", frac=0.25)
+        for pr in [pr for pr in probes if pr["kind"] != "linear"]:
+            cot, xi, w, _ = pr["fn"].__defaults__
+            assert cot.shape[0] == xi.shape[0] == 2  # the sampled block of the batch
+            for a in (cot, xi, w):
+                assert a.is_contiguous(memory_format=fmt)
+    t = torch.randn(8, 4, 3, 3).contiguous(memory_format=cl)
+    assert step.sampled_rows(t, 0.25).is_contiguous(memory_format=cl)
+
+
 def test_machine_names_the_cpu_kernels(monkeypatch):
     step = _step_module()
     cap = torch.backends.cpu.get_cpu_capability()
@@ -156,6 +180,17 @@ def test_step_bench_autocast_variants(tmp_path):
     r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_amp_graph"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
+
+
+def test_step_bench_channels_last_smoke(tmp_path):
+    out = tmp_path / "step.json"
+    text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "1", "--warmup", "0",
+                 "--batch", "4", "--variants", "ghlc", "--no-prepare-bench", "--channels-last",
+                 "--json", out], tmp_path)
+    res = json.loads(out.read_text())
+    assert res["memory_format"] == "channels_last" and "memory format: channels-last" in text
+    assert {r["variant"] for r in res["rows"]} == {"bp", "ghlc"}
+    assert all(r["peak_mb"] > 0 for r in res["rows"])
 
 
 def test_step_bench_rejects_bad_arguments(tmp_path):
