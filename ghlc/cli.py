@@ -247,9 +247,12 @@ def _load_any(path: str, method: str = "ghl"):
 @click.option("--cuda-graph", is_flag=True,
               help="CUDA: replay each full batch's forward and backward from one captured "
                    "CUDA graph (faster for small models).")
+@click.option("--channels-last", is_flag=True,
+              help="Train in channels-last memory format (4-D weights and batches): often "
+                   "faster for conv nets.")
 @user_errors
 def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, method,
-          augment, out_dir, resume, device, autocast, cuda_graph):
+          augment, out_dir, resume, device, autocast, cuda_graph, channels_last):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
     import torch
 
@@ -282,7 +285,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
             batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic,
             seed=seed, out_dir=out, resume=resume, augment=augment_batch if augment else None,
             classes=ds.classes, autocast=torch.bfloat16 if autocast == "bf16" else None,
-            cuda_graph=cuda_graph,
+            cuda_graph=cuda_graph, channels_last=channels_last,
         )
     trained = model
     trained.load_state_dict(net.state_dict())

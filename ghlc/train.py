@@ -257,6 +257,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # ---- training ------------------------------------------------------------------------------
 
 
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in channels-last format when asked and 4-D; else as it is."""
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def train(
     model: nn.Module,
     x_train,
@@ -279,6 +286,7 @@ def train(
     classes=None,
     autocast: torch.dtype | None = None,
     cuda_graph: bool = False,
+    channels_last: bool = False,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps.
 
@@ -294,7 +302,9 @@ def train(
     (:func:`ghlc.cuda_graph_step` with ``optimizer_step=False``; the optimiser, the schedule
     and a smaller last batch run eagerly): the small-model speed-up of a captured step. The
     capture runs before anything is written; a model that cannot be captured raises
-    ``GHLError``.
+    ``GHLError``. ``channels_last=True`` converts the model's 4-D weights and every 4-D
+    training batch to channels-last memory format (often the faster layout for convolutions;
+    docs/PERFORMANCE.md).
 
     Raises ``GHLError`` before writing anything when a label is negative or not below the
     model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss
@@ -334,12 +344,14 @@ def train(
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     dev = _device(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if autocast is not None and (why := slow_bf16(dev)):
         warnings.warn(why, SlowPrecisionWarning, stacklevel=2)
     hparams = {"batch_size": batch_size, "seed": seed, "epochs": epochs, "lr": lr,
                "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic,
                "autocast": str(autocast).removeprefix("torch.") if autocast else None,
-               "cuda_graph": cuda_graph}
+               "cuda_graph": cuda_graph, "channels_last": channels_last}
     # (a missing or foreign checkpoint fails before the capture)
     ckpt = load_checkpoint(last_path) if resume else None
     graph_step, graph_logits = None, []
@@ -349,7 +361,8 @@ def train(
             return F.cross_entropy(graph_logits[0], target)
 
         model.train()
-        graph_step = _capture(model, opt, graph_loss, x_train[:batch_size].to(dev),
+        graph_step = _capture(model, opt, graph_loss,
+                              _layout(x_train[:batch_size].to(dev), channels_last),
                               y_train[:batch_size].to(dev), autocast)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -405,7 +418,7 @@ def train(
                     xb = x_train[idx]
                     if augment is not None:
                         xb = augment(xb, g)
-                    xb = xb.to(dev, non_blocking=True)
+                    xb = _layout(xb.to(dev, non_blocking=True), channels_last)
                     yb = y_train[idx].to(dev, non_blocking=True)
                     replay = graph_step is not None and yb.shape[0] == batch_size
                     if replay:  # forward, loss and backward in one graph replay

@@ -71,6 +71,21 @@ def test_convert_train_eval_export(work):
     assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
 
 
+def test_train_channels_last_then_export(work):
+    """--channels-last trains (recorded in the checkpoint); the saved model and its ONNX
+    export are in the standard layout as always."""
+    ghlc("convert", "model.py", cwd=work)
+    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
+             "--device", "cpu", "--channels-last", cwd=work)
+    assert "test acc" in r.stdout
+    import torch
+
+    ck = torch.load(work / "run" / "last.pt", weights_only=True)
+    assert ck["hparams"]["channels_last"] is True
+    r = ghlc("export", "run/model.ghl", "-o", "m.onnx", cwd=work)
+    assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
+
+
 def test_train_under_autocast(work):
     ghlc("convert", "model.py", cwd=work)
     r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
