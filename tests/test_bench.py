@@ -193,6 +193,24 @@ def test_step_bench_channels_last_smoke(tmp_path):
     assert all(r["peak_mb"] > 0 for r in res["rows"])
 
 
+def test_layout_bench_smoke(tmp_path):
+    """bench/layout.py: both layouts of every variant timed, paired ratios consistent with
+    the per-repeat times."""
+    out = tmp_path / "layout.json"
+    text = _run([BENCH / "layout.py", "--models", "fasthebb", "--repeats", "3", "--warmup", "0",
+                 "--batch", "4", "--json", out], tmp_path)
+    res = json.loads(out.read_text())["models"][0]
+    t = res["times_ms"]
+    assert set(t) == {f"{v}_{lay}" for v in ("bp", "ghlc", "ghlc_s25") for lay in ("nchw", "cl")}
+    assert all(len(v) == 3 for v in t.values())
+    r = [a / b for a, b in zip(t["ghlc_cl"], t["bp_cl"])]
+    assert res["ratio_to_bp"]["ghlc_cl"]["median"] == pytest.approx(statistics.median(r))
+    assert res["ratio_to_bp"]["ghlc_cl"]["ci"] == pytest.approx([min(r), max(r)])
+    r = [a / b for a, b in zip(t["bp_cl"], t["bp_nchw"])]
+    assert res["cl_over_nchw"]["bp"]["median"] == pytest.approx(statistics.median(r))
+    assert "| fasthebb | ghlc_s25 |" in text
+
+
 def test_step_bench_rejects_bad_arguments(tmp_path):
     r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_graph"],
                        cwd=tmp_path, capture_output=True, text=True)
