@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device check: the gpu-marked tests, the per-layer overhead table (bench/overhead.py), the
-# autocast steps of ResNet-18 (bfloat16; ghlc's H in float32 and in bfloat16), then the step
-# benchmark (its table is printed last).
+# standard layout against channels-last (bench/layout.py), the autocast steps of ResNet-18
+# (bfloat16; ghlc's H in float32 and in bfloat16), then the step benchmark (its table is
+# printed last).
 #   bench/gpu_check.sh                      # on a CUDA machine
 #   bench/gpu_check.sh --device cpu --repeats 1 --warmup 0 --batch 8 --resnet50-batch 2
 # Arguments go to bench/step.py after the defaults, so they override them (on a machine
@@ -48,6 +49,14 @@ dev=cuda
 args=(--device cuda --repeats 20 --resnet50 "$@")
 for a in "$@"; do [ "$a" = "cpu" ] && json=bench/step_cpu_check.json && dev=cpu; done
 "$PY" bench/overhead.py --device "$dev" --steps 100  # per-plastic-layer host cost
+lay_json=${json%.json}_layout.json  # the standard layout against channels-last (eager steps)
+if [ "$dev" = cpu ]; then
+    "$PY" bench/layout.py --models fasthebb --repeats 1 --warmup 0 --batch 8 --json "$lay_json"
+else
+    "$PY" bench/layout.py --device cuda --models deephebb,fasthebb,resnet18 --repeats 20 \
+        --json "$lay_json"
+fi
+lrc=$?
 amp=ghlc_amp_graph,ghlc_amp_low_graph
 [ "$dev" = cpu ] && amp=ghlc_amp,ghlc_amp_low
 amp_json=${json%.json}_amp.json
@@ -57,7 +66,8 @@ arc=$?
 "$PY" bench/step.py "${args[@]}" --json "$json"
 brc=$?
 [ $brc -eq 0 ] && brc=$arc
+[ $brc -eq 0 ] && brc=$lrc
 if [ -n "${OUT:-}" ]; then
-    for f in "$json" "$amp_json"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    for f in "$json" "$amp_json" "$lay_json"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
 fi
 exit $(( rc != 0 && rc != 5 ? rc : brc ))

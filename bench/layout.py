@@ -2,6 +2,7 @@
 
     python bench/layout.py --models resnet18 --repeats 15
     python bench/layout.py --repeats 11 --json bench/layout_cpu.json
+    python bench/layout.py --device cuda --models deephebb,fasthebb,resnet18 --repeats 20
 
 For each model (batch 64 of random 3x32x32 inputs, as bench/step.py) it builds bp, ghlc and
 the sampled ghlc_s25 (bench/step.py's variants) twice: once as they are and once with the
@@ -11,7 +12,8 @@ order shuffled every repeat (seeded), so that every repeat gives paired ratios t
 together in time. It prints, per model, each variant's median step in both layouts with the
 paired ratio channels-last / standard, and each ghlc variant's ratio to bp within its
 layout, all with their distribution-free 95 % confidence intervals (bench/step.py's
-``median_ci``). Only timing: peak memory and the floors in channels-last come from
+``median_ci``). On CUDA (``--device cuda``, eager steps) each step is timed with CUDA events,
+as bench/step.py does. Only timing: peak memory and the floors in channels-last come from
 ``python bench/step.py --channels-last``.
 """
 
@@ -35,10 +37,11 @@ VARIANTS = ("bp", "ghlc", "ghlc_s25")
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
-def _runners(name: str, batch: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def _runners(name: str, batch: int, device: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """{(variant, layout): (runner, input)} for one model, and the batch's labels."""
     base, temp = step.build(name)  # (standard layout: bench/step.py's CHANNELS_LAST is off)
-    x, y = step.data(batch, 32, 10, "cpu")
+    base = base.to(device)
+    x, y = step.data(batch, 32, 10, device)
     out = {}
     for lay, fmt in LAYOUTS.items():
         m = base if lay == "nchw" else copy.deepcopy(base).to(memory_format=fmt)
@@ -55,11 +58,12 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"median": statistics.median(r), "ci": [lo, hi], "coverage": cov}
 
 
-def bench(name: str, repeats: int, warmup: int, batch: int, seed: int) -> dict:
-    runners, _, y = _runners(name, batch)
+def bench(name: str, repeats: int, warmup: int, batch: int, seed: int, device: str) -> dict:
+    runners, _, y = _runners(name, batch, device)
     for r, x in runners.values():
         for _ in range(warmup):
             r.step(x, y)
+    step.sync(device)
     times: dict = {k: [] for k in runners}
     rng = random.Random(seed)
     keys = list(runners)
@@ -68,7 +72,7 @@ def bench(name: str, repeats: int, warmup: int, batch: int, seed: int) -> dict:
         rng.shuffle(keys)
         for k in keys:
             r, x = runners[k]
-            times[k].append(step.timed_step(r, x, y, "cpu"))
+            times[k].append(step.timed_step(r, x, y, device))
     res = {"model": name, "times_ms": {f"{v}_{lay}": t for (v, lay), t in times.items()},
            "median_ms": {f"{v}_{lay}": statistics.median(t) for (v, lay), t in times.items()},
            "cl_over_nchw": {v: paired(times[(v, "cl")], times[(v, "nchw")]) for v in VARIANTS},
@@ -83,6 +87,7 @@ def _fmt(p: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--models", default="resnet18",
                    help=f"comma-separated, from {', '.join(step.MODELS + step.EXTRA_MODELS)}")
     p.add_argument("--repeats", type=int, default=11)
@@ -99,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.batch < 2:
         print("error: --repeats must be >= 1 and --batch >= 2", file=sys.stderr)
         return 2
-    results = [bench(m, args.repeats, args.warmup, args.batch, args.seed) for m in models]
-    out = {"machine": step.machine("cpu"), "batch": args.batch, "repeats": args.repeats,
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    results = [bench(m, args.repeats, args.warmup, args.batch, args.seed, args.device)
+               for m in models]
+    out = {"machine": step.machine(args.device), "device": args.device, "batch": args.batch,
+           "repeats": args.repeats,
            "command": "python bench/layout.py " + " ".join(
                sys.argv[1:] if argv is None else argv), "models": results}
     if args.json:

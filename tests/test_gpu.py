@@ -90,11 +90,14 @@ def check_cuda_step_against_oracle(name: str, at: str, compile_model: bool = Fal
         assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
 
 
-def two_steps_against_oracle(name: str, **cfg) -> torch.nn.Module:
-    """Two CUDA steps at lr 0 of a zoo model (config overrides ``cfg``), every plastic
-    gradient against the CPU float64 oracle; returns the prepared model."""
+def two_steps_against_oracle(name: str, memory_format=None, **cfg) -> torch.nn.Module:
+    """Two CUDA steps at lr 0 of a zoo model (config overrides ``cfg``; ``memory_format``:
+    the model and input in that layout), every plastic gradient against the CPU float64
+    oracle; returns the prepared model."""
     e = next(z for z in ZOO if z.name == name)
     model, x = e.make()
+    if memory_format is not None:
+        model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
     names = list(e.plastic)
     h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
     m = ghlc.prepare(model.cuda(), (x.cuda(),),
@@ -282,6 +285,21 @@ def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, 
     m = two_steps_against_oracle(name, normalisation=norm)
     sites = ghlc.runtime.runtime_of(m).sites
     assert any(s.state.single_use for s in sites.values())
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+@pytest.mark.parametrize("kernels", ["eager", "fused"])
+def test_cuda_channels_last_models_match_oracle(monkeypatch, name, kernels):
+    """A channels-last model and input on CUDA, with the eager formulas or the fused kernels
+    (Triton softmax, compiled decay and combination, as inside cuda_graph_step): two steps
+    against the float64 oracle, each plastic gradient in its weight's layout."""
+    from ghlc.runtime import fused
+
+    if kernels == "fused":
+        monkeypatch.setattr(fused, "_capturing", 1)
+    m = two_steps_against_oracle(name, memory_format=torch.channels_last)
+    for n in ghlc.runtime.runtime_of(m).sites:
+        assert m.get_parameter(n).grad.is_contiguous(memory_format=torch.channels_last), n
 
 
 def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
