@@ -37,7 +37,7 @@ VARIANTS = ("bp", "ghlc", "ghlc_s25")
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
-def _runners(name: str, batch: int, device: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def _runners(name: str, batch: int, device: str) -> tuple[dict, torch.Tensor]:
     """{(variant, layout): (runner, input)} for one model, and the batch's labels."""
     base, temp = step.build(name)  # (standard layout: bench/step.py's CHANNELS_LAST is off)
     base = base.to(device)
@@ -48,7 +48,7 @@ def _runners(name: str, batch: int, device: str) -> tuple[dict, torch.Tensor, to
         xl = x.contiguous(memory_format=fmt)
         for v in VARIANTS:
             out[(v, lay)] = (step.Runner(m, temp, v, xl[:2]), xl)
-    return out, x, y
+    return out, y
 
 
 def paired(a: list[float], b: list[float]) -> dict:
@@ -59,7 +59,7 @@ def paired(a: list[float], b: list[float]) -> dict:
 
 
 def bench(name: str, repeats: int, warmup: int, batch: int, seed: int, device: str) -> dict:
-    runners, _, y = _runners(name, batch, device)
+    runners, y = _runners(name, batch, device)
     for r, x in runners.values():
         for _ in range(warmup):
             r.step(x, y)
