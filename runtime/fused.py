@@ -138,8 +138,11 @@ def row_dots(c: torch.Tensor, w: torch.Tensor, block: int = DOT_BLOCK_NUMEL) -> 
     7.9; max error against float64 for a 512x512x3x3 weight 5.8e-4 against 3.1e-5;
     ``bench/rule_ops.py --in-step``). Elsewhere that bmm (one kernel, no temporary)."""
     k = c.shape[0]
-    order = memory_order(c)  # (a channels-last weight: its rows as views, not copies)
-    c2, w2 = c.permute(order).reshape(k, -1), w.permute(order).reshape(k, -1)
+    if c.is_contiguous():
+        c2, w2 = c.view(k, -1), w.reshape(k, -1)
+    else:  # (a channels-last weight: its rows in memory order, as views, not copies)
+        order = memory_order(c)
+        c2, w2 = c.permute(order).reshape(k, -1), w.permute(order).reshape(k, -1)
     if c.device.type != "cpu":
         return torch.bmm(c2.unsqueeze(1), w2.unsqueeze(2)).view(k)
     rows = max(1, block // max(1, c2.shape[1]))
