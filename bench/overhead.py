@@ -17,9 +17,11 @@ one process and interleaved, a plain backprop step and ghlc steps (every conv pl
 
 It prints the extra time per plastic layer and, from one profiled step of each, the extra
 torch operators per plastic layer, the self time of PlasticCall (its Python in forward and
-backward, outside the operators it calls; the profiler inflates it) and the weight-gradient
-calls per step. On a GPU, eager steps of the 32x32 models in ``bench/step.py`` pay this per
-plastic layer; inside a CUDA graph they do not.
+backward, outside the operators it calls; the profiler inflates it) and the convolution
+calls per step (forward and backward kernels; ghlc adds one per plastic conv, its Hebbian
+correlation as a weight-gradient call or, on CPU for small outputs, as a forward conv). On
+a GPU, eager steps of the 32x32 models in ``bench/step.py`` pay this per plastic layer;
+inside a CUDA graph they do not.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import ghlc  # noqa: E402
 import ghlc.runtime.function as rt_function  # noqa: E402
 
 GHL_FRAMES = ("PlasticCall", "PlasticCallBackward")
+CONV_OPS = ("aten::convolution", "aten::convolution_backward")
 
 
 def stack(layers: int) -> nn.Module:
@@ -80,7 +83,7 @@ def timed(s: Stepper, device: str) -> float:
 
 def op_split(s: Stepper, device: str) -> dict[str, float]:
     """Of one profiled step: torch operators, the self time (us) of ghlc's autograd Function
-    frames, and the weight-gradient (convolution backward) calls."""
+    frames, and the convolution calls (aten::convolution and aten::convolution_backward)."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         s()
@@ -88,8 +91,7 @@ def op_split(s: Stepper, device: str) -> dict[str, float]:
     ev = prof.key_averages()
     return {"ops": sum(e.count for e in ev if e.key.startswith("aten::")),
             "function_self_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
-            "conv_backward_calls": sum(e.count for e in ev
-                                       if e.key == "aten::convolution_backward")}
+            "conv_calls": sum(e.count for e in ev if e.key in CONV_OPS)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.steps} interleaved steps")
     head = ("variant", "step us", "extra us / plastic layer", "torch ops / step",
             "extra ops / plastic layer", "PlasticCall self us / plastic layer",
-            "weight-grad calls / step")
+            "conv calls / step")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for k in steppers:
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         ops = (sp["ops"] - splits["bp"]["ops"]) / plastic if k != "bp" else 0.0
         py = sp["function_self_us"] / plastic
         print(f"| {k} | {us:.0f} | {extra:.1f} | {sp['ops']} | {ops:.1f} | {py:.1f} | "
-              f"{sp['conv_backward_calls']} |")
+              f"{sp['conv_calls']} |")
     return 0
 
 

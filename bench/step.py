@@ -15,6 +15,10 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
                of every sample (every 2nd row and column) instead of a block of the batch
     ghlc_fused (only with --variants) ghlc with GHLC_FUSED=on: the compiled kernels in every
                step, on CPU too (Inductor's C++ backend; the first steps compile)
+    ghlc_wgrad, ghlc_s25_wgrad (only with --variants) ghlc and ghlc_s25 with every Hebbian
+               correlation as the weight-gradient call (the forward-conv form that ghlc uses on
+               CPU for small outputs off: hebbian.FORWARD_WGRAD_DEVICES emptied), to show what
+               that form gives in one process
     ghlc_nosoftmax (only with --variants) ghlc with GHLConfig(competition="none"): the same
                step without the channel softmax, to show its share of the step (a different
                rule: not GHL, a diagnostic)
@@ -122,7 +126,7 @@ sys.path.insert(0, str(ROOT))
 from naive_ghl import NaiveGHL  # noqa: E402
 
 import ghlc  # noqa: E402
-from ghlc.runtime import fused  # noqa: E402
+from ghlc.runtime import fused, hebbian  # noqa: E402
 from ghlc.runtime import state as rt_state  # noqa: E402
 from ghlc.train import _cpu_native_bf16, slow_bf16  # noqa: E402
 
@@ -135,7 +139,9 @@ GRAPH_VARIANTS = ("bp_graph", "ghlc_graph", "ghlc_ref_graph", "ghlc_chunk_graph"
 CUDA_VARIANTS = ("ghlc_ref", *(v for v in GRAPH_VARIANTS if v not in AMP_GRAPH_VARIANTS))
 CUDA_ONLY = (*CUDA_VARIANTS, *AMP_GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
-EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_recompute", "ghlc_p25", *COMPILE_VARIANTS,
+WGRAD_VARIANTS = ("ghlc_wgrad", "ghlc_s25_wgrad")  # the forward-conv form off
+EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_recompute", "ghlc_p25", *WGRAD_VARIANTS,
+                  *COMPILE_VARIANTS,
                   *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
 AMP_DTYPE = torch.bfloat16
 SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
@@ -257,7 +263,9 @@ class Runner:
         compiled = variant in COMPILE_VARIANTS
         self.amp = variant in AMP_VARIANTS
         precision = "autocast" if variant == "ghlc_amp_low" else "full"
+        self.forward_wgrad = variant not in WGRAD_VARIANTS
         variant = variant.removesuffix("_compile").removesuffix("_amp_low").removesuffix("_amp")
+        variant = variant.removesuffix("_wgrad")
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
@@ -301,8 +309,11 @@ def settings(r):
     compiled-kernel mode (a graph's warm-up and capture in fused.capturing(), as
     ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack and its size limit for
     ghlc_stack20), and the in-call combine on CUDA for ghlc_chunk."""
-    old = fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL
+    old = (fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL,
+           hebbian.FORWARD_WGRAD_DEVICES)
     fused.set_mode(r.fused)
+    if not r.forward_wgrad:
+        hebbian.FORWARD_WGRAD_DEVICES = set()
     if r.chunk:
         rt_state.FUSE_DEVICES = {"cpu", "cuda"}
     rt_state.STACK_MAX_NUMEL = r.stack_max
@@ -312,6 +323,7 @@ def settings(r):
     finally:
         fused.set_mode(old[0])
         rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL = old[1], old[2]
+        hebbian.FORWARD_WGRAD_DEVICES = old[3]
 
 
 class GraphRunner:
@@ -328,6 +340,7 @@ class GraphRunner:
             raise ValueError(variant)
         r = Runner(base, temp, eager, x[:2])
         self.model, self.opt, self.fused, self.chunk = r.model, r.opt, r.fused, r.chunk
+        self.forward_wgrad = r.forward_wgrad
         self.loss_fn = r.loss
         self.stack, self.stack_max = r.stack, r.stack_max
         self.capturing = True
@@ -838,7 +851,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     probes_s = {KERNEL_KEY[over]: kernel_probes(base, temp, x, args.device, SAMPLE_FRACTION,
                                            over)[0]
                 for v, over in SAMPLED.items()
-                if any(u.removesuffix("_graph") == v for u in variants)}
+                if any(u.removesuffix("_graph").removesuffix("_wgrad") == v for u in variants)}
     if any(v.startswith("ghlc_amp_low") for v in variants):
         probes_s[AMP_KERNELS] = kernel_probes(base, temp, x, args.device, dtype=AMP_DTYPE)[0]
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -869,7 +882,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     for v in variants:
         ref = reference(v) if reference(v) in medians else "bp"
         ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
-        eager = v.removesuffix("_graph").removesuffix("_compile")
+        eager = v.removesuffix("_graph").removesuffix("_compile").removesuffix("_wgrad")
         if eager in ("bp", "bp_amp"):
             floor, heb_ms = 1.0, 0.0
         elif eager == "ghlc_amp_low":
@@ -1095,7 +1108,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated variants to run instead of the device's default set "
                         "(bp is always run); also ghlc_fused: ghlc with GHLC_FUSED=on "
                         "(compiled kernels in every step, on CPU too), ghlc_nosoftmax: "
-                        "ghlc without the channel softmax (a diagnostic), ghlc_recompute: "
+                        "ghlc without the channel softmax (a diagnostic), ghlc_wgrad and "
+                        "ghlc_s25_wgrad: ghlc and ghlc_s25 with the forward-conv form of "
+                        "the Hebbian correlation off, ghlc_recompute: "
                         "ghlc with hebbian_at='recompute', bp_compile and "
                         "ghlc_compile: both under torch.compile (ghlc_compile's ratios are "
                         "to bp_compile), bp_amp, ghlc_amp and ghlc_amp_low: the forward "

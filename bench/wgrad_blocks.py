@@ -1,7 +1,8 @@
-"""A conv's weight gradient in one call, or a block of output units at a time.
+"""A conv's weight gradient in one call, a block of output units at a time, or as a forward conv.
 
     python bench/wgrad_blocks.py --device cpu --model deephebb
     python bench/wgrad_blocks.py --device cpu --model resnet18 --extra --repeats 7
+    python bench/wgrad_blocks.py --device cpu --model resnet18 --batch 16   # sampled block
 
 For every plastic conv of the model (shapes traced at the bench batch, as bench/step.py does)
 and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradient alone
@@ -9,8 +10,11 @@ and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradi
 
     one      one call over all output units
     uN       one call per block of N output units, each written into one output tensor
-    ghlc     ``ghlc.runtime.hebbian.weight_vjp``: what ghlc's Hebbian term uses (blocks of
-             BLOCK_UNITS units where ``wgrad_blocked``, else one call)
+    fwd      the same sums as one forward conv (batch and channels swapped, the cotangent as
+             the kernel; ``_conv_wgrad_as_forward``)
+    ghlc     ``ghlc.runtime.hebbian.weight_vjp``: what ghlc's Hebbian term uses (the
+             forward conv where ``wgrad_as_forward``, else blocks of BLOCK_UNITS units where
+             ``wgrad_blocked``, else one call; column "ghlc way")
 
 and prints, per layer, the medians and the paired ratios to ``one`` (each repeat runs every
 variant once, in a shuffled order). The in-call combine uses blocks of at most BLOCK_UNITS
@@ -48,15 +52,17 @@ def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
           units: list[int]) -> dict:
     cot = torch.randn(spec.run(x, w, None).shape, device=x.device)
     fns = {"one": lambda: hebbian._conv_wgrad(spec, x, w, cot),
-           "ghlc": lambda: hebbian.weight_vjp(spec, x, w, cot)}
+           "ghlc": lambda: hebbian.weight_vjp(spec, x, w, cot),
+           "fwd": lambda: hebbian._conv_wgrad_as_forward(spec, x, w, cot)}
     for n in units:
         if n < w.shape[0]:
             fns[f"u{n}"] = lambda n=n: hebbian.wgrad_by_units(spec, x, w, cot, n)
     ref = fns["one"]()
     scale = ref.abs().max().item() or 1.0
     err = max((f() - ref).abs().max().item() for f in fns.values()) / scale
-    return {"layer": name, "shape": tuple(w.shape), "fns": fns, "err": err,
-            "blocked": hebbian.wgrad_blocked(spec, w)}
+    way = ("fwd" if hebbian.wgrad_as_forward(spec, w, cot)
+           else "blocks" if hebbian.wgrad_blocked(spec, w) else "one")
+    return {"layer": name, "shape": tuple(w.shape), "fns": fns, "err": err, "way": way}
 
 
 def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) -> list[dict]:
@@ -98,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = cases(args.model, args.batch, args.device, args.extra, units)
     times = step.time_layers(rows, args.device, args.repeats)
-    cols = ["ghlc", *(f"u{n}" for n in units)]
+    cols = ["ghlc", "fwd", *(f"u{n}" for n in units)]
     print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, weight gradient "
           f"only, median of {args.repeats} (ms), paired ratio to one call")
-    print("| layer | weight | ghlc blocks | one | " + " | ".join(cols) + " | max rel diff |")
+    print("| layer | weight | ghlc way | one | " + " | ".join(cols) + " | max rel diff |")
     print("|---|---|---|---|" + "---|" * len(cols) + "---|")
     for i, r in enumerate(rows):
         one = times[i, "one"]
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(a / b for a, b in zip(times[i, c], one))
             cells.append(f"{statistics.median(times[i, c]):.1f} ({ratio:.3f})")
         print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | "
-              f"{'yes' if r['blocked'] else 'no'} | {statistics.median(one):.1f} | "
+              f"{r['way']} | {statistics.median(one):.1f} | "
               + " | ".join(cells) + f" | {r['err']:.1e} |")
     return 0
 

@@ -2,7 +2,8 @@
 
 For a call ``u = f(x; W) + b``:  ``y = softmax(t*u)`` over output units,
 ``H = sum y.x - (sum y*u)[k] W[k]``, where ``sum y.x`` is the weight-gradient (VJP w.r.t. W)
-with cotangent y, computed by the vendor's weight-gradient kernel (no unfolded patches).
+with cotangent y, computed by the vendor's weight-gradient kernel, or where that runs slowly as
+one forward conv over the same operands (no unfolded patches either way).
 """
 
 from __future__ import annotations
@@ -114,6 +115,50 @@ def _conv_wgrad(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
     )[1]
 
 
+# Small-output plain convs on these devices get their Hebbian correlation as a FORWARD conv
+# (:func:`_conv_wgrad_as_forward`): oneDNN's weight-gradient kernel runs far below its forward
+# rate when the sum over batch x output positions is short, and the forward kernel does not.
+# Microbenchmarks on a 2-core AVX2 CPU (one-off, `bench/wgrad_blocks.py` repeats them), forward
+# form over one weight-gradient call: ResNet-18's 512x512x3x3 at 4x4 outputs 0.45 x, its
+# 256x256x3x3 at 8x8 0.78 x, FastHebb's 3x3 convs at 12x12-3x3 0.68-0.88 x, DeepHebb's
+# 1536x384x3x3 at 8x8 0.90 x; at batch 64 x 16x16 outputs 1.03-1.04 x and at 32x32 1.7-2.0 x
+# (hence the limit on batch x positions: 64 x 12 x 12); strided convs 0.9-1.7 x and 1x1
+# convs 1.4-5.2 x (the forward form then has a single output position), so kernels with a
+# dim of 1 and strided or dilated convs keep the weight-gradient call.
+FORWARD_WGRAD_MAX_REDUCTION = 64 * 12 * 12
+FORWARD_WGRAD_DEVICES = {"cpu"}
+
+
+def wgrad_as_forward(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor) -> bool:
+    """Whether :func:`weight_vjp` computes the weight gradient of ``w`` with cotangent ``cot``
+    as a forward convolution (:func:`_conv_wgrad_as_forward`)."""
+    return (spec.kind == "conv" and not spec.transposed and spec.groups == 1
+            and cot.device.type in FORWARD_WGRAD_DEVICES and all(k > 1 for k in w.shape[2:])
+            and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation)
+            and cot.dim() == spec.nd + 2 and cot.shape[2:].numel() > 0
+            and cot.shape[0] * cot.shape[2:].numel() <= FORWARD_WGRAD_MAX_REDUCTION)
+
+
+def _conv_wgrad_as_forward(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
+                           cot: torch.Tensor) -> torch.Tensor:
+    """A plain conv's weight gradient as forward convs: batch and channels swapped, the
+    cotangent as the kernel. dW[o, c, i] = sum_{n, p} cot[n, o, p] xpad[n, c, s*p + d*i] is a
+    conv of xpad^T (channels n) with kernel cot^T (dilation s), output stride d, cropped to
+    the weight's extent and written in the weight's layout; BLOCK_UNITS output units a call,
+    so that the conv's (C_in, C_out) result and the written gradient coexist for one block
+    only (ResNet-18's 512x512x3x3 in two blocks: 1.04 x one call's time; DeepHebb's
+    1536x384x3x3 in six: 0.82-0.93 x)."""
+    out = torch.empty_like(w, dtype=cot.dtype)
+    xt, k, n = x.transpose(0, 1), w.shape[2:], w.shape[0]
+    crop = (slice(None), slice(None), *(slice(0, m) for m in k))
+    for s in range(0, n, BLOCK_UNITS):
+        e = min(n, s + BLOCK_UNITS)
+        r = torch.convolution(xt, cot.narrow(1, s, e - s).transpose(0, 1), None, spec.dilation,
+                              spec.padding, spec.stride, False, (0,) * spec.nd, 1)
+        out[s:e].copy_(r[crop].transpose(0, 1))
+    return out
+
+
 def wgrad_blocked(spec: CallSpec, w: torch.Tensor) -> bool:
     """Whether :func:`weight_vjp` computes this call's weight gradient in blocks of units."""
     return (spec.kind == "conv" and not spec.transposed and spec.groups == 1
@@ -121,11 +166,16 @@ def wgrad_blocked(spec: CallSpec, w: torch.Tensor) -> bool:
             and w.device.type in WGRAD_BLOCK_DEVICES)
 
 
-def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
+def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, *,
+               as_forward: bool = True) -> torch.Tensor:
     """sum over uses of cot (x) x: the weight gradient of the call with cotangent ``cot``
-    (in blocks of output units where :func:`wgrad_blocked`; the same sums)."""
+    (as a forward conv where :func:`wgrad_as_forward` and ``as_forward``, else in blocks of
+    output units where :func:`wgrad_blocked`; the same sums). ``as_forward=False`` is for
+    backprop's own dL/dW, which ghlc computes the way backprop does."""
     if spec.kind == "linear":
         return cot.reshape(-1, cot.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if as_forward and wgrad_as_forward(spec, w, cot):
+        return _conv_wgrad_as_forward(spec, x, w, cot)
     if not wgrad_blocked(spec, w):
         return _conv_wgrad(spec, x, w, cot)
     return wgrad_by_units(spec, x, w, cot, BLOCK_UNITS)
@@ -247,7 +297,7 @@ def stacked_wgrads(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, b: torch.Te
     fmt = (torch.channels_last if w.dim() == 4 and not w.is_contiguous()
            and w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
     w2 = torch.empty((2 * c, *w.shape[1:]), dtype=w.dtype, device=w.device, memory_format=fmt)
-    both = weight_vjp(spec, x, w2, gy)  # (w2's values are not read: only its shape)
+    both = weight_vjp(spec, x, w2, gy, as_forward=False)  # (w2: only its shape is read)
     h = torch.empty_like(w, memory_format=torch.contiguous_format)
     return both[:c], hebbian_finish(spec, both[c:], y, w, b, rule, out=h)
 
@@ -313,7 +363,7 @@ def _weight_grad_rows(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch
     if spec.kind == "linear":
         g2 = g.reshape(-1, g.shape[-1])[:, s:e]
         return g2.t() @ x.reshape(-1, x.shape[-1])
-    return weight_vjp(spec, x, w[s:e], g.narrow(1, s, e - s))
+    return weight_vjp(spec, x, w[s:e], g.narrow(1, s, e - s), as_forward=False)
 
 
 def block_units(n: int) -> int:
@@ -387,7 +437,8 @@ def hebbian_split(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Ten
     del s
     # (in blocks of units where the whole weight's correlation would be: w[:k] alone may be
     # under the size limit, and one call on it is the slower)
-    corr = (wgrad_by_units(spec, x, w[:k], y, BLOCK_UNITS) if wgrad_blocked(spec, w)
+    corr = (wgrad_by_units(spec, x, w[:k], y, BLOCK_UNITS)
+            if wgrad_blocked(spec, w) and not wgrad_as_forward(spec, w, y)
             else weight_vjp(spec, x, w[:k], y))
     h = hebbian_finish(spec, corr, y, w[:k], None if b is None else b[:k], rule)
     return SplitH(h, lse, x)

@@ -553,3 +553,96 @@ def test_blocked_weight_gradient_matches_one_call(monkeypatch):
         assert not hebbian_module.wgrad_blocked(other, w)
     monkeypatch.setattr(hebbian_module, "WGRAD_BLOCK_DEVICES", {"cuda"})
     assert not hebbian_module.wgrad_blocked(spec, w)
+
+
+def _loop_wgrad(x, cot, k, stride, padding, dilation):
+    """dW[o, c, i] = sum_{n, p} cot[n, o, p] * xpad[n, c, stride*p + dilation*i], written
+    out one kernel offset i at a time (an independent reference for the weight gradient)."""
+    pad = [q for p in reversed(padding) for q in (p, p)]
+    xp = torch.nn.functional.pad(x, pad)
+    out_sp = cot.shape[2:]
+    dw = x.new_zeros(cot.shape[1], x.shape[1], *k)
+    for i in itertools.product(*(range(n) for n in k)):
+        idx = tuple(slice(d * a, d * a + s * (o - 1) + 1, s)
+                    for a, s, d, o in zip(i, stride, dilation, out_sp))
+        xs = xp[(slice(None), slice(None), *idx)]
+        dw[(slice(None), slice(None), *i)] = torch.einsum(
+            "nop,ncp->oc", cot.flatten(2), xs.flatten(2))
+    return dw
+
+
+@pytest.mark.parametrize("nd,k,stride,padding,dilation,channels_last", [
+    (2, (3, 3), (1, 1), (1, 1), (1, 1), False),
+    (2, (3, 3), (1, 1), (0, 0), (1, 1), True),
+    (2, (3, 2), (2, 1), (1, 0), (1, 2), False),
+    (2, (5, 5), (1, 1), (2, 2), (1, 1), True),
+    (2, (1, 1), (2, 2), (0, 0), (1, 1), False),
+    (1, (3,), (1,), (1,), (1,), False),
+    (1, (4,), (3,), (2,), (2,), False),
+    (3, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), False),
+    (3, (2, 3, 2), (1, 2, 1), (0, 1, 1), (2, 1, 1), False),
+])
+def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dilation,
+                                                    channels_last, monkeypatch):
+    """The weight gradient as a forward conv (batch and channels swapped, the cotangent as
+    the kernel) against a plain loop over kernel offsets, for any stride, padding, dilation
+    and kernel shape, in float64 and float32, in one call and in blocks of output units;
+    written in the weight's layout."""
+    from ghlc.runtime.calls import CallSpec
+
+    gen = torch.Generator().manual_seed(11)
+    size = (9, 8, 7)[:nd] if nd < 3 else (6, 7, 6)
+    x = torch.randn(3, 4, *size, dtype=torch.float64, generator=gen)
+    w = torch.randn(5, 4, *k, dtype=torch.float64, generator=gen)
+    if channels_last:
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    spec = CallSpec("conv", nd, stride=stride, padding=padding, dilation=dilation,
+                    output_padding=(0,) * nd)
+    cot = torch.randn(spec.run(x, w, None).shape, dtype=torch.float64, generator=gen)
+    ref = _loop_wgrad(x, cot, k, stride, padding, dilation)
+    got = hebbian_module._conv_wgrad_as_forward(spec, x, w, cot)
+    assert got.shape == w.shape and got.stride() == w.stride()
+    assert rel_err(got, ref) <= 1e-12
+    got32 = hebbian_module._conv_wgrad_as_forward(spec, x.float(), w.float(), cot.float())
+    assert got32.dtype == torch.float32 and rel_err(got32, ref) <= 1e-5
+    monkeypatch.setattr(hebbian_module, "BLOCK_UNITS", 2)  # blocks of 2, 2 and 1 units
+    got = hebbian_module._conv_wgrad_as_forward(spec, x, w, cot)
+    assert got.stride() == w.stride() and rel_err(got, ref) <= 1e-12
+
+
+def test_forward_form_is_taken_where_it_pays(monkeypatch):
+    """weight_vjp takes the forward form for plain stride-1 convs with kernels wider than 1
+    and a short sum over batch x positions, on the listed devices, and never for backprop's
+    own dL/dW (as_forward=False); the same sums either way."""
+    from ghlc.runtime.calls import CallSpec
+
+    gen = torch.Generator().manual_seed(12)
+    spec = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                    output_padding=(0, 0))
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=gen)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=gen)
+    cot = torch.randn(4, 5, 6, 6, dtype=torch.float64, generator=gen)
+    taken = []
+    orig = hebbian_module._conv_wgrad_as_forward
+    monkeypatch.setattr(hebbian_module, "_conv_wgrad_as_forward",
+                        lambda *a: taken.append(1) or orig(*a))
+    one = hebbian_module._conv_wgrad(spec, x, w, cot)
+    assert hebbian_module.wgrad_as_forward(spec, w, cot)
+    assert rel_err(hebbian_module.weight_vjp(spec, x, w, cot), one) <= 1e-12 and taken
+    taken.clear()
+    assert rel_err(hebbian_module.weight_vjp(spec, x, w, cot, as_forward=False), one) <= 1e-12
+    assert not taken
+    rep = dataclasses.replace
+    for other, ww in ((rep(spec, stride=(2, 1)), w), (rep(spec, dilation=(1, 2)), w),
+                      (rep(spec, groups=3), w[:, :1]), (rep(spec, transposed=True), w),
+                      (rep(spec, kind="linear"), w), (spec, w[:, :, :1, :])):
+        assert not hebbian_module.wgrad_as_forward(other, ww, cot)
+    limit = 4 * 6 * 6
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MAX_REDUCTION", limit - 1)
+    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MAX_REDUCTION", limit)
+    assert hebbian_module.wgrad_as_forward(spec, w, cot)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_DEVICES", {"cuda"})
+    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
+    hebbian_module.weight_vjp(spec, x, w, cot)
+    assert not taken

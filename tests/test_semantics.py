@@ -724,6 +724,7 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
 
     monkeypatch.setattr(hebbian, "BLOCK_UNITS", 3)
     monkeypatch.setattr(hebbian, "WGRAD_BLOCK_MIN_NUMEL", 0)
+    monkeypatch.setattr(hebbian, "FORWARD_WGRAD_DEVICES", set())  # (it would come first)
     blocked: list[bool] = []
     orig = hebbian.wgrad_blocked
     monkeypatch.setattr(hebbian, "wgrad_blocked",
@@ -741,6 +742,49 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
     wide = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
                and i.groups == 1 and i.weight_shape[0] > 3 for i in lg.layers())
     assert any(blocked) == wide  # blocks were taken where they apply
+
+
+@pytest.mark.parametrize("way", ["always", "never"])
+@pytest.mark.parametrize("over", ["none", "batch", "positions"])
+@pytest.mark.parametrize("name", [e.name for e in ZOO])
+def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch):
+    """The Hebbian correlation as a forward conv (on CPU for small outputs; forced here on
+    every conv it applies to, whatever the output size, in blocks of 3 output units) and as
+    the weight-gradient call everywhere (the form off) on every zoo model, exact and both
+    sampled modes, against the oracle."""
+    from ghlc.runtime import hebbian
+
+    if way == "always":
+        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MAX_REDUCTION", 1 << 62)
+        monkeypatch.setattr(hebbian, "BLOCK_UNITS", 3)
+    else:
+        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_DEVICES", set())
+    taken: list[bool] = []
+    orig = hebbian.wgrad_as_forward
+    monkeypatch.setattr(hebbian, "wgrad_as_forward",
+                        lambda spec, w, cot: taken.append(orig(spec, w, cot)) or taken[-1])
+    if over == "none":
+        _steps_against_oracle(name, [], steps=2)
+    else:
+        monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+        rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
+        _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
+                              sample_over=over)
+    if way == "never":
+        assert not any(taken)
+        return
+    model, x, cfg = _build(name)
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
+        ghlc.trace(model, (x,), config=cfg))
+    plastic = {i.module for i in lg.layers() if str(i.role) == "plastic"}
+    convs = [m for n, m in model.named_modules() if n in plastic
+             and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not any(i.kind.startswith("conv") for i in lg.layers() if i.module in plastic):
+        assert not any(taken)  # linear layers only
+    elif over != "positions" and any(  # (a position grid strides the call: never there)
+            m.groups == 1 and min(m.kernel_size) > 1 and max(m.stride) == 1
+            and max(m.dilation) == 1 for m in convs):
+        assert any(taken)
 
 
 def test_stacking_size_limit(stacked_calls, monkeypatch):
