@@ -118,13 +118,14 @@ def _conv_wgrad(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
 # Small-output plain convs on these devices get their Hebbian correlation as a FORWARD conv
 # (:func:`_conv_wgrad_as_forward`): oneDNN's weight-gradient kernel runs far below its forward
 # rate when the sum over batch x output positions is short, and the forward kernel does not.
-# Microbenchmarks on a 2-core AVX2 CPU (one-off, `bench/wgrad_blocks.py` repeats them), forward
-# form over one weight-gradient call: ResNet-18's 512x512x3x3 at 4x4 outputs 0.45 x, its
-# 256x256x3x3 at 8x8 0.78 x, FastHebb's 3x3 convs at 12x12-3x3 0.68-0.88 x, DeepHebb's
-# 1536x384x3x3 at 8x8 0.90 x; at batch 64 x 16x16 outputs 1.03-1.04 x and at 32x32 1.7-2.0 x
-# (hence the limit on batch x positions: 64 x 12 x 12); strided convs 0.9-1.7 x and 1x1
-# convs 1.4-5.2 x (the forward form then has a single output position), so kernels with a
-# dim of 1 and strided or dilated convs keep the weight-gradient call.
+# `python bench/wgrad_blocks.py --model M [--batch 16]` on a 2-core AVX2 CPU, forward form over
+# one weight-gradient call: ResNet-18's 512x512x3x3 at 4x4 outputs 0.44 x (batch 16: 0.58 x),
+# its 256x256x3x3 at 8x8 0.73-0.78 x, FastHebb's 3x3 convs at 12x12-3x3 0.73-0.94 x,
+# DeepHebb's 1536x384x3x3 at 8x8 0.68 x; at batch 64 x 16x16 outputs 0.87 x (DeepHebb) but
+# 1.12-1.17 x (ResNet-18), at 32x32 1.8 x (hence the limit on batch x positions: 64 x 12 x
+# 12); strided convs 0.95-1.8 x and 1x1 convs 1.4-5.2 x (the form then has one output
+# position), so strided or dilated convs and kernels with a dim of 1 keep the weight-gradient
+# call. Backprop's own dL/dW (the in-call combine) keeps it too.
 FORWARD_WGRAD_MAX_REDUCTION = 64 * 12 * 12
 FORWARD_WGRAD_DEVICES = {"cpu"}
 
