@@ -714,6 +714,20 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
                           sample_over=over)
 
 
+def _two_steps_against_oracle(name, over, monkeypatch):
+    """Two steps of zoo model ``name`` against the oracle, exact (``over="none"``) or sampled
+    over a quarter of ``over`` (the last block of the batch, or the position grid)."""
+    from ghlc.runtime import hebbian
+
+    if over == "none":
+        _steps_against_oracle(name, [], steps=2)
+        return
+    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
+    _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
+                          sample_over=over)
+
+
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
 def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
@@ -729,13 +743,7 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
     orig = hebbian.wgrad_blocked
     monkeypatch.setattr(hebbian, "wgrad_blocked",
                         lambda spec, w: blocked.append(orig(spec, w)) or blocked[-1])
-    if over == "none":
-        _steps_against_oracle(name, [], steps=2)
-    else:
-        monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
-        rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
-        _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                              sample_over=over)
+    _two_steps_against_oracle(name, over, monkeypatch)
     model, x, cfg = _build(name)
     lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
         ghlc.trace(model, (x,), config=cfg))
@@ -763,13 +771,7 @@ def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch
     orig = hebbian.wgrad_as_forward
     monkeypatch.setattr(hebbian, "wgrad_as_forward",
                         lambda spec, w, cot: taken.append(orig(spec, w, cot)) or taken[-1])
-    if over == "none":
-        _steps_against_oracle(name, [], steps=2)
-    else:
-        monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
-        rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
-        _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                              sample_over=over)
+    _two_steps_against_oracle(name, over, monkeypatch)
     if way == "never":
         assert not any(taken)
         return
