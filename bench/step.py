@@ -141,8 +141,7 @@ CUDA_ONLY = (*CUDA_VARIANTS, *AMP_GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
 WGRAD_VARIANTS = ("ghlc_wgrad", "ghlc_s25_wgrad")  # the forward-conv form off
 EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_recompute", "ghlc_p25", *WGRAD_VARIANTS,
-                  *COMPILE_VARIANTS,
-                  *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
+                  *COMPILE_VARIANTS, *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
 AMP_DTYPE = torch.bfloat16
 SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
 KERNEL_KEY = {"batch": "sampled", "positions": "positions"}  # sample_over -> kernels[model][key]
@@ -308,7 +307,8 @@ def settings(r):
     """A runner's ghlc settings for the duration (variants run interleaved): the
     compiled-kernel mode (a graph's warm-up and capture in fused.capturing(), as
     ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack and its size limit for
-    ghlc_stack20), and the in-call combine on CUDA for ghlc_chunk."""
+    ghlc_stack20), the in-call combine on CUDA for ghlc_chunk, and no forward-conv form of the
+    Hebbian correlation for the *_wgrad variants."""
     old = (fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL,
            hebbian.FORWARD_WGRAD_DEVICES)
     fused.set_mode(r.fused)

@@ -10,8 +10,8 @@ and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradi
 
     one      one call over all output units
     uN       one call per block of N output units, each written into one output tensor
-    fwd      the same sums as one forward conv (batch and channels swapped, the cotangent as
-             the kernel; ``_conv_wgrad_as_forward``)
+    fwd      the same sums as forward convs (batch and channels swapped, the cotangent as
+             the kernel, BLOCK_UNITS output units a call; ``_conv_wgrad_as_forward``)
     ghlc     ``ghlc.runtime.hebbian.weight_vjp``: what ghlc's Hebbian term uses (the
              forward conv where ``wgrad_as_forward``, else blocks of BLOCK_UNITS units where
              ``wgrad_blocked``, else one call; column "ghlc way")

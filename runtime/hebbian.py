@@ -136,8 +136,7 @@ def wgrad_as_forward(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor) -> bool
     return (spec.kind == "conv" and not spec.transposed and spec.groups == 1
             and cot.device.type in FORWARD_WGRAD_DEVICES and all(k > 1 for k in w.shape[2:])
             and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation)
-            and cot.dim() == spec.nd + 2 and cot.shape[2:].numel() > 0
-            and cot.shape[0] * cot.shape[2:].numel() <= FORWARD_WGRAD_MAX_REDUCTION)
+            and 0 < cot.shape[0] * cot.shape[2:].numel() <= FORWARD_WGRAD_MAX_REDUCTION)
 
 
 def _conv_wgrad_as_forward(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
