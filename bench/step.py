@@ -19,6 +19,11 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
                correlation as the weight-gradient call (the forward-conv form that ghlc uses on
                CPU for small outputs off: hebbian.FORWARD_WGRAD_DEVICES emptied), to show what
                that form gives in one process
+    ghlc_fast, ghlc_s25_fast (only with --variants) ghlc and ghlc_s25 with
+               GHLConfig(hebbian_at="fast"): no conv recomputes part of its H in the backward
+               pass (the split timing that "auto" takes on CPU, for a lower peak)
+    ghlc_recompute (only with --variants) ghlc with GHLConfig(hebbian_at="recompute"): the
+               split timing on every device
     ghlc_nosoftmax (only with --variants) ghlc with GHLConfig(competition="none"): the same
                step without the channel softmax, to show its share of the step (a different
                rule: not GHL, a diagnostic)
@@ -140,7 +145,9 @@ CUDA_VARIANTS = ("ghlc_ref", *(v for v in GRAPH_VARIANTS if v not in AMP_GRAPH_V
 CUDA_ONLY = (*CUDA_VARIANTS, *AMP_GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
 WGRAD_VARIANTS = ("ghlc_wgrad", "ghlc_s25_wgrad")  # the forward-conv form off
+FAST_VARIANTS = ("ghlc_fast", "ghlc_s25_fast")  # hebbian_at="fast": no split timing
 EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_recompute", "ghlc_p25", *WGRAD_VARIANTS,
+                  *FAST_VARIANTS,
                   *COMPILE_VARIANTS, *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
 AMP_DTYPE = torch.bfloat16
 SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
@@ -263,8 +270,10 @@ class Runner:
         self.amp = variant in AMP_VARIANTS
         precision = "autocast" if variant == "ghlc_amp_low" else "full"
         self.forward_wgrad = variant not in WGRAD_VARIANTS
+        at = ("fast" if variant in FAST_VARIANTS
+              else "recompute" if variant == "ghlc_recompute" else "auto")
         variant = variant.removesuffix("_compile").removesuffix("_amp_low").removesuffix("_amp")
-        variant = variant.removesuffix("_wgrad")
+        variant = variant.removesuffix("_wgrad").removesuffix("_fast")
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
@@ -275,13 +284,13 @@ class Runner:
             self.naive = NaiveGHL(model, temp)
         elif variant in ("ghlc", "ghlc_ref", "ghlc_chunk", "ghlc_fused", "ghlc_recompute",
                          "ghlc_stack", "ghlc_stack20"):
-            at = "recompute" if variant == "ghlc_recompute" else "auto"
             model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(
                 temperature=temp, hebbian_precision=precision, hebbian_at=at))
         elif variant in (*SAMPLED, "ghlc_nosoftmax"):
             extra = ({"sample_fraction": SAMPLE_FRACTION, "sample_over": SAMPLED[variant]}
                      if variant in SAMPLED else {"competition": "none"})
-            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp, **extra))
+            model = ghlc.prepare(model, (x2,), ghlc.GHLConfig(temperature=temp, hebbian_at=at,
+                                                              **extra))
         elif variant != "bp":
             raise ValueError(variant)
         self.model = torch.compile(model.train()) if compiled else model.train()
@@ -851,7 +860,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     probes_s = {KERNEL_KEY[over]: kernel_probes(base, temp, x, args.device, SAMPLE_FRACTION,
                                            over)[0]
                 for v, over in SAMPLED.items()
-                if any(u.removesuffix("_graph").removesuffix("_wgrad") == v for u in variants)}
+                if any(u.removesuffix("_graph").removesuffix("_wgrad").removesuffix("_fast") == v
+                       for u in variants)}
     if any(v.startswith("ghlc_amp_low") for v in variants):
         probes_s[AMP_KERNELS] = kernel_probes(base, temp, x, args.device, dtype=AMP_DTYPE)[0]
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -882,7 +892,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     for v in variants:
         ref = reference(v) if reference(v) in medians else "bp"
         ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
-        eager = v.removesuffix("_graph").removesuffix("_compile").removesuffix("_wgrad")
+        eager = (v.removesuffix("_graph").removesuffix("_compile").removesuffix("_wgrad")
+                 .removesuffix("_fast"))
         if eager in ("bp", "bp_amp"):
             floor, heb_ms = 1.0, 0.0
         elif eager == "ghlc_amp_low":
@@ -1111,7 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
                         "ghlc without the channel softmax (a diagnostic), ghlc_wgrad and "
                         "ghlc_s25_wgrad: ghlc and ghlc_s25 with the forward-conv form of "
                         "the Hebbian correlation off, ghlc_recompute: "
-                        "ghlc with hebbian_at='recompute', bp_compile and "
+                        "ghlc with hebbian_at='recompute', ghlc_fast and ghlc_s25_fast: ghlc "
+                        "and ghlc_s25 with hebbian_at='fast' (no split timing), bp_compile and "
                         "ghlc_compile: both under torch.compile (ghlc_compile's ratios are "
                         "to bp_compile), bp_amp, ghlc_amp and ghlc_amp_low: the forward "
                         "under autocast in bfloat16 (ratios to bp_amp, added when needed), "

@@ -14,7 +14,7 @@ SCOPES = ("layer", "group")
 LOCAL_RULES = ("oja", "hebb")
 NORMALISATIONS = ("layer", "unit")
 GLOBAL_SIGNALS = ("grad_sign", "none")
-HEBBIAN_AT = ("auto", "forward", "backward", "recompute")
+HEBBIAN_AT = ("auto", "fast", "forward", "backward", "recompute")
 ACCUMULATION = ("auto", "always")
 INTERCEPTIONS = ("auto", "mode")
 SAMPLE_OVER = ("batch", "positions")
@@ -43,11 +43,12 @@ class GHLConfig:
     above 2/3 keep them all), computed as the weight gradient of the equivalent strided conv
     (linear layers: every n-th row; transposed convs: the batch block). ``hebbian_at`` says
     when H is computed:
-    ``auto`` (default: whichever keeps less memory alive), ``forward``, ``backward``, or
-    ``recompute``: as ``auto``, but a conv weight of 4 M+ elements whose H ``auto`` keeps from
-    the forward pass keeps it for all but its last 512 output units, whose output and H are
-    recomputed in the backward pass (less memory, one more forward conv over those units);
-    the result is the same.
+    ``fast`` (per call, whichever of ``forward`` and ``backward`` keeps less memory alive),
+    ``forward``, ``backward``, ``recompute``: as ``fast``, but a conv weight of 4 M+ elements
+    whose H ``fast`` keeps from the forward pass keeps it for all but its last 512 output
+    units, whose output and H are recomputed in the backward pass (less memory, one more
+    forward conv over those units), or ``auto`` (default): ``recompute`` on CPU, ``fast``
+    elsewhere. The result is the same for all.
     ``accumulation``: ``auto`` keeps the raw Hebbian and gradient totals
     (two weight-sized buffers per plastic layer) only while training accumulates several
     backward passes per optimiser step (seen at the first step); ``always`` keeps them always.

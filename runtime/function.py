@@ -5,11 +5,15 @@ weight gradient); whether it keeps u depends on the next op (BatchNorm does, ReL
 So each call picks when to compute H:
 
 - ``backward``: save u and compute H in the backward pass (free when u is kept anyway);
-- ``forward``: compute H right away and keep only H (weight-sized) until the backward pass.
+- ``forward``: compute H right away and keep only H (weight-sized) until the backward pass;
+- ``block`` (the sampled mode over the batch): draw the block now, keep a copy of u's block
+  (a fraction of u) and compute H from it in the backward pass.
 
-``auto`` takes whichever keeps less memory alive between forward and backward; ``recompute``
+``fast`` takes whichever keeps less memory alive between forward and backward (or block);
+``recompute``
 does too, but where that is ``forward`` for a large conv it keeps H of all but the last units
-and recomputes those in the backward pass (:func:`~.hebbian.hebbian_split`). H is added to
+and recomputes those in the backward pass (:func:`~.hebbian.hebbian_split`); ``auto`` is
+``recompute`` on :data:`~.hebbian.SPLIT_DEVICES` and ``fast`` elsewhere. H is added to
 the parameter's accumulator only when the call's backward runs, whichever the timing.
 
 Most calls run backprop's own (C++) autograd node and add H from a hook on the output
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +43,15 @@ from .calls import CallSpec
 from .hebbian import (
     ROWS,
     SplitH,
+    block_fraction,
     fusable,
     fused_combine,
     hebbian_raw,
     hebbian_split,
     hebbian_split_finish,
+    sample_block,
     split_units,
+    splits,
     stackable,
     stacked_wgrads,
 )
@@ -77,12 +85,24 @@ def _retained_graph_message(site: PlasticParam) -> str:
 
 
 def choose_timing(timing: str, out_saved: bool, copy_out: bool, w_numel: int,
-                  out_numel: int) -> str:
-    """``forward`` or ``backward`` for one call (see the module docstring)."""
-    if timing not in ("auto", "recompute"):
+                  out_numel: int, fraction: float = 1.0) -> str:
+    """``forward``, ``backward`` or ``block`` for one call (see the module docstring);
+    ``fraction``: :func:`~.hebbian.block_fraction` of the call's rule."""
+    if timing not in ("auto", "fast", "recompute"):
         return timing
-    u_cost = 0 if (out_saved and not copy_out) else out_numel  # extra kept by saving u
-    return "forward" if w_numel < u_cost else "backward"
+    if out_saved and not copy_out:  # u is kept anyway
+        return "backward"
+    if fraction < 1.0:  # a copy of u's block against H
+        return "forward" if w_numel < out_numel * fraction else "block"
+    return "forward" if w_numel < out_numel else "backward"
+
+
+@dataclass
+class Block:
+    """What the ``block`` timing keeps between the passes (:func:`~.hebbian.sample_block`)."""
+
+    x: torch.Tensor
+    u: torch.Tensor
 
 
 class PlasticCall(torch.autograd.Function):
@@ -101,8 +121,13 @@ class PlasticCall(torch.autograd.Function):
         site.note_call()
         ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
-        if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
-            split = timing == "recompute" and h_dtype is None
+        when = choose_timing(timing, out_saved, copy_out, w.numel(), out.numel(),
+                             block_fraction(site.rule))
+        if when == "block":
+            ctx.h = Block(*sample_block(spec, x, out.detach(), site.rule))
+            ctx.save_for_backward(x, w, b)
+        elif when == "forward":
+            split = splits(timing, w) and h_dtype is None
             n_split = split_units(spec, w, site.rule) if split else 0
             if n_split:  # H of the last units recomputed in backward (hebbian_split)
                 ctx.h = hebbian_split(spec, x, out, w, b, site.rule, n_split)
@@ -140,6 +165,9 @@ class PlasticCall(torch.autograd.Function):
         gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
         if isinstance(ctx.h, SplitH):
             h, ctx.h = hebbian_split_finish(spec, w, saved[2], ctx.h, site.rule), None
+        elif isinstance(ctx.h, Block):
+            blk, ctx.h = ctx.h, None
+            h = _hebbian_in(spec, blk.x, blk.u, w, saved[2], site, ctx.h_dtype, True)
         elif ctx.h is not None:
             h, ctx.h = ctx.h, None
         elif len(saved) < 4:  # H was computed in forward and used by an earlier backward
@@ -159,19 +187,20 @@ class PlasticCall(torch.autograd.Function):
 
 
 def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
-                h_dtype: torch.dtype | None) -> torch.Tensor:
+                h_dtype: torch.dtype | None, presampled: bool = False) -> torch.Tensor:
     """H of one call. With ``h_dtype`` (a call run by autocast in a lower precision) H is in
     that dtype (the weight's): by default from the call's operands upcast to it, so that all
     of the rule's arithmetic is in it; with the rule's ``precision="autocast"`` the
     competition and the correlation run on the operands as they are (as autocast runs
-    backprop's own weight gradient) and only Oja's decay in ``h_dtype``."""
+    backprop's own weight gradient) and only Oja's decay in ``h_dtype``. ``presampled``: x
+    and u are the sampled block already (the ``block`` timing)."""
     if h_dtype is None:
-        return hebbian_raw(spec, x, u, w, b, site.rule)
+        return hebbian_raw(spec, x, u, w, b, site.rule, presampled=presampled)
     with torch.autocast(x.device.type, enabled=False):  # (H in the forward pass: inside it)
         if site.rule.precision == "autocast":
-            return hebbian_raw(spec, x, u, w, b, site.rule, h_dtype)
+            return hebbian_raw(spec, x, u, w, b, site.rule, h_dtype, presampled)
         x, u, w, b = (t if t is None else t.to(h_dtype) for t in (x, u, w, b))
-        return hebbian_raw(spec, x, u, w, b, site.rule)
+        return hebbian_raw(spec, x, u, w, b, site.rule, presampled=presampled)
 
 
 def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
@@ -183,12 +212,18 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
     site.note_call()
     # (x, w, b are held as they are: the hook runs without grad mode, so nothing is recorded;
     # only the output is detached, since a hook holding its own tensor would be a cycle)
-    if choose_timing(timing, out_saved, copy_out, w.numel(), out.numel()) == "forward":
+    when = choose_timing(timing, out_saved, copy_out, w.numel(), out.numel(),
+                         block_fraction(site.rule))
+    if when == "forward":
         with torch.no_grad():
-            held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0]
+            held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0,
+                    False]
+    elif when == "block":
+        xs, us = sample_block(spec, x, out.detach(), site.rule)
+        held = [None, xs, us, us._version, True]
     else:  # the output shares its version counter with ``u``: in-place changes are seen
         u = out.detach().clone() if copy_out else out.detach()
-        held = [None, x, u, u._version]
+        held = [None, x, u, u._version, False]
     layout = (spec.transposed, spec.groups) if view is None else ROWS
 
     def add_hebbian(g: torch.Tensor) -> None:
@@ -196,14 +231,14 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
             raise RuntimeGHLError(_create_graph_message(site))
         if not held:
             raise RuntimeGHLError(_retained_graph_message(site))
-        h, xs, u, version = held
+        h, xs, u, version, presampled = held
         held.clear()  # as autograd frees saved tensors: a graph kept alive (the user's
         # ``loss``) must not keep this call's activations
         if h is None:
             if u._version != version:
                 raise RuntimeGHLError(
                     f"layer {site.layer!r}: its output was modified in place after the call")
-            h = _hebbian_in(spec, xs, u, w, b, site, h_dtype)
+            h = _hebbian_in(spec, xs, u, w, b, site, h_dtype, presampled)
         site.add(h, view, layout)
 
     out.register_hook(add_hebbian)

@@ -215,15 +215,16 @@ def unit_sum(spec: CallSpec, t: torch.Tensor) -> torch.Tensor:
 
 def hebbian_raw(
     spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-    rule: HebbianRule, dtype: torch.dtype | None = None,
+    rule: HebbianRule, dtype: torch.dtype | None = None, presampled: bool = False,
 ) -> torch.Tensor:
     """Un-normalised local term H of one call (same shape as w).
 
     Oja's decay ``sum_j y_k u_k`` is taken as ``<W_k, corr_k> + b_k sum_j y_k`` (u is linear
     in W, so the two are equal): no activation-sized product is materialised. With ``dtype``
     (operands in a lower precision, ``precision="autocast"``), y and the correlation are
-    computed in the operands' dtype, and Oja's decay and H in ``dtype`` (:func:`finish_in`)."""
-    if rule.sample_fraction < 1.0:
+    computed in the operands' dtype, and Oja's decay and H in ``dtype`` (:func:`finish_in`).
+    ``presampled``: x and u are the sampled mode's block already (:func:`sample_block`)."""
+    if rule.sample_fraction < 1.0 and not presampled:
         if rule.sample_over == "positions" and spec.kind == "conv" and not spec.transposed:
             return _hebbian_positions(spec, x, u, w, b, rule, dtype)
         x, u = _subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
@@ -391,14 +392,22 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
     return a
 
 
-# Split timing (``hebbian_at="recompute"``, large conv weights whose output backprop does
-# not keep): H of the first units is computed in the forward pass and kept; for the last
-# SPLIT_UNITS units only the softmax's per-position log-sum-exp is kept, and their output and
-# H are recomputed a block at a time in the backward pass. One forward conv over those units
-# buys their rows of H not held between the passes (DeepHebb's 1536x384x3x3 conv on a 2-core
-# CPU: 512 units, peak 1.062 -> 1.046 x backprop's, about 9 % more step time).
+# Split timing (large conv weights whose output backprop does not keep): H of the first units
+# is computed in the forward pass and kept; for the last SPLIT_UNITS units only the softmax's
+# per-position log-sum-exp is kept, and their output and H are recomputed a block at a time in
+# the backward pass. One forward conv over those units buys their rows of H not held between
+# the passes (DeepHebb's 1536x384x3x3 conv on a 2-core CPU: 512 units, peak 1.062 -> 1.046 x
+# backprop's, the step 1.06 x as long, still within 1.05 x its arithmetic floor). Taken by
+# ``hebbian_at="recompute"`` everywhere and by ``"auto"`` on SPLIT_DEVICES; on CUDA that conv's
+# peak was within 1.05 x backprop's without it (an H100), so there it would only cost time.
 SPLIT_UNITS = 512
 SPLIT_MIN_NUMEL = 1 << 22
+SPLIT_DEVICES = {"cpu"}
+
+
+def splits(timing: str, w: torch.Tensor) -> bool:
+    """Whether ``hebbian_at=timing`` splits a call of ``w`` that :func:`split_units` allows."""
+    return timing == "recompute" or (timing == "auto" and w.device.type in SPLIT_DEVICES)
 
 
 def split_units(spec: CallSpec, w: torch.Tensor, rule: HebbianRule) -> int:
@@ -458,6 +467,21 @@ def hebbian_split_finish(spec: CallSpec, w: torch.Tensor, b: torch.Tensor | None
         y = spec.run(x, ws, bs).mul_(rule.temperature).sub_(kept.lse).exp_()
         h[s0:e] = hebbian_finish(spec, weight_vjp(spec, x, ws, y), y, ws, bs, rule)
     return h
+
+
+def block_fraction(rule: HebbianRule) -> float:
+    """The part of a call's output the sampled mode reads: its fraction where it takes a block
+    of the batch (what :func:`sample_block` keeps), 1.0 otherwise."""
+    return rule.sample_fraction if rule.sample_over == "batch" else 1.0
+
+
+def sample_block(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, rule: HebbianRule
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled mode's block of the batch, drawn now: a view of x (which backprop keeps)
+    and a copy of u's block (so that u itself need not be kept), for
+    ``hebbian_raw(..., presampled=True)`` in the backward pass."""
+    xs, us = _subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
+    return xs, us.clone()
 
 
 def draw(n: int) -> int:

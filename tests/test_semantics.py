@@ -298,17 +298,18 @@ def test_tied_weight_sums_raw_terms():
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "unet", "vit", "stdconv", "conv_twice"])
 def test_hebbian_timing_gives_the_same_grads(name):
-    """``hebbian_at`` forward / backward / auto: identical gradients (float32 rounding)."""
+    """``hebbian_at`` forward / backward / auto / fast: identical gradients (float32
+    rounding)."""
     model, x, cfg = _build(name)
     grads = {}
-    for at in ("backward", "forward", "auto"):
+    for at in ("backward", "forward", "auto", "fast"):
         m = ghlc.prepare(copy.deepcopy(model), (x,), config=ghlc.GHLConfig(
             **{**cfg.to_dict(), "hebbian_at": at}))
         m.train()
         torch.manual_seed(0)  # dropout, if any, draws the same mask
         loss_fn(m(x)).backward()
         grads[at] = {n: p.grad.clone() for n, p in m.named_parameters()}
-    for at in ("forward", "auto"):
+    for at in ("forward", "auto", "fast"):
         for n, g in grads["backward"].items():
             err = (grads[at][n] - g).norm() / g.norm().clamp_min(1e-30)
             assert err <= 1e-6, f"{at} {n}: rel err {err:.3g}"
@@ -500,7 +501,7 @@ def test_in_call_combine_matches_oracle(fused_calls, name, signal):
 
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "unet"])
-@pytest.mark.parametrize("timing", ["auto", "forward", "backward", "recompute"])
+@pytest.mark.parametrize("timing", ["auto", "fast", "forward", "backward", "recompute"])
 def test_channels_last_models_match_oracle(monkeypatch, name, fuse, timing):
     """A model and input in channels-last layout (as users do for speed): every step's grads
     are the oracle's, with the in-call combine on every weight or on none, for every timing
@@ -714,6 +715,46 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
                           sample_over=over)
 
 
+@pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
+@pytest.mark.parametrize("timing", ["auto", "fast", "forward", "backward"])
+@pytest.mark.parametrize("name", [e.name for e in ZOO])
+def test_block_timing_matches_oracle(name, timing, hooks, monkeypatch):
+    """The sampled mode over the batch keeps a copy of u's block (drawn in the forward pass)
+    instead of H where that is smaller and backprop does not keep u: taken by ``auto`` and
+    ``fast`` where it applies and only there; every zoo model against the oracle."""
+    from ghlc.runtime import hebbian
+
+    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    taken = _spy(monkeypatch, "sample_block", lambda *a: 1)
+    rule = {"sample_fraction": 0.25, "sample_over": "batch", "draw": lambda n: n - 1}
+    _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
+                          hebbian_at=timing)
+    model, x, cfg = _build(name)
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
+        ghlc.trace(model, (x,), config=cfg))
+    applies = any(str(i.role) == "plastic" and not (i.out_saved and not i.copy_out)
+                  and math.prod(i.weight_shape) >= 0.25 * math.prod(i.out_shape)
+                  for i in lg.layers())
+    assert bool(taken) == (applies and timing in ("auto", "fast"))
+
+
+def test_block_timing_keeps_the_block_not_h(monkeypatch):
+    """Sampled over the batch, a conv whose output ReLU does not keep and whose weight is
+    larger than a quarter of its output: ``auto`` keeps backprop's tensors plus a copy of the
+    output's block (a quarter), ``forward`` backprop's plus H (weight-sized)."""
+    model = nn.Sequential(nn.Conv2d(4, 64, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(1024, 3))
+    x = torch.randn(8, 4, 6, 6)  # output 8x64x4x4 = 8192 values, weight 2304
+    sizes = {}
+    for at in ("bp", "auto", "forward"):
+        m = copy.deepcopy(model) if at == "bp" else ghlc.prepare(
+            copy.deepcopy(model), (x,), ghlc.GHLConfig(sample_fraction=0.25, hebbian_at=at))
+        sizes[at] = _kept_bytes(m.train(), x, monkeypatch)
+    assert sizes["auto"] == sizes["bp"] + 4 * 2 * 64 * 4 * 4  # 2 of the 8 samples
+    assert sizes["forward"] == sizes["bp"] + 4 * 64 * 4 * 3 * 3
+
+
 def _two_steps_against_oracle(name, over, monkeypatch):
     """Two steps of zoo model ``name`` against the oracle, exact (``over="none"``) or sampled
     over a quarter of ``over`` (the last block of the batch, or the position grid)."""
@@ -817,15 +858,17 @@ def test_stacking_skips_sampled_forward_timed_and_computed_weights(stacked_calls
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-# ---- hebbian_at="recompute" (H of the last units recomputed in backward) --------------------
+# ---- the split timing (H of the last units recomputed in backward) ------------------------
 
 
+@pytest.mark.parametrize("timing", ["recompute", "auto", "fast"])
 @pytest.mark.parametrize("over", ["none", "batch"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_recompute_timing_matches_oracle(name, over, monkeypatch):
-    """``hebbian_at="recompute"`` (for large conv weights whose output is not kept; here on
-    every plain conv of a PlasticCall, the last 2 units recomputed) on every zoo model, exact
-    and batch-sampled, against the oracle."""
+def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch):
+    """The split (for large conv weights whose output is not kept; here on every plain conv of
+    a PlasticCall, the last 2 units recomputed) on every zoo model, exact and batch-sampled,
+    against the oracle: taken by ``hebbian_at="recompute"`` and, on CPU, by ``"auto"``; never
+    by ``"fast"``."""
     from ghlc.runtime import function as fn
     from ghlc.runtime import hebbian
 
@@ -834,27 +877,39 @@ def test_recompute_timing_matches_oracle(name, over, monkeypatch):
     monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
     split = _spy(monkeypatch, "hebbian_split", lambda spec, x, u, w, *a: w.shape[0])
     if over == "none":
-        _steps_against_oracle(name, [], steps=2, hebbian_at="recompute")
+        _steps_against_oracle(name, [], steps=2, hebbian_at=timing)
     else:
         monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
         rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
         _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                              sample_over=over, hebbian_at="recompute")
+                              sample_over=over, hebbian_at=timing)
     model, x, cfg = _build(name)
     lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
         ghlc.trace(model, (x,), config=cfg))
+    fraction = 0.25 if over == "batch" else 1.0
     applies = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
                   and i.groups == 1 and i.weight_shape[0] >= 4 and not i.out_saved
-                  and math.prod(i.weight_shape) < math.prod(i.out_shape)  # forward timing
+                  # forward timing (a sampled block smaller than w: the block timing)
+                  and math.prod(i.weight_shape) < math.prod(i.out_shape) * fraction
                   for i in lg.layers())
-    assert bool(split) == applies  # the split was taken where it applies, and only there
+    # the split was taken where it applies, and only there (never by "fast")
+    assert bool(split) == (applies and timing != "fast")
+
+
+def test_auto_splits_on_cpu_only():
+    from ghlc.runtime.hebbian import splits
+
+    cpu, meta = torch.empty(1), torch.empty(1, device="meta")
+    assert splits("auto", cpu) and splits("recompute", cpu) and splits("recompute", meta)
+    assert not splits("auto", meta) and not splits("fast", cpu)
+    assert not splits("forward", cpu) and not splits("backward", cpu)
 
 
 @pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"temperature": 0.3},
                                 {"normalisation": "unit"}, {"global_signal": "none"}],
                          ids=["hebb", "temperature", "unit-norm", "pure-hebbian"])
 def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw):
-    """Rule variants the oracle does not cover: ``recompute`` against ``auto`` (which takes
+    """Rule variants the oracle does not cover: ``recompute`` against ``fast`` (which takes
     the forward timing there), two steps with the in-call combine."""
     from ghlc.runtime import function as fn
     from ghlc.runtime import hebbian
@@ -864,10 +919,10 @@ def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw):
     monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
     split = _spy(monkeypatch, "hebbian_split", lambda *a: 1)
     grads = {}
-    for at in ("auto", "recompute"):
+    for at in ("fast", "recompute"):
         grads[at] = _two_step_grads("vgg", hebbian_at=at, **kw)
         assert bool(split) == (at == "recompute")  # only the second run split
-    _assert_same_grads(grads["auto"], grads["recompute"])
+    _assert_same_grads(grads["fast"], grads["recompute"])
 
 
 def test_recompute_timing_conditions():
