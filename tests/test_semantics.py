@@ -896,6 +896,22 @@ def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch):
     assert bool(split) == (applies and timing != "fast")
 
 
+def test_choose_timing():
+    """Per call: backward where u is kept anyway; otherwise the smaller of H (forward) and
+    what backward would keep: u, or in the batch-sampled mode a copy of its block."""
+    ct = rt_function.choose_timing
+    for at in ("auto", "fast", "recompute"):
+        assert ct(at, True, False, 200, 100) == "backward"  # u kept by backprop
+        assert ct(at, True, True, 10, 100) == "forward"  # changed in place: a copy of u
+        assert ct(at, False, False, 10, 100) == "forward"
+        assert ct(at, False, False, 200, 100) == "backward"
+        assert ct(at, False, False, 20, 100, 0.25) == "forward"
+        assert ct(at, False, False, 30, 100, 0.25) == "block"
+        assert ct(at, True, False, 30, 100, 0.25) == "backward"
+    for at in ("forward", "backward"):
+        assert ct(at, False, False, 30, 100, 0.25) == at
+
+
 def test_auto_splits_on_cpu_only():
     from ghlc.runtime.hebbian import splits
 
