@@ -9,12 +9,12 @@ So each call picks when to compute H:
 - ``block`` (the sampled mode over the batch): draw the block now, keep a copy of u's block
   (a fraction of u) and compute H from it in the backward pass.
 
-``fast`` takes whichever keeps less memory alive between forward and backward (or block);
-``recompute``
-does too, but where that is ``forward`` for a large conv it keeps H of all but the last units
-and recomputes those in the backward pass (:func:`~.hebbian.hebbian_split`); ``auto`` is
-``recompute`` on :data:`~.hebbian.SPLIT_DEVICES` and ``fast`` elsewhere. H is added to
-the parameter's accumulator only when the call's backward runs, whichever the timing.
+``fast`` takes whichever keeps less memory alive between the passes (``forward``, or
+``backward`` / ``block``); ``recompute`` does too, but where that is ``forward`` for a large
+conv it keeps H of all but the last units and recomputes those in the backward pass
+(:func:`~.hebbian.hebbian_split`); ``auto`` is ``recompute`` on
+:data:`~.hebbian.SPLIT_DEVICES` and ``fast`` elsewhere. H is added to the parameter's
+accumulator only when the call's backward runs, whichever the timing.
 
 Most calls run backprop's own (C++) autograd node and add H from a hook on the output
 (:func:`_hooked_call`), which costs less host time than a Python autograd Function
