@@ -90,16 +90,17 @@ def check_cuda_step_against_oracle(name: str, at: str, compile_model: bool = Fal
         assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
 
 
-def two_steps_against_oracle(name: str, memory_format=None, **cfg) -> torch.nn.Module:
+def two_steps_against_oracle(name: str, memory_format=None, oracle_rule=None,
+                             **cfg) -> torch.nn.Module:
     """Two CUDA steps at lr 0 of a zoo model (config overrides ``cfg``; ``memory_format``:
     the model and input in that layout), every plastic gradient against the CPU float64
-    oracle; returns the prepared model."""
+    oracle (``oracle_rule``: its rule settings, if any); returns the prepared model."""
     e = next(z for z in ZOO if z.name == name)
     model, x = e.make()
     if memory_format is not None:
         model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
     names = list(e.plastic)
-    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn)
+    h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn, rule=oracle_rule)
     m = ghlc.prepare(model.cuda(), (x.cuda(),),
                      config=ghlc.GHLConfig(**{**e.config_kwargs(), **cfg})).train()
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
@@ -133,12 +134,13 @@ class Small(nn.Module):
 
 
 @pytest.mark.parametrize(("sample", "over", "stack"), [
-    (1.0, "batch", False), (0.5, "batch", False), (0.25, "positions", False),
-    (1.0, "batch", True)])
+    (1.0, "batch", False), (0.5, "batch", False), (0.25, "batch", False),
+    (0.25, "positions", False), (1.0, "batch", True)])
 def test_cuda_graph_step_equals_eager_steps(sample, over, stack, monkeypatch):
     """The captured step against eager steps; the sampled modes draw the last block of the
     batch or grid offset every time (patched), so that the graph's window, fixed at capture,
-    is eager's too."""
+    is eager's too. (At 0.25 over the batch, c2 keeps a copy of its output's block instead of
+    H: the block timing.)"""
     from ghlc.runtime import hebbian
 
     monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
@@ -268,6 +270,17 @@ def test_cuda_sampled_positions_match_cpu_float64(layer, shape, monkeypatch):
         got = hebbian.hebbian_raw(spec, xc, spec.run(xc, wc, bc), wc, bc, rule)
         err = ((got.double().cpu() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, (offsets, err)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_cuda_sampled_batch_matches_oracle(name, monkeypatch):
+    """The sampled mode over the batch on CUDA (the block timing where the block is smaller
+    than H and backprop does not keep u) against the oracle's sums over the same block."""
+    from ghlc.runtime import hebbian
+
+    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    rule = {"sample_fraction": 0.25, "sample_over": "batch", "draw": lambda n: n - 1}
+    two_steps_against_oracle(name, oracle_rule=rule, sample_fraction=0.25)
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
