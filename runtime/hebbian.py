@@ -396,8 +396,8 @@ def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Ten
 # is computed in the forward pass and kept; for the last SPLIT_UNITS units only the softmax's
 # per-position log-sum-exp is kept, and their output and H are recomputed a block at a time in
 # the backward pass. One forward conv over those units buys their rows of H not held between
-# the passes (DeepHebb's 1536x384x3x3 conv on a 2-core CPU: 512 units, peak 1.062 -> 1.046 x
-# backprop's, the step 1.06 x as long, still within 1.05 x its arithmetic floor). Taken by
+# the passes (DeepHebb's 1536x384x3x3 conv on a 2-core CPU: 512 units, peak 1.061 -> 1.047 x
+# backprop's, the step 1.055 x as long, still within 1.05 x its arithmetic floor). Taken by
 # ``hebbian_at="recompute"`` everywhere and by ``"auto"`` on SPLIT_DEVICES; on CUDA that conv's
 # peak was within 1.05 x backprop's without it (an H100), so there it would only cost time.
 SPLIT_UNITS = 512
