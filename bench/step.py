@@ -261,6 +261,11 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- variants
+def without_settings(variant: str) -> str:
+    """The variant a settings variant (``*_wgrad``, ``*_fast``) changes a setting of."""
+    return variant.removesuffix("_wgrad").removesuffix("_fast")
+
+
 class Runner:
     """One variant of one model, ready to take SGD steps."""
 
@@ -273,7 +278,7 @@ class Runner:
         at = ("fast" if variant in FAST_VARIANTS
               else "recompute" if variant == "ghlc_recompute" else "auto")
         variant = variant.removesuffix("_compile").removesuffix("_amp_low").removesuffix("_amp")
-        variant = variant.removesuffix("_wgrad").removesuffix("_fast")
+        variant = without_settings(variant)
         self.naive = None
         self.fused = {"ghlc_ref": "off", "ghlc_fused": "on"}.get(variant, fused.mode())
         self.chunk = variant == "ghlc_chunk"
@@ -860,8 +865,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     probes_s = {KERNEL_KEY[over]: kernel_probes(base, temp, x, args.device, SAMPLE_FRACTION,
                                            over)[0]
                 for v, over in SAMPLED.items()
-                if any(u.removesuffix("_graph").removesuffix("_wgrad").removesuffix("_fast") == v
-                       for u in variants)}
+                if any(without_settings(u.removesuffix("_graph")) == v for u in variants)}
     if any(v.startswith("ghlc_amp_low") for v in variants):
         probes_s[AMP_KERNELS] = kernel_probes(base, temp, x, args.device, dtype=AMP_DTYPE)[0]
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -892,8 +896,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
     for v in variants:
         ref = reference(v) if reference(v) in medians else "bp"
         ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
-        eager = (v.removesuffix("_graph").removesuffix("_compile").removesuffix("_wgrad")
-                 .removesuffix("_fast"))
+        eager = without_settings(v.removesuffix("_graph").removesuffix("_compile"))
         if eager in ("bp", "bp_amp"):
             floor, heb_ms = 1.0, 0.0
         elif eager == "ghlc_amp_low":
