@@ -14,12 +14,16 @@ one process and interleaved, a plain backprop step and ghlc steps (every conv pl
                instead of backprop's node plus an output hook (the runtime's internal switch
                ghlc.runtime.function.HOOKS)
     ghlc_s50   sample_fraction=0.5
+    ghlc_fwd   exact with the Hebbian correlation as a forward conv wherever the form applies
+               (``FORWARD_WGRAD_MIN_MACS`` and ``FORWARD_WGRAD_MIN_CHANNELS`` set to 0, as
+               ghlc chose before those limits; on CPU only)
 
 It prints the extra time per plastic layer and, from one profiled step of each, the extra
 torch operators per plastic layer, the self time of PlasticCall (its Python in forward and
 backward, outside the operators it calls; the profiler inflates it) and the convolution
 calls per step (forward and backward kernels; ghlc adds one per plastic conv, its Hebbian
-correlation as a weight-gradient call or, on CPU for small outputs, as a forward conv). On
+correlation as a weight-gradient call or, on CPU for small outputs of large enough convs,
+as a forward conv; this stack's tiny convs take the weight-gradient call but in ghlc_fwd). On
 a GPU, eager steps of the 32x32 models in ``bench/step.py`` pay this per plastic layer;
 inside a CUDA graph they do not.
 """
@@ -45,6 +49,7 @@ from step import sync  # noqa: E402  (also puts the repository root on the path)
 
 import ghlc  # noqa: E402
 import ghlc.runtime.function as rt_function  # noqa: E402
+from ghlc.runtime import hebbian  # noqa: E402
 
 GHL_FRAMES = ("PlasticCall", "PlasticCallBackward")
 CONV_OPS = ("aten::convolution", "aten::convolution_backward")
@@ -59,18 +64,24 @@ def stack(layers: int) -> nn.Module:
 
 class Stepper:
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 hooks: bool = True) -> None:
+                 hooks: bool = True, settings: dict | None = None) -> None:
         self.model, self.x, self.y, self.hooks = model.train(), x, y, hooks
+        self.settings = settings or {}  # ghlc.runtime.hebbian attributes set for the step
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def __call__(self) -> None:
         old, rt_function.HOOKS = rt_function.HOOKS, self.hooks
+        kept = {k: getattr(hebbian, k) for k in self.settings}
         try:
+            for k, v in self.settings.items():
+                setattr(hebbian, k, v)
             self.opt.zero_grad()
             F.cross_entropy(self.model(self.x), self.y).backward()
             self.opt.step()
         finally:
             rt_function.HOOKS = old
+            for k, v in kept.items():
+                setattr(hebbian, k, v)
 
 
 def timed(s: Stepper, device: str) -> float:
@@ -115,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.tensor([1, 2], device=dev)
     configs = {"bp": None, "ghlc": {}, "ghlc_mode": {"interception": "mode"}, "ghlc_fn": {},
                "ghlc_s50": {"sample_fraction": 0.5}}
+    if dev in hebbian.FORWARD_WGRAD_DEVICES:
+        configs["ghlc_fwd"] = {}
+    forward_form = {"FORWARD_WGRAD_MIN_MACS": 0, "FORWARD_WGRAD_MIN_CHANNELS": 0}
     steppers = {}
     for name, kw in configs.items():
         m = copy.deepcopy(base)
         if kw is not None:
             m = ghlc.prepare(m, (x,), ghlc.GHLConfig(**kw))
-        steppers[name] = Stepper(m, x, y, hooks=name != "ghlc_fn")
+        steppers[name] = Stepper(m, x, y, hooks=name != "ghlc_fn",
+                                 settings=forward_form if name == "ghlc_fwd" else None)
     plastic = len(ghlc.runtime.runtime_of(steppers["ghlc"].model).sites)
     for s in steppers.values():
         for _ in range(5):

@@ -3,6 +3,7 @@
     python bench/wgrad_blocks.py --device cpu --model deephebb
     python bench/wgrad_blocks.py --device cpu --model resnet18 --extra --repeats 7
     python bench/wgrad_blocks.py --device cpu --model resnet18 --batch 16   # sampled block
+    python bench/wgrad_blocks.py --device cpu --small --repeats 21         # small 3x3 convs
 
 For every plastic conv of the model (shapes traced at the bench batch, as bench/step.py does)
 and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradient alone
@@ -16,8 +17,11 @@ and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradi
              forward conv where ``wgrad_as_forward``, else blocks of BLOCK_UNITS units where
              ``wgrad_blocked``, else one call; column "ghlc way")
 
-and prints, per layer, the medians and the paired ratios to ``one`` (each repeat runs every
-variant once, in a shuffled order). The in-call combine uses blocks of at most BLOCK_UNITS
+``--small`` times a grid of small 3x3 convs instead (batch 4/16/64, 16-96 channels in and
+out, 3x3 to 12x12 outputs), to show where the forward form's fixed cost loses
+(``FORWARD_WGRAD_MIN_MACS``, ``FORWARD_WGRAD_MIN_CHANNELS``). It prints, per layer, the
+medians and the paired ratios to ``one`` (each repeat runs every variant once, in a
+shuffled order). The in-call combine uses blocks of at most BLOCK_UNITS
 units too (``block_units``). On CUDA each sample is the mean of 10 back-to-back calls.
 """
 
@@ -47,6 +51,9 @@ EXTRA = (
     ("c2048-512 1x1 7x7", 64, 2048, 512, 7, 1, 1, 0),
 )
 
+# (batch, channels in and out, output size) of --small: 3x3 convs, stride 1, padding 1
+SMALL = tuple((n, c, size) for n in (4, 16, 64) for c in (16, 32, 64, 96) for size in (3, 6, 12))
+
 
 def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
           units: list[int]) -> dict:
@@ -63,6 +70,19 @@ def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
     way = ("fwd" if hebbian.wgrad_as_forward(spec, w, cot)
            else "blocks" if hebbian.wgrad_blocked(spec, w) else "one")
     return {"layer": name, "shape": tuple(w.shape), "fns": fns, "err": err, "way": way}
+
+
+def small_cases(device: str, units: list[int]) -> list[dict]:
+    """The :data:`SMALL` grid, named by batch, channels, output size and multiply-adds."""
+    out = []
+    spec = CallSpec("conv", nd=2, stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    for n, c, size in SMALL:
+        xi = torch.randn(n, c, size, size, device=device)
+        w = torch.randn(c, c, 3, 3, device=device)
+        macs = n * size * size * c * c * 9
+        out.append(_case(f"b{n} c{c} {size}x{size} ({macs / 1e6:.1f} M MAC)", xi, w, spec,
+                         units))
+    return out
 
 
 def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) -> list[dict]:
@@ -84,11 +104,17 @@ def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) ->
     return out
 
 
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     step.layer_bench_args(p, "deephebb", "cpu", 5)
     p.add_argument("--units", default="64,128,256,512", help="block sizes to time")
     p.add_argument("--extra", action="store_true", help="also a few larger convs")
+    p.add_argument("--small", action="store_true",
+                   help="a grid of small 3x3 convs instead of the model's layers")
     args = p.parse_args(argv)
     problem = step.layer_bench_error(args)
     if problem:
@@ -102,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if not units or min(units) < 1:
         print("error: --units must list positive integers", file=sys.stderr)
         return 2
-    rows = cases(args.model, args.batch, args.device, args.extra, units)
+    rows = (small_cases(args.device, units) if args.small
+            else cases(args.model, args.batch, args.device, args.extra, units))
     times = step.time_layers(rows, args.device, args.repeats)
     cols = ["ghlc", "fwd", *(f"u{n}" for n in units)]
-    print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, weight gradient "
-          f"only, median of {args.repeats} (ms), paired ratio to one call")
+    what = "small 3x3 convs" if args.small else f"{args.model}, batch {args.batch}"
+    print(f"{what}, {step.machine(args.device)}, weight gradient only, median of "
+          f"{args.repeats} (ms), paired ratio to one call")
     print("| layer | weight | ghlc way | one | " + " | ".join(cols) + " | max rel diff |")
     print("|---|---|---|---|" + "---|" * len(cols) + "---|")
     for i, r in enumerate(rows):
@@ -117,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append("–")
                 continue
             ratio = statistics.median(a / b for a, b in zip(times[i, c], one))
-            cells.append(f"{statistics.median(times[i, c]):.1f} ({ratio:.3f})")
+            cells.append(f"{_ms(statistics.median(times[i, c]))} ({ratio:.3f})")
         print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | "
-              f"{r['way']} | {statistics.median(one):.1f} | "
+              f"{r['way']} | {_ms(statistics.median(one))} | "
               + " | ".join(cells) + f" | {r['err']:.1e} |")
     return 0
 

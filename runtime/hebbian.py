@@ -125,8 +125,14 @@ def _conv_wgrad(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
 # 1.12-1.17 x (ResNet-18), at 32x32 1.8 x (hence the limit on batch x positions: 64 x 12 x
 # 12); strided convs 0.95-1.8 x and 1x1 convs 1.4-5.2 x (the form then has one output
 # position), so strided or dilated convs and kernels with a dim of 1 keep the weight-gradient
-# call. Backprop's own dL/dW (the in-call combine) keeps it too.
+# call. Backprop's own dL/dW (the in-call combine) keeps it too. Small convs keep it as well:
+# the form's fixed cost (its transposed operands, the crop and copy, more host time) loses
+# below about 16 M multiply-adds, and with fewer than 64 input or output channels it lost
+# at every size timed (`python bench/wgrad_blocks.py --small`, 2 threads: 1.06-1.49 x under
+# 12 M multiply-adds or at 16-32 channels, 0.82-1.00 x from 21 M at 64-96 channels).
 FORWARD_WGRAD_MAX_REDUCTION = 64 * 12 * 12
+FORWARD_WGRAD_MIN_MACS = 1 << 24
+FORWARD_WGRAD_MIN_CHANNELS = 64
 FORWARD_WGRAD_DEVICES = {"cpu"}
 
 
@@ -136,6 +142,8 @@ def wgrad_as_forward(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor) -> bool
     return (spec.kind == "conv" and not spec.transposed and spec.groups == 1
             and cot.device.type in FORWARD_WGRAD_DEVICES and all(k > 1 for k in w.shape[2:])
             and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation)
+            and min(w.shape[0], w.shape[1]) >= FORWARD_WGRAD_MIN_CHANNELS
+            and cot.numel() * w.shape[1:].numel() >= FORWARD_WGRAD_MIN_MACS
             and 0 < cot.shape[0] * cot.shape[2:].numel() <= FORWARD_WGRAD_MAX_REDUCTION)
 
 

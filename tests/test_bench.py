@@ -221,12 +221,16 @@ def test_overhead_bench_smoke(tmp_path):
     text = _run([BENCH / "overhead.py", "--layers", "3", "--steps", "5"], tmp_path)
     rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| ")]
     body = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
-    assert set(body) == {"bp", "ghlc", "ghlc_mode", "ghlc_fn", "ghlc_s50"}
+    assert set(body) == {"bp", "ghlc", "ghlc_mode", "ghlc_fn", "ghlc_s50", "ghlc_fwd"}
     assert "3 plastic layers" in text
     # a plastic call adds operators and one convolution call (its Hebbian correlation) per
     # layer to bp's forward and backward one
     assert float(body["ghlc"][3]) > 0
     assert int(body["ghlc"][5]) == int(body["bp"][5]) + 3 == 9
+    # ghlc_fwd: the tiny convs' correlation as a forward conv (transposes, crop, copy: more
+    # operators), still one convolution call
+    assert float(body["ghlc_fwd"][3]) > float(body["ghlc"][3])
+    assert int(body["ghlc_fwd"][5]) == 9
 
 
 def test_wgrad_stack_bench_smoke(tmp_path):
@@ -248,11 +252,27 @@ def test_wgrad_blocks_bench_smoke(tmp_path):
     rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
             if ln.startswith("| ") and not ln.startswith("| layer")]
     assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)]
+    # stride-1 convs with a short sum (batch 2): the forward form, but for the first conv (3
+    # input channels) and the last (8 M multiply-adds at batch 2)
+    assert [r[2] for r in rows] == ["one", "fwd", "fwd", "one"]
     for r in rows:
-        assert r[2] == "fwd"  # stride-1 convs with a short sum (batch 2): the forward form
         assert float(r[-1]) <= 1e-5  # every variant gives the same weight gradient
         assert float(r[5].split()[1].strip("()")) > 0  # the forward form ran
         assert r[6] != "–" and float(r[6].split()[1].strip("()")) > 0  # blocks of 32 ran
+
+
+def test_wgrad_blocks_small_grid_smoke(tmp_path):
+    text = _run([BENCH / "wgrad_blocks.py", "--device", "cpu", "--small", "--repeats", "1",
+                 "--units", "64"], tmp_path)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| layer")]
+    assert len(rows) == 36 and text.startswith("small 3x3 convs")
+    for r in rows:
+        assert float(r[-1]) <= 1e-5
+        channels = int(r[1].split("x")[0])
+        macs = float(r[0].split("(")[1].split()[0]) * 1e6
+        fwd = channels >= 64 and macs >= 1 << 24  # (every case's sum is short enough)
+        assert r[2] == ("fwd" if fwd else "one"), r
 
 
 def test_rule_ops_bench_smoke(tmp_path):

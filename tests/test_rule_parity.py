@@ -611,11 +611,14 @@ def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dila
 
 
 def test_forward_form_is_taken_where_it_pays(monkeypatch):
-    """weight_vjp takes the forward form for plain stride-1 convs with kernels wider than 1
-    and a short sum over batch x positions, on the listed devices, and never for backprop's
-    own dL/dW (as_forward=False); the same sums either way."""
+    """weight_vjp takes the forward form for plain stride-1 convs with kernels wider than 1,
+    a short sum over batch x positions, enough channels and multiply-adds (both limits
+    lowered here for a small conv), on the listed devices, and never for backprop's own
+    dL/dW (as_forward=False); the same sums either way."""
     from ghlc.runtime.calls import CallSpec
 
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_CHANNELS", 3)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_MACS", 4 * 5 * 6 * 6 * 3 * 3 * 3)
     gen = torch.Generator().manual_seed(12)
     spec = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
                     output_padding=(0, 0))
@@ -641,6 +644,14 @@ def test_forward_form_is_taken_where_it_pays(monkeypatch):
     monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MAX_REDUCTION", limit - 1)
     assert not hebbian_module.wgrad_as_forward(spec, w, cot)
     monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MAX_REDUCTION", limit)
+    assert hebbian_module.wgrad_as_forward(spec, w, cot)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_CHANNELS", 4)  # (3 input channels)
+    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
+    assert hebbian_module.wgrad_as_forward(spec, w.new_empty(5, 4, 3, 3), cot)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_CHANNELS", 3)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_MACS", 4 * 5 * 6 * 6 * 3 * 3 * 3 + 1)
+    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
+    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_MACS", 4 * 5 * 6 * 6 * 3 * 3 * 3)
     assert hebbian_module.wgrad_as_forward(spec, w, cot)
     monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_DEVICES", {"cuda"})
     assert not hebbian_module.wgrad_as_forward(spec, w, cot)

@@ -798,13 +798,16 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
 def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch):
     """The Hebbian correlation as a forward conv (on CPU for small outputs; forced here on
-    every conv it applies to, whatever the output size, in blocks of 3 output units) and as
+    every conv it applies to, whatever the output size, channels and multiply-adds, in
+    blocks of 3 output units) and as
     the weight-gradient call everywhere (the form off) on every zoo model, exact and both
     sampled modes, against the oracle."""
     from ghlc.runtime import hebbian
 
     if way == "always":
         monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MAX_REDUCTION", 1 << 62)
+        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MIN_MACS", 0)
+        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MIN_CHANNELS", 0)
         monkeypatch.setattr(hebbian, "BLOCK_UNITS", 3)
     else:
         monkeypatch.setattr(hebbian, "FORWARD_WGRAD_DEVICES", set())
