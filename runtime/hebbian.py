@@ -228,7 +228,8 @@ def hebbian_raw(
     """Un-normalised local term H of one call (same shape as w).
 
     Oja's decay ``sum_j y_k u_k`` is taken as ``<W_k, corr_k> + b_k sum_j y_k`` (u is linear
-    in W, so the two are equal): no activation-sized product is materialised. With ``dtype``
+    in W, so the two are equal), or over y and u where they are the smaller
+    (:func:`activity_sums`). With ``dtype``
     (operands in a lower precision, ``precision="autocast"``), y and the correlation are
     computed in the operands' dtype, and Oja's decay and H in ``dtype`` (:func:`finish_in`).
     ``presampled``: x and u are the sampled mode's block already (:func:`sample_block`)."""
@@ -237,28 +238,70 @@ def hebbian_raw(
             return _hebbian_positions(spec, x, u, w, b, rule, dtype)
         x, u = _subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
     y = compete(u, spec, rule)
-    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype)
+    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype, u)
 
 
 def finish_in(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-              b: torch.Tensor | None, rule: HebbianRule,
-              dtype: torch.dtype | None) -> torch.Tensor:
+              b: torch.Tensor | None, rule: HebbianRule, dtype: torch.dtype | None,
+              u: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`hebbian_finish` in ``dtype``: the correlation, w and b cast to it first (the
     correlation of a lower-precision call is rounded once, as backprop's own weight gradient
-    is under autocast; the rest of the rule runs in ``dtype``)."""
+    is under autocast; the rest of the rule runs in ``dtype``). ``u``: the call's output
+    under y, for :func:`activity_sums` (not used when a cast is needed)."""
     if dtype is not None and corr.dtype != dtype:
         corr, w = corr.to(dtype), w.to(dtype)
-        b = None if b is None else b.to(dtype)
-    return hebbian_finish(spec, corr, y, w, b, rule)
+        b, u = None if b is None else b.to(dtype), None
+    return hebbian_finish(spec, corr, y, w, b, rule, u=u)
+
+
+# Devices where Oja's per-unit sum over y * u may be taken over the activations
+# (:func:`activity_sums`). On the 2-core CPU, for linear layers at batch 64 the weight-sized
+# dot products <W_k, corr_k> were the larger part of the rule's own time; CUDA keeps them
+# (one bmm, not measured there).
+ACTIVITY_SUM_DEVICES = {"cpu"}
+
+
+def activity_sums(spec: CallSpec, y: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                  corr: torch.Tensor) -> bool:
+    """Whether Oja's per-unit ``sum_j y_k u_k`` is summed over the call's y and u (fewer
+    elements than the weight: linear layers at ordinary batch sizes, convs with small
+    outputs) instead of as ``<W_k, corr_k> + b_k sum_j y_k`` over the weight; the same sum.
+    Output units along the weight's dim 0, one dtype, eager kernels."""
+    return (u.device.type in ACTIVITY_SUM_DEVICES and u.numel() < w.numel()
+            and (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1
+            and u.dtype == y.dtype == corr.dtype and not fused.active(corr))
+
+
+def unit_activity(spec: CallSpec, y: torch.Tensor, u: torch.Tensor,
+                  block: int | None = None) -> torch.Tensor:
+    """Per output unit, the sum of ``y * u`` over batch and positions, a block of samples (or
+    rows) at a time: a product temporary of at most ``block`` elements (default
+    ``fused.DOT_BLOCK_NUMEL``)."""
+    block = fused.DOT_BLOCK_NUMEL if block is None else block
+    if spec.kind == "linear":
+        y, u = y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1])
+    dims = [0, *range(2, y.dim())]
+    n = y.shape[0]
+    rows = max(1, block // max(1, y[0].numel()))
+    s = (y[:rows] * u[:rows]).sum(dims)
+    for r in range(rows, n, rows):
+        s += (y[r:r + rows] * u[r:r + rows]).sum(dims)
+    return s
 
 
 def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                    b: torch.Tensor | None, rule: HebbianRule,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None,
+                   u: torch.Tensor | None = None) -> torch.Tensor:
     """H from the correlation ``corr`` = sum y.x (overwritten): Oja's decay, or ``corr``
-    itself for the plain Hebb rule. With ``out`` (rows layout only), H is written there."""
+    itself for the plain Hebb rule. With ``out`` (rows layout only), H is written there.
+    ``u`` (the call's output under y): Oja's per-unit sum is taken over y and u where
+    :func:`activity_sums` says so."""
     if rule.local_rule == "hebb":
         return corr if out is None else out.copy_(corr)
+    if out is None and u is not None and activity_sums(spec, y, u, w, corr):
+        s = unit_activity(spec, y, u)  # (u includes the bias: no separate bias term)
+        return corr.addcmul_(s.view(-1, *([1] * (corr.dim() - 1))), w.detach(), value=-1.0)
     extra = None
     if b is not None:
         dim = channel_dim(spec, y)

@@ -233,6 +233,21 @@ def test_overhead_bench_smoke(tmp_path):
     assert int(body["ghlc_fwd"][5]) == 9
 
 
+def test_mlp_bench_smoke(tmp_path):
+    text = _run([BENCH / "mlp.py", "--sizes", "16x4", "--repeats", "3"], tmp_path)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| MLP")]
+    assert [r[2] for r in rows] == ["bp", "ghlc", "ghlc_wdot"]
+    fl = (784 * 16 * 3 + 16 * 16 * 4 + 16 * 10 * 3) / (784 * 16 * 2 + 3 * (16 * 16 + 16 * 10))
+    assert all(r[0] == "784-16-16-10" and r[1] == "4" for r in rows)
+    for r in rows[1:]:
+        assert float(r[6]) == pytest.approx(fl, 1e-3) and float(r[4]) > 0
+    assert rows[0][4] == "1.000" and rows[0][6] == "–"
+    bad = subprocess.run([sys.executable, BENCH / "mlp.py", "--sizes", "16"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "HIDDENxBATCH" in bad.stderr
+
+
 def test_wgrad_stack_bench_smoke(tmp_path):
     text = _run([BENCH / "wgrad_stack.py", "--device", "cpu", "--model", "fasthebb", "--batch",
                  "2", "--repeats", "1"], tmp_path)

@@ -610,6 +610,49 @@ def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dila
     assert got.stride() == w.stride() and rel_err(got, ref) <= 1e-12
 
 
+@pytest.mark.parametrize("case", ["linear", "linear3d", "conv", "conv_cl"])
+def test_unit_activity_and_activity_sums(case, monkeypatch):
+    """unit_activity (blocks of rows or samples) against a plain loop; Oja's decay with its
+    per-unit sum over y * u against the sum over the weight (<W_k, corr_k> + b_k sum y_k):
+    the same H; and activity_sums picks the route where the activations are the smaller."""
+    from ghlc.runtime.calls import CallSpec
+
+    gen = torch.Generator().manual_seed(13)
+    rnd = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen)  # noqa: E731
+    if case.startswith("linear"):
+        spec = CallSpec("linear")
+        x = rnd(5, 7) if case == "linear" else rnd(3, 2, 7)
+        w, b = rnd(4, 7), rnd(4)
+        u = spec.run(x, w, b)
+    else:
+        spec = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                        output_padding=(0, 0))
+        x, w, b = rnd(3, 2, 4, 4), rnd(5, 2, 3, 3), rnd(5)
+        if case == "conv_cl":
+            x = x.to(memory_format=torch.channels_last)
+        u = spec.run(x, w, b)
+    rule = HebbianRule()
+    y = hebbian_module.compete(u, spec, rule)
+    units = u.shape[-1] if spec.kind == "linear" else u.shape[1]
+    ref = torch.zeros(units, dtype=torch.float64)
+    for idx in itertools.product(*(range(n) for n in u.shape)):
+        ref[idx[-1] if spec.kind == "linear" else idx[1]] += y[idx] * u[idx]
+    for block in (1, 5, 10**6):
+        got = hebbian_module.unit_activity(spec, y, u, block)
+        assert got.shape == (units,) and rel_err(got, ref) <= 1e-12
+    corr = hebbian_module.weight_vjp(spec, x, w, y)
+    by_weight = hebbian_module.hebbian_finish(spec, corr.clone(), y, w, b, rule)
+    monkeypatch.setattr(hebbian_module, "activity_sums", lambda *a: True)
+    by_activity = hebbian_module.hebbian_finish(spec, corr.clone(), y, w, b, rule, u=u)
+    assert rel_err(by_activity, by_weight) <= 1e-12
+    monkeypatch.undo()
+    big = w.new_empty(units, u.numel())  # (more elements than u: the activations' route)
+    assert hebbian_module.activity_sums(spec, y, u, big, corr) == (u.device.type == "cpu")
+    assert not hebbian_module.activity_sums(spec, y, u, u.new_empty(units, 1), corr)
+    monkeypatch.setattr(hebbian_module, "ACTIVITY_SUM_DEVICES", set())
+    assert not hebbian_module.activity_sums(spec, y, u, big, corr)
+
+
 def test_forward_form_is_taken_where_it_pays(monkeypatch):
     """weight_vjp takes the forward form for plain stride-1 convs with kernels wider than 1,
     a short sum over batch x positions, enough channels and multiply-adds (both limits

@@ -833,6 +833,40 @@ def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch
         assert any(taken)
 
 
+@pytest.mark.parametrize("way", ["always", "never"])
+@pytest.mark.parametrize("over", ["none", "batch", "positions"])
+@pytest.mark.parametrize("name", [e.name for e in ZOO])
+def test_activity_sums_match_oracle(name, over, way, monkeypatch):
+    """Oja's per-unit sum over y * u (on CPU where the activations are smaller than the
+    weight; forced here wherever it applies, whatever the sizes, in blocks of 5 elements) and
+    over the weight everywhere (the route off) on every zoo model, exact and both sampled
+    modes, against the oracle."""
+    from ghlc.runtime import fused, hebbian
+
+    orig = hebbian.activity_sums
+    if way == "always":
+        monkeypatch.setattr(fused, "DOT_BLOCK_NUMEL", 5)
+        monkeypatch.setattr(hebbian, "activity_sums", lambda spec, y, u, w, corr: (
+            (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1
+            and u.dtype == y.dtype == corr.dtype) and taken.append(True) is None)
+    else:
+        monkeypatch.setattr(hebbian, "ACTIVITY_SUM_DEVICES", set())
+        monkeypatch.setattr(hebbian, "activity_sums",
+                            lambda *a: taken.append(orig(*a)) or taken[-1])
+    taken: list[bool] = []
+    _two_steps_against_oracle(name, over, monkeypatch)
+    if way == "never":
+        assert not any(taken)
+        return
+    model, x, cfg = _build(name)
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
+        ghlc.trace(model, (x,), config=cfg))
+    rows = [i for i in lg.layers() if str(i.role) == "plastic" and (
+        i.kind in ("linear", "conv1d", "conv2d", "conv3d"))]
+    if any(i.kind == "linear" for i in rows) or (rows and over != "positions"):
+        assert any(taken)  # (a position grid takes Oja's sum over the weight)
+
+
 def test_stacking_size_limit(stacked_calls, monkeypatch):
     """With STACK_MAX_NUMEL only the smaller weights stack; the grads stay the oracle's."""
     import ghlc.runtime.state as st
