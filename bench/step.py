@@ -19,6 +19,9 @@ repeat), the median time of one full step (zero_grad, forward, cross-entropy, ba
                correlation as the weight-gradient call (the forward-conv form that ghlc uses on
                CPU for small outputs off: hebbian.FORWARD_WGRAD_DEVICES emptied), to show what
                that form gives in one process
+    ghlc_wdot, ghlc_s25_wdot (only with --variants) ghlc and ghlc_s25 with Oja's per-unit
+               sum always over the weight (<W_k, corr_k> + b_k sum y_k), never over y * u
+               (hebbian.ACTIVITY_SUM_DEVICES emptied: ghlc's way before activity_sums)
     ghlc_fast, ghlc_s25_fast (only with --variants) ghlc and ghlc_s25 with
                GHLConfig(hebbian_at="fast"): no conv recomputes part of its H in the backward
                pass (the split timing that "auto" takes on CPU, for a lower peak)
@@ -146,8 +149,9 @@ CUDA_ONLY = (*CUDA_VARIANTS, *AMP_GRAPH_VARIANTS)  # --device cuda only
 COMPILE_VARIANTS = ("bp_compile", "ghlc_compile")
 WGRAD_VARIANTS = ("ghlc_wgrad", "ghlc_s25_wgrad")  # the forward-conv form off
 FAST_VARIANTS = ("ghlc_fast", "ghlc_s25_fast")  # hebbian_at="fast": no split timing
+WDOT_VARIANTS = ("ghlc_wdot", "ghlc_s25_wdot")  # Oja's per-unit sum over the weight only
 EXTRA_VARIANTS = ("ghlc_fused", "ghlc_nosoftmax", "ghlc_recompute", "ghlc_p25", *WGRAD_VARIANTS,
-                  *FAST_VARIANTS,
+                  *FAST_VARIANTS, *WDOT_VARIANTS,
                   *COMPILE_VARIANTS, *AMP_VARIANTS, *AMP_GRAPH_VARIANTS)  # on request (--variants)
 AMP_DTYPE = torch.bfloat16
 SAMPLED = {"ghlc_s25": "batch", "ghlc_p25": "positions"}  # sampled variant -> sample_over
@@ -262,8 +266,9 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
 
 # ---------------------------------------------------------------------------- variants
 def without_settings(variant: str) -> str:
-    """The variant a settings variant (``*_wgrad``, ``*_fast``) changes a setting of."""
-    return variant.removesuffix("_wgrad").removesuffix("_fast")
+    """The variant a settings variant (``*_wgrad``, ``*_fast``, ``*_wdot``) changes a
+    setting of."""
+    return variant.removesuffix("_wgrad").removesuffix("_fast").removesuffix("_wdot")
 
 
 class Runner:
@@ -275,6 +280,7 @@ class Runner:
         self.amp = variant in AMP_VARIANTS
         precision = "autocast" if variant == "ghlc_amp_low" else "full"
         self.forward_wgrad = variant not in WGRAD_VARIANTS
+        self.activity_sums = variant not in WDOT_VARIANTS
         at = ("fast" if variant in FAST_VARIANTS
               else "recompute" if variant == "ghlc_recompute" else "auto")
         variant = variant.removesuffix("_compile").removesuffix("_amp_low").removesuffix("_amp")
@@ -321,13 +327,16 @@ def settings(r):
     """A runner's ghlc settings for the duration (variants run interleaved): the
     compiled-kernel mode (a graph's warm-up and capture in fused.capturing(), as
     ghlc.cuda_graph_step, with stack_weight_grads for ghlc_stack and its size limit for
-    ghlc_stack20), the in-call combine on CUDA for ghlc_chunk, and no forward-conv form of the
-    Hebbian correlation for the *_wgrad variants."""
+    ghlc_stack20), the in-call combine on CUDA for ghlc_chunk, no forward-conv form of the
+    Hebbian correlation for the *_wgrad variants and Oja's sum over the weight only for the
+    *_wdot ones."""
     old = (fused.mode(), rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL,
-           hebbian.FORWARD_WGRAD_DEVICES)
+           hebbian.FORWARD_WGRAD_DEVICES, hebbian.ACTIVITY_SUM_DEVICES)
     fused.set_mode(r.fused)
     if not r.forward_wgrad:
         hebbian.FORWARD_WGRAD_DEVICES = set()
+    if not r.activity_sums:
+        hebbian.ACTIVITY_SUM_DEVICES = set()
     if r.chunk:
         rt_state.FUSE_DEVICES = {"cpu", "cuda"}
     rt_state.STACK_MAX_NUMEL = r.stack_max
@@ -337,7 +346,7 @@ def settings(r):
     finally:
         fused.set_mode(old[0])
         rt_state.FUSE_DEVICES, rt_state.STACK_MAX_NUMEL = old[1], old[2]
-        hebbian.FORWARD_WGRAD_DEVICES = old[3]
+        hebbian.FORWARD_WGRAD_DEVICES, hebbian.ACTIVITY_SUM_DEVICES = old[3], old[4]
 
 
 class GraphRunner:
@@ -354,7 +363,7 @@ class GraphRunner:
             raise ValueError(variant)
         r = Runner(base, temp, eager, x[:2])
         self.model, self.opt, self.fused, self.chunk = r.model, r.opt, r.fused, r.chunk
-        self.forward_wgrad = r.forward_wgrad
+        self.forward_wgrad, self.activity_sums = r.forward_wgrad, r.activity_sums
         self.loss_fn = r.loss
         self.stack, self.stack_max = r.stack, r.stack_max
         self.capturing = True
@@ -1124,7 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(compiled kernels in every step, on CPU too), ghlc_nosoftmax: "
                         "ghlc without the channel softmax (a diagnostic), ghlc_wgrad and "
                         "ghlc_s25_wgrad: ghlc and ghlc_s25 with the forward-conv form of "
-                        "the Hebbian correlation off, ghlc_recompute: "
+                        "the Hebbian correlation off, ghlc_wdot and ghlc_s25_wdot: Oja's sum "
+                        "over the weight only, ghlc_recompute: "
                         "ghlc with hebbian_at='recompute', ghlc_fast and ghlc_s25_fast: ghlc "
                         "and ghlc_s25 with hebbian_at='fast' (no split timing), bp_compile and "
                         "ghlc_compile: both under torch.compile (ghlc_compile's ratios are "

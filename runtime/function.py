@@ -200,7 +200,7 @@ def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
         if site.rule.precision == "autocast":
             return hebbian_raw(spec, x, u, w, b, site.rule, h_dtype, presampled)
         x, u, w, b = (t if t is None else t.to(h_dtype) for t in (x, u, w, b))
-        return hebbian_raw(spec, x, u, w, b, site.rule, presampled=presampled)
+        return hebbian_raw(spec, x, u, w, b, site.rule, presampled=presampled, u_exact=False)
 
 
 def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,

@@ -224,6 +224,7 @@ def unit_sum(spec: CallSpec, t: torch.Tensor) -> torch.Tensor:
 def hebbian_raw(
     spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     rule: HebbianRule, dtype: torch.dtype | None = None, presampled: bool = False,
+    u_exact: bool = True,
 ) -> torch.Tensor:
     """Un-normalised local term H of one call (same shape as w).
 
@@ -232,13 +233,16 @@ def hebbian_raw(
     (:func:`activity_sums`). With ``dtype``
     (operands in a lower precision, ``precision="autocast"``), y and the correlation are
     computed in the operands' dtype, and Oja's decay and H in ``dtype`` (:func:`finish_in`).
-    ``presampled``: x and u are the sampled mode's block already (:func:`sample_block`)."""
+    ``presampled``: x and u are the sampled mode's block already (:func:`sample_block`).
+    ``u_exact=False``: u was rounded to a lower precision than x and w are in (the call ran
+    under autocast, its operands upcast since): Oja's sum is then taken over the weight."""
     if rule.sample_fraction < 1.0 and not presampled:
         if rule.sample_over == "positions" and spec.kind == "conv" and not spec.transposed:
             return _hebbian_positions(spec, x, u, w, b, rule, dtype)
         x, u = _subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
     y = compete(u, spec, rule)
-    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype, u)
+    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype,
+                     u if u_exact else None)
 
 
 def finish_in(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
