@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from overhead import Stepper  # noqa: E402
 from step import machine, median_ci  # noqa: E402  (also puts the repository root on the path)
 
 import ghlc  # noqa: E402
-from ghlc.runtime import hebbian  # noqa: E402
 
 VARIANTS = ("bp", "ghlc", "ghlc_wdot")
 SETTINGS = {"ghlc_wdot": {"ACTIVITY_SUM_DEVICES": set()}}
@@ -58,27 +57,11 @@ def floor(hidden: int) -> float:
     return (bp + fwd[0] + fwd[1]) / bp
 
 
-class Stepper:
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 settings: dict | None = None) -> None:
-        self.model, self.x, self.y = model.train(), x, y
-        self.settings = settings or {}
-        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def __call__(self) -> float:
-        """Microseconds of one step."""
-        kept = {k: getattr(hebbian, k) for k in self.settings}
-        try:
-            for k, v in self.settings.items():
-                setattr(hebbian, k, v)
-            t0 = time.perf_counter()
-            self.opt.zero_grad()
-            F.cross_entropy(self.model(self.x), self.y).backward()
-            self.opt.step()
-            return (time.perf_counter() - t0) * 1e6
-        finally:
-            for k, v in kept.items():
-                setattr(hebbian, k, v)
+def timed(s: Stepper) -> float:
+    """Microseconds of one step."""
+    t0 = time.perf_counter()
+    s()
+    return (time.perf_counter() - t0) * 1e6
 
 
 def run(hidden: int, batch: int, repeats: int) -> dict[str, list[float]]:
@@ -91,7 +74,7 @@ def run(hidden: int, batch: int, repeats: int) -> dict[str, list[float]]:
         m = copy.deepcopy(base)
         if v != "bp":
             m = ghlc.prepare(m, (x,), cfg)
-        steppers[v] = Stepper(m, x, y, SETTINGS.get(v))
+        steppers[v] = Stepper(m, x, y, settings=SETTINGS.get(v))
     for s in steppers.values():
         for _ in range(5):
             s()
@@ -100,7 +83,7 @@ def run(hidden: int, batch: int, repeats: int) -> dict[str, list[float]]:
         order = list(VARIANTS)
         random.Random(i).shuffle(order)
         for v in order:
-            times[v].append(steppers[v]())
+            times[v].append(timed(steppers[v]))
     return times
 
 

@@ -286,7 +286,7 @@ def unit_activity(spec: CallSpec, y: torch.Tensor, u: torch.Tensor,
         y, u = y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1])
     dims = [0, *range(2, y.dim())]
     n = y.shape[0]
-    rows = max(1, block // max(1, y[0].numel()))
+    rows = max(1, block // max(1, y.shape[1:].numel()))
     s = (y[:rows] * u[:rows]).sum(dims)
     for r in range(rows, n, rows):
         s += (y[r:r + rows] * u[r:r + rows]).sum(dims)

@@ -75,6 +75,13 @@ def _build(name):
     return model, x, ghlc.GHLConfig(**e.config_kwargs())
 
 
+def _compiled(name):
+    """(zoo model ``name``, its layer graph after the default passes)."""
+    model, x, cfg = _build(name)
+    return model, ghlc.passes.PassManager(ghlc.passes.default_passes())(
+        ghlc.trace(model, (x,), config=cfg))
+
+
 # ---- state_dict ------------------------------------------------------------------------------
 
 
@@ -730,9 +737,7 @@ def test_block_timing_matches_oracle(name, timing, hooks, monkeypatch):
     rule = {"sample_fraction": 0.25, "sample_over": "batch", "draw": lambda n: n - 1}
     _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
                           hebbian_at=timing)
-    model, x, cfg = _build(name)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+    model, lg = _compiled(name)
     applies = any(str(i.role) == "plastic" and not (i.out_saved and not i.copy_out)
                   and math.prod(i.weight_shape) >= 0.25 * math.prod(i.out_shape)
                   for i in lg.layers())
@@ -785,9 +790,7 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
     monkeypatch.setattr(hebbian, "wgrad_blocked",
                         lambda spec, w: blocked.append(orig(spec, w)) or blocked[-1])
     _two_steps_against_oracle(name, over, monkeypatch)
-    model, x, cfg = _build(name)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+    model, lg = _compiled(name)
     wide = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
                and i.groups == 1 and i.weight_shape[0] > 3 for i in lg.layers())
     assert any(blocked) == wide  # blocks were taken where they apply
@@ -819,9 +822,7 @@ def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch
     if way == "never":
         assert not any(taken)
         return
-    model, x, cfg = _build(name)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+    model, lg = _compiled(name)
     plastic = {i.module for i in lg.layers() if str(i.role) == "plastic"}
     convs = [m for n, m in model.named_modules() if n in plastic
              and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
@@ -858,9 +859,7 @@ def test_activity_sums_match_oracle(name, over, way, monkeypatch):
     if way == "never":
         assert not any(taken)
         return
-    model, x, cfg = _build(name)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+    model, lg = _compiled(name)
     rows = [i for i in lg.layers() if str(i.role) == "plastic" and (
         i.kind in ("linear", "conv1d", "conv2d", "conv3d"))]
     if any(i.kind == "linear" for i in rows) or (rows and over != "positions"):
@@ -920,9 +919,7 @@ def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch):
         rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
         _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
                               sample_over=over, hebbian_at=timing)
-    model, x, cfg = _build(name)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+    model, lg = _compiled(name)
     fraction = 0.25 if over == "batch" else 1.0
     applies = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
                   and i.groups == 1 and i.weight_shape[0] >= 4 and not i.out_saved
