@@ -127,9 +127,10 @@ def _conv_wgrad(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
 # position), so strided or dilated convs and kernels with a dim of 1 keep the weight-gradient
 # call. Backprop's own dL/dW (the in-call combine) keeps it too. Small convs keep it as well:
 # the form's fixed cost (its transposed operands, the crop and copy, more host time) loses
-# below about 16 M multiply-adds, and with fewer than 64 input or output channels it lost
-# at every size timed (`python bench/wgrad_blocks.py --small`, 2 threads: 1.06-1.49 x under
-# 12 M multiply-adds or at 16-32 channels, 0.82-1.00 x from 21 M at 64-96 channels).
+# below about 16 M multiply-adds, and with fewer than 64 input or output channels it did not
+# gain at any size timed (`python bench/wgrad_blocks.py --small --repeats 21 --units 256`, 2
+# threads: 1.19-1.67 x up to 5.3 M multiply-adds, 1.03-1.10 x at 11.9 M; from 21 M on 1.12 x
+# at 16 channels, 0.98-1.02 x at 32, 0.77-0.93 x at 64-96).
 FORWARD_WGRAD_MAX_REDUCTION = 64 * 12 * 12
 FORWARD_WGRAD_MIN_MACS = 1 << 24
 FORWARD_WGRAD_MIN_CHANNELS = 64
@@ -305,7 +306,7 @@ def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch
         return corr if out is None else out.copy_(corr)
     if out is None and u is not None and activity_sums(spec, y, u, w, corr):
         s = unit_activity(spec, y, u)  # (u includes the bias: no separate bias term)
-        return corr.addcmul_(s.view(-1, *([1] * (corr.dim() - 1))), w.detach(), value=-1.0)
+        return corr.addcmul_(unit_scale(spec, s, w), w.detach(), value=-1.0)
     extra = None
     if b is not None:
         dim = channel_dim(spec, y)
