@@ -98,7 +98,8 @@ Two floors for GHL's extra cost, both over one backprop step:
 On request it also reports ResNet-50 at 224x224 (--resnet50: ghlc peak memory next to the
 size of the unfolded patch tensors the paper's way would need, the step times, the arithmetic
 floor, and on CUDA the bp/ghlc steps captured in CUDA graphs), and by default the time of
-ghlc.prepare on a 200-layer model.
+ghlc.prepare on a 200-layer model. ``--no-memory`` skips the memory probes (a fresh process
+per model and variant on CPU: most of a short run's time) and leaves those columns empty.
 
     python bench/step.py --device cpu --repeats 25
     python bench/step.py --device cuda --repeats 20 --resnet50
@@ -865,7 +866,10 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
                 _cuda_cleanup()
         return out
 
-    mems = each_variant(lambda v: memory(name, v, args))
+    if args.no_memory:
+        mems = {v: {"peak_bytes": None, "peak_reset": None} for v in variants}
+    else:
+        mems = each_variant(lambda v: memory(name, v, args))
     runners = each_variant(lambda v: make_runner(base, temp, v, x, y))
     probes, skipped = kernel_probes(base, temp, x, args.device)
     for note in skipped:
@@ -930,8 +934,9 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
             "ratio_to_floor_ci": [ci_lo / floor, ci_hi / floor],
             "kernel_floor": kfloor, "ratio_to_kernel_floor": med / ref_ms / kfloor,
             "hebbian_kernel_ms": heb_ms,
-            "peak_mb": mems[v]["peak_bytes"] / 2**20,
-            "mem_ratio": mems[v]["peak_bytes"] / ref_mem if ref_mem > 0 else float("nan"),
+            "peak_mb": None if ref_mem is None else mems[v]["peak_bytes"] / 2**20,
+            "mem_ratio": (None if ref_mem is None else mems[v]["peak_bytes"] / ref_mem
+                          if ref_mem > 0 else float("nan")),
             "peak_reset": mems[v]["peak_reset"],
             "bp_macs": fl["bp_macs"], "hebbian_macs": fl["hebbian_macs"],
         })
@@ -1060,6 +1065,10 @@ def _bench_prepare(n_layers: int, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- output
+def _num(v: float | None, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
 def table(rows: list[dict]) -> str:
     head = ("model", "variant", "median ms", "ratio to bp", "floor", "ratio/floor",
             "ratio/floor IQR", "ratio/floor 95% CI", "kernel floor", "ratio/kfloor", "peak MB",
@@ -1075,7 +1084,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['variant']} | {r['median_ms']:.1f} | {r['ratio_to_bp']:.3f} | "
             f"{r['floor']:.3f} | {r['ratio_to_floor']:.3f} | {iqr} | {ci} | "
             f"{r['kernel_floor']:.3f} | "
-            f"{r['ratio_to_kernel_floor']:.3f} | {r['peak_mb']:.1f} | {r['mem_ratio']:.3f} |"
+            f"{r['ratio_to_kernel_floor']:.3f} | {_num(r['peak_mb'], '.1f')} | "
+            f"{_num(r['mem_ratio'], '.3f')} |"
         )
     return "\n".join(lines)
 
@@ -1124,6 +1134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resnet50", action="store_true",
                    help="also ResNet-50 at 224x224: ghlc peak memory vs unfolded patch size")
     p.add_argument("--resnet50-batch", type=int, default=64)
+    p.add_argument("--no-memory", action="store_true",
+                   help="time only: skip the peak-memory probes (one fresh process per "
+                        "model and variant; most of a short run's time)")
     p.add_argument("--no-prepare-bench", action="store_true",
                    help="skip timing ghlc.prepare on a 200-layer model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -1189,6 +1202,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.batch < 2:
         print("error: --repeats must be >= 1 and --batch >= 2", file=sys.stderr)
         return 2
+    if args.no_memory and args.resnet50:
+        print("error: --resnet50 reports peak memory: drop --no-memory", file=sys.stderr)
+        return 2
 
     rows: list[dict] = []
     kernels: dict[str, dict] = {}
@@ -1196,7 +1212,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(args.device), "device": args.device, "batch": args.batch,
         "repeats": args.repeats, "warmup": args.warmup, "sample_fraction": SAMPLE_FRACTION,
         "memory_format": "channels_last" if CHANNELS_LAST else "contiguous",
-        "timing_method": TIMING_METHOD[args.device], "memory_method": MEMORY_METHOD[args.device],
+        "timing_method": TIMING_METHOD[args.device],
+        "memory_method": ("not measured (--no-memory)" if args.no_memory
+                          else MEMORY_METHOD[args.device]),
         "command": "python bench/step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows, "kernels": kernels,
     }

@@ -165,12 +165,17 @@ def test_step_bench_autocast_variants(tmp_path):
     """bp_amp is added as the reference of the autocast rows; ghlc_amp's kernel floor uses the
     float32 kernels, ghlc_amp_low's the bfloat16 ones; the graph variants need CUDA."""
     out = tmp_path / "step.json"
-    _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "2", "--warmup", "0",
-          "--batch", "4", "--variants", "ghlc_amp,ghlc_amp_low", "--no-prepare-bench",
-          "--json", out], tmp_path)
+    text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "2", "--warmup", "0",
+                 "--batch", "4", "--variants", "ghlc_amp,ghlc_amp_low", "--no-prepare-bench",
+                 "--no-memory", "--json", out], tmp_path)
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"bp", "bp_amp", "ghlc_amp", "ghlc_amp_low"}
+    # --no-memory: no probes, the memory columns empty in the JSON and the table
+    assert res["memory_method"].startswith("not measured")
+    assert all(r["peak_mb"] is None and r["mem_ratio"] is None for r in rows.values())
+    line = next(ln for ln in text.splitlines() if ln.startswith("| fasthebb | ghlc_amp |"))
+    assert line.endswith("| – | – |")
     kern = res["kernels"]["fasthebb"]
     amp_ms = rows["bp_amp"]["median_ms"]
     for v, k in (("ghlc_amp", kern), ("ghlc_amp_low", kern["amp_low"])):
@@ -215,6 +220,10 @@ def test_step_bench_rejects_bad_arguments(tmp_path):
     r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_graph"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
+    r = subprocess.run([sys.executable, BENCH / "step.py", "--resnet50", "--no-memory"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "drop --no-memory" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_overhead_bench_smoke(tmp_path):
