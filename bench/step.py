@@ -920,7 +920,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         else:
             floor, heb_ms = fl["floor"], hk
         kfloor = (ref_ms + heb_ms) / ref_ms
-        med = medians[v]
+        med, peak = medians[v], mems[v]["peak_bytes"]
         paired = [a / b for a, b in zip(times[v], times[ref])]
         q1, qm, q3 = quartiles(paired)
         ci_lo, ci_hi, ci_cover = median_ci(paired)
@@ -934,9 +934,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
             "ratio_to_floor_ci": [ci_lo / floor, ci_hi / floor],
             "kernel_floor": kfloor, "ratio_to_kernel_floor": med / ref_ms / kfloor,
             "hebbian_kernel_ms": heb_ms,
-            "peak_mb": None if ref_mem is None else mems[v]["peak_bytes"] / 2**20,
-            "mem_ratio": (None if ref_mem is None else mems[v]["peak_bytes"] / ref_mem
-                          if ref_mem > 0 else float("nan")),
+            "peak_mb": None if peak is None else peak / 2**20,
+            "mem_ratio": mem_ratio(peak, ref_mem),
             "peak_reset": mems[v]["peak_reset"],
             "bp_macs": fl["bp_macs"], "hebbian_macs": fl["hebbian_macs"],
         })
@@ -1067,6 +1066,13 @@ def _bench_prepare(n_layers: int, device: str) -> dict:
 # ---------------------------------------------------------------------------- output
 def _num(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
+
+
+def mem_ratio(peak: int | None, ref: int | None) -> float | None:
+    """Peak over the reference's peak (None: not measured, --no-memory)."""
+    if peak is None or ref is None:
+        return None
+    return peak / ref if ref > 0 else float("nan")
 
 
 def table(rows: list[dict]) -> str:
