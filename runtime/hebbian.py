@@ -201,6 +201,12 @@ def wgrad_by_units(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.
     return out
 
 
+def units_lead(spec: CallSpec, t: torch.Tensor) -> bool:
+    """Whether the weight-shaped ``t`` of this call has its output units along dim 0 (not a
+    transposed conv's weight, not a 1-D weight)."""
+    return (spec.kind == "linear" or not spec.transposed) and t.dim() > 1
+
+
 def unit_scale(spec: CallSpec, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-output-unit vector ``s`` onto the weight's layout."""
     if spec.kind == "linear" or not spec.transposed:
@@ -273,7 +279,7 @@ def activity_sums(spec: CallSpec, y: torch.Tensor, u: torch.Tensor, w: torch.Ten
     outputs) instead of as ``<W_k, corr_k> + b_k sum_j y_k`` over the weight; the same sum.
     Output units along the weight's dim 0, one dtype, eager kernels."""
     return (u.device.type in ACTIVITY_SUM_DEVICES and u.numel() < w.numel()
-            and (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1
+            and units_lead(spec, corr)
             and u.dtype == y.dtype == corr.dtype and not fused.active(corr))
 
 
@@ -314,7 +320,7 @@ def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch
         # (sum(dim=[]) would sum over everything; a lower-precision y is summed in b's dtype)
         sum_dtype = None if y.dtype == b.dtype else b.dtype
         extra = b * (y.sum(dim=dims, dtype=sum_dtype) if dims else y.to(b.dtype))
-    if (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1:  # units along dim 0
+    if units_lead(spec, corr):
         # (detached: torch.compile would specialise on a Parameter's shape)
         return fused.oja_decay_(corr, w.detach(), extra, out)
     assert out is None, "out: rows layout only"
