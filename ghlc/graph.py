@@ -17,9 +17,25 @@ import networkx as nx
 import torch
 
 from .config import GHLConfig
-from .runtime.hebbian import HebbianRule
 
 INPUT, OUTPUT, GLOBAL_SIGN = "input", "output", "global_sign"
+
+
+@dataclass(frozen=True)
+class HebbianRule:
+    """Per-layer rule settings, attached to a Hebbian node of the layer graph (the
+    variants of the rule in the shared design; the paper's choice is each default)."""
+
+    temperature: float = 1.0
+    competition: str = "softmax"
+    competition_scope: str = "layer"
+    local_rule: str = "oja"
+    global_signal: str = "grad_sign"
+    sample_fraction: float = 1.0
+    normalisation: str = "layer"
+    sample_over: str = "batch"
+    precision: str = "full"
+
 
 
 class Role(StrEnum):

@@ -8,8 +8,7 @@ import json
 import networkx as nx
 
 from .config import GHLConfig
-from .graph import LayerGraph, LayerInfo, Role
-from .runtime.hebbian import HebbianRule
+from .graph import HebbianRule, LayerGraph, LayerInfo, Role
 
 
 def graph_to_json(lg: LayerGraph) -> str:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ghlc.graph import LayerGraph, hebb_key
-from ghlc.runtime.hebbian import HebbianRule
+from ghlc.graph import HebbianRule, LayerGraph, hebb_key
 
 
 def rule_for(cfg, module: str) -> HebbianRule:

@@ -1,8 +1,10 @@
 """ghlc.runtime: the GHL rule and the machinery that applies it during training."""
 
+from ghlc.graph import HebbianRule
+
 from .calls import CallSpec, parse_call
 from .function import PlasticCall, plastic_call
-from .hebbian import HebbianRule, combine, compete, hebbian_raw, normalise, weight_vjp
+from .hebbian import combine, compete, hebbian_raw, normalise, weight_vjp
 from .install import install, runtime_of
 from .mode import GHLMode, Runtime, Site
 from .state import PlasticParam

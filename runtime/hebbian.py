@@ -14,23 +14,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ghlc.graph import HebbianRule
+
 from . import fused
 from .calls import CallSpec
-
-
-@dataclass(frozen=True)
-class HebbianRule:
-    """Per-layer rule settings, attached to a Hebbian node of the layer graph."""
-
-    temperature: float = 1.0
-    competition: str = "softmax"
-    competition_scope: str = "layer"
-    local_rule: str = "oja"
-    global_signal: str = "grad_sign"
-    sample_fraction: float = 1.0
-    normalisation: str = "layer"
-    sample_over: str = "batch"
-    precision: str = "full"
 
 
 def channel_dim(spec: CallSpec, u: torch.Tensor) -> int:

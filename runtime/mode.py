@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ghlc.errors import RuntimeGHLError, describe
+from ghlc.graph import HebbianRule
 
 from .calls import parse_call
 from .function import plastic_call
-from .hebbian import HebbianRule
 from .state import PlasticParam
 
 _MHA = F.multi_head_attention_forward

@@ -21,8 +21,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ghlc.errors import RuntimeGHLError
+from ghlc.graph import HebbianRule
 
-from .hebbian import ROWS, HebbianRule, Layout, combine
+from .hebbian import ROWS, Layout, combine
 
 # Weights at least this large (elements) get the in-call combine when it is safe (see
 # PlasticParam.can_fuse): one weight-sized buffer fewer at the step's peak.

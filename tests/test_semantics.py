@@ -978,8 +978,9 @@ def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw):
 def test_recompute_timing_conditions():
     """Where the split applies: large plain convs, softmax over the layer, exact or
     batch-sampled."""
+    from ghlc.graph import HebbianRule
     from ghlc.runtime.calls import CallSpec
-    from ghlc.runtime.hebbian import SPLIT_UNITS, HebbianRule, split_units
+    from ghlc.runtime.hebbian import SPLIT_UNITS, split_units
 
     spec = CallSpec("conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, nd=2)
     w = torch.empty(1536, 384, 3, 3)
