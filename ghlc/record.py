@@ -94,13 +94,22 @@ class _RecordMode(TorchFunctionMode):
             break
         return None, None
 
+    def owner_of(self, t: torch.Tensor) -> str | None:
+        """The parameter whose call output ``t`` is, or is a view of (a slice changed in place
+        changes the output too)."""
+        name = self.out_owner.get(id(t))
+        if name is None and t._is_view():
+            name = self.out_owner.get(id(t._base))
+        return name
+
     def handle(self, func, args, kwargs):
         parsed = parse_call(func, args, kwargs)
         src = self.prov_of((args, kwargs))
         if _is_inplace(func, kwargs):
             for leaf in tree_flatten((args[:1], kwargs.get("out")))[0]:
-                if isinstance(leaf, torch.Tensor) and id(leaf) in self.out_owner:
-                    self.rec.mutated.add(self.out_owner[id(leaf)])
+                owner = self.owner_of(leaf) if isinstance(leaf, torch.Tensor) else None
+                if owner is not None:
+                    self.rec.mutated.add(owner)
         out = func(*args, **kwargs)
         if parsed is not None:
             x, w, b, spec, _ = parsed
@@ -113,6 +122,8 @@ class _RecordMode(TorchFunctionMode):
                     self.rec.edges.add((s, name))
                 self.set_prov(out, frozenset([name]))
                 self.out_owner[id(out)] = name
+                if out._is_view():  # (F.linear on 3+ dims returns a view of its result)
+                    self.out_owner[id(out._base)] = name
                 return out
             where = self.stack[-1] if self.stack else "<root>"
             self.rec.skipped.append(

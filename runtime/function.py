@@ -118,6 +118,8 @@ class PlasticCall(torch.autograd.Function):
         if amp is not None:
             w = w.to(amp)
         out = spec.run(x, w, b)
+        if out._is_view():  # (F.linear on 3+ dims): autograd forbids changing a Function's
+            out = torch.ops.aten._unsafe_view(out, out.shape)  # view output in place
         site.note_call()
         ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
@@ -205,9 +207,15 @@ def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
 
 def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
                  copy_out: bool, view, h_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The call as backprop runs it; a hook on its output adds H to ``site`` when the output's
-    gradient arrives (before the call's own backward, so before the weight's gradient is
-    accumulated and combined). ``h_dtype``: see :func:`_hebbian_in`."""
+    """The call as backprop runs it; a hook on the autograd node that computes its weight
+    gradient adds H to ``site`` when that node runs (so before the weight's gradient is
+    accumulated and combined). ``h_dtype``: see :func:`_hebbian_in`.
+
+    The hook sits on the node, not on the output tensor: an output that is a view (``F.linear``
+    on an input of 3+ dims returns one) and is then changed in place gets a new autograd
+    history that skips the view's node, so a hook on the tensor would never run and the
+    weight would silently get backprop's plain gradient. The node that computed the output
+    (the base's, for a view) runs whenever this call contributes to the weight's gradient."""
     out = spec.run(x, w, b)
     site.note_call()
     # (x, w, b are held as they are: the hook runs without grad mode, so nothing is recorded;
@@ -226,7 +234,7 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
         held = [None, x, u, u._version, False]
     layout = (spec.transposed, spec.groups) if view is None else ROWS
 
-    def add_hebbian(g: torch.Tensor) -> None:
+    def add_hebbian(grad_outputs: tuple[torch.Tensor, ...]) -> None:
         if torch.is_grad_enabled():
             raise RuntimeGHLError(_create_graph_message(site))
         if not held:
@@ -241,8 +249,17 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
             h = _hebbian_in(spec, xs, u, w, b, site, h_dtype, presampled)
         site.add(h, view, layout)
 
-    out.register_hook(add_hebbian)
+    _producer(out).register_prehook(add_hebbian)
     return out
+
+
+def _producer(out: torch.Tensor) -> torch.autograd.graph.Node:
+    """The autograd node that computed a call's output: the output's own, or its base's
+    where the call returned a view."""
+    base = out._base if out._is_view() else None
+    node = (base if base is not None else out).grad_fn
+    assert node is not None, "a plastic call's output has no autograd history"
+    return node
 
 
 def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:

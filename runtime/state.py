@@ -83,6 +83,13 @@ def _register_step_hook() -> None:
         _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
 
 
+def _missing_term_message(layer: str) -> str:
+    return (f"layer {layer!r}: its weight's gradient arrived without the Hebbian term of its "
+            "plastic call, so GHL would silently be plain backprop here (a use ghlc does not "
+            "handle, or its output did not reach the loss while the weight got a gradient "
+            "elsewhere); please report the model")
+
+
 class PlasticParam:
     """Accumulator and autograd hooks for one plastic parameter."""
 
@@ -214,8 +221,12 @@ class PlasticParam:
                 p.grad = None
                 self._mark = True
             return g
-        if p is None or h is None:
+        if p is None:
             return g
+        if h is None:
+            if calls:  # a plastic call ran, yet its Hebbian term never reached the weight
+                raise RuntimeGHLError(_missing_term_message(self.layer))
+            return g  # no plastic call since the last backward: a plain use (documented)
         accumulating = self._accumulating(p)
         self._stepped = False
         if accumulating:

@@ -345,7 +345,8 @@ def test_trace_knows_which_outputs_backprop_keeps():
 
 def _kept_bytes(m, x, monkeypatch) -> int:
     """Bytes of the distinct storages a training forward keeps for backward: autograd's saved
-    tensors, and the tensors held by hooks registered on outputs during the forward."""
+    tensors, and the tensors held by hooks registered during the forward (on outputs, or on
+    the autograd nodes that computed them)."""
     seen: dict[int, int] = {}
 
     def note(t):
@@ -357,6 +358,17 @@ def _kept_bytes(m, x, monkeypatch) -> int:
         real = torch.Tensor.register_hook
         mp.setattr(torch.Tensor, "register_hook",
                    lambda self, fn: (hooks.append(fn), real(self, fn))[1])
+        producer = rt_function._producer
+
+        class Spy:
+            def __init__(self, node):
+                self.node = node
+
+            def register_prehook(self, fn):
+                hooks.append(fn)
+                return self.node.register_prehook(fn)
+
+        mp.setattr(rt_function, "_producer", lambda out: Spy(producer(out)))
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (note(t), t)[1], lambda t: t):
             out = m(x)
     for fn in hooks:
