@@ -105,8 +105,7 @@ def operand_key(*tensors: torch.Tensor) -> tuple:
     dtype, shape and memory format."""
     if not tensors:
         raise ValueError("operand_key needs at least one tensor")
-    return (tensors[0].device,) + tuple(
-        (str(t.dtype), tuple(t.shape), memory_format(t)) for t in tensors)
+    return (tensors[0].device,) + tuple((t.dtype, t.shape, memory_format(t)) for t in tensors)
 
 
 def choose(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], static: str,

@@ -49,7 +49,7 @@ def never(name: str):
 
 
 NEVER = {"a": never("a"), "b": never("b")}
-KEY = (torch.device("cpu"), ("torch.float32", (8, 3, 5, 5), "contiguous"))
+KEY = (torch.device("cpu"), (torch.float32, (8, 3, 5, 5), "contiguous"))
 
 
 @pytest.fixture(autouse=True)
@@ -146,8 +146,8 @@ def test_threads_dtypes_shapes_and_memory_formats_are_different_keys():
 def test_operand_key_names_device_dtype_shape_and_format():
     x = torch.zeros(2, 3, 4, 5, 6, dtype=torch.float64)
     assert measure.operand_key(x, x.to(memory_format=torch.channels_last_3d)) == (
-        torch.device("cpu"), ("torch.float64", (2, 3, 4, 5, 6), "contiguous"),
-        ("torch.float64", (2, 3, 4, 5, 6), "channels_last_3d"))
+        torch.device("cpu"), (torch.float64, (2, 3, 4, 5, 6), "contiguous"),
+        (torch.float64, (2, 3, 4, 5, 6), "channels_last_3d"))
     assert measure.memory_format(x.transpose(0, 1)) == "strides(120, 360, 30, 6, 1)"
 
 
