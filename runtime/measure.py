@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,6 +33,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from ghlc.errors import GHLError
+from ghlc.fileio import write_atomic
 
 from . import policy
 
@@ -295,20 +297,12 @@ def _read_disk(path: str) -> dict[str, str]:
 
 def _write_disk(path: str, device: torch.device, full: str, choice: str) -> None:
     """Add one choice to the cache file, merged with what other processes wrote meanwhile,
-    through a temporary file and a rename (a reader never sees half a file)."""
-    folder = os.path.dirname(path)
+    atomically (a reader never sees half a file); a failure warns once and is not fatal."""
     choices = {**_read_disk(path), **_load(path), full: choice}
     STORE.disk[path] = choices
     data = {"format": _FORMAT, "machine": machine_name(device), "choices": choices}
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=0, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        _warn_once("write:" + path, f"kernel cache {path} not written: {e}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, json.dumps(data, indent=0, sort_keys=True))
+    except (OSError, GHLError) as e:
+        _warn_once("write:" + path, f"kernel cache not written: {e}")
