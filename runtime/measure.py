@@ -35,7 +35,6 @@ from typing import Protocol
 import torch
 
 from ghlc.errors import GHLError
-from ghlc.fileio import write_atomic
 
 from . import policy
 
@@ -303,6 +302,19 @@ def _write_disk(path: str, device: torch.device, full: str, choice: str) -> None
     data = {"format": _FORMAT, "machine": machine_name(device), "choices": choices}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, json.dumps(data, indent=0, sort_keys=True))
+        _write_atomic(path, json.dumps(data, indent=0, sort_keys=True))
     except (OSError, GHLError) as e:
         _warn_once("write:" + path, f"kernel cache not written: {e}")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place: a reader
+    never sees half a file. (The runtime imports nothing from ghlc but the IR and errors.)"""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
