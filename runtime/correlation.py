@@ -103,8 +103,8 @@ def candidates(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
 def forward_form_pays(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor,
                       pol: DispatchPolicy) -> bool:
     """The policy's static rule for the forward form: small-output convs with many channels
-    and enough multiply-adds, on ``forward_form_devices`` (docs/PERFORMANCE.md, 'Forward
-    form')."""
+    and enough multiply-adds, on ``forward_form_devices`` (docs/PERFORMANCE.md, 'Why the
+    runtime chooses what it does')."""
     return (_forward_form_valid(spec, w) and cot.device.type in pol.forward_form_devices
             and min(w.shape[0], w.shape[1]) >= pol.forward_form_min_channels
             and cot.numel() * w.shape[1:].numel() >= pol.forward_form_min_macs
