@@ -1,8 +1,8 @@
 """The correlation sum y.x of one call: the call's weight gradient with cotangent ``cot``.
 
 Several exact ways compute it, each a function ``(spec, x, w, cot) -> Tensor`` giving the
-same sums: the vendor's weight-gradient call, the same call a block of output units at a time
-(unit blocks), a forward conv over the transposed operands (the forward form), and for Linear
+same sums: the vendor's weight-gradient call, the same call on blocks of output units (unit
+blocks), a forward conv over the transposed operands (the forward form), and for Linear
 one matmul. :func:`candidates` lists the ways that are valid for a call; :func:`choose` picks
 one (today :func:`static_choice`, the policy's thresholds). Beside them, the stacked call:
 backprop's dL/dW and the correlation from one weight-gradient call.
@@ -62,7 +62,7 @@ def forward_form(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
     conv of xpad^T (channels n) with kernel cot^T (dilation s), output stride d, cropped to
     the weight's extent and written in the weight's layout; ``block_units`` output units a
     call, so that the conv's (C_in, C_out) result and the written gradient coexist for one
-    block only."""
+    unit block only."""
     out = torch.empty_like(w, dtype=cot.dtype)
     xt, k, n = x.transpose(0, 1), w.shape[2:], w.shape[0]
     crop = (slice(None), slice(None), *(slice(0, m) for m in k))
@@ -194,7 +194,7 @@ def stacked_wgrads(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, b: torch.Te
 
 
 def units_per_block(n: int) -> int:
-    """Output units per unit block where a weight of ``n`` units is worked on a block at a
-    time (the in-call combine, the split timing's recomputed units): at most the policy's
+    """Output units per unit block where a weight of ``n`` units is worked on a unit block at
+    a time (the in-call combine, the split timing's recomputed units): at most the policy's
     ``block_units``, at least two blocks."""
     return max(1, min(policy.current().block_units, -(-n // 2)))

@@ -59,16 +59,16 @@ def activity_sums(spec: CallSpec, y: torch.Tensor, u: torch.Tensor, w: torch.Ten
 
 
 def unit_activity(spec: CallSpec, y: torch.Tensor, u: torch.Tensor,
-                  block: int | None = None) -> torch.Tensor:
-    """Per output unit, the sum of ``y * u`` over batch and positions, a block of samples (or
-    rows) at a time: a product temporary of at most ``block`` elements (default: the
+                  numel: int | None = None) -> torch.Tensor:
+    """Per output unit, the sum of ``y * u`` over batch and positions, a chunk of samples (or
+    rows) at a time: a product temporary of at most ``numel`` elements (default: the
     policy's ``dot_block_numel``)."""
-    block = policy.current().dot_block_numel if block is None else block
+    numel = policy.current().dot_block_numel if numel is None else numel
     if spec.kind == "linear":
         y, u = y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1])
     dims = [0, *range(2, y.dim())]
     n = y.shape[0]
-    rows = max(1, block // max(1, y.shape[1:].numel()))
+    rows = max(1, numel // max(1, y.shape[1:].numel()))
     s = (y[:rows] * u[:rows]).sum(dims)
     for r in range(rows, n, rows):
         s += (y[r:r + rows] * u[r:r + rows]).sum(dims)

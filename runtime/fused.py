@@ -103,18 +103,18 @@ def sign_combine_eager_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_sign_eager_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``a <- a * sign(g) / scale`` in place (one block of the in-call combine; ``g`` is
+    """``a <- a * sign(g) / scale`` in place (one unit block of the in-call combine; ``g`` is
     overwritten)."""
     return a.mul_(g.sign_()).div_(scale)
 
 
-def row_dots(c: torch.Tensor, w: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def row_dots(c: torch.Tensor, w: torch.Tensor, numel: int | None = None) -> torch.Tensor:
     """``<c[k], w[k]>`` for every k along dim 0 (real tensors of one shape). On CPU,
-    ``torch.linalg.vecdot`` over blocks of rows (a temporary of at most ``block`` elements,
+    ``torch.linalg.vecdot`` over chunks of rows (a temporary of at most ``numel`` elements,
     default the policy's ``dot_block_numel``): one torch.bmm of (1 x n) by (n x 1) matrices
     ran slower there and rounds more (docs/PERFORMANCE.md, 'Why the runtime chooses what it
     does'). Elsewhere that bmm (one kernel, no temporary)."""
-    block = policy.current().dot_block_numel if block is None else block
+    numel = policy.current().dot_block_numel if numel is None else numel
     k = c.shape[0]
     if c.is_contiguous():
         c2, w2 = c.view(k, -1), w.reshape(k, -1)
@@ -123,7 +123,7 @@ def row_dots(c: torch.Tensor, w: torch.Tensor, block: int | None = None) -> torc
         c2, w2 = c.permute(order).reshape(k, -1), w.permute(order).reshape(k, -1)
     if c.device.type != "cpu":
         return torch.bmm(c2.unsqueeze(1), w2.unsqueeze(2)).view(k)
-    rows = max(1, block // max(1, c2.shape[1]))
+    rows = max(1, numel // max(1, c2.shape[1]))
     if rows >= k:
         return torch.linalg.vecdot(c2, w2)
     out = c2.new_empty(k)

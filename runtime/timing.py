@@ -54,7 +54,7 @@ class Block:
 # Split timing (memory for time): large conv weights whose output backprop does not keep
 # have H of the first units computed in the forward pass and kept; for the last
 # ``split_units`` units only the softmax's per-position log-sum-exp is kept, and their output
-# and H are recomputed a block at a time in the backward pass. On CUDA the peak was within
+# and H are recomputed a unit block at a time in the backward pass. On CUDA the peak was within
 # the memory target without it, so there it would only cost time (docs/PERFORMANCE.md, 'Why
 # the runtime chooses what it does').
 def splits(hebbian_at: str, w: torch.Tensor) -> bool:

@@ -970,3 +970,29 @@ def test_recompute_timing_conditions():
     assert split_units(spec, torch.empty(512, 384, 3, 3), HebbianRule()) == 0  # too small
     with pytest.raises(ghlc.errors.ConfigError, match="hebbian_at"):
         ghlc.GHLConfig(hebbian_at="later")
+
+
+@pytest.mark.parametrize("in_call", [False, True], ids=["after-backward", "in-call"])
+@pytest.mark.parametrize("signal", ["none", "grad_sign"])
+def test_the_global_signal_comes_from_the_plastic_parameter(signal, in_call, override):
+    """The runtime combines by ``PlasticParam.global_signal`` (the IR's global-sign node),
+    not by the rule's field: set against the rule, it decides GHL or pure Hebbian, after
+    backward and in the call alike; the grads are the oracle's for that signal."""
+    if in_call:
+        override(in_call_combine_min_numel=0)
+    model, x, cfg = _build("vgg")
+    other = "grad_sign" if signal == "none" else "none"
+    cfg = dataclasses.replace(cfg, global_signal=other)
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    for n in names:
+        ghlc.runtime.runtime_of(m).sites[n].state.global_signal = signal
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    expected = {n: oracle.expected_grad(h[n], g[n], signal) for n in names}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    for _ in range(3):  # (the in-call combine from the second step on)
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        _assert_matches(m, expected, g)
+        opt.step()
