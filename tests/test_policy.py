@@ -151,3 +151,44 @@ def test_device_and_size_fields_gate_their_routes(monkeypatch):
         with policy.override(dot_block_numel=block):
             got = fused.row_dots(c, w)
         assert len(calls) == n and torch.allclose(got.double(), ref, rtol=1e-6), block
+
+
+def test_the_static_choice_is_a_candidate_and_every_candidate_gives_the_same_sums():
+    """For linear, plain, strided, 1x1, grouped and transposed calls, under the default policy
+    and one that makes every route pay: ``static_choice`` names one of ``candidates``, every
+    candidate gives the vendor call's sums (float64), and ``weight_vjp`` gives them too."""
+    import torch
+
+    from ghlc.runtime.calls import CallSpec
+
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    conv = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                    output_padding=(0, 0))
+    rep = dataclasses.replace
+    cases = [(CallSpec("linear"), rnd(6, 5), rnd(7, 5)),
+             (conv, rnd(2, 3, 6, 6), rnd(7, 3, 3, 3)),
+             (rep(conv, stride=(2, 1)), rnd(2, 3, 6, 6), rnd(7, 3, 3, 3)),
+             (conv, rnd(2, 3, 6, 6), rnd(7, 3, 1, 1)),
+             (rep(conv, groups=3), rnd(2, 3, 6, 6), rnd(6, 1, 3, 3)),
+             (rep(conv, transposed=True), rnd(2, 3, 6, 6), rnd(3, 5, 3, 3))]
+    eager = {"block_units": 3, "blocked_min_numel": 0, "forward_form_min_macs": 0,
+             "forward_form_min_channels": 0, "forward_form_max_reduction": 1 << 62}
+    seen = set()
+    for fields in ({}, eager, dict(eager, forward_form_devices=())):
+        with policy.override(**fields):
+            for spec, x, w in cases:
+                cot = torch.randn(spec.run(x, w, None).shape, dtype=torch.float64,
+                                  generator=gen)
+                ways = correlation.candidates(spec, x, w, cot)
+                static = correlation.static_choice(spec, w, cot, policy.current())
+                assert static in ways, (spec, static, list(ways))
+                seen.add(static)
+                want = (correlation.matmul if spec.kind == "linear" else correlation.vendor)(
+                    spec, x, w, cot)
+                for name, way in ways.items():
+                    assert torch.allclose(way(spec, x, w, cot), want, rtol=1e-12,
+                                          atol=1e-12), (spec, name)
+                assert torch.allclose(correlation.weight_vjp(spec, x, w, cot), want,
+                                      rtol=1e-12, atol=1e-12)
+    assert seen == {"matmul", "vendor", "unit_blocks", "forward_form"}
