@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.amp.grad_scaler import OptState
 
-from .runtime import state
+from .runtime.accumulate import is_plastic
+from .runtime.status import STATUS
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -20,13 +21,13 @@ class GradScaler(torch.amp.GradScaler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        state.SCALER_IN_USE = True
+        STATUS.scaler_in_use = True
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         if (self._enabled and self._scale is not None
                 and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY):
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.grad is not None and state.is_plastic(p):
+                    if p.grad is not None and is_plastic(p):
                         p.grad.mul_(self._scale.to(p.grad.device))
         super().unscale_(optimizer)

@@ -2,12 +2,13 @@
 
 from ghlc.graph import HebbianRule
 
+from .accumulate import PlasticParam
 from .calls import CallSpec, parse_call
+from .correlation import weight_vjp
 from .function import PlasticCall, plastic_call
-from .hebbian import combine, compete, hebbian_raw, normalise, weight_vjp
 from .install import install, runtime_of
 from .mode import GHLMode, Runtime, Site
-from .state import PlasticParam
+from .rule import combine, compete, hebbian_raw, normalise
 
 __all__ = [
     "CallSpec", "GHLMode", "HebbianRule", "PlasticCall", "PlasticParam", "Runtime", "Site",

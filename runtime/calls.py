@@ -100,3 +100,9 @@ def parse_call(func, args: tuple, kwargs: dict):
         pre_pad,
     )
     return x, w, a.get("bias"), spec, x.dim() == nd + 1
+
+
+def units_lead(spec: CallSpec, t: torch.Tensor) -> bool:
+    """Whether the weight-shaped ``t`` of this call has its output units along dim 0 (not a
+    transposed conv's weight, not a 1-D weight)."""
+    return (spec.kind == "linear" or not spec.transposed) and t.dim() > 1

@@ -1,63 +1,44 @@
-"""The autograd Function of one plastic call: plain forward, backward adds the Hebbian term.
+"""How one plastic call runs: plain forward, and its backward adds the Hebbian term.
 
-The Hebbian term H needs the call's input x and output u. Backprop keeps x anyway (for the
-weight gradient); whether it keeps u depends on the next op (BatchNorm does, ReLU does not).
-So each call picks when to compute H:
-
-- ``backward``: save u and compute H in the backward pass (free when u is kept anyway);
-- ``forward``: compute H right away and keep only H (weight-sized) until the backward pass;
-- ``block`` (the sampled mode over the batch): draw the block now, keep a copy of u's block
-  (a fraction of u) and compute H from it in the backward pass.
-
-``fast`` takes whichever keeps less memory alive between the passes (``forward``, or
-``backward`` / ``block``); ``recompute`` does too, but where that is ``forward`` for a large
-conv it keeps H of all but the last units and recomputes those in the backward pass
-(:func:`~.hebbian.hebbian_split`); ``auto`` is ``recompute`` on
-:data:`~.hebbian.SPLIT_DEVICES` and ``fast`` elsewhere. H is added to the parameter's
-accumulator only when the call's backward runs, whichever the timing.
-
+When H is computed is ``timing.py``'s choice (``hebbian_at``, resolved per call to ``at``).
 Most calls run backprop's own (C++) autograd node and add H from a hook on the output
 (:func:`_hooked_call`), which costs less host time than a Python autograd Function
 (``bench/overhead.py``). Calls that may combine H and G inside the call (the in-call combine:
-large weights on ``FUSE_DEVICES``) need their weight gradient in hand and run
-:class:`PlasticCall`; so do plain convs in a CUDA-graph step captured with
-``cuda_graph_step(..., stack_weight_grads=True)`` (on ``STACK_DEVICES``), whose backward
-computes backprop's weight gradient and the Hebbian correlation in one stacked
-weight-gradient call (host time is not replayed there, GPU time is). All give the same numbers
-(tests force each).
+large weights on the policy's ``in_call_combine_devices``) need their weight gradient in hand
+and run :class:`PlasticCall`; so do plain convs in a CUDA-graph step captured with
+``cuda_graph_step(..., stack_weight_grads=True)`` (on the policy's ``stack_devices``), whose
+backward computes backprop's weight gradient and the Hebbian correlation in one stacked
+weight-gradient call (host time is not replayed there, GPU time is). The policy's
+``hooked_calls=False`` runs every call through :class:`PlasticCall`. All give the same
+numbers (tests force each).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ghlc.errors import RuntimeGHLError, first_line
 
-from . import fused, state
+from . import fused, policy
+from .accumulate import PlasticParam, combine_in_call, in_call_sized, splits_by_unit
 from .calls import CallSpec
-from .hebbian import (
-    ROWS,
+from .correlation import stackable, stacked_wgrads
+from .rule import UNITS_LEAD, hebbian_raw
+from .sampled import block_fraction, sample_block
+from .status import STATUS
+from .timing import (
+    Block,
     SplitH,
-    block_fraction,
-    fusable,
-    fused_combine,
-    hebbian_raw,
+    choose_at,
     hebbian_split,
     hebbian_split_finish,
-    sample_block,
     split_units,
     splits,
-    stackable,
-    stacked_wgrads,
 )
-from .state import PlasticParam, fuse_sized
-
-HOOKS = True  # False: every call runs PlasticCall (tests and A/B measurements)
 
 
 def _grads(spec: CallSpec, g, x, w, need):
@@ -84,33 +65,13 @@ def _retained_graph_message(site: PlasticParam) -> str:
             "(retain_graph=True) is not supported")
 
 
-def choose_timing(timing: str, out_saved: bool, copy_out: bool, w_numel: int,
-                  out_numel: int, fraction: float = 1.0) -> str:
-    """``forward``, ``backward`` or ``block`` for one call (see the module docstring);
-    ``fraction``: :func:`~.hebbian.block_fraction` of the call's rule."""
-    if timing not in ("auto", "fast", "recompute"):
-        return timing
-    if out_saved and not copy_out:  # u is kept anyway
-        return "backward"
-    if fraction < 1.0:  # a copy of u's block against H
-        return "forward" if w_numel < out_numel * fraction else "block"
-    return "forward" if w_numel < out_numel else "backward"
-
-
-@dataclass
-class Block:
-    """What the ``block`` timing keeps between the passes (:func:`~.hebbian.sample_block`)."""
-
-    x: torch.Tensor
-    u: torch.Tensor
-
-
 class PlasticCall(torch.autograd.Function):
     """u = f(x; w) + b; backward returns ordinary grads and records H for ``site``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
-                copy_out: bool, view, stack: bool = False, amp: torch.dtype | None = None):
+    def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
+                out_saved: bool, copy_out: bool, view, stack: bool = False,
+                amp: torch.dtype | None = None):
         # amp: autocast's dtype; x and b come cast, w is cast here, so that the weight's
         # gradient (returned in w's dtype) reaches the parameter with no cast in between and
         # the in-call combine still applies; H is then in w's dtype (_hebbian_in)
@@ -123,13 +84,13 @@ class PlasticCall(torch.autograd.Function):
         site.note_call()
         ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
-        when = choose_timing(timing, out_saved, copy_out, w.numel(), out.numel(),
-                             block_fraction(site.rule))
-        if when == "block":
+        at = choose_at(hebbian_at, out_saved, copy_out, w.numel(), out.numel(),
+                       block_fraction(site.rule))
+        if at == "block":
             ctx.h = Block(*sample_block(spec, x, out.detach(), site.rule))
             ctx.save_for_backward(x, w, b)
-        elif when == "forward":
-            split = splits(timing, w) and h_dtype is None
+        elif at == "forward":
+            split = splits(hebbian_at, w) and h_dtype is None
             n_split = split_units(spec, w, site.rule) if split else 0
             if n_split:  # H of the last units recomputed in backward (hebbian_split)
                 ctx.h = hebbian_split(spec, x, out, w, b, site.rule, n_split)
@@ -155,8 +116,9 @@ class PlasticCall(torch.autograd.Function):
         x, w = saved[0], saved[1]
         spec, site = ctx.spec, ctx.site
         need = ctx.needs_input_grad[:3]
-        fuse = need[1] and ctx.view is None and fusable(spec) and site.can_fuse(w)
-        if ctx.stack and need[1] and not fuse and ctx.h is None and len(saved) == 4:
+        in_call = (need[1] and ctx.view is None and splits_by_unit(spec)
+                   and site.can_combine_in_call(w))
+        if ctx.stack and need[1] and not in_call and ctx.h is None and len(saved) == 4:
             gx = gb = None
             if need[0] or need[2]:
                 gx, _, gb = _grads(spec, g, x, w, (need[0], False, need[2]))
@@ -164,7 +126,7 @@ class PlasticCall(torch.autograd.Function):
             site.add(h, None, (spec.transposed, spec.groups))
             site.returned(gw, False)
             return gx, gw, gb, None, None, None, None, None, None, None, None
-        gx, gw, gb = _grads(spec, g, x, w, (need[0], not fuse, need[2]))
+        gx, gw, gb = _grads(spec, g, x, w, (need[0], not in_call, need[2]))
         if isinstance(ctx.h, SplitH):
             h, ctx.h = hebbian_split_finish(spec, w, saved[2], ctx.h, site.rule), None
         elif isinstance(ctx.h, Block):
@@ -176,15 +138,15 @@ class PlasticCall(torch.autograd.Function):
             raise RuntimeGHLError(_retained_graph_message(site))
         else:
             h = _hebbian_in(spec, x, saved[3].detach(), w, saved[2], site, ctx.h_dtype)
-        if fuse:
-            gw = fused_combine(spec, g, x, w, h, site.rule)  # (in h's dtype)
+        if in_call:  # (in h's dtype)
+            gw = combine_in_call(spec, g, x, w, h, site.rule, global_signal=site.global_signal)
         else:
-            layout = (spec.transposed, spec.groups) if ctx.view is None else ROWS
-            site.add(h, ctx.view, layout)
+            axes = (spec.transposed, spec.groups) if ctx.view is None else UNITS_LEAD
+            site.add(h, ctx.view, axes)
             if gw is not None and gw.dtype != ctx.w_dtype:  # (w was cast in the forward)
                 gw = gw.to(ctx.w_dtype)
         if need[1]:
-            site.returned(gw, fuse)
+            site.returned(gw, in_call)
         return gx, gw if need[1] else None, gb, None, None, None, None, None, None, None, None
 
 
@@ -205,8 +167,9 @@ def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
         return hebbian_raw(spec, x, u, w, b, site.rule, presampled=presampled, u_exact=False)
 
 
-def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_saved: bool,
-                 copy_out: bool, view, h_dtype: torch.dtype | None = None) -> torch.Tensor:
+def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
+                 out_saved: bool, copy_out: bool, view,
+                 h_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The call as backprop runs it; a hook on the autograd node that computes its weight
     gradient adds H to ``site`` when that node runs (so before the weight's gradient is
     accumulated and combined). ``h_dtype``: see :func:`_hebbian_in`.
@@ -220,19 +183,19 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
     site.note_call()
     # (x, w, b are held as they are: the hook runs without grad mode, so nothing is recorded;
     # only the output is detached, since a hook holding its own tensor would be a cycle)
-    when = choose_timing(timing, out_saved, copy_out, w.numel(), out.numel(),
-                         block_fraction(site.rule))
-    if when == "forward":
+    at = choose_at(hebbian_at, out_saved, copy_out, w.numel(), out.numel(),
+                   block_fraction(site.rule))
+    if at == "forward":
         with torch.no_grad():
             held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0,
                     False]
-    elif when == "block":
+    elif at == "block":
         xs, us = sample_block(spec, x, out.detach(), site.rule)
         held = [None, xs, us, us._version, True]
     else:  # the output shares its version counter with ``u``: in-place changes are seen
         u = out.detach().clone() if copy_out else out.detach()
         held = [None, x, u, u._version, False]
-    layout = (spec.transposed, spec.groups) if view is None else ROWS
+    axes = (spec.transposed, spec.groups) if view is None else UNITS_LEAD
 
     def add_hebbian(grad_outputs: tuple[torch.Tensor, ...]) -> None:
         if torch.is_grad_enabled():
@@ -247,7 +210,7 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, timing: str, out_s
                 raise RuntimeGHLError(
                     f"layer {site.layer!r}: its output was modified in place after the call")
             h = _hebbian_in(spec, xs, u, w, b, site, h_dtype, presampled)
-        site.add(h, view, layout)
+        site.add(h, view, axes)
 
     _producer(out).register_prehook(add_hebbian)
     return out
@@ -263,18 +226,22 @@ def _producer(out: torch.Tensor) -> torch.autograd.graph.Node:
 
 
 def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
-    """Whether the call may use the in-call combine (see PlasticParam.can_fuse), which only
-    PlasticCall's backward can do."""
-    return not HOOKS or (view is None and site.direct and fusable(spec) and fuse_sized(w))
+    """Whether the call may use the in-call combine (see PlasticParam.can_combine_in_call),
+    which only PlasticCall's backward can do, or the policy runs every call that way."""
+    return not policy.current().hooked_calls or (
+        view is None and site.direct and splits_by_unit(spec) and in_call_sized(w))
 
 
 def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
     """Whether the call's backward stacks the two weight gradients (see the module
     docstring): a stackable conv of the parameter itself, while a CUDA graph is captured
     with ``stack_weight_grads=True``."""
-    return (fused.stacking() and view is None and site.direct
-            and w.device.type in state.STACK_DEVICES and stackable(spec, site.rule)
-            and (state.STACK_MAX_NUMEL is None or w.numel() < state.STACK_MAX_NUMEL))
+    if not fused.stacking():
+        return False
+    pol = policy.current()
+    return (view is None and site.direct and w.device.type in pol.stack_devices
+            and stackable(spec, site.rule)
+            and (pol.stack_max_numel is None or w.numel() < pol.stack_max_numel))
 
 
 @functools.cache
@@ -299,7 +266,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
-                 copy_out: bool = False, view: tuple | None = None, timing: str = "auto",
+                 copy_out: bool = False, view: tuple | None = None, hebbian_at: str = "auto",
                  out_saved: bool = False) -> torch.Tensor:
     """Run one conv/linear call as a plastic call (handles unbatched and 'same' padding).
 
@@ -314,19 +281,19 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
         x = F.pad(x, list(spec.pre_pad))
     amp, h_dtype = autocast_dtype(x), None
     if amp is not None:
-        if amp == torch.float16 and not state.SCALER_IN_USE:
+        if amp == torch.float16 and not STATUS.scaler_in_use:
             _warn_float16()
         x, b, wc = _cast(x, amp), _cast(b, amp), _cast(w, amp)
         h_dtype = w.dtype if wc.dtype != w.dtype else None
         w = w if h_dtype is not None and _needs_function(spec, w, site, view) else wc
     if h_dtype is not None and w is not wc:  # the weight is cast inside the call
-        out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, False,
+        out = PlasticCall.apply(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view, False,
                                 wc.dtype)
     elif h_dtype is not None:
-        out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view, h_dtype)
+        out = _hooked_call(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view, h_dtype)
     elif (stack := _stacks(spec, w, site, view)) or _needs_function(spec, w, site, view):
-        out = PlasticCall.apply(x, w, b, spec, site, timing, out_saved, copy_out, view, stack)
+        out = PlasticCall.apply(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view, stack)
     else:
-        out = _hooked_call(x, w, b, spec, site, timing, out_saved, copy_out, view)
+        out = _hooked_call(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view)
     return out.squeeze(0) if unbatched else out
 

@@ -7,13 +7,14 @@ no weight-sized temporary. Each function has an eager twin with the same formula
 reference; tests compare them).
 
 A compiled call costs more CPU time than the kernels it saves in an eager CUDA step
-(measured on an H100: DeepHebb 6.8 -> 9.0 ms, launch-bound), and less GPU time (in a CUDA
-graph, where CPU time is not replayed: ResNet-18 7.1 -> 6.4 ms). So by default (``auto``)
-the fused kernels are used for CUDA tensors inside :func:`capturing` (which
+(launch-bound), and less GPU time in a CUDA graph, where CPU time is not replayed
+(docs/PERFORMANCE.md, 'Why the runtime chooses what it does'). So by default (the policy's
+``fused="auto"``) the fused kernels are used for CUDA tensors inside :func:`capturing` (which
 ``ghlc.cuda_graph_step`` enters for its warm-up steps and the capture) when Triton is
 available, and in eager steps only the Triton softmax, for large outputs. ``GHLC_FUSED`` in
-the environment, or :func:`set_mode`, selects ``on`` (always, also on CPU for the compiled
-ones: needs a C++ compiler, slow to compile) or ``off`` (eager formulas only). Inside a
+the environment (read when the policy is made), or ``policy.override(fused=...)``, selects
+``on`` (always, also on CPU for the compiled ones: needs a C++ compiler, slow to compile) or
+``off`` (eager formulas only). Inside a
 ``torch.compile`` (a plastic call is a graph break under ``torch.compile`` of a prepared model,
 so this only matters to code compiled some other way) the eager formulas are used. If a
 kernel fails to build, ghlc warns once and falls back.
@@ -23,63 +24,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from ghlc.errors import ConfigError, first_line
+from ghlc.errors import first_line
 
-MODES = ("auto", "on", "off")
-_mode = os.environ.get("GHLC_FUSED", "auto")
-_broken: str | None = None  # why compiling failed, once it has
-_triton_broken: str | None = None  # why the Triton softmax failed, once it has
-_capturing = 0  # depth of capturing() scopes
-_stacking = 0  # depth of capturing(stack=True) scopes
-# Eager steps use the Triton softmax from this output size on. On an H100 it saved time on
-# large outputs (ResNet-50 at 224x224, batch 64: 63.3 -> 58.8 ms per step) and showed no
-# resolvable gain on the 32x32 nets' outputs (at most 4.2 M elements; eager steps there are
-# CPU-bound and the A/B was within the benchmark's noise), so those keep the eager formula.
-TRITON_EAGER_MIN_NUMEL = 1 << 23
-
-
-def set_mode(mode: str) -> None:
-    """Select ``auto``, ``on`` or ``off`` for every later call (see the module docstring)."""
-    global _mode
-    if mode not in MODES:
-        raise ConfigError(f"fused mode {mode!r} is not one of {', '.join(MODES)}")
-    _mode = mode
+from . import policy
+from .status import STATUS
 
 
 def check_mode() -> None:
-    """Raise a one-line ConfigError for a bad ``GHLC_FUSED`` (checked by ``ghlc.compile``)."""
-    if _mode not in MODES:
-        raise ConfigError(f"GHLC_FUSED={_mode!r} is not one of {', '.join(MODES)}")
+    """Raise a one-line ConfigError for a bad ``GHLC_FUSED`` (checked when a model is built,
+    not at the first step): the policy reads and checks it when it is made."""
+    policy.current()
 
 
 def mode() -> str:
-    return _mode
+    """The policy's ``fused`` mode: ``auto``, ``on`` or ``off``."""
+    return policy.current().fused
 
 
 @contextlib.contextmanager
-def capturing(stack: bool = False):
+def capturing(stack: bool = False) -> Iterator[None]:
     """Scope of the warm-up steps and the capture of a CUDA graph: ``auto`` uses the compiled
     kernels here (compiled during the warm-up, replayed without their CPU cost). ``stack``:
     plain convs also stack their two weight gradients into one call (``stacked_wgrads``)."""
-    global _capturing, _stacking
-    _capturing += 1
-    _stacking += bool(stack)
+    STATUS.capturing += 1
+    STATUS.stacking += bool(stack)
     try:
         yield
     finally:
-        _capturing -= 1
-        _stacking -= bool(stack)
+        STATUS.capturing -= 1
+        STATUS.stacking -= bool(stack)
 
 
 def stacking() -> bool:
     """Inside a ``capturing(stack=True)`` scope."""
-    return _stacking > 0
+    return STATUS.stacking > 0
 
 
 @functools.cache
@@ -94,12 +77,12 @@ def _has_triton() -> bool:
 
 def active(t: torch.Tensor) -> bool:
     """Whether calls on ``t`` use the compiled kernels."""
-    if _broken is not None or _mode == "off" or torch.compiler.is_compiling():
+    mode = policy.current().fused
+    if STATUS.compile_broken is not None or mode == "off" or torch.compiler.is_compiling():
         return False
-    if _mode == "on":
+    if mode == "on":
         return True
-    check_mode()
-    return _capturing > 0 and t.is_cuda and _has_triton()
+    return STATUS.capturing > 0 and t.is_cuda and _has_triton()
 
 
 # ------------------------------------------------------------------ the formulas (eager)
@@ -120,23 +103,18 @@ def sign_combine_eager_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_sign_eager_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``a <- a * sign(g) / scale`` in place (one block of the in-call combine; ``g`` is
+    """``a <- a * sign(g) / scale`` in place (one unit block of the in-call combine; ``g`` is
     overwritten)."""
     return a.mul_(g.sign_()).div_(scale)
 
 
-# Rows per torch.linalg.vecdot call in row_dots on CPU: a product temporary of at most this
-# many elements (1 MB of float32).
-DOT_BLOCK_NUMEL = 1 << 18
-
-
-def row_dots(c: torch.Tensor, w: torch.Tensor, block: int = DOT_BLOCK_NUMEL) -> torch.Tensor:
+def row_dots(c: torch.Tensor, w: torch.Tensor, numel: int | None = None) -> torch.Tensor:
     """``<c[k], w[k]>`` for every k along dim 0 (real tensors of one shape). On CPU,
-    ``torch.linalg.vecdot`` over blocks of rows (a temporary of at most ``block`` elements):
-    one torch.bmm of (1 x n) by (n x 1) matrices ran slower there and rounds more (timed
-    inside training steps, ms per step: DeepHebb 3.6 against 2.8, ResNet-18 8.8 against
-    7.9; max error against float64 for a 512x512x3x3 weight 5.8e-4 against 3.1e-5;
-    ``bench/rule_ops.py --in-step``). Elsewhere that bmm (one kernel, no temporary)."""
+    ``torch.linalg.vecdot`` over chunks of rows (a temporary of at most ``numel`` elements,
+    default the policy's ``dot_block_numel``): one torch.bmm of (1 x n) by (n x 1) matrices
+    ran slower there and rounds more (docs/PERFORMANCE.md, 'Why the runtime chooses what it
+    does'). Elsewhere that bmm (one kernel, no temporary)."""
+    numel = policy.current().dot_block_numel if numel is None else numel
     k = c.shape[0]
     if c.is_contiguous():
         c2, w2 = c.view(k, -1), w.reshape(k, -1)
@@ -145,7 +123,7 @@ def row_dots(c: torch.Tensor, w: torch.Tensor, block: int = DOT_BLOCK_NUMEL) -> 
         c2, w2 = c.permute(order).reshape(k, -1), w.permute(order).reshape(k, -1)
     if c.device.type != "cpu":
         return torch.bmm(c2.unsqueeze(1), w2.unsqueeze(2)).view(k)
-    rows = max(1, block // max(1, c2.shape[1]))
+    rows = max(1, numel // max(1, c2.shape[1]))
     if rows >= k:
         return torch.linalg.vecdot(c2, w2)
     out = c2.new_empty(k)
@@ -205,24 +183,22 @@ def _oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
     return dst
 
 
-_compiled: dict[str, Callable] = {}
-
-
 def _get(name: str, fn: Callable) -> Callable:
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)  # shapes vary by layer
-    return _compiled[name]
+    compiled = STATUS.compiled
+    if name not in compiled:
+        compiled[name] = torch.compile(fn, dynamic=True)  # shapes vary by layer
+    return compiled[name]
 
 
 def _run(name: str, fn: Callable, eager: Callable, *args):
-    global _broken
     try:
         return _get(name, fn)(*args)
     except Exception as e:  # a compiler/toolchain failure: fall back to the reference
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
-        _broken = f"{type(e).__name__}: {first_line(e)}"
-        warnings.warn(f"ghlc: compiling the fused Hebbian kernels failed ({_broken}); "
+        STATUS.compile_broken = f"{type(e).__name__}: {first_line(e)}"
+        warnings.warn(f"ghlc: compiling the fused Hebbian kernels failed "
+                      f"({STATUS.compile_broken}); "
                       "using the eager formulas", RuntimeWarning, stacklevel=3)
         return eager(*args)
 
@@ -230,18 +206,20 @@ def _run(name: str, fn: Callable, eager: Callable, *args):
 def _triton_softmax(v: torch.Tensor) -> Callable | None:
     """The hand-written Triton channel softmax, where it applies: CUDA tensors with Triton
     available, outside an outer torch.compile; in ``auto`` mode inside :func:`capturing`, or
-    in an eager step for outputs of at least TRITON_EAGER_MIN_NUMEL elements."""
-    global _triton_broken
-    if _mode == "off" or _triton_broken is not None or not v.is_cuda:
+    in an eager step for outputs of at least the policy's ``triton_eager_min_numel`` elements
+    (docs/PERFORMANCE.md, 'Why the runtime chooses what it does')."""
+    pol = policy.current()
+    if pol.fused == "off" or STATUS.triton_broken is not None or not v.is_cuda:
         return None
-    if _mode == "auto" and _capturing == 0 and v.numel() < TRITON_EAGER_MIN_NUMEL:
+    if (pol.fused == "auto" and STATUS.capturing == 0
+            and v.numel() < pol.triton_eager_min_numel):
         return None
     if torch.compiler.is_compiling() or not _has_triton():
         return None
     try:
         from .triton_softmax import channel_softmax
     except Exception as e:  # pragma: no cover - a broken Triton install
-        _triton_broken = f"{type(e).__name__}: {e}"
+        STATUS.triton_broken = f"{type(e).__name__}: {e}"
         return None
     return channel_softmax
 
@@ -250,7 +228,6 @@ def _triton_call(v: torch.Tensor, dim: int, t: float,
                  out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The Triton softmax where :func:`_triton_softmax` allows; None elsewhere or, once, when
     it fails to build (with a warning; the caller falls back)."""
-    global _triton_broken
     kernel = _triton_softmax(v)
     if kernel is None:
         return None
@@ -259,8 +236,8 @@ def _triton_call(v: torch.Tensor, dim: int, t: float,
     except Exception as e:  # a Triton compile failure: fall back, once
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
-        _triton_broken = f"{type(e).__name__}: {first_line(e)}"
-        warnings.warn(f"ghlc: the Triton softmax kernel failed ({_triton_broken}); using "
+        STATUS.triton_broken = f"{type(e).__name__}: {first_line(e)}"
+        warnings.warn(f"ghlc: the Triton softmax kernel failed ({STATUS.triton_broken}); using "
                       "the compiled or eager formula", RuntimeWarning, stacklevel=3)
         return None
 

@@ -7,8 +7,8 @@ Two ways to reach the plastic calls:
 - where the trace found every plastic call to be its own stock ``nn.Conv{1,2,3}d`` /
   ``nn.Linear`` module's forward (most models), those modules' ``forward`` is replaced by a
   plastic one (:class:`PlasticForward`) and no mode is entered. The other torch calls of the
-  forward then cost nothing extra (a Python function mode costs several microseconds on every
-  call: measured by ``bench/overhead.py``).
+  forward then cost nothing extra (a Python function mode costs host time on every call:
+  ``bench/overhead.py``, docs/PERFORMANCE.md).
 
 Under ``torch.compile`` each plastic module call is a graph break (it runs eagerly), and a
 model that needs the mode runs its whole training forward eagerly (:class:`EagerTraining`,

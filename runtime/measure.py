@@ -126,7 +126,7 @@ def choose(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], 
     if hit is not None and hit in candidates:
         STORE.hits += 1
         return hit
-    if _capturing():
+    if _stream_capturing():
         return static  # timing now would record the candidates into the graph
     full = _full_key(op, key, mem[2])
     device = _device_of(key)
@@ -215,7 +215,7 @@ def _synchroniser(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _capturing() -> bool:
+def _stream_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

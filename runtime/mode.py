@@ -19,9 +19,9 @@ from torch.overrides import TorchFunctionMode
 from ghlc.errors import RuntimeGHLError, describe
 from ghlc.graph import HebbianRule
 
+from .accumulate import PlasticParam
 from .calls import parse_call
 from .function import plastic_call
-from .state import PlasticParam
 
 _MHA = F.multi_head_attention_forward
 _LINEAR = F.linear
@@ -42,12 +42,13 @@ class Site:
     """Settings of one plastic parameter, as the runtime sees them."""
 
     def __init__(self, name: str, layer: str, rule: HebbianRule, weight_use: str = "direct",
-                 copy_out: bool = False, out_saved: bool = False, timing: str = "auto",
+                 copy_out: bool = False, out_saved: bool = False, hebbian_at: str = "auto",
                  accumulation: str = "auto", module_call: bool = False) -> None:
-        self.state = PlasticParam(name, rule, layer, accumulation)
+        self.state = PlasticParam(name, rule, layer, accumulation,
+                                  global_signal=rule.global_signal)
         self.state.direct = weight_use == "direct"
         self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
-        self.out_saved, self.timing, self.module_call = out_saved, timing, module_call
+        self.out_saved, self.hebbian_at, self.module_call = out_saved, hebbian_at, module_call
         self.param: torch.Tensor | None = None
 
 
@@ -111,7 +112,7 @@ class Runtime:
         site.state.arm(site.param)
         try:
             return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view,
-                                site.timing, site.out_saved)
+                                site.hebbian_at, site.out_saved)
         except Exception as e:
             raise RuntimeGHLError(f"layer {site.layer!r} at {_user_line()}: {describe(e)}") from e
 

@@ -30,6 +30,16 @@ def _env_flag(name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={v!r}: expected on or off")
 
 
+FUSED_MODES = ("auto", "on", "off")
+
+
+def _env_fused() -> str:
+    v = os.environ.get("GHLC_FUSED", "auto")
+    if v not in FUSED_MODES:
+        raise ConfigError(f"GHLC_FUSED={v!r} is not one of {', '.join(FUSED_MODES)}")
+    return v
+
+
 @dataclass(frozen=True)
 class DispatchPolicy:
     """How the runtime computes the rule's numbers (never which numbers)."""
@@ -72,6 +82,15 @@ class DispatchPolicy:
     triton_eager_min_numel: int = 1 << 23
     # Largest product temporary of the blocked per-unit dot products.
     dot_block_numel: int = 1 << 18
+    # The fused kernels (fused.py): "auto" (compiled kernels inside a CUDA graph's capture,
+    # the Triton softmax there and for large eager outputs), "on" (always, also the compiled
+    # ones on CPU) or "off" (eager formulas only). Default from GHLC_FUSED.
+    fused: str = dataclasses.field(default_factory=_env_fused)
+
+    def __post_init__(self) -> None:
+        if self.fused not in FUSED_MODES:
+            raise ConfigError(
+                f"fused={self.fused!r} is not one of {', '.join(FUSED_MODES)}")
 
 
 _STACK: list[DispatchPolicy] = []

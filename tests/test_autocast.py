@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ghlc
-import ghlc.runtime.state as st
-from ghlc.runtime.hebbian import fused_combine
+from ghlc.runtime.accumulate import combine_in_call
+from ghlc.runtime.status import STATUS
 
 AMP = torch.bfloat16
 DEVICES = ["cpu", pytest.param("cuda", marks=[
@@ -83,12 +83,11 @@ def check(m: nn.Module, want: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("timing", ["auto", "forward", "backward"])
 @pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "function"])
 def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, hooks,
-                                                               monkeypatch):
+                                                               monkeypatch, override):
     """Both runtimes: backprop's node with the output hook, and PlasticCall (which casts the
     weight itself under autocast)."""
-    from ghlc.runtime import function
 
-    monkeypatch.setattr(function, "HOOKS", hooks)
+    override(hooked_calls=hooks)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same kernels
     base = model().to(device)
     x = torch.randn(4, 3, 8, 8).to(device)
@@ -110,16 +109,16 @@ def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, h
 
 
 @pytest.mark.parametrize("precision", ["full", "autocast"])
-def test_autocast_after_plain_steps_with_the_in_call_combine(precision, monkeypatch):
+def test_autocast_after_plain_steps_with_the_in_call_combine(precision, monkeypatch, override):
     """A weight that takes the in-call combine in plain steps keeps it under autocast (the
     call casts the weight itself, so its gradient reaches the parameter as returned), with
     the oracle's gradients, and after autocast steps too."""
     from ghlc.runtime import function
 
-    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
+    override(in_call_combine_min_numel=0)
     combines = []
-    monkeypatch.setattr(function, "fused_combine",
-                        lambda *a, **k: combines.append(a[4].dtype) or fused_combine(*a, **k))
+    monkeypatch.setattr(function, "combine_in_call",
+                        lambda *a, **k: combines.append(a[4].dtype) or combine_in_call(*a, **k))
     base = model()
     x = torch.randn(4, 3, 8, 8)
     m = ghlc.prepare(copy.deepcopy(base), (x[:1],), ghlc.GHLConfig(hebbian_precision=precision))
@@ -197,7 +196,7 @@ def test_grad_scaler_leaves_the_plastic_gradients_unscaled(monkeypatch):
     weights back |H|*sign(G) as backward left it (torch's would divide it by the scale), and
     unscales every other gradient as torch's does; its step moves a plastic weight by
     lr * |H|*sign(G)."""
-    monkeypatch.setattr(st, "SCALER_IN_USE", False)
+    monkeypatch.setattr(STATUS, "scaler_in_use", False)
     base = model()
     x = torch.randn(4, 3, 8, 8)
     plastic = ["0.weight", "3.weight"]
@@ -221,13 +220,13 @@ def test_grad_scaler_leaves_the_plastic_gradients_unscaled(monkeypatch):
             scaler.update()
             for n in plastic:
                 assert torch.allclose(params[n].detach(), w0[n] - 0.5 * before[n], atol=1e-7), n
-    assert st.SCALER_IN_USE
+    assert STATUS.scaler_in_use
 
 
 def test_float16_autocast_warns_about_torch_grad_scaler(monkeypatch):
     from ghlc.runtime import function
 
-    monkeypatch.setattr(st, "SCALER_IN_USE", False)
+    monkeypatch.setattr(STATUS, "scaler_in_use", False)
     function._warn_float16.cache_clear()
     m = ghlc.prepare(model(), (torch.randn(1, 3, 8, 8),))
     with pytest.warns(UserWarning, match="ghlc.GradScaler"):

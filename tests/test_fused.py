@@ -15,19 +15,18 @@ from test_semantics import (
 )
 
 import ghlc
-from ghlc.runtime import fused
+from ghlc.runtime import fused, policy
+from ghlc.runtime.status import STATUS
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
                               reason="Inductor's CPU backend needs a C++ compiler")
 
 
 @pytest.fixture
-def fused_on():
-    old = fused.mode()
-    fused.set_mode("on")
-    yield
-    fused.set_mode(old)
-    fused._broken = None
+def fused_on(monkeypatch):
+    monkeypatch.setattr(STATUS, "compile_broken", None)  # (restored after a failure test)
+    with policy.override(fused="on"):
+        yield
 
 
 @needs_cc
@@ -68,7 +67,7 @@ def test_compiled_kernels_equal_eager_twins(fused_on):
             assert fn(src, w, extra, dst).data_ptr() == dst.data_ptr()
             torch.testing.assert_close(dst, buf)
             assert torch.equal(src, c)  # c is left as it was
-    assert fused._broken is None
+    assert STATUS.compile_broken is None
 
 
 @needs_cc
@@ -77,7 +76,7 @@ def test_step_with_compiled_kernels_matches_oracle(fused_on, fused_calls, name):
     """Every path that uses a compiled kernel (softmax, in-place combine, in-call combine);
     the second step combines inside the calls."""
     _steps_against_oracle(name, fused_calls, steps=2)
-    assert fused._broken is None
+    assert STATUS.compile_broken is None
 
 
 def test_compile_failure_falls_back_to_eager(fused_on, monkeypatch):
@@ -86,7 +85,7 @@ def test_compile_failure_falls_back_to_eager(fused_on, monkeypatch):
             raise RuntimeError("no compiler here")
         return call
 
-    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(STATUS, "compiled", {})
     monkeypatch.setattr(torch, "compile", broken)
     v = torch.randn(2, 5, 3, 3)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
@@ -96,16 +95,23 @@ def test_compile_failure_falls_back_to_eager(fused_on, monkeypatch):
 
 
 def test_mode_off_and_bad_mode(monkeypatch):
-    old = fused.mode()
-    try:
-        fused.set_mode("off")
-        assert not fused.active(torch.zeros(1))
-        with pytest.raises(ghlc.ConfigError, match="not one of"):
-            fused.set_mode("fast")
-    finally:
-        fused.set_mode(old)
+    """The policy's ``fused`` field: "off" keeps the eager formulas, "on" the compiled ones
+    everywhere; a bad value, from an override or from GHLC_FUSED (read when the policy is
+    made, so a prepare in a fresh process fails), is a one-line error."""
+    with policy.override(fused="on"):
+        assert fused.mode() == "on" and fused.active(torch.zeros(1))
+        with policy.override(fused="off"):
+            assert fused.mode() == "off" and not fused.active(torch.zeros(1))
+    with pytest.raises(ghlc.ConfigError, match=r"^fused='fast' is not one of auto, on, off$"):
+        with policy.override(fused="fast"):
+            pass
     assert not fused.active(torch.zeros(1))  # auto: CPU tensors stay eager
-    monkeypatch.setattr(fused, "_mode", "fast")  # as from GHLC_FUSED=fast
+    monkeypatch.setenv("GHLC_FUSED", "on")
+    assert policy.DispatchPolicy().fused == "on"
+    monkeypatch.setenv("GHLC_FUSED", "fast")
+    with pytest.raises(ghlc.ConfigError, match=r"^GHLC_FUSED='fast' is not one of auto, on, off$"):
+        policy.DispatchPolicy()
+    monkeypatch.setattr(policy, "_STACK", [])  # as in a fresh process
     model, x, cfg = _build("vgg")
     with pytest.raises(ghlc.ConfigError, match=r"^GHLC_FUSED='fast' is not one of auto, on, off$"):
         ghlc.prepare(model, (x,), config=cfg)
@@ -153,17 +159,17 @@ def test_triton_failure_falls_back_once(monkeypatch):
         calls.append(1)
         raise RuntimeError("no ptxas\nmore")
 
-    monkeypatch.setattr(fused, "_triton_broken", None)
+    monkeypatch.setattr(STATUS, "triton_broken", None)
     monkeypatch.setattr(fused, "_triton_softmax",
-                        lambda v: None if fused._triton_broken else broken)
+                        lambda v: None if STATUS.triton_broken else broken)
     v = torch.randn(2, 5, 3, 3)
     with pytest.warns(RuntimeWarning, match="Triton softmax kernel failed .*no ptxas"):
         y = fused.softmax(v, 1, 0.5)
     torch.testing.assert_close(y, fused.softmax_eager(v, 1, 0.5))
-    assert fused._triton_broken == "RuntimeError: no ptxas"
+    assert STATUS.triton_broken == "RuntimeError: no ptxas"
     out = torch.zeros(2, 5, 3, 3)
     assert not fused.softmax_into(v, 1, 0.5, out) and not out.any() and len(calls) == 1
-    monkeypatch.setattr(fused, "_triton_broken", None)
+    monkeypatch.setattr(STATUS, "triton_broken", None)
     with pytest.warns(RuntimeWarning):
         assert not fused.softmax_into(v, 1, 0.5, out)
     assert not out.any() and len(calls) == 2
@@ -177,7 +183,7 @@ def test_row_dots_match_float64_sums():
         c, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         ref = (c.double() * w.double()).flatten(1).sum(1)
         per_row = c[0].numel()
-        for block in (1, 2 * per_row + 1, 3 * per_row, 10 ** 9, fused.DOT_BLOCK_NUMEL):
+        for block in (1, 2 * per_row + 1, 3 * per_row, 10 ** 9, policy.current().dot_block_numel):
             got = fused.row_dots(c, w, block)
             assert got.shape == (shape[0],) and got.dtype == c.dtype
             torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)

@@ -141,9 +141,9 @@ def test_cuda_graph_step_equals_eager_steps(sample, over, stack, monkeypatch):
     batch or grid offset every time (patched), so that the graph's window, fixed at capture,
     is eager's too. (At 0.25 over the batch, c2 keeps a copy of its output's block instead of
     H: the block timing.)"""
-    from ghlc.runtime import hebbian
+    from ghlc.runtime import sampled
 
-    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
     torch.manual_seed(0)
     base = Small().cuda()
     xs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(3)]
@@ -248,7 +248,9 @@ def test_train_with_cuda_graph_matches_eager_training(tmp_path, method):
 def test_cuda_sampled_positions_match_cpu_float64(layer, shape, monkeypatch):
     """The positions grid on CUDA (every offset) against the same grid on CPU in float64
     (itself checked against the reference in test_rule_parity)."""
-    from ghlc.runtime import hebbian
+    from ghlc.graph import HebbianRule
+    from ghlc.runtime import rule as rule_module
+    from ghlc.runtime import sampled
     from ghlc.runtime.calls import CallSpec
 
     torch.manual_seed(0)
@@ -259,15 +261,15 @@ def test_cuda_sampled_positions_match_cpu_float64(layer, shape, monkeypatch):
     if pad == "same":
         pad = tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))
     spec = CallSpec("conv", nd, False, layer.stride, pad, layer.dilation, (), layer.groups)
-    rule = hebbian.HebbianRule(sample_fraction=0.25, sample_over="positions")
-    steps = hebbian.grid_steps(0.25, nd)
+    rule = HebbianRule(sample_fraction=0.25, sample_over="positions")
+    steps = sampled.grid_steps(0.25, nd)
     u = spec.run(x, w, b)
     for offsets in itertools.product(*[range(min(q, o)) for q, o in zip(steps, u.shape[2:])]):
         it = iter(offsets * 2)
-        monkeypatch.setattr(hebbian, "draw", lambda n, it=it: next(it))
-        ref = hebbian.hebbian_raw(spec, x, u, w, b, rule)
+        monkeypatch.setattr(sampled, "draw", lambda n, it=it: next(it))
+        ref = rule_module.hebbian_raw(spec, x, u, w, b, rule)
         xc, wc, bc = x.float().cuda(), w.float().cuda(), b.float().cuda()
-        got = hebbian.hebbian_raw(spec, xc, spec.run(xc, wc, bc), wc, bc, rule)
+        got = rule_module.hebbian_raw(spec, xc, spec.run(xc, wc, bc), wc, bc, rule)
         err = ((got.double().cpu() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, (offsets, err)
 
@@ -276,25 +278,24 @@ def test_cuda_sampled_positions_match_cpu_float64(layer, shape, monkeypatch):
 def test_cuda_sampled_batch_matches_oracle(name, monkeypatch):
     """The sampled mode over the batch on CUDA (the block timing where the block is smaller
     than H and backprop does not keep u) against the oracle's sums over the same block."""
-    from ghlc.runtime import hebbian
+    from ghlc.runtime import sampled
 
-    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
     rule = {"sample_fraction": 0.25, "sample_over": "batch", "draw": lambda n: n - 1}
     two_steps_against_oracle(name, oracle_rule=rule, sample_fraction=0.25)
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
 @pytest.mark.parametrize("norm", ["layer", "unit"])
-def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, norm):
+def test_cuda_in_call_combine_and_normalisation_match_oracle(monkeypatch, name, norm, override):
     """Every weight takes the in-call (blockwise) combine from the second step on, with the
     compiled kernels (as inside cuda_graph_step); two steps at lr 0 against the float64
     oracle."""
-    import ghlc.runtime.state as st
-    from ghlc.runtime import fused
+    from ghlc.runtime.status import STATUS
 
-    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
-    monkeypatch.setattr(st, "FUSE_DEVICES", {"cpu", "cuda"})  # off on CUDA by default
-    monkeypatch.setattr(fused, "_capturing", 1)  # as in cuda_graph_step
+    override(in_call_combine_min_numel=0)
+    override(in_call_combine_devices=("cpu", "cuda"))  # off on CUDA by default
+    monkeypatch.setattr(STATUS, "capturing", 1)  # as in cuda_graph_step
     m = two_steps_against_oracle(name, normalisation=norm)
     sites = ghlc.runtime.runtime_of(m).sites
     assert any(s.state.single_use for s in sites.values())
@@ -306,17 +307,18 @@ def test_cuda_channels_last_models_match_oracle(monkeypatch, name, kernels):
     """A channels-last model and input on CUDA, with the eager formulas or the fused kernels
     (Triton softmax, compiled decay and combination, as inside cuda_graph_step): two steps
     against the float64 oracle, each plastic gradient in its weight's layout."""
-    from ghlc.runtime import fused
+    from ghlc.runtime.status import STATUS
 
     if kernels == "fused":
-        monkeypatch.setattr(fused, "_capturing", 1)
+        monkeypatch.setattr(STATUS, "capturing", 1)
     m = two_steps_against_oracle(name, memory_format=torch.channels_last)
     for n in ghlc.runtime.runtime_of(m).sites:
         assert m.get_parameter(n).grad.is_contiguous(memory_format=torch.channels_last), n
 
 
-def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
+def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch, override):
     from ghlc.runtime import fused
+    from ghlc.runtime.status import STATUS
 
     assert not fused.active(torch.zeros(1, device="cuda"))  # eager steps: eager formulas
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -326,15 +328,15 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
         if cl:
             v = v.contiguous(memory_format=torch.channels_last)
         if fused._triton_softmax(v) is None:  # eager step, small output: the eager formula
-            monkeypatch.setattr(fused, "TRITON_EAGER_MIN_NUMEL", 0)
+            override(triton_eager_min_numel=0)
         if fused._triton_softmax(v) is None:
             break  # no Triton here
         y = fused.softmax(v, dim, 0.7)
         assert y.stride() == v.stride()
         torch.testing.assert_close(y.double(), torch.softmax(v.double() * 0.7, dim),
                                    rtol=1e-5, atol=1e-7)
-    assert fused._triton_broken is None
-    monkeypatch.setattr(fused, "_capturing", 1)
+    assert STATUS.triton_broken is None
+    monkeypatch.setattr(STATUS, "capturing", 1)
     if not fused.active(torch.zeros(1, device="cuda")):
         pytest.skip("no Triton: the compiled kernels are off on this machine")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -347,7 +349,7 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch):
     buf = h.clone()
     assert fused.sign_combine_(buf, gr).data_ptr() == buf.data_ptr()
     torch.testing.assert_close(buf, ref)
-    assert fused._broken is None
+    assert STATUS.compile_broken is None
 
 
 def test_cuda_triton_softmax_into_a_channel_slice():
@@ -373,7 +375,7 @@ def test_cuda_stacked_weight_gradients_match_oracle(monkeypatch, name):
     stackable convs compute backprop's weight gradient and the Hebbian correlation in one
     call; two steps at lr 0 against the float64 oracle."""
     import ghlc.runtime.function as fn
-    from ghlc.runtime import fused
+    from ghlc.runtime.status import STATUS
 
     calls = []
     orig = fn.stacked_wgrads
@@ -383,7 +385,7 @@ def test_cuda_stacked_weight_gradients_match_oracle(monkeypatch, name):
         return orig(*a, **k)
 
     monkeypatch.setattr(fn, "stacked_wgrads", spy)
-    monkeypatch.setattr(fused, "_capturing", 1)
-    monkeypatch.setattr(fused, "_stacking", 1)
+    monkeypatch.setattr(STATUS, "capturing", 1)
+    monkeypatch.setattr(STATUS, "stacking", 1)
     two_steps_against_oracle(name, hebbian_at="backward")
     assert calls

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from oracle import expected_grad, run_plain
 
 import ghlc
-import ghlc.runtime.function as rt_function
-import ghlc.runtime.state as rt_state
+import ghlc.runtime.accumulate as rt_accumulate
 
 LINEAR = ghlc.GHLConfig(plastic=("conv", "linear"))
 
@@ -103,8 +102,8 @@ def test_linear_output_changed_in_place_gets_the_rule(inplace, shape):
 @pytest.mark.parametrize("hooked", [True, False], ids=["hooked", "function"])
 @pytest.mark.parametrize("hebbian_at", ["auto", "forward", "backward"])
 def test_every_call_path_and_timing_delivers_the_rule(interception, hooked, hebbian_at,
-                                                      monkeypatch):
-    monkeypatch.setattr(rt_function, "HOOKS", hooked)
+                                                      override):
+    override(hooked_calls=hooked)
     cfg = dataclasses.replace(LINEAR, interception=interception, hebbian_at=hebbian_at)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     _check(LinearThenInPlace("relu"), x, cfg, ["a.weight", "b.weight"])
@@ -117,9 +116,9 @@ def test_functional_use_on_nd_input_changed_in_place_gets_the_rule():
     _check(LinearThenInPlace("add", functional=True), x, LINEAR, ["a.weight", "b.weight"])
 
 
-def test_in_call_combine_with_nd_input_changed_in_place(monkeypatch):
+def test_in_call_combine_with_nd_input_changed_in_place(override):
     """The in-call combine starts on the second step (single use is checked on the first)."""
-    monkeypatch.setattr(rt_state, "FUSE_MIN_NUMEL", 0)
+    override(in_call_combine_min_numel=0)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     _check(LinearThenInPlace("relu"), x, LINEAR, ["a.weight", "b.weight"], steps=3)
 
@@ -127,7 +126,7 @@ def test_in_call_combine_with_nd_input_changed_in_place(monkeypatch):
 def test_a_gradient_without_its_hebbian_term_is_an_error(monkeypatch):
     """The guard: should a call's term ever be lost, the backward pass stops with a one-line
     error naming the layer instead of leaving plain backprop's gradient."""
-    monkeypatch.setattr(rt_state.PlasticParam, "add", lambda self, *a, **k: None)
+    monkeypatch.setattr(rt_accumulate.PlasticParam, "add", lambda self, *a, **k: None)
     model = LinearThenInPlace(None)
     x = torch.randn(2, 5, 8)
     m = ghlc.prepare(model, example_inputs=(x,), config=LINEAR).train()

@@ -24,7 +24,6 @@ from torch.overrides import _get_current_function_mode_stack
 from zoo import BY_NAME, ZOO
 
 import ghlc
-import ghlc.runtime.function as rt_function
 
 ALL = ghlc.GHLConfig(plastic=("conv", "linear"), include=("*",))  # every layer plastic
 MODE = dataclasses.replace(ALL, interception="mode")
@@ -240,12 +239,12 @@ def test_interception_is_checked():
                                 {"sample_fraction": 0.25, "sample_over": "positions"}],
                          ids=["auto", "backward", "forward", "sampled", "positions"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_output_hooks_match_the_autograd_function(name, kw, monkeypatch):
+def test_output_hooks_match_the_autograd_function(name, kw, override):
     """Both ways of running a plastic call give bit-identical gradients, step after step."""
     entry = BY_NAME[name]
     grads = {}
     for hooks in (True, False):
-        monkeypatch.setattr(rt_function, "HOOKS", hooks)
+        override(hooked_calls=hooks)
         model, x = entry.make()
         cfg = ghlc.GHLConfig(**entry.config_kwargs(), **kw)
         m = ghlc.prepare(model, (x,), cfg)
@@ -281,8 +280,8 @@ class LateInPlace(nn.Module):
 
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
-def test_output_changed_in_place_after_the_call_is_a_clear_error(hooks, monkeypatch):
-    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+def test_output_changed_in_place_after_the_call_is_a_clear_error(hooks, override):
+    override(hooked_calls=hooks)
     x = torch.randn(2, 3, 6, 6)
     m = ghlc.prepare(LateInPlace(), (x,), dataclasses.replace(ALL, hebbian_at="backward"))
     m(x).sum().backward()
@@ -292,8 +291,8 @@ def test_output_changed_in_place_after_the_call_is_a_clear_error(hooks, monkeypa
 
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
-def test_create_graph_through_a_plastic_layer_is_a_clear_error(hooks, monkeypatch):
-    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+def test_create_graph_through_a_plastic_layer_is_a_clear_error(hooks, override):
+    override(hooked_calls=hooks)
     m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
                      (torch.randn(2, 3, 6, 6),))
     loss = m(torch.randn(2, 3, 6, 6)).square().sum()
@@ -303,10 +302,10 @@ def test_create_graph_through_a_plastic_layer_is_a_clear_error(hooks, monkeypatc
 
 @pytest.mark.parametrize("timing", ["forward", "backward"])
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
-def test_a_kept_loss_keeps_no_activations(hooks, timing, monkeypatch):
+def test_a_kept_loss_keeps_no_activations(hooks, timing, override):
     """A training loop keeps last step's ``loss`` (and so its graph) during the next forward:
     what a plastic call kept for its backward must be gone once that backward ran."""
-    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    override(hooked_calls=hooks)
     m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
                                    nn.Flatten(), nn.Linear(16, 2)),
                      (torch.randn(2, 3, 6, 6),), ghlc.GHLConfig(hebbian_at=timing))
@@ -320,8 +319,8 @@ def test_a_kept_loss_keeps_no_activations(hooks, timing, monkeypatch):
 
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
-def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, monkeypatch):
-    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, override):
+    override(hooked_calls=hooks)
     m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
                      (torch.randn(2, 3, 6, 6),), ghlc.GHLConfig(hebbian_at="forward"))
     loss = m(torch.randn(2, 3, 6, 6)).square().sum()
@@ -330,7 +329,7 @@ def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, monkey
         loss.backward()
 
 
-def test_autocast_steps_match_between_the_two_ways(monkeypatch):
+def test_autocast_steps_match_between_the_two_ways(override):
     """Mixed precision (CPU bfloat16 autocast): both ways give the same GHL gradients."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
@@ -338,7 +337,7 @@ def test_autocast_steps_match_between_the_two_ways(monkeypatch):
     x = torch.randn(4, 3, 8, 8)
     grads = {}
     for hooks in (True, False):
-        monkeypatch.setattr(rt_function, "HOOKS", hooks)
+        override(hooked_calls=hooks)
         m = ghlc.prepare(copy.deepcopy(model), (x[:2],))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = m(x).float().square().mean()

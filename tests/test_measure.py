@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ghlc.runtime import measure, policy
 from ghlc.runtime.calls import CallSpec
-from ghlc.runtime.hebbian import _conv_wgrad, _conv_wgrad_as_forward, wgrad_by_units
+from ghlc.runtime.correlation import by_units, forward_form, vendor
 
 
 class FakeClock:
@@ -353,11 +353,11 @@ def conv_case(name: str, layout: str):
 def kernels_for(spec: CallSpec, x, w, cot) -> dict:
     """The candidates that apply to this call (the forward form and unit blocks need a plain
     conv whose output units lie along the weight's dim 0)."""
-    out = {"wgrad": lambda: _conv_wgrad(spec, x, w, cot)}
+    out = {"wgrad": lambda: vendor(spec, x, w, cot)}
     if spec.groups == 1 and not spec.transposed:
-        out["forward form"] = lambda: _conv_wgrad_as_forward(spec, x, w, cot)
+        out["forward form"] = lambda: forward_form(spec, x, w, cot)
         for units in (1, 2, 3, 256):
-            out[f"units {units}"] = lambda u=units: wgrad_by_units(spec, x, w, cot, u)
+            out[f"units {units}"] = lambda u=units: by_units(spec, x, w, cot, u)
     return out
 
 

@@ -27,10 +27,19 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 import ghlc
-from ghlc.runtime import HebbianRule, hebbian_raw, parse_call
-from ghlc.runtime import hebbian as hebbian_module
+from ghlc.runtime import (
+    HebbianRule,
+    accumulate,
+    correlation,
+    fast,
+    hebbian_raw,
+    parse_call,
+    policy,
+    sampled,
+)
+from ghlc.runtime import rule as rule_module
 from ghlc.runtime.calls import CONV_FUNCS, LINEAR_FUNC
-from ghlc.runtime.hebbian import grid_steps
+from ghlc.runtime.sampled import grid_steps
 
 sys.path.insert(0, os.path.dirname(__file__))
 import oracle  # noqa: E402
@@ -292,7 +301,8 @@ def test_grid_calls_equal_masked_weight_gradients():
     with the cotangent zeroed off the grid (including grids that need leading zero outputs,
     and grids that read padding only)."""
     from ghlc.runtime.calls import CallSpec
-    from ghlc.runtime.hebbian import grid_call, grid_pad, sample_grid, weight_vjp
+    from ghlc.runtime.correlation import weight_vjp
+    from ghlc.runtime.sampled import grid_call, grid_pad, sample_grid
 
     gen = torch.Generator().manual_seed(0)
     cases = 0
@@ -354,7 +364,7 @@ def recorded_hebbian(m, x, data, rule, dtype=None):
     if spec.pre_pad:
         xc = torch.nn.functional.pad(xc, list(spec.pre_pad))
     draw, drawn = recording_draw(data)
-    with torch.no_grad(), mock.patch.object(hebbian_module, "draw", draw):
+    with torch.no_grad(), mock.patch.object(sampled, "draw", draw):
         u = spec.run(xc, w, b)
         h = hebbian_raw(spec, xc, u, w, b, rule, dtype)
     return h, u, w, drawn
@@ -416,7 +426,7 @@ def test_prepared_sampled_grad_matches_reference(name, over, data, frac):
                          sample_over=over)
     prepared = ghlc.prepare(model, (x,), cfg)
     draw, drawn = recording_draw(data)
-    with mock.patch.object(hebbian_module, "draw", draw):
+    with mock.patch.object(sampled, "draw", draw):
         out = prepared(x)
         r = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
                         dtype=torch.float64).to(x.dtype)
@@ -435,13 +445,11 @@ def test_prepared_sampled_grad_matches_reference(name, over, data, frac):
 @pytest.mark.parametrize("dim", [0, 1, 2])
 def test_softmax_units_cuda_formula_matches_float64(t, dim, monkeypatch):
     """The decomposed softmax used on CUDA (forced here on CPU) against float64 softmax."""
-    from ghlc.runtime import hebbian
-
     v = torch.randn(5, 7, 6, 4) * 4
     ref = torch.softmax(v.double() * t, dim)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert v.is_cuda  # the patch takes: the decomposed branch runs
-    got = hebbian.softmax_units(v, dim, t)
+    got = fast.softmax_units(v, dim, t)
     monkeypatch.undo()
     assert rel_err(got, ref) <= 1e-6
 
@@ -452,8 +460,6 @@ def test_softmax_units_cpu_matches_torch_softmax(t, layout):
     """The CPU path (in place on t*v where that is a contiguous tensor of its own) gives
     torch.softmax(v * t)'s numbers bit for bit, over every dim and layout, and leaves v as it
     was."""
-    from ghlc.runtime import hebbian
-
     v = torch.randn(5, 12, 6, 4, generator=torch.Generator().manual_seed(3)) * 4
     if layout == "channels_last":
         v = v.contiguous(memory_format=torch.channels_last)
@@ -463,7 +469,7 @@ def test_softmax_units_cpu_matches_torch_softmax(t, layout):
         v = v.to(torch.bfloat16)
     before = v.clone()
     for dim in range(v.dim()):
-        got = hebbian.softmax_units(v, dim, t)
+        got = fast.softmax_units(v, dim, t)
         want = torch.softmax(v * t if t != 1.0 else v, dim)
         assert got.data_ptr() != v.data_ptr()
         if layout == "channels_last" and dim == 1:  # the channels lie innermost: see below
@@ -480,12 +486,10 @@ def test_softmax_units_cpu_channels_last(t, shape, fmt):
     (innermost): y keeps u's layout (torch.softmax returns the standard layout, which the
     weight-gradient call then copies back), and its numbers are torch's innermost-dim
     softmax of the same memory, within float32 rounding of float64."""
-    from ghlc.runtime import hebbian
-
     v = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 4).contiguous(
         memory_format=fmt)
     assert not v.is_contiguous()
-    got = hebbian.softmax_units(v, 1, t)
+    got = fast.softmax_units(v, 1, t)
     assert got.stride() == v.stride()
     last = v.movedim(1, -1)  # the same memory, channels last in the logical order too
     assert last.is_contiguous()
@@ -493,7 +497,7 @@ def test_softmax_units_cpu_channels_last(t, shape, fmt):
     ref = torch.softmax(v.double() * t, 1)
     assert ((got.double() - ref).abs() / ref.clamp_min(1e-30)).max() <= 1e-5
     for dim in (0, 2, 3):  # other dims: as before
-        assert torch.equal(hebbian.softmax_units(v, dim, t),
+        assert torch.equal(fast.softmax_units(v, dim, t),
                            torch.softmax(v * t if t != 1.0 else v, dim))
 
 
@@ -520,15 +524,17 @@ def test_in_call_combine_blocks_match_one_combine(kind, units):
     (m(x) * gout).sum().backward()
     want = ref_ghl_grad(ref_hebbian(m, x, temperature=0.7), m.weight.grad)
     with torch.no_grad():
-        got = hebbian_module.fused_combine(spec, gout, xc, w, h.clone(), rule, units)
+        got = accumulate.combine_in_call(spec, gout, xc, w, h.clone(), rule, units)
     assert rel_err(got, want) <= TOL[torch.float64]
-    assert hebbian_module.block_units(7) == 4 and hebbian_module.block_units(4096) == 256
+    assert correlation.units_per_block(7) == 4 and correlation.units_per_block(4096) == 256
 
 
-def test_blocked_weight_gradient_matches_one_call(monkeypatch):
+def test_blocked_weight_gradient_matches_one_call(monkeypatch, override):
     """Large conv weights on CPU get the Hebbian correlation a block of output units at a
     time (forced here on a small conv, blocks of 3 units, the last one short): the same sums
-    as one call; transposed, grouped and linear calls and other devices keep one call."""
+    as one call; transposed, grouped and linear calls and other devices keep one call
+    (the static policy: measuring would let the timings decide)."""
+    override(measure=False)
     gen = torch.Generator().manual_seed(6)
     m = nn.Conv2d(4, 7, 3, stride=2, padding=1, dilation=1).double()
     x = torch.randn(3, 4, 9, 9, dtype=torch.float64, generator=gen)
@@ -536,23 +542,23 @@ def test_blocked_weight_gradient_matches_one_call(monkeypatch):
         m(x)
     xc, w, _, spec, _ = parse_call(*rec.calls[0])
     cot = torch.randn(spec.run(xc, w, None).shape, dtype=w.dtype, generator=gen)
-    one = hebbian_module.weight_vjp(spec, xc, w, cot)
-    assert not hebbian_module.wgrad_blocked(spec, w)  # small: one call by default
-    monkeypatch.setattr(hebbian_module, "BLOCK_UNITS", 3)
-    monkeypatch.setattr(hebbian_module, "WGRAD_BLOCK_MIN_NUMEL", 0)
-    assert hebbian_module.wgrad_blocked(spec, w)
+    one = correlation.weight_vjp(spec, xc, w, cot)
+    assert not correlation.blocked(spec, w, policy.current())  # small: one call by default
+    override(block_units=3)
+    override(blocked_min_numel=0)
+    assert correlation.blocked(spec, w, policy.current())
     calls = []
-    orig = hebbian_module._conv_wgrad
-    monkeypatch.setattr(hebbian_module, "_conv_wgrad",
+    orig = correlation.vendor
+    monkeypatch.setattr(correlation, "vendor",
                         lambda s, a, ww, c: calls.append(ww.shape[0]) or orig(s, a, ww, c))
-    got = hebbian_module.weight_vjp(spec, xc, w, cot)
+    got = correlation.weight_vjp(spec, xc, w, cot)
     assert calls == [3, 3, 1]
     assert rel_err(got, one) <= 1e-12
     for other in (dataclasses.replace(spec, transposed=True),
                   dataclasses.replace(spec, groups=7), dataclasses.replace(spec, kind="linear")):
-        assert not hebbian_module.wgrad_blocked(other, w)
-    monkeypatch.setattr(hebbian_module, "WGRAD_BLOCK_DEVICES", {"cuda"})
-    assert not hebbian_module.wgrad_blocked(spec, w)
+        assert not correlation.blocked(other, w, policy.current())
+    override(blocked_devices=("cuda",))
+    assert not correlation.blocked(spec, w, policy.current())
 
 
 def _loop_wgrad(x, cot, k, stride, padding, dilation):
@@ -583,7 +589,7 @@ def _loop_wgrad(x, cot, k, stride, padding, dilation):
     (3, (2, 3, 2), (1, 2, 1), (0, 1, 1), (2, 1, 1), False),
 ])
 def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dilation,
-                                                    channels_last, monkeypatch):
+                                                    channels_last, override):
     """The weight gradient as a forward conv (batch and channels swapped, the cotangent as
     the kernel) against a plain loop over kernel offsets, for any stride, padding, dilation
     and kernel shape, in float64 and float32, in one call and in blocks of output units;
@@ -600,18 +606,18 @@ def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dila
                     output_padding=(0,) * nd)
     cot = torch.randn(spec.run(x, w, None).shape, dtype=torch.float64, generator=gen)
     ref = _loop_wgrad(x, cot, k, stride, padding, dilation)
-    got = hebbian_module._conv_wgrad_as_forward(spec, x, w, cot)
+    got = correlation.forward_form(spec, x, w, cot)
     assert got.shape == w.shape and got.stride() == w.stride()
     assert rel_err(got, ref) <= 1e-12
-    got32 = hebbian_module._conv_wgrad_as_forward(spec, x.float(), w.float(), cot.float())
+    got32 = correlation.forward_form(spec, x.float(), w.float(), cot.float())
     assert got32.dtype == torch.float32 and rel_err(got32, ref) <= 1e-5
-    monkeypatch.setattr(hebbian_module, "BLOCK_UNITS", 2)  # blocks of 2, 2 and 1 units
-    got = hebbian_module._conv_wgrad_as_forward(spec, x, w, cot)
+    override(block_units=2)  # blocks of 2, 2 and 1 units
+    got = correlation.forward_form(spec, x, w, cot)
     assert got.stride() == w.stride() and rel_err(got, ref) <= 1e-12
 
 
 @pytest.mark.parametrize("case", ["linear", "linear3d", "conv", "conv_cl"])
-def test_unit_activity_and_activity_sums(case, monkeypatch):
+def test_unit_activity_and_activity_sums(case, monkeypatch, override):
     """unit_activity (blocks of rows or samples) against a plain loop; Oja's decay with its
     per-unit sum over y * u against the sum over the weight (<W_k, corr_k> + b_k sum y_k):
     the same H; and activity_sums picks the route where the activations are the smaller."""
@@ -632,36 +638,36 @@ def test_unit_activity_and_activity_sums(case, monkeypatch):
             x = x.to(memory_format=torch.channels_last)
         u = spec.run(x, w, b)
     rule = HebbianRule()
-    y = hebbian_module.compete(u, spec, rule)
+    y = rule_module.compete(u, spec, rule)
     units = u.shape[-1] if spec.kind == "linear" else u.shape[1]
     ref = torch.zeros(units, dtype=torch.float64)
     for idx in itertools.product(*(range(n) for n in u.shape)):
         ref[idx[-1] if spec.kind == "linear" else idx[1]] += y[idx] * u[idx]
     for block in (1, 5, 10**6):
-        got = hebbian_module.unit_activity(spec, y, u, block)
+        got = fast.unit_activity(spec, y, u, block)
         assert got.shape == (units,) and rel_err(got, ref) <= 1e-12
-    corr = hebbian_module.weight_vjp(spec, x, w, y)
-    by_weight = hebbian_module.hebbian_finish(spec, corr.clone(), y, w, b, rule)
-    monkeypatch.setattr(hebbian_module, "activity_sums", lambda *a: True)
-    by_activity = hebbian_module.hebbian_finish(spec, corr.clone(), y, w, b, rule, u=u)
+    corr = correlation.weight_vjp(spec, x, w, y)
+    by_weight = rule_module.hebbian_finish(spec, corr.clone(), y, w, b, rule)
+    monkeypatch.setattr(fast, "activity_sums", lambda *a: True)
+    by_activity = rule_module.hebbian_finish(spec, corr.clone(), y, w, b, rule, u=u)
     assert rel_err(by_activity, by_weight) <= 1e-12
     monkeypatch.undo()
     big = w.new_empty(units, u.numel())  # (more elements than u: the activations' route)
-    assert hebbian_module.activity_sums(spec, y, u, big, corr) == (u.device.type == "cpu")
-    assert not hebbian_module.activity_sums(spec, y, u, u.new_empty(units, 1), corr)
-    monkeypatch.setattr(hebbian_module, "ACTIVITY_SUM_DEVICES", set())
-    assert not hebbian_module.activity_sums(spec, y, u, big, corr)
+    assert fast.activity_sums(spec, y, u, big, corr) == (u.device.type == "cpu")
+    assert not fast.activity_sums(spec, y, u, u.new_empty(units, 1), corr)
+    override(activity_sum_devices=())
+    assert not fast.activity_sums(spec, y, u, big, corr)
 
 
-def test_forward_form_is_taken_where_it_pays(monkeypatch):
+def test_forward_form_is_taken_where_it_pays(monkeypatch, override):
     """weight_vjp takes the forward form for plain stride-1 convs with kernels wider than 1,
     a short sum over batch x positions, enough channels and multiply-adds (both limits
     lowered here for a small conv), on the listed devices, and never for backprop's own
     dL/dW (as_forward=False); the same sums either way."""
     from ghlc.runtime.calls import CallSpec
 
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_CHANNELS", 3)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_MACS", 4 * 5 * 6 * 6 * 3 * 3 * 3)
+    override(forward_form_min_channels=3)
+    override(forward_form_min_macs=4 * 5 * 6 * 6 * 3 * 3 * 3)
     gen = torch.Generator().manual_seed(12)
     spec = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
                     output_padding=(0, 0))
@@ -669,34 +675,34 @@ def test_forward_form_is_taken_where_it_pays(monkeypatch):
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=gen)
     cot = torch.randn(4, 5, 6, 6, dtype=torch.float64, generator=gen)
     taken = []
-    orig = hebbian_module._conv_wgrad_as_forward
-    monkeypatch.setattr(hebbian_module, "_conv_wgrad_as_forward",
+    orig = correlation.forward_form
+    monkeypatch.setattr(correlation, "forward_form",
                         lambda *a: taken.append(1) or orig(*a))
-    one = hebbian_module._conv_wgrad(spec, x, w, cot)
-    assert hebbian_module.wgrad_as_forward(spec, w, cot)
-    assert rel_err(hebbian_module.weight_vjp(spec, x, w, cot), one) <= 1e-12 and taken
+    one = correlation.vendor(spec, x, w, cot)
+    assert correlation.forward_form_pays(spec, w, cot, policy.current())
+    assert rel_err(correlation.weight_vjp(spec, x, w, cot), one) <= 1e-12 and taken
     taken.clear()
-    assert rel_err(hebbian_module.weight_vjp(spec, x, w, cot, as_forward=False), one) <= 1e-12
+    assert rel_err(correlation.weight_vjp(spec, x, w, cot, as_forward=False), one) <= 1e-12
     assert not taken
     rep = dataclasses.replace
     for other, ww in ((rep(spec, stride=(2, 1)), w), (rep(spec, dilation=(1, 2)), w),
                       (rep(spec, groups=3), w[:, :1]), (rep(spec, transposed=True), w),
                       (rep(spec, kind="linear"), w), (spec, w[:, :, :1, :])):
-        assert not hebbian_module.wgrad_as_forward(other, ww, cot)
+        assert not correlation.forward_form_pays(other, ww, cot, policy.current())
     limit = 4 * 6 * 6
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MAX_REDUCTION", limit - 1)
-    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MAX_REDUCTION", limit)
-    assert hebbian_module.wgrad_as_forward(spec, w, cot)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_CHANNELS", 4)  # (3 input channels)
-    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
-    assert hebbian_module.wgrad_as_forward(spec, w.new_empty(5, 4, 3, 3), cot)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_CHANNELS", 3)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_MACS", 4 * 5 * 6 * 6 * 3 * 3 * 3 + 1)
-    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_MIN_MACS", 4 * 5 * 6 * 6 * 3 * 3 * 3)
-    assert hebbian_module.wgrad_as_forward(spec, w, cot)
-    monkeypatch.setattr(hebbian_module, "FORWARD_WGRAD_DEVICES", {"cuda"})
-    assert not hebbian_module.wgrad_as_forward(spec, w, cot)
-    hebbian_module.weight_vjp(spec, x, w, cot)
+    override(forward_form_max_reduction=limit - 1)
+    assert not correlation.forward_form_pays(spec, w, cot, policy.current())
+    override(forward_form_max_reduction=limit)
+    assert correlation.forward_form_pays(spec, w, cot, policy.current())
+    override(forward_form_min_channels=4)  # (3 input channels)
+    assert not correlation.forward_form_pays(spec, w, cot, policy.current())
+    assert correlation.forward_form_pays(spec, w.new_empty(5, 4, 3, 3), cot, policy.current())
+    override(forward_form_min_channels=3)
+    override(forward_form_min_macs=4 * 5 * 6 * 6 * 3 * 3 * 3 + 1)
+    assert not correlation.forward_form_pays(spec, w, cot, policy.current())
+    override(forward_form_min_macs=4 * 5 * 6 * 6 * 3 * 3 * 3)
+    assert correlation.forward_form_pays(spec, w, cot, policy.current())
+    override(forward_form_devices=("cuda",))
+    assert not correlation.forward_form_pays(spec, w, cot, policy.current())
+    correlation.weight_vjp(spec, x, w, cot)
     assert not taken

@@ -18,6 +18,9 @@ from zoo import BY_NAME, ZOO
 import ghlc
 import ghlc.runtime.function as rt_function
 import ghlc.runtime.mode as rt_mode
+import ghlc.runtime.timing as rt_timing
+from ghlc.runtime import correlation, fast, policy, sampled
+from ghlc.runtime.status import STATUS
 
 
 def loss_fn(out):
@@ -381,10 +384,10 @@ def _kept_bytes(m, x, monkeypatch) -> int:
 
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
-def test_auto_timing_keeps_no_extra_activation(hooks, monkeypatch):
+def test_auto_timing_keeps_no_extra_activation(hooks, monkeypatch, override):
     """auto: u is kept only where backprop keeps it anyway (c1); elsewhere H is computed in
     the forward pass and only H is kept, so the kept tensors are backprop's plus H."""
-    monkeypatch.setattr(rt_function, "HOOKS", hooks)
+    override(hooked_calls=hooks)
     model, x = _KeepsOrNot(), torch.randn(2, 3, 16, 16)  # c2's, c3's outputs larger than H
     sizes = {}
     for variant in ("bp", "auto", "backward"):
@@ -432,13 +435,11 @@ def _vgg_steps(accumulation: str):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
+def fused_calls(monkeypatch, override):
     """Every weight qualifies for the in-call combine (not only large ones); records the
     kinds of the calls that used it."""
-    import ghlc.runtime.state as st
-
-    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0)
-    return _spy(monkeypatch, "fused_combine", lambda spec, *a: spec.kind)
+    override(in_call_combine_min_numel=0)
+    return _spy(monkeypatch, "combine_in_call", lambda spec, *a: spec.kind)
 
 
 def _spy(monkeypatch, name: str, note) -> list:
@@ -521,18 +522,15 @@ def test_in_call_combine_matches_oracle(fused_calls, name, signal):
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2", "unet"])
 @pytest.mark.parametrize("timing", ["auto", "fast", "forward", "backward", "recompute"])
-def test_channels_last_models_match_oracle(monkeypatch, name, fuse, timing):
+def test_channels_last_models_match_oracle(monkeypatch, name, fuse, timing, override):
     """A model and input in channels-last layout (as users do for speed): every step's grads
     are the oracle's, with the in-call combine on every weight or on none, for every timing
     of H (the recompute split forced onto these small convs), and each plastic weight's
     gradient keeps the weight's layout."""
-    import ghlc.runtime.hebbian as hb
-    import ghlc.runtime.state as st
-
-    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0 if fuse else 1 << 62)
-    monkeypatch.setattr(hb, "SPLIT_MIN_NUMEL", 0)
-    monkeypatch.setattr(hb, "SPLIT_UNITS", 2)
-    fused = _spy(monkeypatch, "fused_combine", lambda spec, *a: spec.kind)
+    override(in_call_combine_min_numel=0 if fuse else 1 << 62)
+    override(split_min_numel=0)
+    override(split_units=2)
+    fused = _spy(monkeypatch, "combine_in_call", lambda spec, *a: spec.kind)
     cl = torch.channels_last
     m, per_step = _steps_against_oracle(name, fused, memory_format=cl, hebbian_at=timing)
     assert (per_step[-1] > per_step[0]) == fuse
@@ -558,10 +556,12 @@ class Reg(nn.Module):
         return self.fc(self.conv(x).relu().mean((2, 3)))
 
 
-def _reg_grads(fuse: bool, monkeypatch, reg_from: int = 0, steps: int = 3):
-    import ghlc.runtime.state as st
+def _reg_grads(fuse: bool, reg_from: int = 0, steps: int = 3):
+    with policy.override(in_call_combine_min_numel=0 if fuse else 1 << 62):
+        return _reg_steps(reg_from, steps)
 
-    monkeypatch.setattr(st, "FUSE_MIN_NUMEL", 0 if fuse else 1 << 62)
+
+def _reg_steps(reg_from: int, steps: int):
     torch.manual_seed(0)
     model, x = Reg(), torch.randn(4, 3, 8, 8)
     m = ghlc.prepare(model, (x,), config=ghlc.GHLConfig())
@@ -579,17 +579,17 @@ def _reg_grads(fuse: bool, monkeypatch, reg_from: int = 0, steps: int = 3):
     return grads
 
 
-def test_in_call_combine_skips_weights_used_elsewhere(monkeypatch):
+def test_in_call_combine_skips_weights_used_elsewhere():
     """A weight that also gets a gradient from outside its call keeps the combine after
     backward (sign of the total G), exactly as without the in-call path."""
-    for a, b in zip(_reg_grads(True, monkeypatch), _reg_grads(False, monkeypatch)):
+    for a, b in zip(_reg_grads(True), _reg_grads(False)):
         assert torch.equal(a, b)
 
 
-def test_in_call_combine_refuses_a_use_that_appears_later(monkeypatch):
+def test_in_call_combine_refuses_a_use_that_appears_later():
     with pytest.raises(ghlc.RuntimeGHLError, match="gradient from outside its call"):
-        _reg_grads(True, monkeypatch, reg_from=2)
-    _reg_grads(False, monkeypatch, reg_from=2)  # without the in-call path: fine
+        _reg_grads(True, reg_from=2)
+    _reg_grads(False, reg_from=2)  # without the in-call path: fine
 
 
 @pytest.mark.parametrize("accumulation", ["auto", "always"])
@@ -655,15 +655,12 @@ def test_model_that_differentiates_in_forward_is_traced():
 
 
 @pytest.fixture
-def stacked_calls(monkeypatch):
+def stacked_calls(monkeypatch, override):
     """Every stackable conv stacks its two weight gradients, here on CPU (as inside
     ``cuda_graph_step(..., stack_weight_grads=True)`` on CUDA); records the calls that did."""
-    import ghlc.runtime.fused as fu
-    import ghlc.runtime.state as st
-
-    monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"})
-    monkeypatch.setattr(fu, "_capturing", 1)
-    monkeypatch.setattr(fu, "_stacking", 1)
+    override(stack_devices=("cpu",))
+    monkeypatch.setattr(STATUS, "capturing", 1)
+    monkeypatch.setattr(STATUS, "stacking", 1)
     return _spy(monkeypatch, "stacked_wgrads", lambda spec, *a: spec.kind)
 
 
@@ -703,16 +700,13 @@ def _assert_same_grads(want: list[dict], got: list[dict]) -> None:
 @pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"competition": "none"},
                                 {"competition": "hard"}, {"temperature": 0.3}],
                          ids=["hebb", "no-competition", "hard-wta", "temperature"])
-def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw):
+def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw, override):
     """Rule variants the oracle does not cover: the stacked call against the two calls."""
-    import ghlc.runtime.fused as fu
-    import ghlc.runtime.state as st
-
     grads = {}
     for stack in (False, True):
-        monkeypatch.setattr(st, "STACK_DEVICES", {"cpu"} if stack else set())
-        monkeypatch.setattr(fu, "_capturing", 1)
-        monkeypatch.setattr(fu, "_stacking", 1)
+        override(stack_devices=("cpu",) if stack else ())
+        monkeypatch.setattr(STATUS, "capturing", 1)
+        monkeypatch.setattr(STATUS, "stacking", 1)
         grads[stack] = _two_step_grads("resnet", **kw)
     _assert_same_grads(grads[False], grads[True])
 
@@ -723,12 +717,10 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
     """The sampled modes on every zoo model against the oracle's sums over the sampled terms
     (the draw fixed to its last value: the last block of the batch, or odd grid offsets,
     which need the strided call's leading zero rows)."""
-    from ghlc.runtime import hebbian
-
     def last(n: int) -> int:
         return n - 1
 
-    monkeypatch.setattr(hebbian, "draw", last)
+    monkeypatch.setattr(sampled, "draw", last)
     rule = {"sample_fraction": 0.25, "sample_over": over, "draw": last}
     _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
                           sample_over=over)
@@ -737,14 +729,12 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
 @pytest.mark.parametrize("timing", ["auto", "fast", "forward", "backward"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_block_timing_matches_oracle(name, timing, hooks, monkeypatch):
+def test_block_timing_matches_oracle(name, timing, hooks, monkeypatch, override):
     """The sampled mode over the batch keeps a copy of u's block (drawn in the forward pass)
     instead of H where that is smaller and backprop does not keep u: taken by ``auto`` and
     ``fast`` where it applies and only there; every zoo model against the oracle."""
-    from ghlc.runtime import hebbian
-
-    monkeypatch.setattr(rt_function, "HOOKS", hooks)
-    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    override(hooked_calls=hooks)
+    monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
     taken = _spy(monkeypatch, "sample_block", lambda *a: 1)
     rule = {"sample_fraction": 0.25, "sample_over": "batch", "draw": lambda n: n - 1}
     _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
@@ -775,12 +765,10 @@ def test_block_timing_keeps_the_block_not_h(monkeypatch):
 def _two_steps_against_oracle(name, over, monkeypatch):
     """Two steps of zoo model ``name`` against the oracle, exact (``over="none"``) or sampled
     over a quarter of ``over`` (the last block of the batch, or the position grid)."""
-    from ghlc.runtime import hebbian
-
     if over == "none":
         _steps_against_oracle(name, [], steps=2)
         return
-    monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+    monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
     rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
     _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
                           sample_over=over)
@@ -788,19 +776,17 @@ def _two_steps_against_oracle(name, over, monkeypatch):
 
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
+def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch, override):
     """The Hebbian correlation in blocks of output units (on CPU for large conv weights;
     forced here on every plain conv, blocks of 3 units) on every zoo model, exact and both
     sampled modes, against the oracle."""
-    from ghlc.runtime import hebbian
-
-    monkeypatch.setattr(hebbian, "BLOCK_UNITS", 3)
-    monkeypatch.setattr(hebbian, "WGRAD_BLOCK_MIN_NUMEL", 0)
-    monkeypatch.setattr(hebbian, "FORWARD_WGRAD_DEVICES", set())  # (it would come first)
+    override(block_units=3)
+    override(blocked_min_numel=0)
+    override(forward_form_devices=())  # (it would come first)
     blocked: list[bool] = []
-    orig = hebbian.wgrad_blocked
-    monkeypatch.setattr(hebbian, "wgrad_blocked",
-                        lambda spec, w: blocked.append(orig(spec, w)) or blocked[-1])
+    orig = correlation.blocked
+    monkeypatch.setattr(correlation, "blocked",
+                        lambda spec, w, pol: blocked.append(orig(spec, w, pol)) or blocked[-1])
     _two_steps_against_oracle(name, over, monkeypatch)
     model, lg = _compiled(name)
     wide = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
@@ -811,25 +797,23 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch):
 @pytest.mark.parametrize("way", ["always", "never"])
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch):
+def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch, override):
     """The Hebbian correlation as a forward conv (on CPU for small outputs; forced here on
     every conv it applies to, whatever the output size, channels and multiply-adds, in
     blocks of 3 output units) and as
     the weight-gradient call everywhere (the form off) on every zoo model, exact and both
     sampled modes, against the oracle."""
-    from ghlc.runtime import hebbian
-
     if way == "always":
-        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MAX_REDUCTION", 1 << 62)
-        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MIN_MACS", 0)
-        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_MIN_CHANNELS", 0)
-        monkeypatch.setattr(hebbian, "BLOCK_UNITS", 3)
+        override(forward_form_max_reduction=1 << 62)
+        override(forward_form_min_macs=0)
+        override(forward_form_min_channels=0)
+        override(block_units=3)
     else:
-        monkeypatch.setattr(hebbian, "FORWARD_WGRAD_DEVICES", set())
+        override(forward_form_devices=())
     taken: list[bool] = []
-    orig = hebbian.wgrad_as_forward
-    monkeypatch.setattr(hebbian, "wgrad_as_forward",
-                        lambda spec, w, cot: taken.append(orig(spec, w, cot)) or taken[-1])
+    orig = correlation.forward_form_pays
+    monkeypatch.setattr(correlation, "forward_form_pays", lambda spec, w, cot, pol: (
+        taken.append(orig(spec, w, cot, pol)) or taken[-1]))
     _two_steps_against_oracle(name, over, monkeypatch)
     if way == "never":
         assert not any(taken)
@@ -849,22 +833,20 @@ def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch
 @pytest.mark.parametrize("way", ["always", "never"])
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_activity_sums_match_oracle(name, over, way, monkeypatch):
+def test_activity_sums_match_oracle(name, over, way, monkeypatch, override):
     """Oja's per-unit sum over y * u (on CPU where the activations are smaller than the
     weight; forced here wherever it applies, whatever the sizes, in blocks of 5 elements) and
     over the weight everywhere (the route off) on every zoo model, exact and both sampled
     modes, against the oracle."""
-    from ghlc.runtime import fused, hebbian
-
-    orig = hebbian.activity_sums
+    orig = fast.activity_sums
     if way == "always":
-        monkeypatch.setattr(fused, "DOT_BLOCK_NUMEL", 5)
-        monkeypatch.setattr(hebbian, "activity_sums", lambda spec, y, u, w, corr: (
+        override(dot_block_numel=5)
+        monkeypatch.setattr(fast, "activity_sums", lambda spec, y, u, w, corr: (
             (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1
             and u.dtype == y.dtype == corr.dtype) and taken.append(True) is None)
     else:
-        monkeypatch.setattr(hebbian, "ACTIVITY_SUM_DEVICES", set())
-        monkeypatch.setattr(hebbian, "activity_sums",
+        override(activity_sum_devices=())
+        monkeypatch.setattr(fast, "activity_sums",
                             lambda *a: taken.append(orig(*a)) or taken[-1])
     taken: list[bool] = []
     _two_steps_against_oracle(name, over, monkeypatch)
@@ -878,15 +860,14 @@ def test_activity_sums_match_oracle(name, over, way, monkeypatch):
         assert any(taken)  # (a position grid takes Oja's sum over the weight)
 
 
-def test_stacking_size_limit(stacked_calls, monkeypatch):
-    """With STACK_MAX_NUMEL only the smaller weights stack; the grads stay the oracle's."""
-    import ghlc.runtime.state as st
-
+def test_stacking_size_limit(stacked_calls, monkeypatch, override):
+    """With the policy's stack_max_numel only the smaller weights stack; the grads stay the
+    oracle's."""
     sizes = _spy(monkeypatch, "stacked_wgrads", lambda spec, x, w, *a: w.numel())
     model, _, _ = _build("resnet")
     numels = sorted({m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)})
     limit = numels[len(numels) // 2]
-    monkeypatch.setattr(st, "STACK_MAX_NUMEL", limit)
+    override(stack_max_numel=limit)
     _steps_against_oracle("resnet", stacked_calls, "grad_sign")
     assert sizes and max(sizes) < limit
     assert any(n >= limit for n in numels)  # some convs were left to the two calls
@@ -912,22 +893,19 @@ def test_stacking_skips_sampled_forward_timed_and_computed_weights(stacked_calls
 @pytest.mark.parametrize("timing", ["recompute", "auto", "fast"])
 @pytest.mark.parametrize("over", ["none", "batch"])
 @pytest.mark.parametrize("name", [e.name for e in ZOO])
-def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch):
+def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch, override):
     """The split (for large conv weights whose output is not kept; here on every plain conv of
     a PlasticCall, the last 2 units recomputed) on every zoo model, exact and batch-sampled,
     against the oracle: taken by ``hebbian_at="recompute"`` and, on CPU, by ``"auto"``; never
     by ``"fast"``."""
-    from ghlc.runtime import function as fn
-    from ghlc.runtime import hebbian
-
-    monkeypatch.setattr(fn, "HOOKS", False)
-    monkeypatch.setattr(hebbian, "SPLIT_UNITS", 2)
-    monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
+    override(hooked_calls=False)
+    override(split_units=2)
+    override(split_min_numel=0)
     split = _spy(monkeypatch, "hebbian_split", lambda spec, x, u, w, *a: w.shape[0])
     if over == "none":
         _steps_against_oracle(name, [], steps=2, hebbian_at=timing)
     else:
-        monkeypatch.setattr(hebbian, "draw", lambda n: n - 1)
+        monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
         rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
         _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
                               sample_over=over, hebbian_at=timing)
@@ -942,10 +920,10 @@ def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch):
     assert bool(split) == (applies and timing != "fast")
 
 
-def test_choose_timing():
+def test_choose_at():
     """Per call: backward where u is kept anyway; otherwise the smaller of H (forward) and
     what backward would keep: u, or in the batch-sampled mode a copy of its block."""
-    ct = rt_function.choose_timing
+    ct = rt_timing.choose_at
     for at in ("auto", "fast", "recompute"):
         assert ct(at, True, False, 200, 100) == "backward"  # u kept by backprop
         assert ct(at, True, True, 10, 100) == "forward"  # changed in place: a copy of u
@@ -959,7 +937,7 @@ def test_choose_timing():
 
 
 def test_auto_splits_on_cpu_only():
-    from ghlc.runtime.hebbian import splits
+    from ghlc.runtime.timing import splits
 
     cpu, meta = torch.empty(1), torch.empty(1, device="meta")
     assert splits("auto", cpu) and splits("recompute", cpu) and splits("recompute", meta)
@@ -970,15 +948,12 @@ def test_auto_splits_on_cpu_only():
 @pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"temperature": 0.3},
                                 {"normalisation": "unit"}, {"global_signal": "none"}],
                          ids=["hebb", "temperature", "unit-norm", "pure-hebbian"])
-def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw):
+def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw, override):
     """Rule variants the oracle does not cover: ``recompute`` against ``fast`` (which takes
     the forward timing there), two steps with the in-call combine."""
-    from ghlc.runtime import function as fn
-    from ghlc.runtime import hebbian
-
-    monkeypatch.setattr(fn, "HOOKS", False)
-    monkeypatch.setattr(hebbian, "SPLIT_UNITS", 2)
-    monkeypatch.setattr(hebbian, "SPLIT_MIN_NUMEL", 0)
+    override(hooked_calls=False)
+    override(split_units=2)
+    override(split_min_numel=0)
     split = _spy(monkeypatch, "hebbian_split", lambda *a: 1)
     grads = {}
     for at in ("fast", "recompute"):
@@ -992,12 +967,12 @@ def test_recompute_timing_conditions():
     batch-sampled."""
     from ghlc.graph import HebbianRule
     from ghlc.runtime.calls import CallSpec
-    from ghlc.runtime.hebbian import SPLIT_UNITS, split_units
+    from ghlc.runtime.timing import split_units
 
     spec = CallSpec("conv", stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, nd=2)
     w = torch.empty(1536, 384, 3, 3)
-    assert split_units(spec, w, HebbianRule()) == SPLIT_UNITS
-    assert split_units(spec, w, HebbianRule(sample_fraction=0.25)) == SPLIT_UNITS
+    assert split_units(spec, w, HebbianRule()) == policy.current().split_units
+    assert split_units(spec, w, HebbianRule(sample_fraction=0.25)) == policy.current().split_units
     for rule in (HebbianRule(competition="hard"), HebbianRule(competition="none"),
                  HebbianRule(competition_scope="group"),
                  HebbianRule(sample_fraction=0.25, sample_over="positions")):
@@ -1007,3 +982,29 @@ def test_recompute_timing_conditions():
     assert split_units(spec, torch.empty(512, 384, 3, 3), HebbianRule()) == 0  # too small
     with pytest.raises(ghlc.errors.ConfigError, match="hebbian_at"):
         ghlc.GHLConfig(hebbian_at="later")
+
+
+@pytest.mark.parametrize("in_call", [False, True], ids=["after-backward", "in-call"])
+@pytest.mark.parametrize("signal", ["none", "grad_sign"])
+def test_the_global_signal_comes_from_the_plastic_parameter(signal, in_call, override):
+    """The runtime combines by ``PlasticParam.global_signal`` (the IR's global-sign node),
+    not by the rule's field: set against the rule, it decides GHL or pure Hebbian, after
+    backward and in the call alike; the grads are the oracle's for that signal."""
+    if in_call:
+        override(in_call_combine_min_numel=0)
+    model, x, cfg = _build("vgg")
+    other = "grad_sign" if signal == "none" else "none"
+    cfg = dataclasses.replace(cfg, global_signal=other)
+    plain = copy.deepcopy(model)
+    m = ghlc.prepare(model, (x,), config=cfg)
+    names = _plastic_names(m)
+    for n in names:
+        ghlc.runtime.runtime_of(m).sites[n].state.global_signal = signal
+    h, g, _ = oracle.run_plain(plain, (x,), names, loss_fn)
+    expected = {n: oracle.expected_grad(h[n], g[n], signal) for n in names}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    for _ in range(3):  # (the in-call combine from the second step on)
+        opt.zero_grad()
+        loss_fn(m(x)).backward()
+        _assert_matches(m, expected, g)
+        opt.step()

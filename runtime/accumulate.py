@@ -10,7 +10,8 @@ Keeping the raw totals costs two weight-sized buffers per plastic layer. With
 accumulated onto another by then, later steps combine in place and keep nothing (an
 accumulation starting later raises a clear error). ``"always"`` keeps them every step. A
 backward pass after ``step()`` without ``zero_grad()`` starts a new total (plain backprop
-would keep adding).
+would keep adding). A large weight used by one call alone may instead have its gradient
+combined inside that call's backward, a unit block at a time (:func:`combine_in_call`).
 """
 
 from __future__ import annotations
@@ -23,39 +24,47 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ghlc.errors import RuntimeGHLError
 from ghlc.graph import HebbianRule
 
-from .hebbian import ROWS, Layout, combine
-
-# Weights at least this large (elements) get the in-call combine when it is safe (see
-# PlasticParam.can_fuse): one weight-sized buffer fewer at the step's peak.
-FUSE_MIN_NUMEL = 1 << 20
-# Devices where the in-call combine is used. On CUDA (H100) it measured slower (then eight
-# smaller weight-gradient kernels instead of one: ResNet-18 in a CUDA graph 1.116 -> 1.199 x
-# floor) for no lower peak (the peak is elsewhere there), so CUDA combines after backward.
-FUSE_DEVICES = {"cpu"}
-# Devices where a CUDA-graph step captured with stack_weight_grads=True has each plain conv
-# compute backprop's weight gradient and the Hebbian correlation in one weight-gradient call,
-# the two cotangents stacked (hebbian.stacked_wgrads). On an H100: ResNet-18's graph step
-# 1.057 -> 0.948 x floor, peak memory 1.018 -> 1.089 x backprop (so opt-in); on CPU a
-# stacked call was slower.
-STACK_DEVICES = {"cuda"}
-# Stacking only weights under this many elements (None: every stackable conv). The stacked
-# call holds twice the weight and a copy of g next to H; leaving the large weights out may
-# keep most of the time saved at a lower peak (a CPU emulation of the captured step:
-# 1.061 -> 1.044 x backprop at 2**20). Not yet measured on a GPU: bench/step.py's
-# ghlc_stack20_graph does.
-STACK_MAX_NUMEL: int | None = None
+from . import fused, policy
+from .calls import CallSpec
+from .correlation import units_per_block, weight_grad_units
+from .rule import UNITS_LEAD, UnitAxes, combine, scale_of
+from .status import STATUS
 
 
-def fuse_sized(t: torch.Tensor) -> bool:
+def in_call_sized(t: torch.Tensor) -> bool:
     """A weight (or its gradient) large enough for the in-call combine, on a device that uses
-    it."""
-    return t.numel() >= FUSE_MIN_NUMEL and t.device.type in FUSE_DEVICES
+    it (the policy's ``in_call_combine_min_numel`` and ``in_call_combine_devices``: one
+    weight-sized buffer fewer at the step's peak; docs/PERFORMANCE.md, 'Why the runtime
+    chooses what it does')."""
+    pol = policy.current()
+    return (t.numel() >= pol.in_call_combine_min_numel
+            and t.device.type in pol.in_call_combine_devices)
 
 
-_BY_PARAM: dict[int, weakref.ref] = {}  # id(param) -> PlasticParam, for the step hook
-# Whether a ghlc.GradScaler was made (float16 autocast then does not warn about torch's)
-SCALER_IN_USE = False
-_STEP_HOOK = None
+def splits_by_unit(spec: CallSpec) -> bool:
+    """Calls whose weight gradient splits by output unit along the weight's dim 0."""
+    return spec.kind == "linear" or (not spec.transposed and spec.groups == 1)
+
+
+def combine_in_call(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                    h: torch.Tensor, rule: HebbianRule, units: int | None = None,
+                    global_signal: str = "grad_sign") -> torch.Tensor:
+    """``combine(h, dL/dW, rule, inplace=True)`` for a weight used by this call alone, with
+    dL/dW computed a unit block at a time (``units`` per block, default
+    ``correlation.units_per_block``): the full gradient never exists, so the step needs most
+    of a weight-sized buffer fewer (H becomes the gradient). The pure Hebbian rule
+    (``global_signal="none"``) needs no dL/dW at all."""
+    if global_signal == "none":
+        return combine(h, None, rule, inplace=True)
+    a = h.abs_()
+    scale = scale_of(a, rule, UNITS_LEAD, nonneg=True)
+    n = w.shape[0]
+    step = units or units_per_block(n)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        sc = scale if scale.dim() == 0 else scale[s:e]
+        fused.scaled_sign_(a[s:e], weight_grad_units(spec, g, x, w, s, e), sc)
+    return a
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -67,7 +76,7 @@ def _after_step(optimizer, args, kwargs) -> None:
 
 
 def _site_of(p: torch.Tensor) -> PlasticParam | None:
-    ref = _BY_PARAM.get(id(p))
+    ref = STATUS.by_param.get(id(p))
     st = ref() if ref is not None else None
     return st if st is not None and st.param_ref is not None and st.param_ref() is p else None
 
@@ -78,9 +87,8 @@ def is_plastic(p: torch.Tensor) -> bool:
 
 
 def _register_step_hook() -> None:
-    global _STEP_HOOK
-    if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
+    if STATUS.step_hook is None:
+        STATUS.step_hook = register_optimizer_step_post_hook(_after_step)
 
 
 def _missing_term_message(layer: str) -> str:
@@ -94,10 +102,11 @@ class PlasticParam:
     """Accumulator and autograd hooks for one plastic parameter."""
 
     def __init__(self, name: str, rule: HebbianRule, layer: str = "",
-                 accumulation: str = "auto") -> None:
+                 accumulation: str = "auto", *, global_signal: str = "grad_sign") -> None:
         self.name = name
         self.layer = layer or name
         self.rule = rule
+        self.global_signal = global_signal  # "grad_sign" (GHL) or "none" (pure Hebbian)
         self.accumulation = accumulation
         self.keep_totals = True  # until a step shows one backward per step ("auto")
         self._accumulated = False  # a backward was added onto another since the last step
@@ -108,19 +117,19 @@ class PlasticParam:
         self._written = None  # weakref to the .grad tensor we wrote, and its version
         self._written_version = -1
         self.param_ref = None  # weakref to the parameter our hooks sit on
-        self.layout: Layout = ROWS  # where the output units lie in the weight
+        self.axes: UnitAxes = UNITS_LEAD  # where the output units lie in the weight
         self.direct = True  # the calls use the parameter itself (not a computed weight)
         self.calls = 0  # plastic calls since the last backward reached the parameter
         self.single_use: bool | None = None  # seen: G comes from one call, nothing else
         self._returned = None  # the weight gradient our call returned, and its version
         self._returned_version = -1
-        self._fused = False  # that gradient is already the combination (in-call combine)
+        self._in_call = False  # that gradient is already the combination (in-call combine)
         self._mark = False  # the .grad stored by the running accumulation is ours
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_written"] = d["param_ref"] = d["_returned"] = None
-        d["calls"], d["_fused"] = 0, False
+        d["calls"], d["_in_call"] = 0, False
         return d
 
     def __deepcopy__(self, memo):
@@ -137,9 +146,10 @@ class PlasticParam:
         self.param_ref = weakref.ref(param)
         param.register_hook(self._pre_accumulate)
         param.register_post_accumulate_grad_hook(self._post_accumulate)
-        for k in [k for k, r in _BY_PARAM.items() if r() is None]:
-            del _BY_PARAM[k]
-        _BY_PARAM[id(param)] = weakref.ref(self)
+        by_param = STATUS.by_param
+        for k in [k for k, r in by_param.items() if r() is None]:
+            del by_param[k]
+        by_param[id(param)] = weakref.ref(self)
         _register_step_hook()
 
     def after_step(self) -> None:
@@ -155,35 +165,36 @@ class PlasticParam:
         self.calls += 1
 
     # ---- backward side ------------------------------------------------------------
-    def can_fuse(self, w: torch.Tensor) -> bool:
+    def can_combine_in_call(self, w: torch.Tensor) -> bool:
         """May this backward combine H and G inside the call (chunked, no full G buffer)?
-        Only on FUSE_DEVICES, when the parameter is known to get its gradient from this one
-        call (checked on an earlier step), no raw totals are kept and no accumulation is under
-        way."""
-        if not (self.direct and self.single_use and self.calls == 1 and fuse_sized(w)):
+        Only where :func:`in_call_sized`, when the parameter is known to get its gradient
+        from this one call (checked on an earlier step), no raw totals are kept and no
+        accumulation is under way."""
+        if not (self.direct and self.single_use and self.calls == 1 and in_call_sized(w)):
             return False
         if self.keep_totals or self.accumulation == "always":
             return False
         p = self.param_ref() if self.param_ref is not None else None
         return p is not None and not self._accumulating(p)
 
-    def returned(self, gw: torch.Tensor, fused: bool) -> None:
+    def returned(self, gw: torch.Tensor, in_call: bool) -> None:
         """The call's weight gradient; kept (until the parameter's hook) only while single
         use is being checked or when it is already the combination. Holding it otherwise
         would stop autograd summing a shared weight's gradients in place."""
-        if fused or (self.single_use is None and self.direct and fuse_sized(gw)):
-            self._returned, self._returned_version, self._fused = gw, gw._version, fused
+        if in_call or (self.single_use is None and self.direct and in_call_sized(gw)):
+            self._returned, self._returned_version, self._in_call = gw, gw._version, in_call
 
     def _accumulating(self, p: torch.Tensor) -> bool:
         grad = p.grad
         return (grad is not None and self._written is not None and self._written() is grad
                 and grad._version == self._written_version and not self._stepped)
 
-    def add(self, h: torch.Tensor, view: tuple | None = None, layout: Layout = ROWS) -> None:
+    def add(self, h: torch.Tensor, view: tuple | None = None,
+            axes: UnitAxes = UNITS_LEAD) -> None:
         """Add one call's raw term. ``view`` = (size, stride, offset) when the call used a
-        view of the parameter (e.g. a chunk of ``in_proj_weight``), else None; ``layout`` =
+        view of the parameter (e.g. a chunk of ``in_proj_weight``), else None; ``axes`` =
         (transposed, groups) of the call, for per-unit normalisation."""
-        self.layout = layout
+        self.axes = axes
         if view is not None:
             p = self.param_ref() if self.param_ref is not None else None
             if p is None:
@@ -200,14 +211,14 @@ class PlasticParam:
         h, self.pending = self.pending, None
         calls, self.calls = self.calls, 0
         ret, self._returned = self._returned, None
-        fused, self._fused = self._fused, False
+        in_call, self._in_call = self._in_call, False
         ours = ret is not None and g is ret and g._version == self._returned_version
         if ret is not None:  # single use was being checked
             if not ours:
                 self.single_use = False  # other uses add to G: always combine here
             elif calls == 1 and self.single_use is None:
                 self.single_use = True
-        if fused:
+        if in_call:
             if not ours:
                 raise RuntimeGHLError(
                     f"layer {self.layer!r}: its weight got a gradient from outside its call "
@@ -240,13 +251,15 @@ class PlasticParam:
             self._accumulated = True
             self.keep_totals = True
             self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
-            out = combine(self.h_acc, self.g_acc, self.rule, layout=self.layout)
+            out = combine(self.h_acc, self.g_acc, self.rule, axes=self.axes,
+                          global_signal=self.global_signal)
         elif self.keep_totals or self.accumulation == "always":
             self.h_acc, self.g_acc = h, g
-            out = combine(h, g, self.rule, layout=self.layout)
+            out = combine(h, g, self.rule, axes=self.axes, global_signal=self.global_signal)
         else:
             self.h_acc = self.g_acc = None
-            out = combine(h, g, self.rule, inplace=True, layout=self.layout)
+            out = combine(h, g, self.rule, inplace=True, axes=self.axes,
+                          global_signal=self.global_signal)
         p.grad = None  # AccumulateGrad then stores the combined gradient as is
         self._mark = True
         return out
