@@ -314,7 +314,6 @@ class Trainer:
         # a missing or foreign checkpoint fails before the capture, the capture before any file
         ckpt = load_checkpoint(self.last_path) if self.config.resume else None
         self._capture_step()
-        self.config.out_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
             self.resume(ckpt)
         else:
@@ -417,6 +416,7 @@ class Trainer:
     def start(self) -> None:
         """A fresh run: seed torch's global RNG, write an epoch-0 ``last.pt`` (so that any
         interruption can be resumed) and an empty metrics file, drop stale outputs."""
+        self.config.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
         self.checkpoint(best=False, plot=False)
         for stale in (self.best_path, self.plot_path):
@@ -437,6 +437,7 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng_state"])
         if self.device.type == "cuda" and "cuda_rng_state" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self.device)
+        self.config.out_dir.mkdir(parents=True, exist_ok=True)
         _write_metrics(self.metrics_path, self.history)
 
     def _load_schedule(self, state: dict[str, Any]) -> None:
