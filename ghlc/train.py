@@ -292,6 +292,16 @@ class Trainer:
     :func:`train` for the files written and the errors raised.
     """
 
+    # set by setup()
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.CosineAnnealingLR
+    steps_per_epoch: int
+    total_steps: int
+
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.model = model
         self.config = config
