@@ -288,7 +288,8 @@ class Trainer:
 
     :meth:`fit` runs :meth:`setup` (data, optimiser split by role, cosine schedule), then
     :meth:`resume` or :meth:`start`, then :meth:`run_epoch` for each epoch left
-    (:meth:`train_epoch`, :meth:`check_weights`, :meth:`evaluate`, :meth:`checkpoint`). See
+    (:meth:`train_epoch`, :meth:`check_weights`, :meth:`evaluate`, :meth:`checkpoint`,
+    :meth:`write_metrics`). See
     :func:`train` for the files written and the errors raised.
     """
 
@@ -358,6 +359,7 @@ class Trainer:
             self.best_acc = ev["acc"]
         self.epoch = epoch
         self.checkpoint(best=improved)
+        self.write_metrics()
         return self.history[-1]
 
     def result(self) -> TrainResult:
@@ -428,7 +430,8 @@ class Trainer:
         interruption can be resumed) and an empty metrics file, drop stale outputs."""
         self.config.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
-        self.checkpoint(best=False, plot=False)
+        self.checkpoint(best=False)
+        self.write_metrics(curves=False)
         for stale in (self.best_path, self.plot_path):
             stale.unlink(missing_ok=True)
 
@@ -448,7 +451,7 @@ class Trainer:
         if self.device.type == "cuda" and "cuda_rng_state" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self.device)
         self.config.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_metrics(self.metrics_path, self.history)
+        self.write_metrics(curves=False)
 
     def _load_schedule(self, state: dict[str, Any]) -> None:
         """Restore the schedule's position. A run resumed with more or fewer epochs re-plans
@@ -557,16 +560,19 @@ class Trainer:
         self.model.train()
         return ev
 
-    def checkpoint(self, best: bool, plot: bool = True) -> None:
-        """Write ``last.pt`` (and ``best.pt`` when ``best``), the metrics and the curves, each
-        atomically."""
+    def checkpoint(self, best: bool) -> None:
+        """Write ``last.pt`` (and ``best.pt`` when ``best``) atomically: weights, optimiser,
+        schedule, RNG, history and settings after ``self.epoch``."""
         ckpt = _checkpoint(self.model, self.optimizer, self.scheduler, self.epoch,
                            self.best_acc, self.history, self.device, self.config.hparams())
         _save(self.last_path, ckpt)
         if best:
             _save(self.best_path, ckpt)
+
+    def write_metrics(self, curves: bool = True) -> None:
+        """Write ``metrics.jsonl`` (and ``curves.png`` when ``curves``) atomically."""
         _write_metrics(self.metrics_path, self.history)
-        if plot:
+        if curves:
             _plot(self.plot_path, self.history)
 
 
