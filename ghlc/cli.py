@@ -258,8 +258,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
 
     from .artifact import save
     from .data import augment_batch, load_data
-    from .train import Trainer, check_labels, slow_bf16
-    from .trainconfig import TrainConfig
+    from .train import TrainConfig, Trainer, check_labels, slow_bf16
 
     dev = _pick_device(device)
     if cuda_graph and dev.type != "cuda":

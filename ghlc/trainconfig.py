@@ -52,18 +52,26 @@ class TrainConfig:
         for name in ("lr", "lr_plastic", "wd", "wd_plastic"):
             _check_rate(name, getattr(self, name))
         if self.augment is not None and not callable(self.augment):
-            raise GHLError(f"augment must be a function (x, generator) -> x, got "
-                           f"{type(self.augment).__name__}")
+            raise GHLError(
+                f"augment must be a function (x, generator) -> x, got {type(self.augment).__name__}"
+            )
         if self.autocast is not None and self.autocast != torch.bfloat16:
             raise GHLError(f"autocast {self.autocast} is not supported here: use torch.bfloat16")
 
     def hparams(self) -> dict[str, Any]:
         """The run's settings as stored in every checkpoint (``hparams``)."""
-        return {"batch_size": self.batch_size, "seed": self.seed, "epochs": self.epochs,
-                "lr": self.lr, "lr_plastic": self.lr_plastic, "wd": self.wd,
-                "wd_plastic": self.wd_plastic,
-                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
-                "cuda_graph": self.cuda_graph, "channels_last": self.channels_last}
+        return {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "lr_plastic": self.lr_plastic,
+            "wd": self.wd,
+            "wd_plastic": self.wd_plastic,
+            "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
+            "cuda_graph": self.cuda_graph,
+            "channels_last": self.channels_last,
+        }
 
 
 def _set(cfg: TrainConfig, name: str, value: Any) -> None:
