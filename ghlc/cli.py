@@ -258,8 +258,7 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
 
     from .artifact import save
     from .data import augment_batch, load_data
-    from .train import check_labels, slow_bf16
-    from .train import train as run_training
+    from .train import TrainConfig, Trainer, check_labels, slow_bf16
 
     dev = _pick_device(device)
     if cuda_graph and dev.type != "cuda":
@@ -271,22 +270,22 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     ds = load_data(data, shape, augment=augment)
     check_labels(model, ds.x_train, torch.cat([ds.y_train, ds.y_test]))  # before any file
     out = Path(out_dir)
+    # bp keeps the same per-role settings, so that only the rule differs between methods
+    config = TrainConfig(
+        out_dir=out, plastic=plastic, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed, resume=resume,
+        augment=augment_batch if augment else None, classes=ds.classes,
+        autocast=torch.bfloat16 if autocast == "bf16" else None, cuda_graph=cuda_graph,
+        channels_last=channels_last)
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
     click.echo(f"training on {dev}")
     if autocast == "bf16" and (why := slow_bf16(dev)):
         click.echo(f"warning: {why}", err=True)
-    # bp keeps the same per-role settings, so that only the rule differs between methods
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowPrecisionWarning)  # (said above, once)
-        res = run_training(
-            net, ds.x_train, ds.y_train, ds.x_test, ds.y_test, plastic=plastic, epochs=epochs,
-            batch_size=batch_size, lr=lr, lr_plastic=lr_plastic, wd_plastic=wd_plastic,
-            seed=seed, out_dir=out, resume=resume, augment=augment_batch if augment else None,
-            classes=ds.classes, autocast=torch.bfloat16 if autocast == "bf16" else None,
-            cuda_graph=cuda_graph, channels_last=channels_last,
-        )
+        res = Trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
     trained = model
     trained.load_state_dict(net.state_dict())
     save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})

@@ -1,9 +1,11 @@
 """Training loop: SGD with per-role settings, cosine schedule, metrics, checkpoints, resume.
 
-The model comes built by the caller: a ghlc-prepared module (GHL or pure Hebbian) or a plain
-one (backprop). ``plastic`` names the plastic parameters; they get their own SGD parameter
-group (``lr_plastic``, ``wd_plastic``), everything else gets ``lr``/``wd``. The cosine schedule
-spans all steps of the run. ``out_dir`` receives:
+``Trainer(model, TrainConfig(...)).fit(x_train, y_train, x_test, y_test)`` runs one phase per
+method (setup, start or resume, run_epoch, evaluate, checkpoint); :func:`train` is the same run
+in one call. The model comes built by the caller: a ghlc-prepared module (GHL or pure Hebbian)
+or a plain one (backprop). ``plastic`` names the plastic parameters; they get their own SGD
+parameter group (``lr_plastic``, ``wd_plastic``), everything else gets ``lr``/``wd``. The
+cosine schedule spans all steps of the run. ``out_dir`` receives:
 
 - ``metrics.jsonl``: one JSON object per epoch (epoch, train_loss, train_acc, test_loss,
   test_acc, lr, lr_plastic, seconds, images_per_s);
@@ -12,8 +14,7 @@ spans all steps of the run. ``out_dir`` receives:
   with ``torch.load(weights_only=True)``.
 
 A run stopped after epoch k (or interrupted during epoch k+1) and resumed with ``resume=True``
-ends with weights bit-identical to an unbroken run with the same arguments.
-"""
+ends with weights bit-identical to an unbroken run with the same arguments."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from .errors import GHLError, SlowPrecisionWarning, first_line
 from .fileio import write_atomic
+from .trainconfig import Augment, TrainConfig
 
 CKPT_FORMAT = "ghlc-checkpoint"
 CKPT_VERSION = 1
@@ -264,6 +266,326 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x
 
 
+@dataclass
+class _EpochStats:
+    """Running totals of one training epoch, kept on the device until the epoch ends."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    nonfinite: torch.Tensor
+    seen: int = 0
+    lrs: list[float] = field(default_factory=list)  # the LRs of the epoch's last step
+
+    @classmethod
+    def zeros(cls, dev: torch.device, lrs: list[float]) -> _EpochStats:
+        return cls(torch.zeros((), dtype=torch.float64, device=dev),
+                   torch.zeros((), dtype=torch.int64, device=dev),
+                   torch.zeros((), dtype=torch.bool, device=dev), 0, lrs)
+
+
+class Trainer:
+    """One training run of ``model`` under ``config``, one method per phase.
+
+    :meth:`fit` runs :meth:`setup` (data, optimiser split by role, cosine schedule), then
+    :meth:`resume` or :meth:`start`, then :meth:`run_epoch` for each epoch left
+    (:meth:`train_epoch`, :meth:`check_weights`, :meth:`evaluate`, :meth:`checkpoint`,
+    :meth:`write_metrics`). See
+    :func:`train` for the files written and the errors raised.
+    """
+
+    # set by setup()
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.CosineAnnealingLR
+    steps_per_epoch: int
+    total_steps: int
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+        self.device = _device(model)
+        out = config.out_dir
+        self.last_path, self.best_path = out / "last.pt", out / "best.pt"
+        self.metrics_path, self.plot_path = out / "metrics.jsonl", out / "curves.png"
+        self.history: list[dict[str, Any]] = []
+        self.best_acc = float("-inf")
+        self.epoch = 0  # the last completed epoch
+        self.step = 0  # the step reached in the current epoch
+        self._graph_step: Callable[..., torch.Tensor] | None = None
+        self._graph_logits: list[torch.Tensor] = []
+
+    # -- the run -------------------------------------------------------------------------
+
+    def fit(self, x_train, y_train, x_test=None, y_test=None) -> TrainResult:
+        """Train to ``config.epochs`` (from ``last.pt`` when ``config.resume``)."""
+        self.setup(x_train, y_train, x_test, y_test)
+        # a missing or foreign checkpoint fails before the capture, the capture before any file
+        ckpt = load_checkpoint(self.last_path) if self.config.resume else None
+        self._capture_step()
+        if ckpt is not None:
+            self.resume(ckpt)
+        else:
+            self.start()
+        epoch = self.epoch + 1
+        self.step = 0
+        try:
+            for epoch in range(self.epoch + 1, self.config.epochs + 1):
+                self.run_epoch(epoch)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"interrupted at epoch {epoch} step {self.step}; resume with --resume") from None
+        return self.result()
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, check the weights, evaluate, then record the epoch's metrics and
+        write the checkpoints; returns the epoch's metrics."""
+        t0 = time.perf_counter()
+        stats = self.train_epoch(epoch)
+        train_s = time.perf_counter() - t0
+        self.check_weights(epoch)
+        ev = self.evaluate()
+        self.history.append({
+            "epoch": epoch, "train_loss": float(stats.loss_sum) / stats.seen,
+            "train_acc": int(stats.correct) / stats.seen, "test_loss": ev["loss"],
+            "test_acc": ev["acc"], "lr": stats.lrs[0], "lr_plastic": stats.lrs[1],
+            "seconds": time.perf_counter() - t0,
+            "images_per_s": stats.seen / max(train_s, 1e-9),
+        })
+        improved = ev["acc"] > self.best_acc  # False for NaN (no test set)
+        if improved:
+            self.best_acc = ev["acc"]
+        self.epoch = epoch
+        self.checkpoint(best=improved)
+        self.write_metrics()
+        return self.history[-1]
+
+    def result(self) -> TrainResult:
+        """What the run has done so far."""
+        best = self.best_acc if math.isfinite(self.best_acc) else float("nan")
+        return TrainResult(epochs_run=len(self.history),
+                           final=dict(self.history[-1]) if self.history else {},
+                           best_acc=best, out_dir=self.config.out_dir, history=self.history)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self, x_train, y_train, x_test=None, y_test=None) -> None:
+        """Check the data and the labels, split the parameters by role into two SGD groups and
+        plan the cosine schedule over all steps. Writes no file."""
+        cfg = self.config
+        self.x_train, self.y_train = _as_tensors(x_train, y_train)
+        if x_test is None:
+            x_test, y_test = self.x_train[:0], self.y_train[:0]
+        self.x_test, self.y_test = _as_tensors(x_test, y_test)
+        if self.y_train.shape[0] == 0:
+            raise GHLError("the training set is empty")
+        check_labels(self.model, self.x_train, torch.cat([self.y_train, self.y_test]))
+        self.optimizer = self._optimizer()
+        self.steps_per_epoch = math.ceil(self.y_train.shape[0] / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=self.total_steps)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg.autocast is not None and (why := slow_bf16(self.device)):
+            warnings.warn(why, SlowPrecisionWarning, stacklevel=3)
+
+    def _optimizer(self) -> torch.optim.SGD:
+        """Plain SGD (no momentum): the backprop parameters in group 0 (``lr``, ``wd``), the
+        plastic ones in group 1 (``lr_plastic``, ``wd_plastic``)."""
+        cfg = self.config
+        unknown = cfg.plastic - {k for k, _ in self.model.named_parameters()}
+        if unknown:
+            raise GHLError(f"plastic parameters not in the model: {', '.join(sorted(unknown))}")
+        named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        return torch.optim.SGD([
+            {"params": [p for k, p in named if k not in cfg.plastic], "lr": cfg.lr,
+             "weight_decay": cfg.wd, "role": "backprop"},
+            {"params": [p for k, p in named if k in cfg.plastic], "lr": cfg.lr_plastic,
+             "weight_decay": cfg.wd_plastic, "role": "plastic"},
+        ], lr=cfg.lr, momentum=0.0)
+
+    def _capture_step(self) -> None:
+        """With ``cuda_graph``, capture the forward, loss and backward of one full batch."""
+        cfg = self.config
+        if not cfg.cuda_graph or self.y_train.shape[0] < cfg.batch_size:
+            return
+
+        def graph_loss(out, target):
+            self._graph_logits[:] = [_logits(out)]
+            return F.cross_entropy(self._graph_logits[0], target)
+
+        self.model.train()
+        x = _layout(self.x_train[:cfg.batch_size].to(self.device), cfg.channels_last)
+        self._graph_step = _capture(self.model, self.optimizer, graph_loss, x,
+                                    self.y_train[:cfg.batch_size].to(self.device),
+                                    cfg.autocast)
+
+    # -- start or resume -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """A fresh run: seed torch's global RNG, write an epoch-0 ``last.pt`` (so that any
+        interruption can be resumed) and an empty metrics file, drop stale outputs."""
+        self.config.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.config.seed)
+        self.checkpoint(best=False)
+        self.write_metrics(curves=False)
+        for stale in (self.best_path, self.plot_path):
+            stale.unlink(missing_ok=True)
+
+    def resume(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimiser, schedule, RNG and history."""
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self._load_schedule(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            msg = first_line(e) or type(e).__name__
+            raise GHLError(f"{self.last_path}: does not match this model/run: {msg}") from None
+        self.epoch = int(ckpt["epoch"])
+        self.best_acc = float(ckpt["best_acc"])
+        self.history = [dict(h) for h in ckpt.get("history", [])][:self.epoch]
+        torch.set_rng_state(ckpt["torch_rng_state"])
+        if self.device.type == "cuda" and "cuda_rng_state" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self.device)
+        self.config.out_dir.mkdir(parents=True, exist_ok=True)
+        self.write_metrics(curves=False)
+
+    def _load_schedule(self, state: dict[str, Any]) -> None:
+        """Restore the schedule's position. A run resumed with more or fewer epochs re-plans
+        the rest of the cosine over the new total: the step count stays, the span and the
+        groups' current LRs change (through the optimiser's groups and the scheduler's own
+        ``load_state_dict``, not its attributes)."""
+        state = dict(state)
+        total = self.total_steps
+        if state.get("T_max") != total:
+            t = min(int(state["last_epoch"]), total)
+            for g in self.optimizer.param_groups:
+                g["lr"] = _cosine_lr(g["initial_lr"], t, total)
+            state.update(T_max=total, _last_lr=[g["lr"] for g in self.optimizer.param_groups])
+        self.scheduler.load_state_dict(state)
+
+    # -- one epoch -----------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> _EpochStats:
+        """One pass over the shuffled training set (shuffle and augmentation seeded from
+        ``seed`` and ``epoch``), one SGD step and one schedule step per batch."""
+        cfg = self.config
+        self.model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(self.y_train.shape[0], generator=g)
+        every = _finite_check_every(self.device)
+        stats = _EpochStats.zeros(self.device, self._lrs())
+        t0 = time.perf_counter()
+        bar = _bar(cfg.progress, self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+        try:
+            for step in range(1, self.steps_per_epoch + 1):
+                self.step = step
+                idx = perm[(step - 1) * cfg.batch_size:step * cfg.batch_size]
+                xb, yb = self._batch(idx, g)
+                loss, logits, replayed = self._forward(xb, yb)
+                stats.nonfinite |= ~torch.isfinite(loss.detach())
+                if step % every == 0 or step == self.steps_per_epoch:
+                    self.check_loss(stats.nonfinite, epoch, step, every)
+                stats.lrs = self._step(loss, backward=not replayed)
+                stats.seen += yb.shape[0]
+                stats.loss_sum += loss.detach().double() * yb.shape[0]
+                stats.correct += (logits.detach().argmax(1) == yb).sum()
+                _show(bar, step, self.steps_per_epoch, stats, time.perf_counter() - t0)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return stats
+
+    def _batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        xb = self.x_train[idx]
+        if cfg.augment is not None:
+            xb = cfg.augment(xb, g)
+        xb = _layout(xb.to(self.device, non_blocking=True), cfg.channels_last)
+        return xb, self.y_train[idx].to(self.device, non_blocking=True)
+
+    def _forward(self, xb: torch.Tensor,
+                 yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Loss and logits of one batch, and whether they came from a replay: a full batch
+        under ``cuda_graph`` replays the captured forward, loss and backward."""
+        if self._graph_step is not None and yb.shape[0] == self.config.batch_size:
+            loss = self._graph_step(xb, target=yb)
+            return loss, self._graph_logits[0], True
+        self.optimizer.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
+        autocast = self.config.autocast
+        with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16,
+                            enabled=autocast is not None):
+            logits = _logits(self.model(xb))
+            return F.cross_entropy(logits, yb), logits, False
+
+    def _step(self, loss: torch.Tensor, backward: bool) -> list[float]:
+        """Backward (unless replayed), one SGD step and one schedule step; the LRs used."""
+        if backward:
+            loss.backward()
+        lrs = self._lrs()
+        self.optimizer.step()
+        self.scheduler.step()
+        return lrs
+
+    def _lrs(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    # -- checks, evaluation, outputs -----------------------------------------------------
+
+    def check_loss(self, nonfinite: torch.Tensor, epoch: int, step: int, every: int) -> None:
+        """Raise ``TrainingDiverged`` if a loss since the last check was NaN/Inf."""
+        if not bool(nonfinite):
+            return
+        when = f"step {step}" if every == 1 else (
+            f"step {step} (or up to {every - 1} steps before it; checked every {every} steps)")
+        raise TrainingDiverged(f"training diverged at epoch {epoch} {when}: the loss is not "
+                               f"finite; {self.last_path.name} keeps epoch {epoch - 1}")
+
+    def check_weights(self, epoch: int) -> None:
+        """Raise ``TrainingDiverged`` if a weight became NaN/Inf during the epoch."""
+        if not _finite(self.model):
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch} step {self.step}: weights are not "
+                f"finite; {self.last_path.name} keeps epoch {epoch - 1}")
+
+    def evaluate(self) -> dict[str, Any]:
+        """Test-set loss and accuracy (eval mode, no gradients); the model stays in train
+        mode."""
+        ev = evaluate(self.model, self.x_test, self.y_test, classes=self.config.classes)
+        self.model.train()
+        return ev
+
+    def checkpoint(self, best: bool) -> None:
+        """Write ``last.pt`` (and ``best.pt`` when ``best``) atomically: weights, optimiser,
+        schedule, RNG, history and settings after ``self.epoch``."""
+        ckpt = _checkpoint(self.model, self.optimizer, self.scheduler, self.epoch,
+                           self.best_acc, self.history, self.device, self.config.hparams())
+        _save(self.last_path, ckpt)
+        if best:
+            _save(self.best_path, ckpt)
+
+    def write_metrics(self, curves: bool = True) -> None:
+        """Write ``metrics.jsonl`` (and ``curves.png`` when ``curves``) atomically."""
+        _write_metrics(self.metrics_path, self.history)
+        if curves:
+            _plot(self.plot_path, self.history)
+
+
+def _show(bar, step: int, steps: int, stats: _EpochStats, elapsed: float) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if step % 10 == 0 or step == steps:
+        bar.set_postfix(loss=f"{float(stats.loss_sum) / stats.seen:.4f}",
+                        acc=f"{int(stats.correct) / stats.seen:.4f}",
+                        img_s=f"{stats.seen / max(elapsed, 1e-9):.0f}", refresh=False)
+
+
 def train(
     model: nn.Module,
     x_train,
@@ -281,14 +603,15 @@ def train(
     seed: int = 0,
     out_dir: str | Path,
     resume: bool = False,
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    augment: Augment | None = None,
     progress: bool = True,
     classes=None,
     autocast: torch.dtype | None = None,
     cuda_graph: bool = False,
     channels_last: bool = False,
 ) -> TrainResult:
-    """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps.
+    """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps:
+    ``Trainer(model, TrainConfig(...)).fit(x_train, y_train, x_test, y_test)``.
 
     Parameters named in ``plastic`` use ``lr_plastic``/``wd_plastic``, the rest ``lr``/``wd``.
     Epoch ``e`` (1-based) shuffles with a generator seeded ``seed*1000+e``; ``augment(x, g)``
@@ -306,191 +629,18 @@ def train(
     training batch to channels-last memory format (often the faster layout for convolutions;
     docs/PERFORMANCE.md).
 
-    Raises ``GHLError`` before writing anything when a label is negative or not below the
-    model's number of outputs (:func:`check_labels`), ``TrainingDiverged`` on a NaN/Inf loss
-    (checked every step on CPU, every ``FINITE_CHECK_EVERY`` steps on an accelerator) or
-    weight (``last.pt`` keeps the last good epoch) and ``TrainingInterrupted`` on Ctrl-C
-    (``last.pt`` keeps the last completed epoch).
+    Raises ``GHLError`` before writing anything on a bad setting (:class:`TrainConfig`) or when
+    a label is negative or not below the model's number of outputs (:func:`check_labels`),
+    ``TrainingDiverged`` on a NaN/Inf loss (checked every step on CPU, every
+    ``FINITE_CHECK_EVERY`` steps on an accelerator) or weight (``last.pt`` keeps the last good
+    epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
     """
-    if epochs < 1:
-        raise GHLError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise GHLError(f"batch_size must be >= 1, got {batch_size}")
-    if autocast is not None and autocast != torch.bfloat16:
-        raise GHLError(f"autocast {autocast} is not supported here: use torch.bfloat16")
-    x_train, y_train = _as_tensors(x_train, y_train)
-    if x_test is None:
-        x_test, y_test = x_train[:0], y_train[:0]
-    x_test, y_test = _as_tensors(x_test, y_test)
-    n = y_train.shape[0]
-    if n == 0:
-        raise GHLError("the training set is empty")
-    check_labels(model, x_train, torch.cat([y_train, y_test]))
-    out = Path(out_dir)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    metrics_path, plot_path = out / "metrics.jsonl", out / "curves.png"
-
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    unknown = set(plastic) - {k for k, _ in model.named_parameters()}
-    if unknown:
-        raise GHLError(f"plastic parameters not in the model: {', '.join(sorted(unknown))}")
-    bp_params = [p for k, p in named if k not in plastic]
-    pl_params = [p for k, p in named if k in plastic]
-    opt = torch.optim.SGD([
-        {"params": bp_params, "lr": lr, "weight_decay": wd, "role": "backprop"},
-        {"params": pl_params, "lr": lr_plastic, "weight_decay": wd_plastic, "role": "plastic"},
-    ], lr=lr, momentum=0.0)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    dev = _device(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if autocast is not None and (why := slow_bf16(dev)):
-        warnings.warn(why, SlowPrecisionWarning, stacklevel=2)
-    hparams = {"batch_size": batch_size, "seed": seed, "epochs": epochs, "lr": lr,
-               "lr_plastic": lr_plastic, "wd": wd, "wd_plastic": wd_plastic,
-               "autocast": str(autocast).removeprefix("torch.") if autocast else None,
-               "cuda_graph": cuda_graph, "channels_last": channels_last}
-    # (a missing or foreign checkpoint fails before the capture)
-    ckpt = load_checkpoint(last_path) if resume else None
-    graph_step, graph_logits = None, []
-    if cuda_graph and n >= batch_size:
-        def graph_loss(out, target):
-            graph_logits[:] = [_logits(out)]
-            return F.cross_entropy(graph_logits[0], target)
-
-        model.train()
-        graph_step = _capture(model, opt, graph_loss,
-                              _layout(x_train[:batch_size].to(dev), channels_last),
-                              y_train[:batch_size].to(dev), autocast)
-    out.mkdir(parents=True, exist_ok=True)
-
-    history: list[dict[str, Any]] = []
-    best_acc = float("-inf")
-    start_epoch = 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            msg = first_line(e) or type(e).__name__
-            raise GHLError(f"{last_path}: does not match this model/run: {msg}") from None
-        start_epoch = int(ckpt["epoch"])
-        best_acc = float(ckpt["best_acc"])
-        history = [dict(h) for h in ckpt.get("history", [])][:start_epoch]
-        torch.set_rng_state(ckpt["torch_rng_state"])
-        if dev.type == "cuda" and "cuda_rng_state" in ckpt:
-            torch.cuda.set_rng_state(ckpt["cuda_rng_state"], dev)
-        if sched.T_max != total_steps:  # a longer/shorter run: re-plan the rest of the cosine
-            sched.T_max = total_steps
-            t = min(sched.last_epoch, total_steps)
-            for g in opt.param_groups:
-                g["lr"] = _cosine_lr(g["initial_lr"], t, total_steps)
-            sched._last_lr = [g["lr"] for g in opt.param_groups]
-        _write_metrics(metrics_path, history)
-    else:
-        torch.manual_seed(seed)
-        ckpt = _checkpoint(model, opt, sched, 0, best_acc, history, dev, hparams)
-        _save(last_path, ckpt)
-        _write_metrics(metrics_path, history)
-        for stale in (best_path, plot_path):
-            stale.unlink(missing_ok=True)
-
-    model.train()
-    epoch, step = start_epoch + 1, 0
-    try:
-        for epoch in range(start_epoch + 1, epochs + 1):
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(seed * 1000 + epoch)
-            perm = torch.randperm(n, generator=g)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            correct = torch.zeros((), dtype=torch.int64, device=dev)
-            seen = 0
-            nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-            every = _finite_check_every(dev)
-            lrs = [gr["lr"] for gr in opt.param_groups]
-            bar = _bar(progress, steps_per_epoch, f"epoch {epoch}/{epochs}")
-            try:
-                for step in range(1, steps_per_epoch + 1):
-                    idx = perm[(step - 1) * batch_size:step * batch_size]
-                    xb = x_train[idx]
-                    if augment is not None:
-                        xb = augment(xb, g)
-                    xb = _layout(xb.to(dev, non_blocking=True), channels_last)
-                    yb = y_train[idx].to(dev, non_blocking=True)
-                    replay = graph_step is not None and yb.shape[0] == batch_size
-                    if replay:  # forward, loss and backward in one graph replay
-                        loss = graph_step(xb, target=yb)
-                        logits = graph_logits[0]
-                    else:
-                        opt.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
-                        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16,
-                                            enabled=autocast is not None):
-                            logits = _logits(model(xb))
-                            loss = F.cross_entropy(logits, yb)
-                    nonfinite |= ~torch.isfinite(loss.detach())
-                    if (step % every == 0 or step == steps_per_epoch) and bool(nonfinite):
-                        when = f"step {step}" if every == 1 else (
-                            f"step {step} (or up to {every - 1} steps before it; checked every "
-                            f"{every} steps)")
-                        raise TrainingDiverged(
-                            f"training diverged at epoch {epoch} {when}: the loss is not "
-                            f"finite; {last_path.name} keeps epoch {epoch - 1}")
-                    if not replay:
-                        loss.backward()
-                    lrs = [gr["lr"] for gr in opt.param_groups]
-                    opt.step()
-                    sched.step()
-                    b = yb.shape[0]
-                    seen += b
-                    loss_sum += loss.detach().double() * b
-                    correct += (logits.detach().argmax(1) == yb).sum()
-                    if bar is not None:
-                        bar.update(1)
-                        if step % 10 == 0 or step == steps_per_epoch:
-                            el = time.perf_counter() - t0
-                            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
-                                            acc=f"{int(correct) / seen:.4f}",
-                                            img_s=f"{seen / max(el, 1e-9):.0f}", refresh=False)
-            finally:
-                if bar is not None:
-                    bar.close()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            train_s = time.perf_counter() - t0
-            if not _finite(model):
-                raise TrainingDiverged(
-                    f"training diverged at epoch {epoch} step {step}: weights are not finite; "
-                    f"{last_path.name} keeps epoch {epoch - 1}")
-            ev = evaluate(model, x_test, y_test, classes=classes)
-            model.train()
-            rec = {
-                "epoch": epoch, "train_loss": float(loss_sum) / seen,
-                "train_acc": int(correct) / seen, "test_loss": ev["loss"], "test_acc": ev["acc"],
-                "lr": lrs[0], "lr_plastic": lrs[1],
-                "seconds": time.perf_counter() - t0, "images_per_s": seen / max(train_s, 1e-9),
-            }
-            history.append(rec)
-            improved = ev["acc"] > best_acc  # False for NaN (no test set)
-            if improved:
-                best_acc = ev["acc"]
-            ckpt = _checkpoint(model, opt, sched, epoch, best_acc, history, dev, hparams)
-            _save(last_path, ckpt)
-            if improved:
-                _save(best_path, ckpt)
-            _write_metrics(metrics_path, history)
-            _plot(plot_path, history)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(
-            f"interrupted at epoch {epoch} step {step}; resume with --resume") from None
-
-    return TrainResult(
-        epochs_run=len(history), final=dict(history[-1]) if history else {},
-        best_acc=best_acc if math.isfinite(best_acc) else float("nan"), out_dir=out,
-        history=history,
-    )
+    config = TrainConfig(
+        out_dir=out_dir, plastic=plastic, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_plastic=lr_plastic, wd_plastic=wd_plastic, wd=wd, seed=seed, resume=resume,
+        augment=augment, progress=progress, classes=classes, autocast=autocast,
+        cuda_graph=cuda_graph, channels_last=channels_last)
+    return Trainer(model, config).fit(x_train, y_train, x_test, y_test)
 
 
 def _capture(model: nn.Module, opt: torch.optim.Optimizer,

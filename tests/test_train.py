@@ -1,6 +1,12 @@
 """Training loop: param groups, schedule, outputs, checkpoints, exact resume, failure modes."""
 
+import copy
+import dataclasses
+import inspect
 import json
+import math
+import re
+import sys
 
 import pytest
 import torch
@@ -441,3 +447,132 @@ def test_slow_bfloat16_cpu_warning(tmp_path, monkeypatch, native):
         if slow:
             assert "slow fallback kernels" in str(slow[0].message)
     assert T.slow_bf16(torch.device("cuda")) is None
+
+
+# ---- TrainConfig and Trainer ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("epochs", 0, "epochs must be >= 1, got 0"),
+    ("epochs", 1.5, "epochs must be an integer, got 1.5"),
+    ("batch_size", -2, "batch_size must be >= 1, got -2"),
+    ("batch_size", True, "batch_size must be an integer, got True"),
+    ("seed", "0", "seed must be an integer, got '0'"),
+    ("lr", -0.1, "lr must be a finite number >= 0, got -0.1"),
+    ("lr_plastic", float("nan"), "lr_plastic must be a finite number >= 0, got nan"),
+    ("wd", "big", "wd must be a number, got 'big'"),
+    ("wd_plastic", float("inf"), "wd_plastic must be a finite number >= 0, got inf"),
+    ("autocast", torch.float16, "autocast torch.float16 is not supported here: use "
+                                "torch.bfloat16"),
+    ("augment", 3, "augment must be a function (x, generator) -> x, got int"),
+    ("plastic", "0.weight", "plastic must be a set of parameter names, got str"),
+    ("plastic", {1}, "plastic must be a set of parameter names (strings)"),
+    ("out_dir", None, "out_dir must be a path, got NoneType"),
+])
+def test_train_config_rejects_a_bad_setting_in_one_line(tmp_path, field, value, msg):
+    kw = {"out_dir": tmp_path / "run", "plastic": set(), field: value}
+    with pytest.raises(GHLError) as e:
+        T.TrainConfig(**kw)
+    assert str(e.value) == msg and "\n" not in str(e.value)
+    # train() checks the same settings before it writes anything
+    x, y = make_data(8)
+    with pytest.raises(GHLError, match=re.escape(msg)):
+        train(make_model(), x, y, None, None, progress=False,
+              **{"out_dir": tmp_path / "run", "plastic": set(), field: value})
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_is_frozen_and_normalised(tmp_path):
+    cfg = T.TrainConfig(out_dir=str(tmp_path), plastic=["0.weight"], classes=["a", "b"])
+    assert cfg.out_dir == tmp_path and cfg.plastic == frozenset({"0.weight"})
+    assert cfg.classes == ("a", "b") and (cfg.epochs, cfg.batch_size, cfg.lr) == (1, 64, 5e-3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+    assert cfg.hparams() == {"batch_size": 64, "seed": 0, "epochs": 1, "lr": 5e-3,
+                             "lr_plastic": 1e-2, "wd": 0.0, "wd_plastic": 5e-2,
+                             "autocast": None, "cuda_graph": False, "channels_last": False}
+
+
+def test_train_takes_exactly_the_config_settings():
+    """train()'s keywords are TrainConfig's fields with the same defaults, so the wrapper and
+    the config cannot drift apart."""
+    params = inspect.signature(train).parameters
+    kw = {k: None if p.default is inspect.Parameter.empty else p.default
+          for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    fields = {f.name: None if f.default is dataclasses.MISSING else f.default
+              for f in dataclasses.fields(T.TrainConfig)}
+    assert kw == fields and kw["plastic"] is None and kw["epochs"] == 1  # (required; defaults)
+
+
+def _trainer(kind, out, epochs=2, resume=False):
+    x, y = make_data()
+    xt, yt = make_data(32, seed=1)
+    m, plastic = build(kind, x)
+    cfg = T.TrainConfig(out_dir=out, plastic=plastic, epochs=epochs, batch_size=16, lr=0.05,
+                        lr_plastic=0.05, resume=resume, progress=False)
+    t = T.Trainer(m, cfg)
+    t.setup(x, y, xt, yt)
+    return t
+
+
+def _sched_state(t):
+    return copy.deepcopy(t.scheduler.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["ghl", "bp"])
+def test_trainer_two_epochs_equal_one_then_resume_then_one(tmp_path, kind):
+    """Two epochs in one Trainer end with the same weights, optimiser and schedule state as one
+    epoch, a new Trainer resumed from last.pt, and one more epoch; right after the resume the
+    schedule is where the unbroken run's was after its first epoch."""
+    full = _trainer(kind, tmp_path / "full")
+    full.start()
+    full.run_epoch(1)
+    after_one = _sched_state(full)
+    full.run_epoch(2)
+
+    first = _trainer(kind, tmp_path / "split")
+    first.start()
+    first.run_epoch(1)
+    torch.manual_seed(1234)  # a different global RNG state must not matter
+    second = _trainer(kind, tmp_path / "split", resume=True)
+    second.resume(T.load_checkpoint(tmp_path / "split" / "last.pt"))
+    assert second.epoch == 1 and _sched_state(second) == after_one
+    second.run_epoch(2)
+    res = second.result()
+
+    assert res.epochs_run == 2
+    assert_identical(state(full.model), state(second.model))
+    assert _sched_state(second) == _sched_state(full)
+    assert_identical(full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"])
+    for a, b in zip(full.history, res.history, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == \
+            {k: v for k, v in b.items() if k not in ("seconds", "images_per_s")}
+
+
+def test_resume_writes_no_scheduler_attribute(tmp_path, monkeypatch):
+    """Resuming a run with more epochs re-plans the cosine over the new total without ghlc
+    writing any attribute of the scheduler (only torch's own methods do): the schedule then
+    stands at the new span's position, as its state_dict says."""
+    _trainer("bp", tmp_path, epochs=1).fit(*make_data(), *make_data(32, seed=1))
+    written = []
+    real = torch.optim.lr_scheduler.CosineAnnealingLR.__setattr__
+
+    def spy(self, name, value):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("ghlc"):
+            written.append((caller, name))
+        real(self, name, value)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.CosineAnnealingLR, "__setattr__", spy)
+    t = _trainer("bp", tmp_path, epochs=3, resume=True)
+    t.resume(T.load_checkpoint(tmp_path / "last.pt"))
+    assert written == []
+    sd = t.scheduler.state_dict()
+    assert (sd["T_max"], sd["last_epoch"]) == (12, 4)
+    want = [0.05 * (1 + math.cos(math.pi * 4 / 12)) / 2] * 2
+    assert t.scheduler.get_last_lr() == pytest.approx(want, rel=1e-12)
+    assert [g["lr"] for g in t.optimizer.param_groups] == t.scheduler.get_last_lr()
+    res = t.fit(*make_data(), *make_data(32, seed=1))
+    assert written == [] and res.epochs_run == 3
+    assert t.scheduler.state_dict()["last_epoch"] == 12
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
