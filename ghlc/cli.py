@@ -106,11 +106,9 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     import torch
 
     from .artifact import save
-    from .compile import compile_graph
+    from .build import trace_and_build
+    from .errors import TraceError
     from .modelfile import load_model_file
-    from .passes import PassManager, default_passes
-    from .runtime import runtime_of
-    from .trace import trace
 
     cfg = _config(config_path)
     torch.manual_seed(seed)  # the same file converts to the same initial weights
@@ -121,16 +119,13 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
         inputs = loaded.example_inputs
     else:
         inputs = (torch.randn(1, 3, 32, 32),)
-    try:
-        lg = trace(loaded.model, inputs, config=cfg)
-    except GHLError as e:
+    source = {"path": str(Path(model_file).resolve()), "sha256": loaded.sha256,
+              "entry": loaded.entry}
+    try:  # what ghlc.prepare runs, recording the model file for ghlc.load
+        m, lg = trace_and_build(loaded.model, inputs, cfg, inplace=True, source=source)
+    except TraceError as e:
         shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
         raise GHLError(f"{e} (input shape {shapes}; set it with --input-shape)") from None
-    lg = PassManager(default_passes())(lg)
-    m = compile_graph(lg, inplace=True)
-    rt = runtime_of(m)
-    rt.source = {"path": str(Path(model_file).resolve()), "sha256": loaded.sha256,
-                 "entry": loaded.entry}
     out = Path(output) if output else Path(model_file).with_suffix(".ghl")
     save(m, out)
     click.echo(layer_table(lg))

@@ -18,8 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError, describe
-from .runtime.calls import parse_call
-from .runtime.mode import _MHA, patched_linear
+from .runtime.calls import MHA_FORWARD, parse_call, patched_linear
 
 
 @dataclass
@@ -125,7 +124,7 @@ class _RecordMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _MHA:
+        if func is MHA_FORWARD:
             with patched_linear(self.handle):
                 return self.handle(func, args, kwargs)
         return self.handle(func, args, kwargs)

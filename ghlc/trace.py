@@ -14,7 +14,7 @@ from .config import GHLConfig
 from .errors import TraceError, first_line
 from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
 from .record import record
-from .runtime.install import ATTR, owns_its_calls
+from .runtime.install import is_prepared, owns_its_calls
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -27,7 +27,7 @@ def _check_not_prepared(model: torch.nn.Module) -> None:
     """A module ghlc already prepared holds plastic calls: tracing it again would stack a
     second runtime on the first (two Hebbian terms, wrong gradients)."""
     for name, m in model.named_modules():
-        if getattr(m, ATTR, None) is not None:
+        if is_prepared(m):
             where = "the model" if not name else f"its submodule {name!r}"
             raise TraceError(f"{where} is already prepared by ghlc: trace or prepare the "
                              "original model (ghlc.load rebuilds a saved one)")

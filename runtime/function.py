@@ -175,7 +175,8 @@ class PlasticCall(torch.autograd.Function):
         else:
             h = _hebbian_in(spec, x, saved[3].detach(), w, saved[2], site, ctx.h_dtype)
         if fuse:
-            gw = fused_combine(spec, g, x, w, h, site.rule)  # (in h's dtype)
+            gw = fused_combine(spec, g, x, w, h, site.rule,  # (in h's dtype)
+                               global_signal=site.global_signal)
         else:
             layout = (spec.transposed, spec.groups) if ctx.view is None else ROWS
             site.add(h, ctx.view, layout)

@@ -53,7 +53,7 @@ def set_mode(mode: str) -> None:
 
 
 def check_mode() -> None:
-    """Raise a one-line ConfigError for a bad ``GHLC_FUSED`` (checked by ``ghlc.compile``)."""
+    """Raise a one-line ConfigError for a bad ``GHLC_FUSED`` (checked by ``ghlc.build``)."""
     if _mode not in MODES:
         raise ConfigError(f"GHLC_FUSED={_mode!r} is not one of {', '.join(MODES)}")
 

@@ -388,11 +388,12 @@ def _scale(h: torch.Tensor, rule: HebbianRule, layout: Layout,
 
 
 def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
-            inplace: bool = False, layout: Layout = ROWS) -> torch.Tensor:
-    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian), where
-    H_n = H / max|H| over the layer or over each output unit. ``inplace`` writes it into
-    ``h_raw`` (no new weight-sized buffer)."""
-    if rule.global_signal == "none" or g is None:
+            inplace: bool = False, layout: Layout = ROWS, *,
+            global_signal: str = "grad_sign") -> torch.Tensor:
+    """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian:
+    ``global_signal="none"`` or no G), where H_n = H / max|H| over the layer or over each
+    output unit. ``inplace`` writes it into ``h_raw`` (no new weight-sized buffer)."""
+    if global_signal == "none" or g is None:
         scale = _scale(h_raw, rule, layout)
         return (h_raw if inplace else h_raw.clone()).div_(scale).neg_()
     if inplace and rule.normalisation == "layer":
@@ -422,13 +423,14 @@ def block_units(n: int) -> int:
 
 
 def fused_combine(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                  h: torch.Tensor, rule: HebbianRule, units: int | None = None) -> torch.Tensor:
+                  h: torch.Tensor, rule: HebbianRule, units: int | None = None, *,
+                  global_signal: str = "grad_sign") -> torch.Tensor:
     """``combine(h, dL/dW, rule, inplace=True)`` for a weight used by this call alone, with
     dL/dW computed a block of output units at a time (``units`` per block, default
     :func:`block_units`): the full gradient never exists, so the step needs most of a
     weight-sized buffer fewer (H becomes the gradient). The pure Hebbian rule needs no dL/dW
     at all."""
-    if rule.global_signal == "none":
+    if global_signal == "none":
         return combine(h, None, rule, inplace=True)
     a = h.abs_()
     scale = _scale(a, rule, ROWS, nonneg=True)

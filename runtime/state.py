@@ -87,10 +87,11 @@ class PlasticParam:
     """Accumulator and autograd hooks for one plastic parameter."""
 
     def __init__(self, name: str, rule: HebbianRule, layer: str = "",
-                 accumulation: str = "auto") -> None:
-        self.name = name
-        self.layer = layer or name
+                 accumulation: str = "auto", *, global_signal: str = "grad_sign") -> None:
+        self.name = name  # the parameter's name
+        self.layer = layer or name  # the owning module's path
         self.rule = rule
+        self.global_signal = global_signal  # "grad_sign" (GHL) | "none" (pure Hebbian)
         self.accumulation = accumulation
         self.keep_totals = True  # until a step shows one backward per step ("auto")
         self._accumulated = False  # a backward was added onto another since the last step
@@ -229,13 +230,16 @@ class PlasticParam:
             self._accumulated = True
             self.keep_totals = True
             self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
-            out = combine(self.h_acc, self.g_acc, self.rule, layout=self.layout)
+            out = combine(self.h_acc, self.g_acc, self.rule, layout=self.layout,
+                          global_signal=self.global_signal)
         elif self.keep_totals or self.accumulation == "always":
             self.h_acc, self.g_acc = h, g
-            out = combine(h, g, self.rule, layout=self.layout)
+            out = combine(h, g, self.rule, layout=self.layout,
+                          global_signal=self.global_signal)
         else:
             self.h_acc = self.g_acc = None
-            out = combine(h, g, self.rule, inplace=True, layout=self.layout)
+            out = combine(h, g, self.rule, inplace=True, layout=self.layout,
+                          global_signal=self.global_signal)
         p.grad = None  # AccumulateGrad then stores the combined gradient as is
         self._mark = True
         return out
