@@ -44,7 +44,7 @@ def make_inputs(spec: list[dict[str, Any]]) -> tuple:
 
 def save(module: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write a built module to ``path`` (a ``.ghl`` artifact)."""
-    import ghlc
+    from .version import __version__
 
     rt = runtime_of(module)
     if rt is None or rt.graph is None:
@@ -53,7 +53,7 @@ def save(module: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None
     meta = {
         "format": FORMAT, "version": str(VERSION), "graph": graph_to_json(lg),
         "inputs": json.dumps(rt.inputs), "source": json.dumps(rt.source),
-        "ghlc_version": ghlc.__version__, "torch_version": torch.__version__,
+        "ghlc_version": __version__, "torch_version": torch.__version__,
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}

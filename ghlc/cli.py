@@ -315,14 +315,13 @@ def eval_cmd(model_path, data):
 @user_errors
 def export(model_path, output, opset, dynamic_batch):
     """Write the inference graph as ONNX and check it against onnxruntime."""
-    import ghlc
-
     from .artifact import make_inputs
     from .export import export_onnx
+    from .version import __version__
 
     model, meta = _load_any(model_path)
     classes = meta["extra"].get("classes") or []
-    md = {"ghlc_version": ghlc.__version__, "source_sha256": meta["source"].get("sha256", ""),
+    md = {"ghlc_version": __version__, "source_sha256": meta["source"].get("sha256", ""),
           "classes": ",".join(map(str, classes))}
     rep = export_onnx(model, output, make_inputs(meta["inputs"]), opset=opset,
                       dynamic_batch=dynamic_batch, metadata=md)
