@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ghlc.config import GLOBAL_SIGNALS
 from ghlc.graph import GLOBAL_SIGN, LayerGraph, Role, hebb_key
 
 
@@ -31,6 +32,10 @@ def check(lg: LayerGraph) -> list[str]:
     sources = [n for n, d in g.nodes(data=True) if d["type"] == "global_sign"]
     if len(sources) > 1:
         problems.append(f"{len(sources)} global-sign sources, expected at most 1")
+    for n in sources:
+        if g.nodes[n].get("signal") not in GLOBAL_SIGNALS:
+            problems.append(f"global signal {g.nodes[n].get('signal')!r} is not one of "
+                            f"{', '.join(GLOBAL_SIGNALS)}")
     return problems
 
 

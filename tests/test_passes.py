@@ -373,3 +373,145 @@ def test_custom_pass_example_runs(capsys):
     text = capsys.readouterr().out
     assert "20 of 21 layers plastic (GHL)" in text
     assert "layer4.0.downsample.0" in text and "built:" in text
+
+
+# ---- set_global_signal ---------------------------------------------------------------------
+
+def test_set_global_signal_changes_the_global_sign_node_only():
+    lg = run(make()[2])
+    out, modified = passes.set_global_signal("none")(lg)
+    assert modified and out.global_signal == "none" and lg.global_signal == "grad_sign"
+    assert nodes_of(out, "hebbian") == nodes_of(lg, "hebbian")
+    assert edges_of(out, "broadcast") == edges_of(lg, "broadcast")
+    assert all(out.rule(n) == lg.rule(n) for n in CONVS)
+    assert passes.set_global_signal("none")(out) == (out, False)
+    with pytest.raises(PassError, match="global signal 'sign' is not one of grad_sign, none"):
+        passes.set_global_signal("sign")
+
+
+def test_set_global_signal_keeps_eval_outputs_and_gives_pure_hebbian_gradients():
+    model, x, lg = make()
+    model.drop.p = 0.0
+    lg = run(lg)
+    hebb = passes.PassManager([passes.set_global_signal("none")])(lg)
+    assert_same_eval(model, x, hebb)
+    other, _, lg_none = make(ghlc.GHLConfig(global_signal="none"))
+    other.drop.p = 0.0
+    want = ghlc.build(run(lg_none)).train()
+    got = ghlc.build(hebb).train()
+    want(x).sum().backward()
+    got(x).sum().backward()
+    for n, p in got.named_parameters():
+        assert torch.equal(p.grad, want.get_parameter(n).grad), n
+    ghl = ghlc.build(lg).train()
+    ghl(x).sum().backward()
+    assert not torch.equal(ghl.conv1.weight.grad, got.conv1.weight.grad)
+
+
+def test_set_global_signal_requires_the_global_sign_node():
+    lg = passes.insert_hebbian(passes.select_plastic(make()[2]).graph).graph
+    with pytest.raises(PassError, match=r"pass 'set_global_signal': precondition failed: "
+                                        r"no global-sign node \(run broadcast_global_sign"):
+        passes.PassManager([passes.set_global_signal("none")])(lg)
+
+
+# ---- requires / ensures, PassResult, purity ------------------------------------------------
+
+def test_each_built_in_pass_meets_its_own_conditions():
+    lg = make(ghlc.GHLConfig(plastic=("conv", "linear")))[2]
+    for p in passes.default_passes():
+        assert p.requires(lg) == [], p.__name__
+        lg, _ = p(lg)
+        assert p.ensures(lg) == [], p.__name__
+
+
+def with_signal(signal: str):
+    """Bad pass: writes an unknown signal on the global-sign node."""
+    def set_signal(lg: LayerGraph) -> LayerGraph:
+        g = lg.copy_graph()
+        g.nodes[GLOBAL_SIGN]["signal"] = signal
+        return lg.evolve(g=g)
+    return set_signal
+
+
+class ForgetsOneLayer(passes.PassBase):
+    """Bad pass: like insert_hebbian, but leaves the last plastic layer out."""
+
+    name = "forgets_one_layer"
+
+    def call(self, lg):
+        out = passes.insert_hebbian(lg).graph
+        g = out.copy_graph()
+        g.remove_node(hebb_key(lg.plastic()[-1].name))
+        return passes.PassResult(out.evolve(g=g), True)
+
+    ensures = passes.insert_hebbian.ensures
+
+
+class Reselects(passes.PassBase):
+    """Bad pass: marks the output layer plastic without the config saying so."""
+
+    name = "reselects"
+
+    def call(self, lg):
+        g = lg.copy_graph()
+        g.nodes["fc.weight"]["info"] = dataclasses.replace(lg.layer("fc.weight"),
+                                                           role=Role.PLASTIC, reason="")
+        return passes.PassResult(lg.evolve(g=g), True)
+
+    ensures = passes.select_plastic.ensures
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    ([passes.select_plastic, ForgetsOneLayer()],
+     "pass 'forgets_one_layer' (after select_plastic) broke an invariant: plastic layer "
+     "blk.2.weight has no Hebbian node"),
+    ([passes.select_plastic, Reselects()],
+     "pass 'reselects' (after select_plastic) broke an invariant: fc.weight is plastic, the "
+     "config says otherwise"),
+    ([passes.select_plastic, passes.insert_hebbian, passes.broadcast_global_sign,
+      with_signal("sign")],
+     "pass 'set_signal' (after select_plastic, insert_hebbian, broadcast_global_sign) broke an "
+     "invariant: global signal 'sign' is not one of grad_sign, none"),
+])
+def test_pass_manager_checks_each_pass_ensures(pipeline, message):
+    with pytest.raises(PassError) as e:
+        passes.PassManager(pipeline)(make()[2])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_broadcast_global_sign_ensures_a_known_signal():
+    lg = run(make()[2])
+    bad = with_signal("sign")(lg)
+    assert passes.broadcast_global_sign.ensures(bad) == [
+        "global signal 'sign' is not one of grad_sign, none"]
+    assert passes.broadcast_global_sign.ensures(lg) == []
+
+
+def test_pass_manager_rejects_a_pass_that_edits_its_input():
+    def edits_input(lg: LayerGraph) -> LayerGraph:
+        lg.g.nodes[GLOBAL_SIGN]["signal"] = "none"
+        return lg
+
+    lg = run(make()[2])
+    with pytest.raises(PassError, match=r"pass 'edits_input' edited its input graph"):
+        passes.PassManager([edits_input])(lg)
+
+
+def test_pass_manager_takes_plain_functions_and_pass_results_and_reports_modified():
+    lg = run(make()[2])
+    pm = passes.PassManager([passes.validate, lambda g: g])
+    assert pm(lg) is lg and not pm.modified
+    pm = passes.PassManager([passes.set_global_signal("none"), passes.validate])
+    out = pm(lg)
+    assert pm.modified and out.global_signal == "none"
+
+
+def test_compile_is_a_deprecated_alias_of_build():
+    model, x, lg = make()
+    lg = run(lg)
+    with pytest.warns(DeprecationWarning, match="ghlc.compile is deprecated; use ghlc.build"):
+        m = ghlc.compile(lg)
+    with pytest.warns(DeprecationWarning):
+        ghlc.compile(lg)  # once per call
+    assert torch.equal(m.eval()(x), ghlc.build(lg).eval()(x))
