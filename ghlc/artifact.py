@@ -123,7 +123,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
     for info in lg.layers():
         if info.name not in params or tuple(params[info.name].shape) != info.weight_shape:
             raise ArtifactError(f"{path}: the model does not match the artifact "
-                                f"(layer {info.name})")
+                                f"(parameter {info.name})")
     weights = read_weights(path)
     try:
         model.load_state_dict(weights)

@@ -1,7 +1,8 @@
-"""Instrumented eager run: every conv/linear call, its weight's identity, shapes, data flow.
+"""record: the eager run that sees every conv/linear call, its weight's identity, shapes and
+the data flow between layers (one of trace's two parts; capture.py is the other).
 
-This is the seam every capture tier shares: plasticity is keyed by the parameter objects a call
-actually uses, so functional uses and computed weights are found whatever the capture.
+Every capture tier shares it: plasticity is keyed by the parameter objects a call actually
+uses, so functional uses and computed weights are found whatever program capture produced.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""ghlc.trace: model + example inputs -> LayerGraph (the one capture seam)."""
+"""trace: model + example inputs -> LayerGraph, the whole front end (the one seam).
+
+Three words, one meaning each: *trace* is this whole step; *record* (record.py) is the eager
+run that sees every conv/linear call and its weight, which gives the layers, shapes and data
+flow; *capture* (capture.py) is the op-level program, from the first tier that works:
+fx, then torch.export, else eager.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +75,7 @@ def trace(
     config: GHLConfig | None = None,
     tiers: Sequence[str] = ("fx", "export"),
 ) -> LayerGraph:
-    """Capture ``model`` into a LayerGraph.
+    """Trace ``model`` into a LayerGraph.
 
     Layers, shapes and layer-to-layer data flow come from an instrumented training-mode run
     keyed by parameter identity (exact for every tier). The op-level program comes from the

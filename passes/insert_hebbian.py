@@ -39,7 +39,7 @@ class InsertHebbian(PassBase):
         """Hebbian nodes exactly on the plastic parameters."""
         plastic = {hebb_key(i.name) for i in lg.layers() if i.role is Role.PLASTIC}
         have = set(lg.hebbian_nodes())
-        return ([f"plastic layer {k.removeprefix('hebbian:')} has no Hebbian node"
+        return ([f"plastic parameter {k.removeprefix('hebbian:')} has no Hebbian node"
                  for k in sorted(plastic - have)]
                 + [f"{k} is not on a plastic layer" for k in sorted(have - plastic)])
 

@@ -45,7 +45,7 @@ def hebbian_complete(lg: LayerGraph) -> list[str]:
     for info in lg.plastic():
         k = hebb_key(info.name)
         if k not in lg.g:
-            problems.append(f"plastic layer {info.name} has no Hebbian node")
+            problems.append(f"plastic parameter {info.name} has no Hebbian node")
         elif not lg.g.has_edge(GLOBAL_SIGN, k):
             problems.append(f"Hebbian node of {info.name} has no global-sign edge")
     return problems

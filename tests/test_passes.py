@@ -464,7 +464,7 @@ class Reselects(passes.PassBase):
 
 @pytest.mark.parametrize("pipeline,message", [
     ([passes.select_plastic, ForgetsOneLayer()],
-     "pass 'forgets_one_layer' (after select_plastic) broke an invariant: plastic layer "
+     "pass 'forgets_one_layer' (after select_plastic) broke an invariant: plastic parameter "
      "blk.2.weight has no Hebbian node"),
     ([passes.select_plastic, Reselects()],
      "pass 'reselects' (after select_plastic) broke an invariant: fc.weight is plastic, the "
