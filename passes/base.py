@@ -36,12 +36,8 @@ class PassBase:
     def __call__(self, lg: LayerGraph) -> PassResult:
         return self.call(lg)
 
-    @property
-    def __name__(self) -> str:  # the PassManager's messages name passes by __name__
-        return self.name or type(self).__name__
-
     def __repr__(self) -> str:
-        return f"<pass {self.__name__}>"
+        return f"<pass {self.name or type(self).__name__}>"
 
 
 def changed(before: LayerGraph, after: LayerGraph) -> bool:

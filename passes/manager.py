@@ -16,7 +16,8 @@ Pass = Callable[[LayerGraph], "PassResult | LayerGraph"]
 
 
 def _name(p: Pass) -> str:
-    return getattr(p, "__name__", type(p).__name__)
+    """A PassBase's ``name``, else a function's ``__name__``, else the class name."""
+    return getattr(p, "name", "") or getattr(p, "__name__", type(p).__name__)
 
 
 def _snapshot(lg: LayerGraph) -> tuple:

@@ -420,9 +420,9 @@ def test_set_global_signal_requires_the_global_sign_node():
 def test_each_built_in_pass_meets_its_own_conditions():
     lg = make(ghlc.GHLConfig(plastic=("conv", "linear")))[2]
     for p in passes.default_passes():
-        assert p.requires(lg) == [], p.__name__
+        assert p.requires(lg) == [], p.name
         lg, _ = p(lg)
-        assert p.ensures(lg) == [], p.__name__
+        assert p.ensures(lg) == [], p.name
 
 
 def with_signal(signal: str):
