@@ -194,7 +194,7 @@ def build(spec: RunSpec, in_shape) -> tuple[torch.nn.Module, set[str]]:
             if name in plastic:
                 p.register_hook(torch.sign)
         return model, plastic
-    return ghlc.compile(lg), plastic
+    return ghlc.build(lg), plastic
 
 
 # ---- running --------------------------------------------------------------------------------

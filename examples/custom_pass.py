@@ -1,6 +1,7 @@
 """A user-written pass: a per-depth temperature schedule.
 
-A pass is any function ``LayerGraph -> LayerGraph``. This one rewrites the rule of every
+A pass is any function ``LayerGraph -> LayerGraph`` (the built-in ones return a
+``PassResult(graph, modified)``, see ``passes/base.py``). This one rewrites the rule of every
 Hebbian node so that the competition temperature decays geometrically with depth, from the
 configured value T_0 at the first plastic layer to T_0 * FINAL at the last::
 
@@ -70,9 +71,9 @@ def _main() -> None:
 
     model, inputs = _resnet18()
     lg = passes.PassManager(PASSES)(ghlc.trace(model, inputs))
-    m = ghlc.compile(lg)
+    m = ghlc.build(lg)
     print(layer_table(lg))
-    print(f"compiled: {type(m).__name__}, "
+    print(f"built: {type(m).__name__}, "
           f"{sum(p.numel() for p in m.parameters()):,} parameters")
 
 

@@ -15,9 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .build import build_module
 from .errors import GHLError, first_line
 from .fileio import write_atomic
 from .graph import LayerGraph
+from .passes import PassManager, set_global_signal
 from .runtime import runtime_of
 from .serialize import graph_from_json, graph_to_json
 
@@ -27,11 +29,6 @@ VERSION = 1
 
 class ArtifactError(GHLError):
     """A file that is not a ghlc artifact, is damaged, or comes from a newer format."""
-
-
-def input_spec(example_inputs: tuple) -> list[dict[str, Any]]:
-    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-            for x in example_inputs]
 
 
 def make_inputs(spec: list[dict[str, Any]]) -> tuple:
@@ -46,17 +43,17 @@ def make_inputs(spec: list[dict[str, Any]]) -> tuple:
 
 
 def save(module: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write a compiled module to ``path`` (a ``.ghl`` artifact)."""
-    import ghlc
+    """Write a built module to ``path`` (a ``.ghl`` artifact)."""
+    from .version import __version__
 
     rt = runtime_of(module)
-    if rt is None or getattr(rt, "graph", None) is None:
-        raise GHLError("ghlc.save expects a module made by ghlc.prepare or ghlc.compile")
+    if rt is None or rt.graph is None:
+        raise GHLError("ghlc.save expects a module made by ghlc.prepare or ghlc.build")
     lg: LayerGraph = rt.graph
     meta = {
         "format": FORMAT, "version": str(VERSION), "graph": graph_to_json(lg),
-        "inputs": json.dumps(rt.inputs), "source": json.dumps(getattr(rt, "source", {}) or {}),
-        "ghlc_version": ghlc.__version__, "torch_version": torch.__version__,
+        "inputs": json.dumps(rt.inputs), "source": json.dumps(rt.source),
+        "ghlc_version": __version__, "torch_version": torch.__version__,
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
@@ -104,11 +101,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load(path: str | Path, model: torch.nn.Module | None = None,
          method: str = "ghl") -> torch.nn.Module:
-    """Rebuild the compiled module: from ``model`` if given, else from the recorded source.
+    """Rebuild the built module: from ``model`` if given, else from the recorded source.
 
-    ``method``: "ghl" (as saved), "hebbian" (global signal off) or "bp" (the plain model,
-    every layer trained by backprop)."""
-    from .compile import compile_graph
+    ``method``: "ghl" (as saved), "hebbian" (global signal off: the ``set_global_signal("none")``
+    pass) or "bp" (the plain model, every layer trained by backprop)."""
     from .modelfile import file_hash, load_model_file
 
     meta = read_meta(path)
@@ -127,7 +123,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
     for info in lg.layers():
         if info.name not in params or tuple(params[info.name].shape) != info.weight_shape:
             raise ArtifactError(f"{path}: the model does not match the artifact "
-                                f"(layer {info.name})")
+                                f"(parameter {info.name})")
     weights = read_weights(path)
     try:
         model.load_state_dict(weights)
@@ -137,20 +133,5 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
     if method == "bp":
         return model
     if method == "hebbian":
-        lg = _without_global_signal(lg)
-    m = compile_graph(lg.evolve(model=model), inplace=True)
-    rt = runtime_of(m)
-    rt.inputs, rt.source = meta["inputs"], src
-    return m
-
-
-def _without_global_signal(lg: LayerGraph) -> LayerGraph:
-    import dataclasses
-
-    g = lg.copy_graph()
-    for _, d in g.nodes(data=True):
-        if d["type"] == "hebbian":
-            d["rule"] = dataclasses.replace(d["rule"], global_signal="none")
-        elif d["type"] == "global_sign":
-            d["signal"] = "none"
-    return lg.evolve(g=g)
+        lg = PassManager([set_global_signal("none")])(lg)
+    return build_module(lg.evolve(model=model), inplace=True, inputs=meta["inputs"], source=src)

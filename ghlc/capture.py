@@ -1,4 +1,5 @@
-"""Capture tiers for the op-level program: fx symbolic tracing, then torch.export.
+"""capture: the op-level program, from tiers tried in order: fx symbolic tracing, then
+torch.export, else ``eager`` (no program). One of trace's two parts; record.py is the other.
 
 fx's default leaf rule keeps only ``torch.nn`` classes, so Conv/Linear *subclasses* (timm's
 ``Linear``, ``StdConv2d``) would be inlined; this tracer keeps every one as a leaf.

@@ -106,11 +106,9 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     import torch
 
     from .artifact import save
-    from .compile import compile_graph
+    from .build import trace_and_build
+    from .errors import TraceError
     from .modelfile import load_model_file
-    from .passes import PassManager, default_passes
-    from .runtime import runtime_of
-    from .trace import trace
 
     cfg = _config(config_path)
     torch.manual_seed(seed)  # the same file converts to the same initial weights
@@ -121,16 +119,13 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
         inputs = loaded.example_inputs
     else:
         inputs = (torch.randn(1, 3, 32, 32),)
-    try:
-        lg = trace(loaded.model, inputs, config=cfg)
-    except GHLError as e:
+    source = {"path": str(Path(model_file).resolve()), "sha256": loaded.sha256,
+              "entry": loaded.entry}
+    try:  # what ghlc.prepare runs, recording the model file for ghlc.load
+        m, lg = trace_and_build(loaded.model, inputs, cfg, inplace=True, source=source)
+    except TraceError as e:
         shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
         raise GHLError(f"{e} (input shape {shapes}; set it with --input-shape)") from None
-    lg = PassManager(default_passes())(lg)
-    m = compile_graph(lg, inplace=True)
-    rt = runtime_of(m)
-    rt.source = {"path": str(Path(model_file).resolve()), "sha256": loaded.sha256,
-                 "entry": loaded.entry}
     out = Path(output) if output else Path(model_file).with_suffix(".ghl")
     save(m, out)
     click.echo(layer_table(lg))
@@ -319,14 +314,13 @@ def eval_cmd(model_path, data):
 @user_errors
 def export(model_path, output, opset, dynamic_batch):
     """Write the inference graph as ONNX and check it against onnxruntime."""
-    import ghlc
-
     from .artifact import make_inputs
     from .export import export_onnx
+    from .version import __version__
 
     model, meta = _load_any(model_path)
     classes = meta["extra"].get("classes") or []
-    md = {"ghlc_version": ghlc.__version__, "source_sha256": meta["source"].get("sha256", ""),
+    md = {"ghlc_version": __version__, "source_sha256": meta["source"].get("sha256", ""),
           "classes": ",".join(map(str, classes))}
     rep = export_onnx(model, output, make_inputs(meta["inputs"]), opset=opset,
                       dynamic_batch=dynamic_batch, metadata=md)

@@ -82,7 +82,7 @@ def _export_checked(model, inputs, tmp: Path, opset, dynamic_batch, metadata, rt
     """Export to ``tmp``, add the metadata, and check the file against torch's outputs."""
     import onnx
 
-    import ghlc
+    from .version import __version__
 
     with torch.no_grad(), _no_tf32():
         ref = _flat_outputs(model(*inputs))
@@ -97,7 +97,7 @@ def _export_checked(model, inputs, tmp: Path, opset, dynamic_batch, metadata, rt
         raise ExportError(f"the exporter wrote an unreadable file ({type(e).__name__})") \
             from None
     _check_no_hebbian(proto)
-    md = {"ghlc_version": ghlc.__version__, "torch_version": torch.__version__}
+    md = {"ghlc_version": __version__, "torch_version": torch.__version__}
     md.update({str(k): str(v) for k, v in (metadata or {}).items()})
     onnx.helper.set_model_props(proto, md)
     try:

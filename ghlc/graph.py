@@ -1,9 +1,11 @@
-"""LayerGraph: a networkx graph of a model's layers, their roles, Hebbian nodes and edges.
+"""LayerGraph, the IR: a networkx graph of a model's layers, their roles, Hebbian nodes and edges.
 
-Node types: ``io`` (input/output), ``layer`` (one weight parameter used by conv/linear calls),
-``hebbian`` (one per plastic layer, holds its HebbianRule), ``global_sign`` (the single source
-of the backprop sign, with a ``broadcast`` edge to every Hebbian node). Layer-to-layer
-``data`` edges follow the data flow between layers.
+Pure data: it imports nothing from the runtime. Node types: ``io`` (input/output), ``layer``
+(one weight parameter used by conv/linear calls, keyed by the parameter's name; its
+``LayerInfo.module`` is the layer, the owning module's path), ``hebbian`` (one per plastic
+parameter, holds its HebbianRule), ``global_sign`` (the single source of the backprop sign and
+the only place the global signal is stored, with a ``broadcast`` edge to every Hebbian node).
+Layer-to-layer ``data`` edges follow the data flow between layers.
 """
 
 from __future__ import annotations
@@ -24,18 +26,17 @@ INPUT, OUTPUT, GLOBAL_SIGN = "input", "output", "global_sign"
 @dataclass(frozen=True)
 class HebbianRule:
     """Per-layer rule settings, attached to a Hebbian node of the layer graph (the
-    variants of the rule in the shared design; the paper's choice is each default)."""
+    variants of the rule in the shared design; the paper's choice is each default). The
+    global signal is not here: it lives on the global-sign node (``LayerGraph.global_signal``)."""
 
     temperature: float = 1.0
     competition: str = "softmax"
     competition_scope: str = "layer"
     local_rule: str = "oja"
-    global_signal: str = "grad_sign"
     sample_fraction: float = 1.0
     normalisation: str = "layer"
     sample_over: str = "batch"
     precision: str = "full"
-
 
 
 class Role(StrEnum):
@@ -72,8 +73,9 @@ class LayerInfo:
         return "linear" if self.kind == "linear" else "conv"
 
 
-def hebb_key(layer: str) -> str:
-    return f"hebbian:{layer}"
+def hebb_key(param: str) -> str:
+    """The Hebbian node of the plastic parameter named ``param``."""
+    return f"hebbian:{param}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class LayerGraph:
         return sorted(infos, key=lambda i: i.order)
 
     def layer(self, name: str) -> LayerInfo:
+        """The layer node of the weight parameter named ``name``."""
         return self.g.nodes[name]["info"]
 
     def plastic(self) -> list[LayerInfo]:
@@ -112,8 +115,15 @@ class LayerGraph:
     def hebbian_nodes(self) -> list[str]:
         return sorted(n for n, d in self.g.nodes(data=True) if d["type"] == "hebbian")
 
-    def rule(self, layer: str) -> HebbianRule:
-        return self.g.nodes[hebb_key(layer)]["rule"]
+    def rule(self, param: str) -> HebbianRule:
+        """The Hebbian rule of the plastic parameter named ``param``."""
+        return self.g.nodes[hebb_key(param)]["rule"]
+
+    @property
+    def global_signal(self) -> str | None:
+        """The global-sign node's signal ("grad_sign" | "none"), None before
+        broadcast_global_sign has run."""
+        return self.g.nodes[GLOBAL_SIGN]["signal"] if GLOBAL_SIGN in self.g else None
 
     # ---- stable text / dot forms ----------------------------------------------------
     def to_text(self) -> str:
@@ -132,7 +142,7 @@ class LayerGraph:
                 r = self.g.nodes[hk]["rule"]
                 lines.append(
                     f"  hebbian T={r.temperature:g} competition={r.competition}/"
-                    f"{r.competition_scope} rule={r.local_rule} signal={r.global_signal}"
+                    f"{r.competition_scope} rule={r.local_rule}"
                     + (f" sample={r.sample_fraction:g}" if r.sample_fraction < 1 else "")
                     + ("/positions" if r.sample_fraction < 1 and r.sample_over != "batch"
                        else "")

@@ -1,7 +1,8 @@
-"""Instrumented eager run: every conv/linear call, its weight's identity, shapes, data flow.
+"""record: the eager run that sees every conv/linear call, its weight's identity, shapes and
+the data flow between layers (one of trace's two parts; capture.py is the other).
 
-This is the seam every capture tier shares: plasticity is keyed by the parameter objects a call
-actually uses, so functional uses and computed weights are found whatever the capture.
+Every capture tier shares it: plasticity is keyed by the parameter objects a call actually
+uses, so functional uses and computed weights are found whatever program capture produced.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError, describe
-from .runtime.calls import parse_call
-from .runtime.mode import _MHA, patched_linear
+from .runtime.calls import MHA_FORWARD, parse_call, patched_linear
 
 
 @dataclass
@@ -136,7 +136,7 @@ class _RecordMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _MHA:
+        if func is MHA_FORWARD:
             with patched_linear(self.handle):
                 return self.handle(func, args, kwargs)
         return self.handle(func, args, kwargs)

@@ -43,7 +43,7 @@ def graph_from_json(text: str) -> LayerGraph:
                 info[k] = tuple(info[k])
             attrs["info"] = LayerInfo(**info)
         elif item["type"] == "hebbian":
-            attrs["rule"] = HebbianRule(**item["rule"])
+            attrs["rule"] = _rule(item["rule"])
         elif item["type"] == "global_sign":
             attrs["signal"] = item["signal"]
         g.add_node(item["id"], **attrs)
@@ -53,3 +53,9 @@ def graph_from_json(text: str) -> LayerGraph:
         g=g, config=GHLConfig.from_dict(d["config"]), capture=d["capture"],
         capture_errors=tuple(tuple(e) for e in d["capture_errors"]),
     )
+
+
+def _rule(fields: dict) -> HebbianRule:
+    """A HebbianRule from JSON. Artifacts written before the global signal moved to the
+    global-sign node also stored it in every rule: that copy is dropped (the node's wins)."""
+    return HebbianRule(**{k: v for k, v in fields.items() if k != "global_signal"})

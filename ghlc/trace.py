@@ -1,4 +1,10 @@
-"""ghlc.trace: model + example inputs -> LayerGraph (the one capture seam)."""
+"""trace: model + example inputs -> LayerGraph, the whole front end (the one seam).
+
+Three words, one meaning each: *trace* is this whole step; *record* (record.py) is the eager
+run that sees every conv/linear call and its weight, which gives the layers, shapes and data
+flow; *capture* (capture.py) is the op-level program, from the first tier that works:
+fx, then torch.export, else eager.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from .config import GHLConfig
 from .errors import TraceError, first_line
 from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
 from .record import record
-from .runtime.install import ATTR, owns_its_calls
+from .runtime.install import is_prepared, owns_its_calls
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -27,7 +33,7 @@ def _check_not_prepared(model: torch.nn.Module) -> None:
     """A module ghlc already prepared holds plastic calls: tracing it again would stack a
     second runtime on the first (two Hebbian terms, wrong gradients)."""
     for name, m in model.named_modules():
-        if getattr(m, ATTR, None) is not None:
+        if is_prepared(m):
             where = "the model" if not name else f"its submodule {name!r}"
             raise TraceError(f"{where} is already prepared by ghlc: trace or prepare the "
                              "original model (ghlc.load rebuilds a saved one)")
@@ -69,7 +75,7 @@ def trace(
     config: GHLConfig | None = None,
     tiers: Sequence[str] = ("fx", "export"),
 ) -> LayerGraph:
-    """Capture ``model`` into a LayerGraph.
+    """Trace ``model`` into a LayerGraph.
 
     Layers, shapes and layer-to-layer data flow come from an instrumented training-mode run
     keyed by parameter identity (exact for every tier). The op-level program comes from the

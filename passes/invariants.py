@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ghlc.config import GLOBAL_SIGNALS
 from ghlc.graph import GLOBAL_SIGN, LayerGraph, Role, hebb_key
 
 
@@ -31,6 +32,10 @@ def check(lg: LayerGraph) -> list[str]:
     sources = [n for n, d in g.nodes(data=True) if d["type"] == "global_sign"]
     if len(sources) > 1:
         problems.append(f"{len(sources)} global-sign sources, expected at most 1")
+    for n in sources:
+        if g.nodes[n].get("signal") not in GLOBAL_SIGNALS:
+            problems.append(f"global signal {g.nodes[n].get('signal')!r} is not one of "
+                            f"{', '.join(GLOBAL_SIGNALS)}")
     return problems
 
 
@@ -40,7 +45,7 @@ def hebbian_complete(lg: LayerGraph) -> list[str]:
     for info in lg.plastic():
         k = hebb_key(info.name)
         if k not in lg.g:
-            problems.append(f"plastic layer {info.name} has no Hebbian node")
+            problems.append(f"plastic parameter {info.name} has no Hebbian node")
         elif not lg.g.has_edge(GLOBAL_SIGN, k):
             problems.append(f"Hebbian node of {info.name} has no global-sign edge")
     return problems

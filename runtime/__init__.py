@@ -6,12 +6,12 @@ from .accumulate import PlasticParam
 from .calls import CallSpec, parse_call
 from .correlation import weight_vjp
 from .function import PlasticCall, plastic_call
-from .install import install, runtime_of
+from .install import install, is_prepared, runtime_of
 from .mode import GHLMode, Runtime, Site
 from .rule import combine, compete, hebbian_raw, normalise
 
 __all__ = [
     "CallSpec", "GHLMode", "HebbianRule", "PlasticCall", "PlasticParam", "Runtime", "Site",
-    "combine", "compete", "hebbian_raw", "install", "normalise", "parse_call", "plastic_call",
-    "runtime_of", "weight_vjp",
+    "combine", "compete", "hebbian_raw", "install", "is_prepared", "normalise", "parse_call",
+    "plastic_call", "runtime_of", "weight_vjp",
 ]

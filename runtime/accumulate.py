@@ -103,10 +103,10 @@ class PlasticParam:
 
     def __init__(self, name: str, rule: HebbianRule, layer: str = "",
                  accumulation: str = "auto", *, global_signal: str = "grad_sign") -> None:
-        self.name = name
-        self.layer = layer or name
+        self.name = name  # the parameter's name
+        self.layer = layer or name  # the owning module's path
         self.rule = rule
-        self.global_signal = global_signal  # "grad_sign" (GHL) or "none" (pure Hebbian)
+        self.global_signal = global_signal  # "grad_sign" (GHL) | "none" (pure Hebbian)
         self.accumulation = accumulation
         self.keep_totals = True  # until a step shows one backward per step ("auto")
         self._accumulated = False  # a backward was added onto another since the last step

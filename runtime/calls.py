@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +19,23 @@ CONV_FUNCS: dict = {
     F.conv_transpose3d: (3, True),
 }
 LINEAR_FUNC = F.linear
+# Function modes see ``F.multi_head_attention_forward`` as one call: MHA_FORWARD's inner linear
+# calls are reached by patching F.linear for its duration (patched_linear)
+MHA_FORWARD = F.multi_head_attention_forward
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _TCONV_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
                "dilation")
+
+
+@contextlib.contextmanager
+def patched_linear(handler: Callable) -> Iterator[None]:
+    """Route every ``F.linear`` call to ``handler(F.linear, args, kwargs)`` while active (used
+    around :data:`MHA_FORWARD`, whose inner linear calls a function mode does not see)."""
+    F.linear = lambda *a, **k: handler(LINEAR_FUNC, a, k)
+    try:
+        yield
+    finally:
+        F.linear = LINEAR_FUNC
 
 
 def _tup(v, n: int) -> tuple[int, ...]:

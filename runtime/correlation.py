@@ -1,12 +1,12 @@
 """The correlation sum y.x of one call: the call's weight gradient with cotangent ``cot``.
 
-Several exact ways compute it, each a function ``(spec, x, w, cot) -> Tensor`` giving the
-same sums: the vendor's weight-gradient call, the same call on blocks of output units (unit
-blocks), a forward conv over the transposed operands (the forward form), and for Linear
-one matmul. :func:`candidates` lists the ways that are valid for a call; :func:`choose` picks
-one: the fastest, timed on the real operands at the first step (``measure.py``), or the
-policy's static thresholds (:func:`static_choice`) where measuring is off. Beside them, the
-stacked call: backprop's dL/dW and the correlation from one weight-gradient call.
+Several exact ways compute it, each a function ``(spec, x, w, cot) -> Tensor`` giving the same sums:
+the vendor's weight-gradient call, the same call on blocks of output units (unit blocks), a
+forward conv over the transposed operands (the forward form), and for Linear one matmul.
+:func:`candidates` lists the ways that are valid for a call; :func:`choose` picks one: the
+fastest, timed on the real operands at the first step (``measure.py``), or the policy's static
+thresholds (:func:`static_choice`) where measuring is off. (The stacked call, backprop's dL/dW
+and the correlation in one weight-gradient call, is in ``stacked.py``.)
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from ghlc.graph import HebbianRule
-
-from . import fused, measure, policy
+from . import measure, policy
 from .calls import CallSpec
 from .policy import DispatchPolicy
 
@@ -81,14 +79,15 @@ WAYS = ("matmul", "vendor", "unit_blocks", "forward_form")  # (looked up by name
 
 
 # ---- which ways apply, and which is taken --------------------------------------------------
-def _plain(spec: CallSpec) -> bool:
+def plain(spec: CallSpec) -> bool:
+    """A conv with no groups, not transposed: its weight gradient splits by output unit."""
     return spec.kind == "conv" and not spec.transposed and spec.groups == 1
 
 
 def _forward_form_valid(spec: CallSpec, w: torch.Tensor) -> bool:
     """The forward form's structure: a plain conv, stride and dilation 1 and no kernel dim of
     1 (else the form has one output position per weight element and never pays)."""
-    return (_plain(spec) and all(k > 1 for k in w.shape[2:])
+    return (plain(spec) and all(k > 1 for k in w.shape[2:])
             and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation))
 
 
@@ -98,7 +97,7 @@ def candidates(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
     if spec.kind == "linear":
         return {"matmul": matmul}
     ways: dict[str, Way] = {"vendor": vendor}
-    if _plain(spec) and w.shape[0] > policy.current().block_units:
+    if plain(spec) and w.shape[0] > policy.current().block_units:
         ways["unit_blocks"] = unit_blocks
     if _forward_form_valid(spec, w) and cot.shape[0] * cot.shape[2:].numel() > 0:
         ways["forward_form"] = forward_form
@@ -119,7 +118,7 @@ def forward_form_pays(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor,
 def blocked(spec: CallSpec, w: torch.Tensor, pol: DispatchPolicy) -> bool:
     """The policy's static rule for unit blocks: large plain conv weights on
     ``blocked_devices`` (docs/PERFORMANCE.md, 'Why the runtime chooses what it does')."""
-    return (_plain(spec) and w.shape[0] > pol.block_units and w.numel() >= pol.blocked_min_numel
+    return (plain(spec) and w.shape[0] > pol.block_units and w.numel() >= pol.blocked_min_numel
             and w.device.type in pol.blocked_devices)
 
 
@@ -170,43 +169,6 @@ def weight_grad_units(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch
         g2 = g.reshape(-1, g.shape[-1])[:, s:e]
         return g2.t() @ x.reshape(-1, x.shape[-1])
     return weight_vjp(spec, x, w[s:e], g.narrow(1, s, e - s), as_forward=False)
-
-
-# ---- the stacked call ----------------------------------------------------------------------
-def stackable(spec: CallSpec, rule: HebbianRule) -> bool:
-    """Calls whose correlation can share one weight-gradient call with backprop's
-    (:func:`stacked_wgrads`): plain convs over the whole batch."""
-    return _plain(spec) and rule.sample_fraction >= 1.0
-
-
-def stacked_wgrads(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                   u: torch.Tensor, g: torch.Tensor, rule: HebbianRule
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dW, H) of a :func:`stackable` call from ONE weight-gradient call: the cotangents g
-    and y = compete(u) stacked along the output channels, against a weight of twice the
-    output channels (the input x is read and re-laid-out once for both). The softmax writes y
-    straight into its half of the stacked buffer where the Triton kernel runs. H is written
-    to a buffer of its own: as the weight's gradient it must not keep the stacked result's
-    storage (twice the weight) alive between steps."""
-    from .rule import compete, hebbian_finish  # (the rule reads its correlation from here)
-
-    c = g.shape[1]
-    if g.is_contiguous():
-        gy = g.new_empty((g.shape[0], 2 * c, *g.shape[2:]))
-        gy[:, :c].copy_(g)
-        y = gy[:, c:]
-        if not (rule.competition == "softmax" and fused.softmax_into(u, 1, rule.temperature, y)):
-            y.copy_(compete(u, spec, rule))
-    else:
-        y = compete(u, spec, rule)
-        gy = torch.cat([g, y], 1)
-        y = gy[:, c:]
-    fmt = (torch.channels_last if w.dim() == 4 and not w.is_contiguous()
-           and w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-    w2 = torch.empty((2 * c, *w.shape[1:]), dtype=w.dtype, device=w.device, memory_format=fmt)
-    both = weight_vjp(spec, x, w2, gy, as_forward=False)  # (w2: only its shape is read)
-    h = torch.empty_like(w, memory_format=torch.contiguous_format)
-    return both[:c], hebbian_finish(spec, both[c:], y, w, b, rule, out=h)
 
 
 def units_per_block(n: int) -> int:

@@ -26,9 +26,9 @@ from ghlc.errors import RuntimeGHLError, first_line
 from . import fused, policy
 from .accumulate import PlasticParam, combine_in_call, in_call_sized, splits_by_unit
 from .calls import CallSpec
-from .correlation import stackable, stacked_wgrads
 from .rule import UNITS_LEAD, hebbian_raw
 from .sampled import block_fraction, sample_block
+from .stacked import stackable, stacked_wgrads
 from .status import STATUS
 from .timing import (
     Block,

@@ -28,7 +28,7 @@ from torch import nn
 from .calls import CallSpec, parse_call
 from .mode import GHLMode, Runtime, Site
 
-ATTR = "_ghl_runtime"
+_ATTR = "_ghl_runtime"  # the instance attribute holding the Runtime
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
@@ -124,7 +124,7 @@ def _eager(fn, args: tuple, kwargs: dict):
 
 
 def _root_pre(module: torch.nn.Module, args) -> None:
-    rt: Runtime = getattr(module, ATTR)
+    rt: Runtime = getattr(module, _ATTR)
     if module.training and torch.is_grad_enabled():
         rt.bind(module)
         for site in rt.sites.values():  # drop a term left by an interrupted backward
@@ -147,7 +147,7 @@ def _root_post(module: torch.nn.Module, args, out) -> None:
     if modes:
         mode, stance = modes.pop()
         if mode is None:
-            getattr(module, ATTR).depth -= 1
+            getattr(module, _ATTR).depth -= 1
         else:
             mode.__exit__(None, None, None)
         if stance is not None:
@@ -175,7 +175,7 @@ def _active_runtimes():
 
 def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     """Make ``module`` train with GHL (in place). Eval forwards are untouched."""
-    object.__setattr__(module, ATTR, runtime)
+    object.__setattr__(module, _ATTR, runtime)
     module.register_forward_pre_hook(_root_pre)
     module.register_forward_hook(_root_post, always_call=True)
     if runtime.module_calls:
@@ -194,4 +194,10 @@ def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
 
 
 def runtime_of(module: torch.nn.Module) -> Runtime | None:
-    return getattr(module, ATTR, None)
+    """The Runtime that ``install`` attached to ``module``, or None."""
+    return getattr(module, _ATTR, None)
+
+
+def is_prepared(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself has a Runtime attached (made by ghlc.prepare / ghlc.build)."""
+    return runtime_of(module) is not None

@@ -10,53 +10,69 @@ plastic calls are all their own stock Conv/Linear modules' forwards skip the mod
 
 from __future__ import annotations
 
-import contextlib
+import sys
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ghlc.errors import RuntimeGHLError, describe
-from ghlc.graph import HebbianRule
+from ghlc.graph import HebbianRule, LayerGraph, LayerInfo
 
 from .accumulate import PlasticParam
-from .calls import parse_call
+from .calls import MHA_FORWARD, parse_call, patched_linear
 from .function import plastic_call
-
-_MHA = F.multi_head_attention_forward
-_LINEAR = F.linear
-
-
-@contextlib.contextmanager
-def patched_linear(handler):
-    """``F.multi_head_attention_forward`` is dispatched as one unit by function modes; its
-    inner ``linear`` calls are routed to ``handler`` for the duration of the call."""
-    F.linear = lambda *a, **k: handler(_LINEAR, a, k)
-    try:
-        yield
-    finally:
-        F.linear = _LINEAR
 
 
 class Site:
-    """Settings of one plastic parameter, as the runtime sees them."""
+    """One plastic parameter as the runtime sees it: its layer node's ``LayerInfo`` and its
+    Hebbian node's rule from the graph, the global signal, and the runtime-only settings
+    (``hebbian_at``: when H is computed; ``accumulation``; ``module_call``: reached by
+    replacing its module's forward, see install.py)."""
 
-    def __init__(self, name: str, layer: str, rule: HebbianRule, weight_use: str = "direct",
-                 copy_out: bool = False, out_saved: bool = False, hebbian_at: str = "auto",
-                 accumulation: str = "auto", module_call: bool = False) -> None:
-        self.state = PlasticParam(name, rule, layer, accumulation,
-                                  global_signal=rule.global_signal)
-        self.state.direct = weight_use == "direct"
-        self.name, self.layer, self.weight_use, self.copy_out = name, layer, weight_use, copy_out
-        self.out_saved, self.hebbian_at, self.module_call = out_saved, hebbian_at, module_call
+    def __init__(self, info: LayerInfo, rule: HebbianRule, *, global_signal: str = "grad_sign",
+                 hebbian_at: str = "auto", accumulation: str = "auto",
+                 module_call: bool = False) -> None:
+        self.info, self.rule = info, rule
+        self.hebbian_at, self.module_call = hebbian_at, module_call
+        self.state = PlasticParam(info.name, rule, info.module, accumulation,
+                                  global_signal=global_signal)
+        self.state.direct = info.weight_use == "direct"
         self.param: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        """The parameter's name, e.g. ``features.0.weight``."""
+        return self.info.name
+
+    @property
+    def layer(self) -> str:
+        """The layer: the owning module's path, e.g. ``features.0``."""
+        return self.info.module
+
+    @property
+    def weight_use(self) -> str:
+        return self.info.weight_use
+
+    @property
+    def copy_out(self) -> bool:
+        return self.info.copy_out
+
+    @property
+    def out_saved(self) -> bool:
+        return self.info.out_saved
 
 
 class Runtime:
     """Holds the sites of one prepared module and binds them to its parameters."""
 
-    def __init__(self, sites: list[Site]) -> None:
+    def __init__(self, sites: list[Site], graph: LayerGraph | None = None,
+                 inputs: list[dict] | None = None, source: dict | None = None) -> None:
         self.sites = {s.name: s for s in sites}
+        # what ghlc.save writes: the annotated graph (without the model), the example inputs'
+        # shapes and dtypes, and the model's source file
+        self.graph = graph
+        self.inputs: list[dict] = inputs or []
+        self.source: dict = source or {}
         self.by_id: dict[int, Site] = {}
         self.computed_stack: list[Site] = []
         self._bound_to: int | None = None
@@ -128,10 +144,11 @@ def _user_line() -> str:
     import os
     import traceback
 
-    import ghlc
-
-    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                 for m in (torch, ghlc, ghlc.runtime, ghlc.passes))
+    # the folders of torch, ghlc and its passes and runtime (which sit beside ghlc/ in a
+    # source checkout), read from the loaded modules: the runtime does not import ghlc itself
+    mods = [torch] + [sys.modules[n] for n in ("ghlc", "ghlc.passes") if n in sys.modules]
+    dirs = {os.path.dirname(os.path.abspath(m.__file__)) for m in mods}
+    skip = tuple(d + os.sep for d in dirs | {os.path.dirname(os.path.abspath(__file__))})
     for fr in reversed(traceback.extract_stack()):
         if not os.path.abspath(fr.filename).startswith(skip):
             return f"{fr.filename}:{fr.lineno}"
@@ -147,7 +164,7 @@ class GHLMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _MHA:
+        if func is MHA_FORWARD:
             with patched_linear(self.rt.handle):
                 return func(*args, **kwargs)
         return self.rt.handle(func, args, kwargs)

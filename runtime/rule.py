@@ -61,7 +61,7 @@ def hebbian_raw(
     autocast, its operands upcast since): Oja's sum is then taken over the weight."""
     if rule.sample_fraction < 1.0 and not presampled:
         if rule.sample_over == "positions" and spec.kind == "conv" and not spec.transposed:
-            return sampled.hebbian_positions(spec, x, u, w, b, rule, dtype)
+            return hebbian_positions(spec, x, u, w, b, rule, dtype)
         x, u = sampled.subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
     y = compete(u, spec, rule)
     return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype,
@@ -78,6 +78,22 @@ def finish_in(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tens
         corr, w = corr.to(dtype), w.to(dtype)
         b, u = None if b is None else b.to(dtype), None
     return hebbian_finish(spec, corr, y, w, b, rule, u=u)
+
+
+def hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                       b: torch.Tensor | None, rule: HebbianRule,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """H from a random grid of output positions of every sample: every q-th position along
+    each spatial dim from a random offset (``sampled.grid_steps``), computed as the weight
+    gradient of the equivalent strided conv (no patches are unfolded)."""
+    grid = sampled.sample_grid(spec, x.shape, w.shape, u.shape, rule.sample_fraction)
+    s, sx, su = sampled.grid_call(spec, x, u, grid)
+    y = compete(su, spec, rule)
+    if any(g.length == 0 for g in grid):  # only padding under the sampled outputs
+        corr = torch.zeros_like(w, memory_format=torch.contiguous_format)
+    else:
+        corr = weight_vjp(s, sx, w, sampled.grid_pad(y, grid))
+    return finish_in(spec, corr, y, w, b, rule, dtype)
 
 
 def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 from ghlc.graph import HebbianRule
 
-from . import rule as rule_
 from .calls import CallSpec
-from .correlation import weight_vjp
 
 
 def block_fraction(rule: HebbianRule) -> float:
@@ -164,19 +162,3 @@ def grid_pad(y: torch.Tensor, grid: tuple[GridDim, ...]) -> torch.Tensor:
     for g in reversed(grid):
         pads += [g.lead, 0]
     return F.pad(y, pads) if any(pads) else y
-
-
-def hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                       b: torch.Tensor | None, rule: HebbianRule,
-                       dtype: torch.dtype | None = None) -> torch.Tensor:
-    """H from a random grid of output positions of every sample: every q-th position along
-    each spatial dim from a random offset (``grid_steps``), computed as the weight gradient of
-    the equivalent strided conv (no patches are unfolded)."""
-    grid = sample_grid(spec, x.shape, w.shape, u.shape, rule.sample_fraction)
-    s, sx, su = grid_call(spec, x, u, grid)
-    y = rule_.compete(su, spec, rule)
-    if any(g.length == 0 for g in grid):  # only padding under the sampled outputs
-        corr = torch.zeros_like(w, memory_format=torch.contiguous_format)
-    else:
-        corr = weight_vjp(s, sx, w, grid_pad(y, grid))
-    return rule_.finish_in(spec, corr, y, w, b, rule, dtype)

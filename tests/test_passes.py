@@ -80,7 +80,7 @@ def edges_of(lg, kind):
 def assert_same_eval(model, x, lg):
     """The compiled module's eval output equals the original's, bit for bit."""
     want = copy.deepcopy(model).eval()(x)
-    got = ghlc.compile(lg).eval()(x)
+    got = ghlc.build(lg).eval()(x)
     assert torch.equal(got, want), f"max |diff| {(got - want).abs().max():.3g}"
 
 
@@ -92,7 +92,9 @@ def state(model):
 
 def test_select_plastic_default_makes_convs_plastic_and_linears_backprop():
     _, _, lg = make()
-    out = passes.select_plastic(lg)
+    res = passes.select_plastic(lg)
+    assert res.modified
+    out = res.graph
     r = roles(out)
     assert [n for n in r if r[n] is Role.PLASTIC] == CONVS
     assert r["hidden.weight"] is Role.BACKPROP and r["fc.weight"] is Role.BACKPROP
@@ -104,7 +106,7 @@ def test_select_plastic_default_makes_convs_plastic_and_linears_backprop():
 
 
 def test_select_plastic_linear_opt_in_keeps_output_layer_backprop():
-    out = passes.select_plastic(make(ghlc.GHLConfig(plastic=("conv", "linear")))[2])
+    out = passes.select_plastic(make(ghlc.GHLConfig(plastic=("conv", "linear")))[2]).graph
     r = roles(out)
     assert r["hidden.weight"] is Role.PLASTIC
     assert r["fc.weight"] is Role.BACKPROP
@@ -113,7 +115,7 @@ def test_select_plastic_linear_opt_in_keeps_output_layer_backprop():
 
 def test_select_plastic_include_and_exclude_globs():
     cfg = ghlc.GHLConfig(include=("fc", "hid*"), exclude=("blk.*",))
-    out = passes.select_plastic(make(cfg)[2])
+    out = passes.select_plastic(make(cfg)[2]).graph
     r = roles(out)
     assert r["conv1.weight"] is Role.PLASTIC
     assert r["blk.0.weight"] is Role.BACKPROP and r["blk.2.weight"] is Role.BACKPROP
@@ -121,7 +123,7 @@ def test_select_plastic_include_and_exclude_globs():
     assert r["hidden.weight"] is Role.PLASTIC  # linear, but named by include
     assert r["fc.weight"] is Role.PLASTIC  # the output layer, named explicitly
     # exclude wins over include
-    out = passes.select_plastic(make(ghlc.GHLConfig(include=("fc",), exclude=("fc",)))[2])
+    out = passes.select_plastic(make(ghlc.GHLConfig(include=("fc",), exclude=("fc",)))[2]).graph
     assert roles(out)["fc.weight"] is Role.BACKPROP
 
 
@@ -137,13 +139,14 @@ def test_select_plastic_frozen_params_get_role_frozen():
 # ---- insert_hebbian ------------------------------------------------------------------------
 
 def test_insert_hebbian_one_node_per_plastic_layer():
-    lg = passes.insert_hebbian(passes.select_plastic(make()[2]))
+    lg = passes.insert_hebbian(passes.select_plastic(make()[2]).graph).graph
     assert nodes_of(lg, "hebbian") == sorted(hebb_key(n) for n in CONVS)
     assert edges_of(lg, "update") == sorted((n, hebb_key(n)) for n in CONVS)
     for n in CONVS:
         assert lg.rule(n).temperature == 1.0 and lg.rule(n).competition == "softmax"
     # idempotent: running it again does not duplicate nodes
-    again = passes.insert_hebbian(lg)
+    again, modified = passes.insert_hebbian(lg)
+    assert not modified
     assert nodes_of(again, "hebbian") == nodes_of(lg, "hebbian")
     assert edges_of(again, "update") == edges_of(lg, "update")
 
@@ -165,8 +168,9 @@ def test_insert_hebbian_rule_carries_config_variants():
                          normalisation="unit")
     lg = run(make(cfg)[2])
     r = lg.rule("conv1.weight")
-    assert (r.competition, r.local_rule, r.global_signal, r.normalisation) == (
-        "hard", "hebb", "none", "unit")
+    assert (r.competition, r.local_rule, r.normalisation) == ("hard", "hebb", "unit")
+    assert not hasattr(r, "global_signal")  # stored on the global-sign node only
+    assert lg.global_signal == "none"
     assert "norm=unit" in lg.to_text()
     with pytest.raises(ghlc.ConfigError, match="normalisation='rows' is not one of layer, unit"):
         ghlc.GHLConfig(normalisation="rows")
@@ -203,7 +207,8 @@ def test_broadcast_global_sign_one_source_edge_to_every_hebbian_node():
     assert nodes_of(lg, "global_sign") == [GLOBAL_SIGN]
     assert edges_of(lg, "broadcast") == [(GLOBAL_SIGN, k) for k in hebb]
     assert lg.g.in_degree(GLOBAL_SIGN) == 0
-    again = passes.broadcast_global_sign(lg)
+    again, modified = passes.broadcast_global_sign(lg)
+    assert not modified
     assert edges_of(again, "broadcast") == edges_of(lg, "broadcast")
     assert nodes_of(again, "global_sign") == [GLOBAL_SIGN]
 
@@ -225,11 +230,11 @@ def test_data_edges_survive_every_pass():
 
 def test_validate_accepts_complete_graph_and_rejects_missing_broadcast():
     lg = run(make()[2])
-    assert passes.validate(lg) is lg
+    assert passes.validate(lg) == (lg, False)
     with pytest.raises(PassError, match="no global-sign edge"):
-        passes.validate(passes.insert_hebbian(passes.select_plastic(make()[2])))
+        passes.validate(passes.insert_hebbian(passes.select_plastic(make()[2]).graph).graph)
     with pytest.raises(PassError, match="has no Hebbian node"):
-        passes.validate(passes.select_plastic(make()[2]))
+        passes.validate(passes.select_plastic(make()[2]).graph)
 
 
 # ---- numbers: eval outputs identical before and after each pass ---------------------------
@@ -243,9 +248,9 @@ def test_eval_outputs_identical_before_and_after_each_pass(config):
     model, x, lg = make(config)
     before = state(model)
     want = copy.deepcopy(model).eval()(x)
-    assert torch.equal(ghlc.compile(lg).eval()(x), want)  # traced, no pass yet
+    assert torch.equal(ghlc.build(lg).eval()(x), want)  # traced, no pass yet
     for k, p in enumerate(passes.default_passes()):
-        out = p(lg)
+        out = p(lg).graph
         # a pass edits the graph only: the model it describes is untouched
         assert out.model is lg.model
         assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
@@ -258,7 +263,7 @@ def test_eval_outputs_identical_before_and_after_each_pass(config):
 def test_train_mode_forward_unchanged_by_compile():
     model, x, lg = make()
     model.drop.p = 0.0
-    m = ghlc.compile(run(lg)).train()
+    m = ghlc.build(run(lg)).train()
     ref = copy.deepcopy(model).train()
     got, want = m(x), ref(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -367,4 +372,146 @@ def test_custom_pass_example_runs(capsys):
     runpy.run_path(str(EXAMPLES / "custom_pass.py"), run_name="__main__")
     text = capsys.readouterr().out
     assert "20 of 21 layers plastic (GHL)" in text
-    assert "layer4.0.downsample.0" in text and "compiled:" in text
+    assert "layer4.0.downsample.0" in text and "built:" in text
+
+
+# ---- set_global_signal ---------------------------------------------------------------------
+
+def test_set_global_signal_changes_the_global_sign_node_only():
+    lg = run(make()[2])
+    out, modified = passes.set_global_signal("none")(lg)
+    assert modified and out.global_signal == "none" and lg.global_signal == "grad_sign"
+    assert nodes_of(out, "hebbian") == nodes_of(lg, "hebbian")
+    assert edges_of(out, "broadcast") == edges_of(lg, "broadcast")
+    assert all(out.rule(n) == lg.rule(n) for n in CONVS)
+    assert passes.set_global_signal("none")(out) == (out, False)
+    with pytest.raises(PassError, match="global signal 'sign' is not one of grad_sign, none"):
+        passes.set_global_signal("sign")
+
+
+def test_set_global_signal_keeps_eval_outputs_and_gives_pure_hebbian_gradients():
+    model, x, lg = make()
+    model.drop.p = 0.0
+    lg = run(lg)
+    hebb = passes.PassManager([passes.set_global_signal("none")])(lg)
+    assert_same_eval(model, x, hebb)
+    other, _, lg_none = make(ghlc.GHLConfig(global_signal="none"))
+    other.drop.p = 0.0
+    want = ghlc.build(run(lg_none)).train()
+    got = ghlc.build(hebb).train()
+    want(x).sum().backward()
+    got(x).sum().backward()
+    for n, p in got.named_parameters():
+        assert torch.equal(p.grad, want.get_parameter(n).grad), n
+    ghl = ghlc.build(lg).train()
+    ghl(x).sum().backward()
+    assert not torch.equal(ghl.conv1.weight.grad, got.conv1.weight.grad)
+
+
+def test_set_global_signal_requires_the_global_sign_node():
+    lg = passes.insert_hebbian(passes.select_plastic(make()[2]).graph).graph
+    with pytest.raises(PassError, match=r"pass 'set_global_signal': precondition failed: "
+                                        r"no global-sign node \(run broadcast_global_sign"):
+        passes.PassManager([passes.set_global_signal("none")])(lg)
+
+
+# ---- requires / ensures, PassResult, purity ------------------------------------------------
+
+def test_each_built_in_pass_meets_its_own_conditions():
+    lg = make(ghlc.GHLConfig(plastic=("conv", "linear")))[2]
+    for p in passes.default_passes():
+        assert p.requires(lg) == [], p.name
+        lg, _ = p(lg)
+        assert p.ensures(lg) == [], p.name
+
+
+def with_signal(signal: str):
+    """Bad pass: writes an unknown signal on the global-sign node."""
+    def set_signal(lg: LayerGraph) -> LayerGraph:
+        g = lg.copy_graph()
+        g.nodes[GLOBAL_SIGN]["signal"] = signal
+        return lg.evolve(g=g)
+    return set_signal
+
+
+class ForgetsOneLayer(passes.PassBase):
+    """Bad pass: like insert_hebbian, but leaves the last plastic layer out."""
+
+    name = "forgets_one_layer"
+
+    def call(self, lg):
+        out = passes.insert_hebbian(lg).graph
+        g = out.copy_graph()
+        g.remove_node(hebb_key(lg.plastic()[-1].name))
+        return passes.PassResult(out.evolve(g=g), True)
+
+    ensures = passes.insert_hebbian.ensures
+
+
+class Reselects(passes.PassBase):
+    """Bad pass: marks the output layer plastic without the config saying so."""
+
+    name = "reselects"
+
+    def call(self, lg):
+        g = lg.copy_graph()
+        g.nodes["fc.weight"]["info"] = dataclasses.replace(lg.layer("fc.weight"),
+                                                           role=Role.PLASTIC, reason="")
+        return passes.PassResult(lg.evolve(g=g), True)
+
+    ensures = passes.select_plastic.ensures
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    ([passes.select_plastic, ForgetsOneLayer()],
+     "pass 'forgets_one_layer' (after select_plastic) broke an invariant: plastic parameter "
+     "blk.2.weight has no Hebbian node"),
+    ([passes.select_plastic, Reselects()],
+     "pass 'reselects' (after select_plastic) broke an invariant: fc.weight is plastic, the "
+     "config says otherwise"),
+    ([passes.select_plastic, passes.insert_hebbian, passes.broadcast_global_sign,
+      with_signal("sign")],
+     "pass 'set_signal' (after select_plastic, insert_hebbian, broadcast_global_sign) broke an "
+     "invariant: global signal 'sign' is not one of grad_sign, none"),
+])
+def test_pass_manager_checks_each_pass_ensures(pipeline, message):
+    with pytest.raises(PassError) as e:
+        passes.PassManager(pipeline)(make()[2])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_broadcast_global_sign_ensures_a_known_signal():
+    lg = run(make()[2])
+    bad = with_signal("sign")(lg)
+    assert passes.broadcast_global_sign.ensures(bad) == [
+        "global signal 'sign' is not one of grad_sign, none"]
+    assert passes.broadcast_global_sign.ensures(lg) == []
+
+
+def test_pass_manager_rejects_a_pass_that_edits_its_input():
+    def edits_input(lg: LayerGraph) -> LayerGraph:
+        lg.g.nodes[GLOBAL_SIGN]["signal"] = "none"
+        return lg
+
+    lg = run(make()[2])
+    with pytest.raises(PassError, match=r"pass 'edits_input' edited its input graph"):
+        passes.PassManager([edits_input])(lg)
+
+
+def test_pass_manager_takes_plain_functions_and_pass_results_and_reports_modified():
+    lg = run(make()[2])
+    pm = passes.PassManager([passes.validate, lambda g: g])
+    assert pm(lg) is lg and not pm.modified
+    pm = passes.PassManager([passes.set_global_signal("none"), passes.validate])
+    out = pm(lg)
+    assert pm.modified and out.global_signal == "none"
+
+
+def test_compile_is_a_deprecated_alias_of_build():
+    model, x, lg = make()
+    lg = run(lg)
+    with pytest.warns(DeprecationWarning, match="ghlc.compile is deprecated; use ghlc.build"):
+        m = ghlc.compile(lg)
+    with pytest.warns(DeprecationWarning):
+        ghlc.compile(lg)  # once per call
+    assert torch.equal(m.eval()(x), ghlc.build(lg).eval()(x))
