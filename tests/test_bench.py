@@ -208,6 +208,26 @@ def test_variant_table_keeps_the_default_sets(lib):
     assert all(vt.variant(v).cuda_only for v in vt.graph_variants() + ("ghlc_ref",))
 
 
+def test_every_variant_builds_its_model(lib):
+    """Each variant's eager part (the model and optimiser a CUDA graph would capture) builds on
+    CPU, as ghlc with its settings where it is a ghlc variant."""
+    import torch.nn as nn
+
+    import ghlc
+
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(2, 3, 4, 4)
+    for v in lib.variants.VARIANTS.values():
+        if v.compiled:
+            continue  # torch.compile builds lazily, at its first step
+        r = lib.runners.Runner(base, 1.0, v, x)
+        prepared = ghlc.runtime.runtime_of(r.model) is not None
+        assert prepared == (v.method == "ghlc"), v.name
+        assert (r.naive is not None) == (v.method == "naive"), v.name
+        assert r.fused == (v.fused or ghlc.runtime.fused.mode()), v.name
+
+
 def test_first_step_reports_the_measuring_time(lib, monkeypatch):
     """Where ghlc measures kernels, the first step's measuring seconds are read after a reset;
     without the measuring module they are None (shown as "–")."""

@@ -17,7 +17,7 @@ import ghlc
 from ghlc.runtime import fused, policy
 
 from .naive_ghl import NaiveGHL
-from .variants import AMP_DTYPE, variant
+from .variants import AMP_DTYPE, Variant, variant
 
 LR = 1e-3
 GRAPH_WARMUP = 3
@@ -28,9 +28,9 @@ class Runner:
 
     capturing = False
 
-    def __init__(self, base: nn.Module, temp: float | dict, name: str,
+    def __init__(self, base: nn.Module, temp: float | dict, name: str | Variant,
                  x2: torch.Tensor) -> None:
-        v = variant(name)
+        v = name if isinstance(name, Variant) else variant(name)
         self.variant = v
         model = copy.deepcopy(base).train()
         self.naive: NaiveGHL | None = None
@@ -87,7 +87,7 @@ class GraphRunner:
         self.variant = variant(name)
         if not self.variant.graph:
             raise ValueError(f"{name} is not a CUDA-graph variant")
-        r = Runner(base, temp, name.removesuffix("_graph"), x[:2])
+        r = Runner(base, temp, self.variant, x[:2])  # its eager part: the model and optimiser
         self.model, self.opt, self.fused, self.loss_fn = r.model, r.opt, r.fused, r.loss
         self.static_x, self.static_y = x.clone(), y.clone()
         self.graph: torch.cuda.CUDAGraph | None = None
