@@ -61,7 +61,7 @@ def machine(device: str) -> str:
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     flags = cpu_flags()
     return (f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()}{cpu_kernels()}"
-            + (f"; {' '.join(flags)}" if flags else "") + f"), "
+            + (f"; flags {' '.join(flags)}" if flags else "") + f"), "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
