@@ -54,16 +54,19 @@ def floor_stats(base: nn.Module, temp: float | dict, x: torch.Tensor) -> dict:
         bp += f * (2 if info.order == first else 3)
         plastic = str(info.role) == "plastic"
         hebb += f if plastic else 0
-        per_layer.append({"layer": info.name, "kind": info.kind, "fwd_macs": f,
-                          "plastic": plastic})
+        per_layer.append({"layer": info.name, "kind": info.kind, "fwd_macs": f, "plastic": plastic})
     return {
-        "bp_macs": bp, "hebbian_macs": hebb, "floor": (bp + hebb) / bp,
-        "floor_sampled": (bp + SAMPLE_FRACTION * hebb) / bp, "layers": per_layer,
+        "bp_macs": bp,
+        "hebbian_macs": hebb,
+        "floor": (bp + hebb) / bp,
+        "floor_sampled": (bp + SAMPLE_FRACTION * hebb) / bp,
+        "layers": per_layer,
     }
 
 
-def _conv_out(n: int, k: int, stride: int, pad: int, dil: int, out_pad: int,
-              transposed: bool) -> int:
+def _conv_out(
+    n: int, k: int, stride: int, pad: int, dil: int, out_pad: int, transposed: bool
+) -> int:
     if transposed:
         return (n - 1) * stride - 2 * pad + dil * (k - 1) + out_pad + 1
     return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
@@ -97,19 +100,27 @@ def conv_args(mod: nn.Module, info: Any) -> tuple[tuple, str]:
     pads.append((0,) * nd)  # padding_mode != "zeros": padded input, padding 0
     for pad in pads:
         want = tuple(
-            _conv_out(info.in_shape[2 + i], k[i], stride[i], pad[i], dil[i], out_pad[i],
-                      transposed)
+            _conv_out(info.in_shape[2 + i], k[i], stride[i], pad[i], dil[i], out_pad[i], transposed)
             for i in range(nd)
         )
         if want == tuple(info.out_shape[2:]):
-            return (list(stride), list(pad), list(dil), transposed, list(out_pad),
-                    int(mod.groups)), ""
-    return (), (f"padding={mod.padding!r} (padding_mode={mod.padding_mode!r}) does not give "
-                f"the recorded output {info.out_shape} from {info.in_shape}")
+            return (
+                list(stride),
+                list(pad),
+                list(dil),
+                transposed,
+                list(out_pad),
+                int(mod.groups),
+            ), ""
+    return (), (
+        f"padding={mod.padding!r} (padding_mode={mod.padding_mode!r}) does not give "
+        f"the recorded output {info.out_shape} from {info.in_shape}"
+    )
 
 
-def plastic_layers(base: nn.Module, temp: float | dict, x: torch.Tensor
-                   ) -> tuple[list[tuple], list[str]]:
+def plastic_layers(
+    base: nn.Module, temp: float | dict, x: torch.Tensor
+) -> tuple[list[tuple], list[str]]:
     """([(info, conv)], skipped) for the plastic layers of ``base`` traced at ``x``: ``conv``
     = the call's convolution arguments (``()`` for linear layers); a conv whose arguments
     cannot be had from its module is left out with a note in ``skipped``."""
@@ -139,8 +150,9 @@ def bench_layers(name: str, batch: int) -> list[tuple]:
     return layers
 
 
-def conv_weight_grad(cot: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                     conv: tuple) -> torch.Tensor:
+def conv_weight_grad(
+    cot: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: tuple
+) -> torch.Tensor:
     """The weight gradient alone of a conv call (``conv``: its arguments after the bias)."""
     return torch.ops.aten.convolution_backward(cot, x, w, None, *conv, [False, True, False])[1]
 
@@ -169,8 +181,7 @@ def grid_probe(info: Any, conv: tuple, frac: float, mk: dict) -> tuple:
     sample_grid, grid_call, grid_pad = _grid_functions()
     stride, padding, dilation, transposed, out_pad, groups = conv
     nd = len(stride)
-    spec = CallSpec("conv", nd, False, tuple(stride), tuple(padding), tuple(dilation), (),
-                    groups)
+    spec = CallSpec("conv", nd, False, tuple(stride), tuple(padding), tuple(dilation), (), groups)
     xi = layout(torch.randn(info.in_shape, **mk))
     u = layout(torch.randn(info.out_shape, **mk))
     grid = sample_grid(spec, xi.shape, info.weight_shape, u.shape, frac, (0,) * nd)
@@ -179,9 +190,15 @@ def grid_probe(info: Any, conv: tuple, frac: float, mk: dict) -> tuple:
     return sx, cot, (sp.stride, sp.padding, dilation, transposed, out_pad, groups)
 
 
-def kernel_probes(base: nn.Module, temp: float | dict, x: torch.Tensor, device: str,
-                  frac: float = 1.0, over: str = "batch", dtype: torch.dtype | None = None
-                  ) -> tuple[list[dict], list[str]]:
+def kernel_probes(
+    base: nn.Module,
+    temp: float | dict,
+    x: torch.Tensor,
+    device: str,
+    frac: float = 1.0,
+    over: str = "batch",
+    dtype: torch.dtype | None = None,
+) -> tuple[list[dict], list[str]]:
     """One weight-gradient-only kernel per plastic layer, on random tensors of its shapes.
 
     The model is traced at x itself, so the recorded shapes are the ones at the benchmark
@@ -215,10 +232,12 @@ def kernel_probes(base: nn.Module, temp: float | dict, x: torch.Tensor, device: 
 
             def fn(cot=cot, xi=xi, w=w, conv=conv):
                 return conv_weight_grad(cot, xi, w, conv)
+
         with torch.no_grad():
             fn()
-        probes.append({"layer": info.name, "kind": info.kind, "calls": max(1, info.calls),
-                       "fn": fn})
+        probes.append(
+            {"layer": info.name, "kind": info.kind, "calls": max(1, info.calls), "fn": fn}
+        )
     sync(device)
     return probes, skipped
 
@@ -233,10 +252,20 @@ def kernel_summary(probes: list[dict], rounds: list[list[float]], skipped: list[
     layers = []
     for i, p in enumerate(probes):
         med = statistics.median(r[i] for r in rounds)
-        layers.append({"layer": p["layer"], "kind": p["kind"], "calls": p["calls"],
-                       "median_ms": med, "step_ms": med * p["calls"]})
-    return {"hebbian_kernel_ms": sum(lay["step_ms"] for lay in layers), "layers": layers,
-            "skipped": skipped}
+        layers.append(
+            {
+                "layer": p["layer"],
+                "kind": p["kind"],
+                "calls": p["calls"],
+                "median_ms": med,
+                "step_ms": med * p["calls"],
+            }
+        )
+    return {
+        "hebbian_kernel_ms": sum(lay["step_ms"] for lay in layers),
+        "layers": layers,
+        "skipped": skipped,
+    }
 
 
 def patch_bytes(base: nn.Module, x: torch.Tensor) -> dict:
@@ -254,12 +283,15 @@ def patch_bytes(base: nn.Module, x: torch.Tensor) -> dict:
             ckk *= d
         sizes[info.name] = n_l * ckk * 4 * max(1, info.calls)
     worst = max(sizes, key=lambda k: sizes[k])
-    return {"sum_bytes": sum(sizes.values()), "max_bytes": sizes[worst], "max_layer": worst,
-            "per_layer_bytes": sizes}
+    return {
+        "sum_bytes": sum(sizes.values()),
+        "max_bytes": sizes[worst],
+        "max_layer": worst,
+        "per_layer_bytes": sizes,
+    }
 
 
-def layer_bench_args(p: argparse.ArgumentParser, model: str, device: str,
-                     repeats: int) -> None:
+def layer_bench_args(p: argparse.ArgumentParser, model: str, device: str, repeats: int) -> None:
     """--model, --device, --batch and --repeats of the per-layer kernel benches, with these
     defaults."""
     p.add_argument("--model", default=model, choices=MODELS + EXTRA_MODELS)

@@ -11,8 +11,12 @@ from ghlc.train import _cpu_native_bf16
 
 # /proc/cpuinfo flags that decide which CPU kernels run (oneDNN picks its kernels by them):
 # machines sold under one name differ in them, and so do their fastest dispatch choices.
-VECTOR_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX-512 BF16",
-                "amx_bf16": "AMX-BF16"}
+VECTOR_FLAGS = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512F",
+    "avx512_bf16": "AVX-512 BF16",
+    "amx_bf16": "AMX-BF16",
+}
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -60,16 +64,24 @@ def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     flags = cpu_flags()
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()}{cpu_kernels()}"
-            + (f"; flags {' '.join(flags)}" if flags else "") + f"), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    return (
+        f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()}{cpu_kernels()}"
+        + (f"; flags {' '.join(flags)}" if flags else "")
+        + f"), "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
 
 
 def machine_info(device: str) -> dict:
     """The same as a record (for result files)."""
-    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    info = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
     try:
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):

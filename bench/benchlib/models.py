@@ -45,8 +45,9 @@ def _build(name: str) -> tuple[nn.Module, float | dict]:
         return _example("mobilenet").mobilenetv2(), 1.0
     if name == "resnet50":
         return resnet50(), 1.0
-    raise SystemExit(f"error: unknown model {name!r} "
-                     f"(choose from {', '.join(MODELS + EXTRA_MODELS)})")
+    raise SystemExit(
+        f"error: unknown model {name!r} (choose from {', '.join(MODELS + EXTRA_MODELS)})"
+    )
 
 
 def data(batch: int, size: int, classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +90,9 @@ class Bottleneck(nn.Module):
 def resnet50(num_classes: int = 1000) -> nn.Module:
     """ResNet-50 (torchvision layout: stride on the 3x3 conv) for 224x224 inputs."""
     layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
         nn.MaxPool2d(3, 2, 1),
     ]
     c_in = 64

@@ -28,8 +28,9 @@ class Runner:
 
     capturing = False
 
-    def __init__(self, base: nn.Module, temp: float | dict, name: str | Variant,
-                 x2: torch.Tensor) -> None:
+    def __init__(
+        self, base: nn.Module, temp: float | dict, name: str | Variant, x2: torch.Tensor
+    ) -> None:
         v = name if isinstance(name, Variant) else variant(name)
         self.variant = v
         model = copy.deepcopy(base).train()
@@ -66,8 +67,10 @@ def settings(r: Runner | GraphRunner) -> Iterator[None]:
     old = fused.mode()
     fused.set_mode(r.fused)
     try:
-        with policy.override(**r.variant.policy), (
-                fused.capturing(r.variant.stack) if r.capturing else contextlib.nullcontext()):
+        with (
+            policy.override(**r.variant.policy),
+            fused.capturing(r.variant.stack) if r.capturing else contextlib.nullcontext(),
+        ):
             yield
     finally:
         fused.set_mode(old)
@@ -82,8 +85,9 @@ class GraphRunner:
 
     capturing = True
 
-    def __init__(self, base: nn.Module, temp: float | dict, name: str, x: torch.Tensor,
-                 y: torch.Tensor) -> None:
+    def __init__(
+        self, base: nn.Module, temp: float | dict, name: str, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         self.variant = variant(name)
         if not self.variant.graph:
             raise ValueError(f"{name} is not a CUDA-graph variant")
@@ -118,8 +122,9 @@ class GraphRunner:
         self.graph.replay()
 
 
-def make_runner(base: nn.Module, temp: float | dict, name: str, x: torch.Tensor,
-                y: torch.Tensor) -> Runner | GraphRunner:
+def make_runner(
+    base: nn.Module, temp: float | dict, name: str, x: torch.Tensor, y: torch.Tensor
+) -> Runner | GraphRunner:
     """A ready Runner, or for a *_graph variant a warmed-up and captured GraphRunner."""
     if variant(name).graph:
         r = GraphRunner(base, temp, name, x, y)
@@ -132,8 +137,13 @@ class Stepper:
     """A prepared (or plain) model taking SGD steps on one fixed batch, with dispatch-policy
     overrides around each step (the small-model scripts: overhead.py, mlp.py)."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 overrides: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.model, self.x, self.y = model.train(), x, y
         self.overrides = dict(overrides or {})
         self.opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -148,8 +158,11 @@ class Stepper:
 def warn_dropped(model_name: str, name: str, err: BaseException) -> None:
     msg = str(err).strip().splitlines()
     first = msg[0] if msg else ""
-    print(f"warning: {model_name}/{name}: CUDA graph capture failed, variant dropped "
-          f"({type(err).__name__}: {first})", file=sys.stderr)
+    print(
+        f"warning: {model_name}/{name}: CUDA graph capture failed, variant dropped "
+        f"({type(err).__name__}: {first})",
+        file=sys.stderr,
+    )
 
 
 def cuda_cleanup() -> None:
@@ -161,8 +174,9 @@ def cuda_cleanup() -> None:
     torch.cuda.empty_cache()
 
 
-def first_step(make: Any, x: torch.Tensor, y: torch.Tensor, device: str
-               ) -> tuple[Runner | GraphRunner, float | None]:
+def first_step(
+    make: Any, x: torch.Tensor, y: torch.Tensor, device: str
+) -> tuple[Runner | GraphRunner, float | None]:
     """(runner, seconds ghlc spent measuring kernels) for ``make()``'s runner and its first
     step (a graph runner measures in its warm-up steps). The seconds are None where this
     ghlc has no kernel measuring."""

@@ -15,10 +15,10 @@ CUDA_KERNEL_CALLS = 10
 
 METHOD = {
     "cpu": "time.perf_counter around one full step; median over repeats; the kernel floor's "
-           "weight-gradient kernels timed the same way, one round per repeat in the shuffled order",
+    "weight-gradient kernels timed the same way, one round per repeat in the shuffled order",
     "cuda": "CUDA events around one full step (synchronised); median over repeats; the kernel "
-            "floor's weight-gradient kernels timed the same way (each sample the mean of "
-            f"{CUDA_KERNEL_CALLS} back-to-back calls), one round per repeat in the shuffled order",
+    "floor's weight-gradient kernels timed the same way (each sample the mean of "
+    f"{CUDA_KERNEL_CALLS} back-to-back calls), one round per repeat in the shuffled order",
 }
 
 

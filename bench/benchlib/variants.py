@@ -65,47 +65,132 @@ WEIGHT_DOT = {"activity_sum_devices": ()}
 
 _EAGER = (
     Variant("bp", "the model as is, plain backprop", method="bp", kernels="", default="cpu"),
-    Variant("naive", "GHL written the way the paper's demo does (benchlib/naive_ghl.py: forward "
-            "hooks, F.unfold patches + matmul after backward)", method="naive", default="cpu"),
+    Variant(
+        "naive",
+        "GHL written the way the paper's demo does (benchlib/naive_ghl.py: forward "
+        "hooks, F.unfold patches + matmul after backward)",
+        method="naive",
+        default="cpu",
+    ),
     Variant("ghlc", "ghlc.prepare(model, ..., GHLConfig(temperature=...))", default="cpu"),
-    Variant("ghlc_s25", "ghlc with sample_fraction=0.25 (the fast approximate mode)",
-            config=S25, kernels="sampled", default="cpu"),
-    Variant("ghlc_p25", "ghlc_s25 over a grid of output positions of every sample "
-            "(sample_over='positions') instead of a block of the batch",
-            config=P25, kernels="positions"),
-    Variant("ghlc_static", "ghlc with the static dispatch thresholds instead of the kernel "
-            "choice measured at the first step", policy={"measure": False}),
-    Variant("ghlc_fused", "ghlc with GHLC_FUSED=on: the compiled kernels in every step, on CPU "
-            "too (the first steps compile)", fused="on"),
-    Variant("ghlc_wgrad", "ghlc with every Hebbian correlation as the weight-gradient call "
-            "(the forward-conv form off)", policy=NO_FORWARD_FORM),
-    Variant("ghlc_s25_wgrad", "ghlc_s25 with the forward-conv form off", config=S25,
-            policy=NO_FORWARD_FORM, kernels="sampled"),
-    Variant("ghlc_wdot", "ghlc with Oja's per-unit sum always over the weight, never over y*u",
-            policy=WEIGHT_DOT),
-    Variant("ghlc_s25_wdot", "ghlc_s25 with Oja's per-unit sum over the weight", config=S25,
-            policy=WEIGHT_DOT, kernels="sampled"),
-    Variant("ghlc_fast", "ghlc with hebbian_at='fast': no conv recomputes part of its H in "
-            "backward (the split timing off)", config={"hebbian_at": "fast"}),
-    Variant("ghlc_s25_fast", "ghlc_s25 with hebbian_at='fast'",
-            config={**S25, "hebbian_at": "fast"}, kernels="sampled"),
-    Variant("ghlc_recompute", "ghlc with hebbian_at='recompute': the split timing on every "
-            "device", config={"hebbian_at": "recompute"}),
-    Variant("ghlc_nosoftmax", "ghlc without the channel softmax (competition='none'; a "
-            "different rule, a diagnostic of the softmax's share)", config={"competition": "none"}),
-    Variant("bp_compile", "bp under torch.compile (the first steps compile)", method="bp",
-            compiled=True, kernels="", reference="bp_compile"),
-    Variant("ghlc_compile", "ghlc under torch.compile: each plastic call a graph break",
-            compiled=True, reference="bp_compile"),
-    Variant("bp_amp", "bp with forward and loss under bfloat16 autocast", method="bp", amp=True,
-            kernels="", reference="bp_amp"),
-    Variant("ghlc_amp", "ghlc under bfloat16 autocast, H from operands upcast to float32",
-            amp=True, reference="bp_amp"),
-    Variant("ghlc_amp_low", "ghlc under bfloat16 autocast with hebbian_precision='autocast' "
-            "(the correlation in bfloat16)", config={"hebbian_precision": "autocast"}, amp=True,
-            kernels="amp_low", reference="bp_amp"),
-    Variant("ghlc_ref", "ghlc with its fused kernels off (GHLC_FUSED=off)", fused="off",
-            cuda_only=True, default="cuda"),
+    Variant(
+        "ghlc_s25",
+        "ghlc with sample_fraction=0.25 (the fast approximate mode)",
+        config=S25,
+        kernels="sampled",
+        default="cpu",
+    ),
+    Variant(
+        "ghlc_p25",
+        "ghlc_s25 over a grid of output positions of every sample "
+        "(sample_over='positions') instead of a block of the batch",
+        config=P25,
+        kernels="positions",
+    ),
+    Variant(
+        "ghlc_static",
+        "ghlc with the static dispatch thresholds instead of the kernel "
+        "choice measured at the first step",
+        policy={"measure": False},
+    ),
+    Variant(
+        "ghlc_fused",
+        "ghlc with GHLC_FUSED=on: the compiled kernels in every step, on CPU "
+        "too (the first steps compile)",
+        fused="on",
+    ),
+    Variant(
+        "ghlc_wgrad",
+        "ghlc with every Hebbian correlation as the weight-gradient call "
+        "(the forward-conv form off)",
+        policy=NO_FORWARD_FORM,
+    ),
+    Variant(
+        "ghlc_s25_wgrad",
+        "ghlc_s25 with the forward-conv form off",
+        config=S25,
+        policy=NO_FORWARD_FORM,
+        kernels="sampled",
+    ),
+    Variant(
+        "ghlc_wdot",
+        "ghlc with Oja's per-unit sum always over the weight, never over y*u",
+        policy=WEIGHT_DOT,
+    ),
+    Variant(
+        "ghlc_s25_wdot",
+        "ghlc_s25 with Oja's per-unit sum over the weight",
+        config=S25,
+        policy=WEIGHT_DOT,
+        kernels="sampled",
+    ),
+    Variant(
+        "ghlc_fast",
+        "ghlc with hebbian_at='fast': no conv recomputes part of its H in "
+        "backward (the split timing off)",
+        config={"hebbian_at": "fast"},
+    ),
+    Variant(
+        "ghlc_s25_fast",
+        "ghlc_s25 with hebbian_at='fast'",
+        config={**S25, "hebbian_at": "fast"},
+        kernels="sampled",
+    ),
+    Variant(
+        "ghlc_recompute",
+        "ghlc with hebbian_at='recompute': the split timing on every device",
+        config={"hebbian_at": "recompute"},
+    ),
+    Variant(
+        "ghlc_nosoftmax",
+        "ghlc without the channel softmax (competition='none'; a "
+        "different rule, a diagnostic of the softmax's share)",
+        config={"competition": "none"},
+    ),
+    Variant(
+        "bp_compile",
+        "bp under torch.compile (the first steps compile)",
+        method="bp",
+        compiled=True,
+        kernels="",
+        reference="bp_compile",
+    ),
+    Variant(
+        "ghlc_compile",
+        "ghlc under torch.compile: each plastic call a graph break",
+        compiled=True,
+        reference="bp_compile",
+    ),
+    Variant(
+        "bp_amp",
+        "bp with forward and loss under bfloat16 autocast",
+        method="bp",
+        amp=True,
+        kernels="",
+        reference="bp_amp",
+    ),
+    Variant(
+        "ghlc_amp",
+        "ghlc under bfloat16 autocast, H from operands upcast to float32",
+        amp=True,
+        reference="bp_amp",
+    ),
+    Variant(
+        "ghlc_amp_low",
+        "ghlc under bfloat16 autocast with hebbian_precision='autocast' "
+        "(the correlation in bfloat16)",
+        config={"hebbian_precision": "autocast"},
+        amp=True,
+        kernels="amp_low",
+        reference="bp_amp",
+    ),
+    Variant(
+        "ghlc_ref",
+        "ghlc with its fused kernels off (GHLC_FUSED=off)",
+        fused="off",
+        cuda_only=True,
+        default="cuda",
+    ),
 )
 
 
@@ -113,27 +198,41 @@ def _graph(v: Variant, default: str = "cuda", description: str = "", **changes: 
     """``v`` with the whole step captured in one CUDA graph (ratios to the captured bp)."""
     ref = v.reference if v.reference.endswith("_graph") else v.reference + "_graph"
     return dataclasses.replace(
-        v, name=v.name + "_graph", graph=True, cuda_only=True, default=default,
-        reference=ref, description=description or f"{v.name} captured in one CUDA graph",
-        **changes)
+        v,
+        name=v.name + "_graph",
+        graph=True,
+        cuda_only=True,
+        default=default,
+        reference=ref,
+        description=description or f"{v.name} captured in one CUDA graph",
+        **changes,
+    )
 
 
 _BY_NAME = {v.name: v for v in _EAGER}
-_CHUNK = dataclasses.replace(_BY_NAME["ghlc"], name="ghlc_chunk",
-                             policy={"in_call_combine_devices": ("cpu", "cuda")})
+_CHUNK = dataclasses.replace(
+    _BY_NAME["ghlc"], name="ghlc_chunk", policy={"in_call_combine_devices": ("cpu", "cuda")}
+)
 _STACK = dataclasses.replace(_BY_NAME["ghlc"], name="ghlc_stack", stack=True)
-_STACK20 = dataclasses.replace(_BY_NAME["ghlc"], name="ghlc_stack20", stack=True,
-                               policy={"stack_max_numel": 1 << 20})
+_STACK20 = dataclasses.replace(
+    _BY_NAME["ghlc"], name="ghlc_stack20", stack=True, policy={"stack_max_numel": 1 << 20}
+)
 _GRAPHS = (
     _graph(_BY_NAME["bp"], kernels=""),
     _graph(_BY_NAME["ghlc"]),
     _graph(_BY_NAME["ghlc_ref"]),
     _graph(_CHUNK, description="ghlc_graph with the in-call combine that ghlc uses on CPU only"),
-    _graph(_BY_NAME["ghlc_s25"], description="ghlc_s25 captured (the sampled block is drawn at "
-           "capture and fixed across replays)"),
+    _graph(
+        _BY_NAME["ghlc_s25"],
+        description="ghlc_s25 captured (the sampled block is drawn at "
+        "capture and fixed across replays)",
+    ),
     _graph(_BY_NAME["ghlc_p25"], description="ghlc_p25 captured (grid offsets drawn at capture)"),
-    _graph(_STACK, description="ghlc_graph with stack_weight_grads=True (backprop's dL/dW and "
-           "the correlation in one call)"),
+    _graph(
+        _STACK,
+        description="ghlc_graph with stack_weight_grads=True (backprop's dL/dW and "
+        "the correlation in one call)",
+    ),
     _graph(_STACK20, description="ghlc_stack_graph stacking only weights under 2**20 elements"),
     _graph(_BY_NAME["bp_amp"], default=""),
     _graph(_BY_NAME["ghlc_amp"], default=""),
@@ -173,9 +272,12 @@ def listing() -> str:
     for v in VARIANTS.values():
         extra = [f"{k}={val!r}" for k, val in v.config.items()]
         extra += [f"policy {k}={val!r}" for k, val in v.policy.items()]
-        where = ("default" if v.default == "cpu" else "default on CUDA" if v.default
-                 else "on request") + (", CUDA only" if v.cuda_only else "")
-        lines.append(f"{v.name:<{w}}  {v.description} [{where}"
-                     + (f"; {', '.join(extra)}" if extra else "")
-                     + f"; ratios to {v.reference}]")
+        where = (
+            "default" if v.default == "cpu" else "default on CUDA" if v.default else "on request"
+        ) + (", CUDA only" if v.cuda_only else "")
+        lines.append(
+            f"{v.name:<{w}}  {v.description} [{where}"
+            + (f"; {', '.join(extra)}" if extra else "")
+            + f"; ratios to {v.reference}]"
+        )
     return "\n".join(lines)
