@@ -1,7 +1,7 @@
 """The standard (NCHW) layout against channels-last, for backprop and ghlc, in one process.
 
     python bench/layout.py --models resnet18 --repeats 15
-    python bench/layout.py --repeats 11 --json bench/layout_cpu.json
+    python bench/layout.py --repeats 11 --json bench/results/layout_cpu.json
     python bench/layout.py --device cuda --models deephebb,fasthebb,resnet18 --repeats 20
 
 For each model (batch 64 of random 3x32x32 inputs, as bench/step.py) it builds bp, ghlc and
@@ -11,10 +11,10 @@ layout torch recommends for convolutions). The six step functions run interleave
 order shuffled every repeat (seeded), so that every repeat gives paired ratios taken close
 together in time. It prints, per model, each variant's median step in both layouts with the
 paired ratio channels-last / standard, and each ghlc variant's ratio to bp within its
-layout, all with their distribution-free 95 % confidence intervals (bench/step.py's
-``median_ci``). On CUDA (``--device cuda``, eager steps) each step is timed with CUDA events,
-as bench/step.py does. Only timing: peak memory and the floors in channels-last come from
-``python bench/step.py --channels-last``.
+layout, all with their distribution-free 95 % confidence intervals (``median_ci`` of
+benchlib.stats, as bench/step.py). On CUDA (``--device cuda``, eager steps) each step is
+timed with CUDA events, as bench/step.py does. Only timing: peak memory and the floors in
+channels-last come from ``python bench/step.py --channels-last``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import step  # noqa: E402
+from benchlib.machine import machine
+from benchlib.models import EXTRA_MODELS, MODELS, build, data
+from benchlib.runners import Runner
+from benchlib.stats import median_ci
+from benchlib.timing import sync, timed_step
 
 VARIANTS = ("bp", "ghlc", "ghlc_s25")
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
@@ -39,22 +40,22 @@ LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 def _runners(name: str, batch: int, device: str) -> tuple[dict, torch.Tensor]:
     """{(variant, layout): (runner, input)} for one model, and the batch's labels."""
-    base, temp = step.build(name)  # (standard layout: bench/step.py's CHANNELS_LAST is off)
+    base, temp = build(name)  # (the standard layout: --channels-last is step.py's)
     base = base.to(device)
-    x, y = step.data(batch, 32, 10, device)
+    x, y = data(batch, 32, 10, device)
     out = {}
     for lay, fmt in LAYOUTS.items():
         m = base if lay == "nchw" else copy.deepcopy(base).to(memory_format=fmt)
         xl = x.contiguous(memory_format=fmt)
         for v in VARIANTS:
-            out[(v, lay)] = (step.Runner(m, temp, v, xl[:2]), xl)
+            out[(v, lay)] = (Runner(m, temp, v, xl[:2]), xl)
     return out, y
 
 
 def paired(a: list[float], b: list[float]) -> dict:
     """Median of the per-repeat ratios a/b with its 95 % CI."""
     r = [p / q for p, q in zip(a, b)]
-    lo, hi, cov = step.median_ci(r)
+    lo, hi, cov = median_ci(r)
     return {"median": statistics.median(r), "ci": [lo, hi], "coverage": cov}
 
 
@@ -63,7 +64,7 @@ def bench(name: str, repeats: int, warmup: int, batch: int, seed: int, device: s
     for r, x in runners.values():
         for _ in range(warmup):
             r.step(x, y)
-    step.sync(device)
+    sync(device)
     times: dict = {k: [] for k in runners}
     rng = random.Random(seed)
     keys = list(runners)
@@ -72,7 +73,7 @@ def bench(name: str, repeats: int, warmup: int, batch: int, seed: int, device: s
         rng.shuffle(keys)
         for k in keys:
             r, x = runners[k]
-            times[k].append(step.timed_step(r, x, y, device))
+            times[k].append(timed_step(r, x, y, device))
     res = {"model": name, "times_ms": {f"{v}_{lay}": t for (v, lay), t in times.items()},
            "median_ms": {f"{v}_{lay}": statistics.median(t) for (v, lay), t in times.items()},
            "cl_over_nchw": {v: paired(times[(v, "cl")], times[(v, "nchw")]) for v in VARIANTS},
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--models", default="resnet18",
-                   help=f"comma-separated, from {', '.join(step.MODELS + step.EXTRA_MODELS)}")
+                   help=f"comma-separated, from {', '.join(MODELS + EXTRA_MODELS)}")
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in step.MODELS + step.EXTRA_MODELS:
+        if m not in MODELS + EXTRA_MODELS:
             print(f"error: unknown model {m!r}", file=sys.stderr)
             return 2
     if args.repeats < 1 or args.batch < 2:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = [bench(m, args.repeats, args.warmup, args.batch, args.seed, args.device)
                for m in models]
-    out = {"machine": step.machine(args.device), "device": args.device, "batch": args.batch,
+    out = {"machine": machine(args.device), "device": args.device, "batch": args.batch,
            "repeats": args.repeats,
            "command": "python bench/layout.py " + " ".join(
                sys.argv[1:] if argv is None else argv), "models": results}

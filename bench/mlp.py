@@ -11,8 +11,8 @@ more here. In one process, interleaved, it times one full SGD step of:
     bp         plain backprop
     ghlc       ghlc.prepare(..., GHLConfig(plastic=("conv", "linear")))
     ghlc_wdot  the same with Oja's per-unit sum taken over the weight (<W_k, corr_k> +
-               b_k sum y_k) instead of over y * u (``ACTIVITY_SUM_DEVICES`` emptied: ghlc's
-               way before ``activity_sums``)
+               b_k sum y_k) instead of over y * u (the dispatch policy's
+               ``activity_sum_devices`` emptied: ghlc's way before ``activity_sums``)
 
 and prints the median step, the paired median ratio to bp with its 95 % CI, and the
 arithmetic floor: (backprop MACs + one weight-gradient-sized product per plastic layer) /
@@ -28,20 +28,17 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from benchlib.machine import machine
+from benchlib.runners import Stepper
+from benchlib.stats import median_ci
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from overhead import Stepper  # noqa: E402
-from step import machine, median_ci  # noqa: E402  (also puts the repository root on the path)
-
-import ghlc  # noqa: E402
+import ghlc
 
 VARIANTS = ("bp", "ghlc", "ghlc_wdot")
-SETTINGS = {"ghlc_wdot": {"ACTIVITY_SUM_DEVICES": set()}}
+OVERRIDES = {"ghlc_wdot": {"activity_sum_devices": ()}}  # dispatch-policy fields
 
 
 def mlp(hidden: int) -> nn.Module:
@@ -74,7 +71,7 @@ def run(hidden: int, batch: int, repeats: int) -> dict[str, list[float]]:
         m = copy.deepcopy(base)
         if v != "bp":
             m = ghlc.prepare(m, (x,), cfg)
-        steppers[v] = Stepper(m, x, y, settings=SETTINGS.get(v))
+        steppers[v] = Stepper(m, x, y, OVERRIDES.get(v))
     for s in steppers.values():
         for _ in range(5):
             s()

@@ -11,12 +11,12 @@ one process and interleaved, a plain backprop step and ghlc steps (every conv pl
     ghlc_mode  exact with interception="mode": every torch call of the forward goes through
                a function mode
     ghlc_fn    exact with every plastic call run by ghlc's autograd Function (PlasticCall)
-               instead of backprop's node plus an output hook (the runtime's internal switch
-               ghlc.runtime.function.HOOKS)
+               instead of backprop's node plus an output hook (the dispatch policy's
+               ``hooked_calls`` off)
     ghlc_s50   sample_fraction=0.5
     ghlc_fwd   exact with the Hebbian correlation as a forward conv wherever the form applies
-               (``FORWARD_WGRAD_MIN_MACS`` and ``FORWARD_WGRAD_MIN_CHANNELS`` set to 0, as
-               ghlc chose before those limits; on CPU only)
+               (the policy's ``forward_form_min_macs`` and ``forward_form_min_channels``
+               set to 0, as ghlc chose before those limits; on CPU only)
 
 It prints the extra time per plastic layer and, from one profiled step of each, the extra
 torch operators per plastic layer, the self time of PlasticCall (its Python in forward and
@@ -36,20 +36,15 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from benchlib.runners import Stepper
+from benchlib.timing import sync
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step import sync  # noqa: E402  (also puts the repository root on the path)
-
-import ghlc  # noqa: E402
-import ghlc.runtime.function as rt_function  # noqa: E402
-from ghlc.runtime import hebbian  # noqa: E402
+import ghlc
+from ghlc.runtime import policy
 
 GHL_FRAMES = ("PlasticCall", "PlasticCallBackward")
 CONV_OPS = ("aten::convolution", "aten::convolution_backward")
@@ -60,28 +55,6 @@ def stack(layers: int) -> nn.Module:
     for _ in range(layers):
         blocks += [nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(8 * 16, 10))
-
-
-class Stepper:
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 hooks: bool = True, settings: dict | None = None) -> None:
-        self.model, self.x, self.y, self.hooks = model.train(), x, y, hooks
-        self.settings = settings or {}  # ghlc.runtime.hebbian attributes set for the step
-        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def __call__(self) -> None:
-        old, rt_function.HOOKS = rt_function.HOOKS, self.hooks
-        kept = {k: getattr(hebbian, k) for k in self.settings}
-        try:
-            for k, v in self.settings.items():
-                setattr(hebbian, k, v)
-            self.opt.zero_grad()
-            F.cross_entropy(self.model(self.x), self.y).backward()
-            self.opt.step()
-        finally:
-            rt_function.HOOKS = old
-            for k, v in kept.items():
-                setattr(hebbian, k, v)
 
 
 def timed(s: Stepper, device: str) -> float:
@@ -126,16 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.tensor([1, 2], device=dev)
     configs = {"bp": None, "ghlc": {}, "ghlc_mode": {"interception": "mode"}, "ghlc_fn": {},
                "ghlc_s50": {"sample_fraction": 0.5}}
-    if dev in hebbian.FORWARD_WGRAD_DEVICES:
+    if dev in policy.current().forward_form_devices:
         configs["ghlc_fwd"] = {}
-    forward_form = {"FORWARD_WGRAD_MIN_MACS": 0, "FORWARD_WGRAD_MIN_CHANNELS": 0}
+    # dispatch-policy overrides of the steps: every call through ghlc's autograd Function, and
+    # the forward form for every conv it applies to (the static choice, not a measured one)
+    overrides = {"ghlc_fn": {"hooked_calls": False},
+                 "ghlc_fwd": {"forward_form_min_macs": 0, "forward_form_min_channels": 0,
+                              "measure": False}}
     steppers = {}
     for name, kw in configs.items():
         m = copy.deepcopy(base)
         if kw is not None:
             m = ghlc.prepare(m, (x,), ghlc.GHLConfig(**kw))
-        steppers[name] = Stepper(m, x, y, hooks=name != "ghlc_fn",
-                                 settings=forward_form if name == "ghlc_fwd" else None)
+        steppers[name] = Stepper(m, x, y, overrides.get(name))
     plastic = len(ghlc.runtime.runtime_of(steppers["ghlc"].model).sites)
     for s in steppers.values():
         for _ in range(5):

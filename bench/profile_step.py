@@ -16,21 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+from benchlib import variants
+from benchlib.models import EXTRA_MODELS, MODELS, build, data
+from benchlib.runners import make_runner
+from benchlib.timing import sync
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet18",
-                   choices=(*step.MODELS, *step.EXTRA_MODELS, "resnet50"))
+                   choices=(*MODELS, *EXTRA_MODELS, "resnet50"))
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
@@ -43,28 +42,32 @@ def main(argv: list[str] | None = None) -> int:
     size = 224 if args.model == "resnet50" else 32
     classes = 1000 if args.model == "resnet50" else 10
     torch.manual_seed(0)
-    base, temp = step.build(args.model)
+    base, temp = build(args.model)
     base = base.to(args.device)
-    x, y = step.data(args.batch, size, classes, args.device)
+    x, y = data(args.batch, size, classes, args.device)
     cuda = args.device == "cuda"
     for variant in args.variants.split(","):
-        if variant in step.GRAPH_VARIANTS and not cuda:
+        if variant not in variants.VARIANTS:
+            print(f"error: unknown variant {variant!r} (--list-variants of bench/step.py "
+                  "names them)", file=sys.stderr)
+            return 2
+        if variant in variants.graph_variants() and not cuda:
             print(f"error: {variant} needs --device cuda", file=sys.stderr)
             return 2
-        r = step.make_runner(base, temp, variant, x, y)  # graph variants: warmed up, captured
+        r = make_runner(base, temp, variant, x, y)  # graph variants: warmed up, captured
         for _ in range(3):
             r.step(x, y)
-        step.sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             r.step(x, y)
-        step.sync(args.device)
+        sync(args.device)
         ms = (time.perf_counter() - t0) * 1e3 / args.steps
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             for _ in range(args.steps):
                 r.step(x, y)
-            step.sync(args.device)
+            sync(args.device)
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         events = prof.key_averages()
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",

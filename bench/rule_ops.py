@@ -30,15 +30,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from benchlib.layers import bench_layers, layer_bench_args, layer_bench_error
+from benchlib.machine import machine
+from benchlib.models import build, data
+from benchlib.runners import make_runner
+from benchlib.timing import run_order, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import step  # noqa: E402
-
-from ghlc.runtime import fused  # noqa: E402
+from ghlc.runtime import fused
 
 VARIANTS = ("dots_bmm", "dots", "oja", "combine")
 
@@ -59,7 +59,7 @@ OPS = {
 
 def layers(model: str, batch: int, device: str) -> list[dict]:
     out = []
-    for info, _ in step.bench_layers(model, batch):
+    for info, _ in bench_layers(model, batch):
         shape = tuple(info.weight_shape)
         t = {k: torch.randn(shape, device=device) for k in "cwhg"}
         ref = (t["c"].double() * t["w"].double()).flatten(1).sum(1)
@@ -73,19 +73,19 @@ def timed(layer: dict, variant: str, device: str) -> float:
     """ms of one call on fresh copies of the tensors it writes (``*``)."""
     fn, names = OPS[variant]
     args = [layer["t"][n[0]].clone() if n.endswith("*") else layer["t"][n] for n in names]
-    step.sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn(*args)
-    step.sync(device)
+    sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
 def in_step(model: str, repeats: int) -> dict[str, list[float]]:
     """{way: [ms per step spent in the per-unit dots]} over ``repeats`` ghlc steps each."""
     torch.manual_seed(0)
-    base, temp = step.build(model)
-    x, y = step.data(64, 32, 10, "cpu")
-    runner = step.make_runner(base, temp, "ghlc", x, y)
+    base, temp = build(model)
+    x, y = data(64, 32, 10, "cpu")
+    runner = make_runner(base, temp, "ghlc", x, y)
     ghlc_dots, spent = fused.row_dots, [0.0]
 
     def timing(fn):
@@ -101,7 +101,7 @@ def in_step(model: str, repeats: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in ways}
     try:
         for rep in range(2 + repeats):  # two warm-up steps
-            for k in step.run_order(list(ways), rep):
+            for k in run_order(list(ways), rep):
                 fused.row_dots = ways[k]
                 spent[0] = 0.0
                 runner.step(x, y)
@@ -119,11 +119,11 @@ def ratio(a: list[float], b: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    step.layer_bench_args(p, "resnet18", "cpu", 15)
+    layer_bench_args(p, "resnet18", "cpu", 15)
     p.add_argument("--in-step", action="store_true",
                    help="time the dots inside training steps instead (CPU, batch 64)")
     args = p.parse_args(argv)
-    problem = step.layer_bench_error(args)
+    problem = layer_bench_error(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --in-step times CPU steps only", file=sys.stderr)
             return 2
         got = in_step(args.model, args.repeats)
-        print(f"{args.model}, {step.machine('cpu')}, {args.repeats} ghlc steps per way: ms "
+        print(f"{args.model}, {machine('cpu')}, {args.repeats} ghlc steps per way: ms "
               "per step in the per-unit dots (median)")
         print(f"| dots_bmm | dots | dots / dots_bmm |\n|---|---|---|\n"
               f"| {statistics.median(got['dots_bmm']):.2f} | "
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = layers(args.model, args.batch, args.device)
     times = {(i, v): [] for i in range(len(rows)) for v in VARIANTS}
     for rep in range(1 + args.repeats):  # the first round warms up
-        for v in step.run_order(list(VARIANTS), rep):
+        for v in run_order(list(VARIANTS), rep):
             for i, r in enumerate(rows):
                 ms = timed(r, v, args.device)
                 if rep:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     total = {v: [sum(times[i, v][j] for i in range(len(rows))) for j in range(args.repeats)]
              for v in VARIANTS}
 
-    print(f"{args.model}, {step.machine(args.device)}, median of {args.repeats} (ms), fresh "
+    print(f"{args.model}, {machine(args.device)}, median of {args.repeats} (ms), fresh "
           "inputs every call; dots: max abs error against float64")
     heads = [*VARIANTS, "dots / dots_bmm", "error dots / dots_bmm"]
     print("| layer | weight | " + " | ".join(heads) + " |")

@@ -22,11 +22,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import accuracy  # bench/accuracy.py, beside this script: its runs, datasets and models
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import accuracy  # noqa: E402
 
 
 def stats(run: str, data_dir: Path, images: int, init: bool = False) -> list[tuple]:

@@ -12,17 +12,17 @@ and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradi
     one      one call over all output units
     uN       one call per block of N output units, each written into one output tensor
     fwd      the same sums as forward convs (batch and channels swapped, the cotangent as
-             the kernel, BLOCK_UNITS output units a call; ``_conv_wgrad_as_forward``)
+             the kernel, ``block_units`` output units a call; ``_conv_wgrad_as_forward``)
     ghlc     ``ghlc.runtime.hebbian.weight_vjp``: what ghlc's Hebbian term uses (the
-             forward conv where ``wgrad_as_forward``, else blocks of BLOCK_UNITS units where
+             forward conv where ``wgrad_as_forward``, else blocks of ``block_units`` units where
              ``wgrad_blocked``, else one call; column "ghlc way")
 
 ``--small`` times a grid of small 3x3 convs instead (batch 4/16/64, 16-96 channels in and
 out, 3x3 to 12x12 outputs), to show where the forward form's fixed cost loses
-(``FORWARD_WGRAD_MIN_MACS``, ``FORWARD_WGRAD_MIN_CHANNELS``). It prints, per layer, the
-medians and the paired ratios to ``one`` (each repeat runs every variant once, in a
-shuffled order). The in-call combine uses blocks of at most BLOCK_UNITS
-units too (``block_units``). On CUDA each sample is the mean of 10 back-to-back calls.
+(the dispatch policy's ``forward_form_min_macs`` and ``forward_form_min_channels``). It
+prints, per layer, the medians and the paired ratios to ``one`` (each repeat runs every
+variant once, in a shuffled order). The in-call combine uses blocks of at most
+``block_units`` units too. On CUDA each sample is the mean of 10 back-to-back calls.
 """
 
 from __future__ import annotations
@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from benchlib.layers import bench_layers, layer_bench_args, layer_bench_error
+from benchlib.machine import machine
+from benchlib.timing import time_layers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import step  # noqa: E402
-
-from ghlc.runtime import hebbian  # noqa: E402
-from ghlc.runtime.calls import CallSpec  # noqa: E402
+from ghlc.runtime import hebbian
+from ghlc.runtime.calls import CallSpec
 
 # (name, batch, C_in, C_out, size, kernel, stride, padding): larger convs than the bench
 # models have, to show where blocks start to pay
@@ -87,7 +85,7 @@ def small_cases(device: str, units: list[int]) -> list[dict]:
 
 def cases(model: str, batch: int, device: str, extra: bool, units: list[int]) -> list[dict]:
     out = []
-    for info, conv in step.bench_layers(model, batch):
+    for info, conv in bench_layers(model, batch):
         if not conv or conv[3] or conv[5] != 1:  # linear, transposed or grouped
             continue
         stride, padding, dilation = (tuple(a) for a in conv[:3])
@@ -110,13 +108,13 @@ def _ms(v: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    step.layer_bench_args(p, "deephebb", "cpu", 5)
+    layer_bench_args(p, "deephebb", "cpu", 5)
     p.add_argument("--units", default="64,128,256,512", help="block sizes to time")
     p.add_argument("--extra", action="store_true", help="also a few larger convs")
     p.add_argument("--small", action="store_true",
                    help="a grid of small 3x3 convs instead of the model's layers")
     args = p.parse_args(argv)
-    problem = step.layer_bench_error(args)
+    problem = layer_bench_error(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -130,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = (small_cases(args.device, units) if args.small
             else cases(args.model, args.batch, args.device, args.extra, units))
-    times = step.time_layers(rows, args.device, args.repeats)
+    times = time_layers(rows, args.device, args.repeats)
     cols = ["ghlc", "fwd", *(f"u{n}" for n in units)]
     what = "small 3x3 convs" if args.small else f"{args.model}, batch {args.batch}"
-    print(f"{what}, {step.machine(args.device)}, weight gradient only, median of "
+    print(f"{what}, {machine(args.device)}, weight gradient only, median of "
           f"{args.repeats} (ms), paired ratio to one call")
     print("| layer | weight | ghlc way | one | " + " | ".join(cols) + " | max rel diff |")
     print("|---|---|---|---|" + "---|" * len(cols) + "---|")

@@ -15,7 +15,7 @@ it times, on random tensors of the layer's shapes:
               second half of a stacked buffer, g into the first, which backprop does not do)
 
 and prints the medians per layer and their sums. On CUDA each sample is the mean of 10
-back-to-back calls (bench/step.py's time_call).
+back-to-back calls (benchlib.timing.time_call).
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import step  # noqa: E402
+from benchlib.layers import bench_layers, conv_weight_grad, layer_bench_args, layer_bench_error
+from benchlib.machine import machine
+from benchlib.timing import time_layers
 
 VARIANTS = ("two", "stacked", "no_cat")
 
@@ -37,7 +35,7 @@ VARIANTS = ("two", "stacked", "no_cat")
 def probes(name: str, batch: int, device: str) -> list[dict]:
     """One dict per plastic conv: layer name and a function per variant."""
     out = []
-    for info, conv in step.bench_layers(name, batch):
+    for info, conv in bench_layers(name, batch):
         if not conv:  # a linear layer
             continue
         mk = dict(device=device)
@@ -49,7 +47,7 @@ def probes(name: str, batch: int, device: str) -> list[dict]:
         gy = torch.cat([g, y], 1)
 
         def wgrad(cot, weight, xi=xi, conv=conv):
-            return step.conv_weight_grad(cot, xi, weight, conv)
+            return conv_weight_grad(cot, xi, weight, conv)
 
         fns = {
             "two": lambda g=g, y=y, w=w, f=wgrad: (f(g, w), f(y, w)),
@@ -69,16 +67,16 @@ def probes(name: str, batch: int, device: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    step.layer_bench_args(p, "resnet18", "cuda", 20)
+    layer_bench_args(p, "resnet18", "cuda", 20)
     args = p.parse_args(argv)
-    problem = step.layer_bench_error(args)
+    problem = layer_bench_error(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     layers = probes(args.model, args.batch, args.device)
-    times = step.time_layers(layers, args.device, args.repeats)
+    times = time_layers(layers, args.device, args.repeats)
     med = {k: statistics.median(t) for k, t in times.items()}
-    print(f"{args.model}, batch {args.batch}, {step.machine(args.device)}, median of "
+    print(f"{args.model}, batch {args.batch}, {machine(args.device)}, median of "
           f"{args.repeats} (ms)")
     print("| layer | weight | output | two | stacked | no_cat | stacked/two | max rel diff |")
     print("|---|---|---|---|---|---|---|---|")
