@@ -12,10 +12,10 @@ and, with ``--extra``, a few larger 3x3 and 1x1 convs, it times the weight gradi
     one      one call over all output units
     uN       one call per block of N output units, each written into one output tensor
     fwd      the same sums as forward convs (batch and channels swapped, the cotangent as
-             the kernel, ``block_units`` output units a call; ``_conv_wgrad_as_forward``)
-    ghlc     ``ghlc.runtime.hebbian.weight_vjp``: what ghlc's Hebbian term uses (the
-             forward conv where ``wgrad_as_forward``, else blocks of ``block_units`` units where
-             ``wgrad_blocked``, else one call; column "ghlc way")
+             the kernel, ``block_units`` output units a call; ``correlation.forward_form``)
+    ghlc     ``ghlc.runtime.correlation.weight_vjp``: what ghlc's Hebbian term uses (the
+             fastest way measured at its first call, or with measuring off the policy's
+             static choice; column "ghlc way": the static choice)
 
 ``--small`` times a grid of small 3x3 convs instead (batch 4/16/64, 16-96 channels in and
 out, 3x3 to 12x12 outputs), to show where the forward form's fixed cost loses
@@ -36,7 +36,7 @@ from benchlib.layers import bench_layers, layer_bench_args, layer_bench_error
 from benchlib.machine import machine
 from benchlib.timing import time_layers
 
-from ghlc.runtime import hebbian
+from ghlc.runtime import correlation, policy
 from ghlc.runtime.calls import CallSpec
 
 # (name, batch, C_in, C_out, size, kernel, stride, padding): larger convs than the bench
@@ -56,17 +56,17 @@ SMALL = tuple((n, c, size) for n in (4, 16, 64) for c in (16, 32, 64, 96) for si
 def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
           units: list[int]) -> dict:
     cot = torch.randn(spec.run(x, w, None).shape, device=x.device)
-    fns = {"one": lambda: hebbian._conv_wgrad(spec, x, w, cot),
-           "ghlc": lambda: hebbian.weight_vjp(spec, x, w, cot),
-           "fwd": lambda: hebbian._conv_wgrad_as_forward(spec, x, w, cot)}
+    fns = {"one": lambda: correlation.vendor(spec, x, w, cot),
+           "ghlc": lambda: correlation.weight_vjp(spec, x, w, cot),
+           "fwd": lambda: correlation.forward_form(spec, x, w, cot)}
     for n in units:
         if n < w.shape[0]:
-            fns[f"u{n}"] = lambda n=n: hebbian.wgrad_by_units(spec, x, w, cot, n)
+            fns[f"u{n}"] = lambda n=n: correlation.by_units(spec, x, w, cot, n)
     ref = fns["one"]()
     scale = ref.abs().max().item() or 1.0
     err = max((f() - ref).abs().max().item() for f in fns.values()) / scale
-    way = ("fwd" if hebbian.wgrad_as_forward(spec, w, cot)
-           else "blocks" if hebbian.wgrad_blocked(spec, w) else "one")
+    way = {"forward_form": "fwd", "unit_blocks": "blocks", "vendor": "one"}[
+        correlation.static_choice(spec, w, cot, policy.current())]
     return {"layer": name, "shape": tuple(w.shape), "fns": fns, "err": err, "way": way}
 
 

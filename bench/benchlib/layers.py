@@ -166,10 +166,8 @@ def sampled_rows(t: torch.Tensor, frac: float) -> torch.Tensor:
 
 def _grid_functions() -> tuple[Callable, Callable, Callable]:
     """The runtime's sampled-grid helpers (sample_grid, grid_call, grid_pad)."""
-    try:
-        from ghlc.runtime.sampled import grid_call, grid_pad, sample_grid
-    except ImportError:  # the runtime before the sampled mode had a module of its own
-        from ghlc.runtime.hebbian import grid_call, grid_pad, sample_grid
+    from ghlc.runtime.sampled import grid_call, grid_pad, sample_grid
+
     return sample_grid, grid_call, grid_pad
 
 
