@@ -55,9 +55,8 @@ def cuda_graph_step(
     ``stack_weight_grads=True`` trades memory for time: each plain conv (not grouped or
     transposed, whole batch, Hebbian term computed in the backward pass) computes backprop's
     weight gradient and the Hebbian correlation in one weight-gradient call with the two
-    cotangents stacked along the output channels. Same numbers up to float rounding; on an
-    H100, ResNet-18 (32x32, batch 64) stepped 10 % faster and peaked 7 % higher
-    (docs/PERFORMANCE.md).
+    cotangents stacked along the output channels. Same numbers up to float rounding; a faster
+    step for a higher peak (the measured trade: docs/PERFORMANCE.md, "CUDA").
     """
     if not torch.cuda.is_available():
         raise GHLError("cuda_graph_step needs a CUDA device")
