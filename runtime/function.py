@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import overload
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -186,19 +186,19 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
     # only the output is detached, since a hook holding its own tensor would be a cycle)
     at = choose_at(hebbian_at, out_saved, copy_out, w.numel(), out.numel(),
                    block_fraction(site.rule))
-    # H, or the input and output it comes from, the output's version and whether they are
-    # the sampled block already
-    held: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int, bool]]
+    # [H, or None and the input and output it comes from, the output's version, whether
+    # they are the sampled block already]: one flat list, emptied when used
+    held: list[Any]
     if at == "forward":
         with torch.no_grad():
-            held = [(_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0,
-                     False)]
+            held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0,
+                    False]
     elif at == "block":
         xs, us = sample_block(spec, x, out.detach(), site.rule)
-        held = [(None, xs, us, us._version, True)]
+        held = [None, xs, us, us._version, True]
     else:  # the output shares its version counter with ``u``: in-place changes are seen
         u = out.detach().clone() if copy_out else out.detach()
-        held = [(None, x, u, u._version, False)]
+        held = [None, x, u, u._version, False]
     axes = (spec.transposed, spec.groups) if view is None else UNITS_LEAD
 
     def add_hebbian(grad_outputs: tuple[torch.Tensor, ...]) -> None:
@@ -206,10 +206,10 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
             raise RuntimeGHLError(_create_graph_message(site))
         if not held:
             raise RuntimeGHLError(_retained_graph_message(site))
-        h, xs, u, version, presampled = held.pop()  # as autograd frees saved tensors: a
-        # graph kept alive (the user's ``loss``) must not keep this call's activations
+        h, xs, u, version, presampled = held
+        held.clear()  # as autograd frees saved tensors: a graph kept alive (the user's
+        # ``loss``) must not keep this call's activations
         if h is None:
-            assert u is not None  # held with every h that is None
             if u._version != version:
                 raise RuntimeGHLError(
                     f"layer {site.layer!r}: its output was modified in place after the call")
