@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -33,7 +33,8 @@ def build_runtime(lg: LayerGraph, inputs: list[dict[str, Any]] | None = None,
                   source: dict[str, Any] | None = None) -> Runtime:
     """The Runtime of an annotated graph: one Site per plastic parameter. ``inputs`` (default:
     the spec of ``lg.example_inputs``) and ``source`` are recorded for ``ghlc.save``."""
-    cfg, signal = lg.config, lg.global_signal
+    # (cast: in an annotated graph every plastic layer has a global-sign edge, so a signal)
+    cfg, signal = lg.config, cast(str, lg.global_signal)
     sites = [
         Site(i, lg.rule(i.name), global_signal=signal, hebbian_at=cfg.hebbian_at,
              accumulation=cfg.accumulation,

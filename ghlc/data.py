@@ -315,7 +315,7 @@ def _check_shape(input_shape) -> tuple[int, int, int]:
         s = s[1:]
     if len(s) != 3 or min(s) < 1:
         raise DataError(f"model input shape {s} is not an image shape (C, H, W)")
-    return s  # type: ignore[return-value]
+    return s
 
 
 def _labels(y, n: int, what: str, name: str) -> np.ndarray:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ def _torch_export(model, inputs, tmp: Path, opset, dynamic_batch, in_names, out_
         except Exception as e:
             errors.append(f"TorchScript exporter: {type(e).__name__}: {_first_line(e)}")
         try:
-            kw = {}
+            kw: dict[str, Any] = {}
             if dynamic_batch:
                 batch = torch.export.Dim("batch")
                 kw["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
@@ -199,12 +200,13 @@ def _session(path: Path):
         ]
     else:
         attempts = [["CPUExecutionProvider"]]
-    err = None
+    err: Exception | None = None
     for prov in attempts:
         try:
             return ort.InferenceSession(str(path), providers=prov)
         except Exception as e:  # an option or provider this build lacks: try the next one
             err = e
+    assert err is not None  # attempts is never empty
     raise ExportError(f"onnxruntime cannot load the exported file: {_first_line(err)}")
 
 
@@ -221,8 +223,8 @@ def _compare(got, ref: list[torch.Tensor], rtol: float, what: str) -> tuple[floa
     if len(got) != len(ref):
         raise ExportError(f"{what}: onnxruntime gives {len(got)} outputs, torch {len(ref)}")
     diff, scale = 0.0, 1.0
-    for g, r in zip(got, ref):
-        r = r.detach().cpu().numpy()
+    for g, t in zip(got, ref):
+        r = t.detach().cpu().numpy()
         if tuple(g.shape) != tuple(r.shape):
             raise ExportError(f"{what}: onnxruntime output shape {tuple(g.shape)} differs from "
                               f"torch {tuple(r.shape)}")

@@ -70,7 +70,7 @@ def atomic_path(path: str | os.PathLike,
             tmp.unlink()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` atomically, synced to disk before the rename.
 
     A failure (full disk, no permission, ...) raises a one-line :class:`GHLError` naming

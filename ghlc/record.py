@@ -59,8 +59,8 @@ def _is_inplace(func, kwargs) -> bool:
 
 
 class _RecordMode(TorchFunctionMode):
-    def __init__(self, params: dict[int, str], owners: dict[str, str], rec: Recording,
-                 stack: list[str]) -> None:
+    def __init__(self, params: dict[int, str], owners: dict[str, tuple[str, tuple[int, ...]]],
+                 rec: Recording, stack: list[str]) -> None:
         super().__init__()
         self.params, self.owners, self.rec, self.stack = params, owners, rec, stack
         self.prov: dict[int, frozenset] = {}
@@ -191,12 +191,13 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
     watch; it is then recorded without it (outputs counted as not saved). When the
     training-mode run fails but an eval-mode run works (BatchNorm on a batch of one), the
     eval-mode run is used."""
-    first = None
+    first: TraceError | None = None
     for train, watch in ((True, True), (True, False), (False, False)):
         try:
             return _record(model, example_inputs, train=train, watch_saved=watch)
         except TraceError as e:
             first = first or e
+    assert first is not None  # every try failed
     raise first
 
 
@@ -206,7 +207,7 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool,
     for n, p in model.named_parameters(remove_duplicate=False):
         params.setdefault(id(p), n)  # a shared weight is named after its first alias
     mod_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    owners = {}
+    owners: dict[str, tuple[str, tuple[int, ...]]] = {}
     for mname, m in model.named_modules():
         w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
         if isinstance(w, torch.nn.Parameter):

@@ -33,7 +33,7 @@ def graph_to_json(lg: LayerGraph) -> str:
 
 def graph_from_json(text: str) -> LayerGraph:
     d = json.loads(text)
-    g = nx.DiGraph()
+    g: nx.DiGraph[str] = nx.DiGraph()
     for item in d["nodes"]:
         attrs = {"type": item["type"]}
         if item["type"] == "layer":

@@ -98,7 +98,7 @@ def trace(
     _warn_unmapped(rec)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules(remove_duplicate=False))
-    g = nx.DiGraph()
+    g: nx.DiGraph[str] = nx.DiGraph()
     g.add_node(INPUT, type="io")
     g.add_node(OUTPUT, type="io")
     first: dict[str, int] = {}

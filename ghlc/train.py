@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +118,8 @@ def slow_bf16(dev: torch.device) -> str | None:
 def _device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -388,7 +388,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=self.total_steps)
         if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            # (Module.to takes memory_format; torch's stub leaves it out of the overloads)
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if cfg.autocast is not None and (why := slow_bf16(self.device)):
             warnings.warn(why, SlowPrecisionWarning, stacklevel=3)
 
@@ -635,8 +636,8 @@ def train(
     ``FINITE_CHECK_EVERY`` steps on an accelerator) or weight (``last.pt`` keeps the last good
     epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
     """
-    config = TrainConfig(
-        out_dir=out_dir, plastic=plastic, epochs=epochs, batch_size=batch_size, lr=lr,
+    config = TrainConfig(  # (cast: TrainConfig checks out_dir and makes it a Path)
+        out_dir=cast(Path, out_dir), plastic=plastic, epochs=epochs, batch_size=batch_size, lr=lr,
         lr_plastic=lr_plastic, wd_plastic=wd_plastic, wd=wd, seed=seed, resume=resume,
         augment=augment, progress=progress, classes=classes, autocast=autocast,
         cuda_graph=cuda_graph, channels_last=channels_last)

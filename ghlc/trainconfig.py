@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ class TrainConfig:
     naming the setting."""
 
     out_dir: Path
-    plastic: frozenset[str]
+    plastic: AbstractSet[str]  # (a frozenset once made)
     epochs: int = 1
     batch_size: int = 64
     lr: float = 5e-3
@@ -35,7 +36,7 @@ class TrainConfig:
     resume: bool = False
     augment: Augment | None = None
     progress: bool = True
-    classes: tuple[Any, ...] | None = None
+    classes: Sequence[Any] | None = None  # (a tuple once made)
     autocast: torch.dtype | None = None
     cuda_graph: bool = False
     channels_last: bool = False

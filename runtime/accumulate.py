@@ -114,15 +114,15 @@ class PlasticParam:
         self.pending: torch.Tensor | None = None  # raw H of the running backward
         self.h_acc: torch.Tensor | None = None
         self.g_acc: torch.Tensor | None = None
-        self._written = None  # weakref to the .grad tensor we wrote, and its version
-        self._written_version = -1
-        self.param_ref = None  # weakref to the parameter our hooks sit on
+        self._written: weakref.ref[torch.Tensor] | None = None  # the .grad we wrote
+        self._written_version = -1  # and its version
+        self.param_ref: weakref.ref[torch.Tensor] | None = None  # the parameter our hooks sit on
         self.axes: UnitAxes = UNITS_LEAD  # where the output units lie in the weight
         self.direct = True  # the calls use the parameter itself (not a computed weight)
         self.calls = 0  # plastic calls since the last backward reached the parameter
         self.single_use: bool | None = None  # seen: G comes from one call, nothing else
-        self._returned = None  # the weight gradient our call returned, and its version
-        self._returned_version = -1
+        self._returned: torch.Tensor | None = None  # the weight gradient our call returned
+        self._returned_version = -1  # and its version
         self._in_call = False  # that gradient is already the combination (in-call combine)
         self._mark = False  # the .grad stored by the running accumulation is ours
 
@@ -248,6 +248,7 @@ class PlasticParam:
                     "backward pass per optimiser step; use GHLConfig(accumulation='always') "
                     "when gradient accumulation starts later in training"
                 )
+            assert self.g_acc is not None  # kept together with h_acc
             self._accumulated = True
             self.keep_totals = True
             self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
@@ -268,5 +269,6 @@ class PlasticParam:
         if not self._mark:
             return
         self._mark = False
+        assert p.grad is not None  # AccumulateGrad has just stored it
         self._written = weakref.ref(p.grad)
         self._written_version = p.grad._version

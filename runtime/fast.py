@@ -41,7 +41,8 @@ def _innermost_order(v: torch.Tensor, dim: int) -> list[int] | None:
     dim %= v.dim()
     if v.dim() < 3 or v.stride(dim) != 1 or dim == v.dim() - 1 or v.is_contiguous():
         return None
-    order = sorted((d for d in range(v.dim()) if d != dim), key=lambda d: -v.stride(d))
+    stride = v.stride()
+    order = sorted((d for d in range(v.dim()) if d != dim), key=lambda d: -stride[d])
     order.append(dim)
     return order if v.permute(order).is_contiguous() else None
 

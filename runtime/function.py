@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +186,9 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
     # only the output is detached, since a hook holding its own tensor would be a cycle)
     at = choose_at(hebbian_at, out_saved, copy_out, w.numel(), out.numel(),
                    block_fraction(site.rule))
+    # [H, or None and the input and output it comes from, the output's version, whether
+    # they are the sampled block already]: one flat list, emptied when used
+    held: list[Any]
     if at == "forward":
         with torch.no_grad():
             held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0,
@@ -257,6 +261,10 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
+@overload
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _cast(t: None, dtype: torch.dtype) -> None: ...
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` as autocast would pass it to a lower-precision op: floating tensors other than
     float64 in ``dtype``, the rest as they are."""

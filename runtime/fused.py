@@ -136,7 +136,8 @@ def memory_order(t: torch.Tensor) -> list[int]:
     """Dim 0, then ``t``'s other dims from the outermost in memory to the innermost: permuted
     so, a dense tensor whose dim-0 slices are dense (a channels-last weight) is contiguous,
     and its rows reshape as views. Ties keep the dims' order."""
-    rest = sorted(range(1, t.dim()), key=lambda d: -t.stride(d))
+    stride = t.stride()
+    rest = sorted(range(1, t.dim()), key=lambda d: -stride[d])
     return [0, *rest]
 
 

@@ -20,24 +20,30 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .calls import CallSpec, parse_call
 from .mode import GHLMode, Runtime, Site
 
 _ATTR = "_ghl_runtime"  # the instance attribute holding the Runtime
-_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONVS: dict[type[nn.Conv1d | nn.Conv2d | nn.Conv3d], Callable[..., torch.Tensor]] = {
+    nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def _stock(module: nn.Module):
     """The torch class whose unmodified forward ``module`` runs, or None."""
-    for cls in (*_CONVS, nn.Linear):
+    for cls in _CONVS:
         if isinstance(module, cls) and type(module).forward is cls.forward and (
-                cls is nn.Linear or type(module)._conv_forward is cls._conv_forward):
+                type(module)._conv_forward is cls._conv_forward):
             return cls
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return nn.Linear
     return None
 
 
@@ -69,12 +75,14 @@ class PlasticForward:
         w = m.weight
         if not (w is self.site.param and w.requires_grad):
             return self.cls.forward(m, input)
+        padding: tuple[int, ...] | str | int | None
         if self.cls is nn.Linear:
             x, padding = input, None
         else:
-            x, padding = input, m.padding
-            if m.padding_mode != "zeros":
-                x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            conv = cast(_ConvNd, m)  # (self.cls is one of _CONVS)
+            x, padding = input, conv.padding
+            if conv.padding_mode != "zeros":
+                x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
                 padding = 0
         if self.spec is None:  # fixed by the module's settings: parsed once
             self.spec = CallSpec("linear") if padding is None else parse_call(
@@ -187,7 +195,9 @@ def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     for name, site in runtime.sites.items():
         if site.weight_use == "computed":
             owner = module.get_submodule(name.rpartition(".")[0])
-            owner._ghl_computed_site = name
+            # (nn.Module takes any attribute; its stub's __setattr__ types only tensors and
+            # modules)
+            owner._ghl_computed_site = name  # type: ignore[assignment]
             owner.register_forward_pre_hook(_owner_pre)
             owner.register_forward_hook(_owner_post, always_call=True)
     return module

@@ -11,6 +11,7 @@ plastic calls are all their own stock Conv/Linear modules' forwards skip the mod
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -108,6 +109,7 @@ class Runtime:
                 return s, (w.size(), w.stride(), w.storage_offset() - base.storage_offset())
         if self.computed_stack:
             s = self.computed_stack[-1]
+            assert s.param is not None  # the runtime was bound before this forward
             if s.param.shape == w.shape and not isinstance(w, torch.nn.Parameter):
                 return s, None
         return None, None
@@ -125,6 +127,7 @@ class Runtime:
     def plastic(site: Site, x, w, b, spec, unbatched: bool, view=None) -> torch.Tensor:
         """Run one call of ``site`` as a plastic call; errors name the layer and user line.
         Always eager: under ``torch.compile`` the callers are graph breaks (install.py)."""
+        assert site.param is not None  # bound (Runtime.bind) before any call reaches here
         site.state.arm(site.param)
         try:
             return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view,
@@ -147,7 +150,8 @@ def _user_line() -> str:
     # the folders of torch, ghlc and its passes and runtime (which sit beside ghlc/ in a
     # source checkout), read from the loaded modules: the runtime does not import ghlc itself
     mods = [torch] + [sys.modules[n] for n in ("ghlc", "ghlc.passes") if n in sys.modules]
-    dirs = {os.path.dirname(os.path.abspath(m.__file__)) for m in mods}
+    # (cast: these are regular packages, loaded from files)
+    dirs = {os.path.dirname(os.path.abspath(cast(str, m.__file__))) for m in mods}
     skip = tuple(d + os.sep for d in dirs | {os.path.dirname(os.path.abspath(__file__))})
     for fr in reversed(traceback.extract_stack()):
         if not os.path.abspath(fr.filename).startswith(skip):

@@ -112,6 +112,7 @@ def hebbian_split(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Ten
 def hebbian_split_finish(spec: CallSpec, w: torch.Tensor, b: torch.Tensor | None,
                          kept: SplitH, rule: HebbianRule) -> torch.Tensor:
     """Backward half: H of the last units from their recomputed output, joined to the rest."""
+    assert kept.h is not None  # set by hebbian_split, dropped only here
     n, k, x = w.shape[0], kept.h.shape[0], kept.x
     h = torch.empty_like(w, memory_format=torch.contiguous_format)
     h[:k] = kept.h
