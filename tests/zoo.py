@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -399,5 +398,7 @@ COVERING = ("resnet", "mobilenetv2", "unet", "temporal1d", "conv3d", "vit", "std
 def sweep() -> list:
     """Every zoo name as a pytest parameter, for a runtime path swept over the whole zoo:
     the models outside COVERING are marked slow (the default run keeps every kind)."""
+    import pytest  # here: the zoo is also imported outside pytest (test_compile's subprocess)
+
     return [pytest.param(e.name, marks=() if e.name in COVERING else pytest.mark.slow)
             for e in ZOO]
