@@ -137,10 +137,10 @@ def test_train_under_autocast(work):
 
     slow = slow_bf16(torch.device("cpu"))  # this machine's CPU: one warning line, or none
     assert r.stderr.count("warning: bfloat16 autocast") == (slow is not None), r.stderr
-    r = ghlc("train", "model.ghl", "--autocast", "fp16", cwd=work, check=False)
+    r = cli("train", "model.ghl", "--autocast", "fp16", cwd=work)
     assert r.returncode == 2 and "Invalid value for '--autocast'" in r.stderr, r.stderr
-    one_line_error(ghlc("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",
-                        "graphed", cwd=work, check=False), "--cuda-graph needs a CUDA device")
+    one_line_error(cli("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",
+                       "graphed", cwd=work), "--cuda-graph needs a CUDA device")
     assert not (work / "graphed").exists()
 
 
@@ -237,7 +237,7 @@ def test_truncated_and_future_artifacts(work):
 @pytest.mark.usefixtures("model_ghl")
 def test_bad_data(work):
     np.savez(work / "d.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4))
-    r = ghlc("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work, check=False)
+    r = cli("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work)
     one_line_error(r, "x_test")
     r = ghlc("train", "model.ghl", "--data", "digits", "--out", "r2", cwd=work, check=False,
              env={"GHLC_FUSED": "fast"})
