@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import os
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -195,6 +196,17 @@ class One(nn.Module):
 
 
 # ---- the oracle itself ---------------------------------------------------------------------
+def test_oracle_imports_nothing_from_ghlc():
+    """The parity tests compare against code that shares nothing with ghlc."""
+    import ast
+
+    tree = ast.parse(Path(oracle.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert "torch" in names and not [n for n in names if n.split(".")[0] in ("ghlc", "passes",
+                                                                             "runtime")]
+
+
 @pytest.mark.parametrize("name", KINDS)
 @settings(SETTINGS, max_examples=25)
 @given(data=st.data())
