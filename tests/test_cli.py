@@ -79,7 +79,16 @@ def converted(tmp_path_factory) -> Path:
 @pytest.fixture
 def model_ghl(work, converted):
     """``work`` also holds the converted model.ghl."""
-    shutil.copyfile(converted, work / "model.ghl")
+    shutil.copy2(converted, work / "model.ghl")
+
+
+@pytest.fixture(scope="module")
+def trained(converted) -> Path:
+    """``ghlc train model.ghl --data digits --epochs 1 --out ok`` run once for the module:
+    the folder holding model.ghl and the run folder ok/ (copy it, permissions kept)."""
+    ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "ok",
+         cwd=converted.parent)
+    return converted.parent
 
 
 def one_line_error(r, pattern):
@@ -181,11 +190,11 @@ def test_bad_inputs(work):
         assert f"Invalid value for '{opt}'" in r.stderr, r.stderr
 
 
-def test_a_full_disk_leaves_nothing_behind(work):
+def test_a_full_disk_leaves_nothing_behind(work, trained):
     # A file-size limit makes writes fail with an OSError (EFBIG) just as a full disk does
     # (ENOSPC): every writer must give one line naming the file, and leave no part of it.
-    ghlc("convert", "model.py", cwd=work)
-    ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "ok", cwd=work)
+    shutil.copy2(trained / "model.ghl", work)
+    shutil.copytree(trained / "ok", work / "ok")
     for name in ("model.ghl", "ok/model.ghl", "ok/last.pt", "ok/metrics.jsonl", "ok/curves.png"):
         assert (work / name).stat().st_mode & 0o777 == 0o644, name  # as open() under umask
     art, ckpt = (work / "ok" / n for n in ("model.ghl", "last.pt"))
@@ -251,12 +260,12 @@ def test_version_and_help(work):
 
 
 @pytest.mark.usefixtures("model_ghl")
-def test_methods_and_resume(work):
+def test_methods_and_resume(work, trained):
     for method in ("bp", "hebbian"):
         ghlc("train", "model.ghl", "--epochs", "1", "--method", method, "--out", method,
              cwd=work)
         assert (work / method / "last.pt").is_file()
-    ghlc("train", "model.ghl", "--epochs", "2", "--out", "r", cwd=work)
+    shutil.copytree(trained / "ok", work / "r")  # one epoch done
     r = ghlc("train", "model.ghl", "--epochs", "3", "--out", "r", "--resume", cwd=work)
     assert "epochs 3" in r.stdout
     assert len((work / "r" / "metrics.jsonl").read_text().splitlines()) == 3
