@@ -172,11 +172,11 @@ def test_oracle_correlation_equals_autograd(func, xs, ws, kw):
 
 
 def test_oracle_patches_match_unfold():
-    """The oracle's generic 3-d window path agrees with F.unfold on a 2-d case."""
+    """The oracle's windows (Tensor.unfold on the padded input) agree with F.unfold's columns
+    on a 2-d case with stride, padding and dilation."""
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
     k, s, p, d = (3, 2), (2, 1), (1, 0), (1, 2)
-    a = oracle.patches(x, k, s, p, d)  # F.unfold path
-    xx = torch.nn.functional.pad(x, [p[1], p[1], p[0], p[0]])
-    b = xx.unfold(2, d[0] * (k[0] - 1) + 1, s[0])[..., :: d[0]]
-    b = b.unfold(3, d[1] * (k[1] - 1) + 1, s[1])[..., :: d[1]]
-    assert torch.equal(a, b)
+    a = oracle.patches(x, k, s, p, d)  # (N, C, L0, L1, k0, k1)
+    cols = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s)
+    b = cols.view(2, 3, *k, *a.shape[2:4]).permute(0, 1, 4, 5, 2, 3)
+    assert a.shape == (2, 3, 4, 4, 3, 2) and torch.equal(a, b)

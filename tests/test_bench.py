@@ -321,6 +321,7 @@ def test_step_bench_smoke(tmp_path):
     assert f"{min(paired) / g['floor']:.3f}–{max(paired) / g['floor']:.3f}" in line
 
 
+@pytest.mark.slow  # step.py's other variants: test_step_bench_smoke runs it by default
 def test_step_bench_autocast_variants(tmp_path):
     """bp_amp is added as the reference of the autocast rows; ghlc_amp's kernel floor uses the
     float32 kernels, ghlc_amp_low's the bfloat16 ones; the graph variants need CUDA."""
@@ -348,6 +349,7 @@ def test_step_bench_autocast_variants(tmp_path):
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
 
 
+@pytest.mark.slow  # step.py's other variants: test_step_bench_smoke runs it by default
 def test_step_bench_channels_last_smoke(tmp_path):
     out = tmp_path / "step.json"
     text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "1", "--warmup", "0",

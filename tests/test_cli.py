@@ -1,9 +1,13 @@
-"""End-to-end CLI tests: the commands run as a user would run them (subprocess)."""
+"""End-to-end CLI tests: the commands run as a user would run them (subprocess); error
+paths that need no process of their own run in this process (``cli``)."""
 
+import contextlib
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +42,53 @@ def ghlc(*args, cwd, check=True, env=None, max_file_bytes=None):
     return r
 
 
+def cli(*args, cwd) -> subprocess.CompletedProcess:
+    """The CLI run in this process by click's test runner, for error paths that need no
+    process of their own (no file-size limit, umask, environment or closed pipe): the same
+    code without an interpreter start and a torch import per call. An exception that escapes
+    the CLI leaves stderr empty, so ``one_line_error`` fails on it."""
+    from click.testing import CliRunner
+
+    from ghlc.cli import main
+
+    rng = torch.get_rng_state()  # (convert seeds torch)
+    try:
+        with contextlib.chdir(cwd), warnings.catch_warnings():
+            res = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        torch.set_rng_state(rng)
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
+
+
 @pytest.fixture
 def work(tmp_path):
     (tmp_path / "model.py").write_text(MODEL)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """``ghlc convert model.py`` run once for the module (test_convert_is_seeded checks that
+    converting again gives the same weights)."""
+    d = tmp_path_factory.mktemp("converted")
+    (d / "model.py").write_text(MODEL)
+    ghlc("convert", "model.py", cwd=d)
+    return d / "model.ghl"
+
+
+@pytest.fixture
+def model_ghl(work, converted):
+    """``work`` also holds the converted model.ghl."""
+    shutil.copy2(converted, work / "model.ghl")
+
+
+@pytest.fixture(scope="module")
+def trained(converted) -> Path:
+    """``ghlc train model.ghl --data digits --epochs 1 --out ok`` run once for the module:
+    the folder holding model.ghl and the run folder ok/ (copy it, permissions kept)."""
+    ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "ok",
+         cwd=converted.parent)
+    return converted.parent
 
 
 def one_line_error(r, pattern):
@@ -71,10 +118,10 @@ def test_convert_train_eval_export(work):
     assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_train_channels_last_then_export(work):
     """--channels-last trains (recorded in the checkpoint); the saved model and its ONNX
     export are in the standard layout as always."""
-    ghlc("convert", "model.py", cwd=work)
     r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
              "--device", "cpu", "--channels-last", cwd=work)
     assert "test acc" in r.stdout
@@ -86,8 +133,8 @@ def test_train_channels_last_then_export(work):
     assert (work / "m.onnx").is_file() and "max abs diff" in r.stdout
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_train_under_autocast(work):
-    ghlc("convert", "model.py", cwd=work)
     r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
              "--device", "cpu", "--autocast", "bf16", cwd=work)
     assert "test acc" in r.stdout
@@ -99,10 +146,10 @@ def test_train_under_autocast(work):
 
     slow = slow_bf16(torch.device("cpu"))  # this machine's CPU: one warning line, or none
     assert r.stderr.count("warning: bfloat16 autocast") == (slow is not None), r.stderr
-    r = ghlc("train", "model.ghl", "--autocast", "fp16", cwd=work, check=False)
+    r = cli("train", "model.ghl", "--autocast", "fp16", cwd=work)
     assert r.returncode == 2 and "Invalid value for '--autocast'" in r.stderr, r.stderr
-    one_line_error(ghlc("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",
-                        "graphed", cwd=work, check=False), "--cuda-graph needs a CUDA device")
+    one_line_error(cli("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",
+                       "graphed", cwd=work), "--cuda-graph needs a CUDA device")
     assert not (work / "graphed").exists()
 
 
@@ -118,36 +165,36 @@ def test_convert_warns_when_nothing_is_plastic(work):
 
 
 def test_bad_inputs(work):
-    one_line_error(ghlc("convert", "missing.py", cwd=work, check=False), "no such file")
+    one_line_error(cli("convert", "missing.py", cwd=work), "no such file")
     (work / "syn.py").write_text("def f(:\n")
-    one_line_error(ghlc("convert", "syn.py", cwd=work, check=False), "syntax error")
+    one_line_error(cli("convert", "syn.py", cwd=work), "syntax error")
     (work / "imp.py").write_text("import not_a_module_xyz\n")
-    one_line_error(ghlc("convert", "imp.py", cwd=work, check=False), "failed to import")
+    one_line_error(cli("convert", "imp.py", cwd=work), "failed to import")
     (work / "none.py").write_text("x = 1\n")
-    one_line_error(ghlc("convert", "none.py", cwd=work, check=False), "no model found")
+    one_line_error(cli("convert", "none.py", cwd=work), "no model found")
     (work / "two.py").write_text("import torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
                                  "def b():\n    return nn.Linear(2, 2)\n")
-    one_line_error(ghlc("convert", "two.py", cwd=work, check=False), "--entry")
+    one_line_error(cli("convert", "two.py", cwd=work), "--entry")
     (work / "args.py").write_text("import torch.nn as nn\nclass M(nn.Module):\n"
                                   "    def __init__(self, n):\n        super().__init__()\n")
-    one_line_error(ghlc("convert", "args.py", cwd=work, check=False), "constructor arguments")
-    one_line_error(ghlc("convert", "model.py", "--input-shape", "1,3", cwd=work, check=False),
+    one_line_error(cli("convert", "args.py", cwd=work), "constructor arguments")
+    one_line_error(cli("convert", "model.py", "--input-shape", "1,3", cwd=work),
                    "fails on the example inputs")
-    one_line_error(ghlc("convert", "model.py", "-o", "nodir/x.ghl", cwd=work, check=False),
+    one_line_error(cli("convert", "model.py", "-o", "nodir/x.ghl", cwd=work),
                    "does not exist")
     (work / "junk.ghl").write_bytes(b"not an artifact")
-    one_line_error(ghlc("inspect", "junk.ghl", cwd=work, check=False), "not a ghlc artifact")
+    one_line_error(cli("inspect", "junk.ghl", cwd=work), "not a ghlc artifact")
     for opt in ("--lr", "--lr-plastic", "--wd-plastic"):  # rejected before any work
-        r = ghlc("train", "junk.ghl", opt, "-1", cwd=work, check=False)
+        r = cli("train", "junk.ghl", opt, "-1", cwd=work)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert f"Invalid value for '{opt}'" in r.stderr, r.stderr
 
 
-def test_a_full_disk_leaves_nothing_behind(work):
+def test_a_full_disk_leaves_nothing_behind(work, trained):
     # A file-size limit makes writes fail with an OSError (EFBIG) just as a full disk does
     # (ENOSPC): every writer must give one line naming the file, and leave no part of it.
-    ghlc("convert", "model.py", cwd=work)
-    ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "ok", cwd=work)
+    shutil.copy2(trained / "model.ghl", work)
+    shutil.copytree(trained / "ok", work / "ok")
     for name in ("model.ghl", "ok/model.ghl", "ok/last.pt", "ok/metrics.jsonl", "ok/curves.png"):
         assert (work / name).stat().st_mode & 0o777 == 0o644, name  # as open() under umask
     art, ckpt = (work / "ok" / n for n in ("model.ghl", "last.pt"))
@@ -165,26 +212,26 @@ def test_a_full_disk_leaves_nothing_behind(work):
     assert not [p.name for p in work.rglob("*.tmp")]
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_labels_beyond_the_model_outputs(work):
-    ghlc("convert", "model.py", cwd=work)
     rng = np.random.default_rng(0)
     x = rng.random((6, 1, 8, 8), dtype=np.float32)
     np.savez(work / "many.npz", x_train=x, y_train=np.array([0, 1, 2, 3, 4, 12]),
              x_test=x, y_test=np.zeros(6, dtype=np.int64))
-    r = ghlc("train", "model.ghl", "--data", "many.npz", "--out", "run", cwd=work, check=False)
+    r = cli("train", "model.ghl", "--data", "many.npz", "--out", "run", cwd=work)
     one_line_error(r, "label 12 out of range: the model gives 10 outputs")
     assert not (work / "run").exists()
     np.savez(work / "many_test.npz", x_train=x, y_train=np.zeros(6, dtype=np.int64),
              x_test=x, y_test=np.array([0, 1, 2, 3, 4, 12]))
-    r = ghlc("eval", "model.ghl", "--data", "many_test.npz", cwd=work, check=False)
+    r = cli("eval", "model.ghl", "--data", "many_test.npz", cwd=work)
     one_line_error(r, "label 12 out of range: the model gives 10 outputs")
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_truncated_and_future_artifacts(work):
-    ghlc("convert", "model.py", cwd=work)
     data = (work / "model.ghl").read_bytes()
     (work / "trunc.ghl").write_bytes(data[: len(data) // 2])
-    one_line_error(ghlc("inspect", "trunc.ghl", cwd=work, check=False), "trunc.ghl")
+    one_line_error(cli("inspect", "trunc.ghl", cwd=work), "trunc.ghl")
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -193,13 +240,13 @@ def test_truncated_and_future_artifacts(work):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta["version"] = "99"
     save_file(tensors, str(work / "future.ghl"), metadata=meta)
-    one_line_error(ghlc("inspect", "future.ghl", cwd=work, check=False), "newer ghlc")
+    one_line_error(cli("inspect", "future.ghl", cwd=work), "newer ghlc")
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_bad_data(work):
-    ghlc("convert", "model.py", cwd=work)
     np.savez(work / "d.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4))
-    r = ghlc("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work, check=False)
+    r = cli("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work)
     one_line_error(r, "x_test")
     r = ghlc("train", "model.ghl", "--data", "digits", "--out", "r2", cwd=work, check=False,
              env={"GHLC_FUSED": "fast"})
@@ -212,13 +259,13 @@ def test_version_and_help(work):
     assert Path(work).is_dir()
 
 
-def test_methods_and_resume(work):
-    ghlc("convert", "model.py", cwd=work)
+@pytest.mark.usefixtures("model_ghl")
+def test_methods_and_resume(work, trained):
     for method in ("bp", "hebbian"):
         ghlc("train", "model.ghl", "--epochs", "1", "--method", method, "--out", method,
              cwd=work)
         assert (work / method / "last.pt").is_file()
-    ghlc("train", "model.ghl", "--epochs", "2", "--out", "r", cwd=work)
+    shutil.copytree(trained / "ok", work / "r")  # one epoch done
     r = ghlc("train", "model.ghl", "--epochs", "3", "--out", "r", "--resume", cwd=work)
     assert "epochs 3" in r.stdout
     assert len((work / "r" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -226,13 +273,13 @@ def test_methods_and_resume(work):
     assert "accuracy" in r.stdout
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_train_device(work):
-    ghlc("convert", "model.py", cwd=work)
     for bad in ("tpu", "cuda:x"):
-        r = ghlc("train", "model.ghl", "--device", bad, "--out", "d", cwd=work, check=False)
+        r = cli("train", "model.ghl", "--device", bad, "--out", "d", cwd=work)
         one_line_error(r, f"--device {bad!r}: expected")
     if not torch.cuda.is_available():
-        r = ghlc("train", "model.ghl", "--device", "cuda", "--out", "d", cwd=work, check=False)
+        r = cli("train", "model.ghl", "--device", "cuda", "--out", "d", cwd=work)
         one_line_error(r, "--device cuda: no CUDA device is available")
         r = ghlc("train", "model.ghl", "--epochs", "1", "--out", "auto", cwd=work)
         assert "training on cpu" in r.stdout  # auto without CUDA
@@ -243,10 +290,10 @@ def test_train_device(work):
     assert not (work / "d").exists()  # nothing half-written
 
 
+@pytest.mark.usefixtures("model_ghl")
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_train_on_cuda(work):
-    ghlc("convert", "model.py", cwd=work)
     r = ghlc("train", "model.ghl", "--epochs", "2", "--device", "cuda", "--out", "g", cwd=work)
     assert "training on cuda" in r.stdout and "epochs 2" in r.stdout
     r = ghlc("train", "model.ghl", "--epochs", "3", "--device", "cuda", "--out", "g",
@@ -255,24 +302,23 @@ def test_train_on_cuda(work):
     assert "accuracy" in ghlc("eval", "g/model.ghl", cwd=work).stdout  # saved for CPU
 
 
-def test_convert_is_seeded(work):
+def test_convert_is_seeded(work, converted):
     from safetensors import safe_open
 
     def weights(path):
         with safe_open(str(path), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    ghlc("convert", "model.py", "-o", "a.ghl", cwd=work)
     ghlc("convert", "model.py", "-o", "b.ghl", cwd=work)
     ghlc("convert", "model.py", "-o", "c.ghl", "--seed", "1", cwd=work)
-    a, b, c = (weights(work / f"{n}.ghl") for n in "abc")
+    a, b, c = weights(converted), weights(work / "b.ghl"), weights(work / "c.ghl")
     assert a.keys() == b.keys() and any(k.endswith("weight") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.usefixtures("model_ghl")
 def test_closed_stdout_is_quiet(work):
-    ghlc("convert", "model.py", cwd=work)
     r, w = os.pipe()
     os.close(r)  # nobody reads: as after `| head` has exited
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from zoo import BY_NAME, ZOO
+from zoo import BY_NAME, sweep
 
 import ghlc
 
@@ -43,7 +43,7 @@ def _train(entry, compiled: bool, n: int = 2, sub: str | None = None):
     return (y[0] if isinstance(y, tuple) else y), grads
 
 
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_compiled_prepared_model_trains_like_the_eager_one(name, caplog):
     torch._dynamo.reset()
     entry = BY_NAME[name]

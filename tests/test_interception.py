@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import _get_current_function_mode_stack
-from zoo import BY_NAME, ZOO
+from zoo import BY_NAME, sweep
 
 import ghlc
 
@@ -238,7 +238,7 @@ def test_interception_is_checked():
                                 {"sample_fraction": 0.5},
                                 {"sample_fraction": 0.25, "sample_over": "positions"}],
                          ids=["auto", "backward", "forward", "sampled", "positions"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_output_hooks_match_the_autograd_function(name, kw, override):
     """Both ways of running a plastic call give bit-identical gradients, step after step."""
     entry = BY_NAME[name]

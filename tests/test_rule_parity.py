@@ -1,13 +1,13 @@
-"""Property-based parity of the GHL runtime against the plain float64 reference.
+"""Property-based parity of the GHL runtime against the float64 oracle (tests/oracle.py).
 
 Two levels, over randomly drawn single-layer configurations (Linear, Conv1d/2d/3d and
 ConvTranspose1d/2d/3d with random strides, dilations, groups, paddings and padding modes;
 random temperature, competition, local rule, scope and global signal):
 
-(a) ``ghlc.runtime.hebbian_raw`` on the call the module really makes, against ``ref_hebbian``;
+(a) ``ghlc.runtime.hebbian_raw`` on the call the module really makes, against ``oracle.hebbian``;
 (b) end to end: ``ghlc.prepare`` the one-layer model, backward a fixed random loss, and compare
-    the weight's ``.grad`` with ``ref_ghl_grad(ref_hebbian(...), G)`` where G is the plain
-    autograd gradient of an unprepared copy; the bias keeps the plain gradient.
+    the weight's ``.grad`` with ``oracle.expected_grad(oracle.hebbian(...), G)`` where G is the
+    plain autograd gradient of an unprepared copy; the bias keeps the plain gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import os
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -43,7 +44,6 @@ from ghlc.runtime.sampled import grid_steps
 
 sys.path.insert(0, os.path.dirname(__file__))
 import oracle  # noqa: E402
-from reference import ref_forward, ref_ghl_grad, ref_hebbian  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -150,9 +150,14 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def ref_h(m, x, rule: HebbianRule):
-    return ref_hebbian(m, x, rule.competition, rule.temperature, rule.local_rule,
-                       rule.competition_scope)
+def oracle_rule(rule: HebbianRule) -> dict:
+    """The oracle's rule dict of a HebbianRule (its exact settings)."""
+    return {"competition": rule.competition, "temperature": rule.temperature,
+            "local_rule": rule.local_rule, "competition_scope": rule.competition_scope}
+
+
+def oracle_h(m, x, rule: HebbianRule, mask: torch.Tensor | None = None):
+    return oracle.hebbian(m, x, oracle_rule(rule), mask)
 
 
 def unit_dim(m, x):
@@ -165,7 +170,7 @@ def no_ties(m, x, rule) -> bool:
     """For hard competition: the winner leads the runner-up clearly at every position."""
     if rule.competition != "hard":
         return True
-    u = ref_forward(m, x).movedim(unit_dim(m, x), -1)
+    u = oracle.forward(m, x).movedim(unit_dim(m, x), -1)
     groups = m.groups if (rule.competition_scope == "group" and not isinstance(m, nn.Linear)) \
         else 1
     u = u.reshape(*u.shape[:-1], groups, u.shape[-1] // groups)
@@ -198,23 +203,34 @@ class One(nn.Module):
         return self.layer(x)
 
 
-# ---- the reference itself ------------------------------------------------------------------
+# ---- the oracle itself ---------------------------------------------------------------------
+def test_oracle_imports_nothing_from_ghlc():
+    """The parity tests compare against code that shares nothing with ghlc."""
+    import ast
+
+    tree = ast.parse(Path(oracle.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert "torch" in names and not [n for n in names if n.split(".")[0] in ("ghlc", "passes",
+                                                                             "runtime")]
+
+
 @pytest.mark.parametrize("name", KINDS)
 @settings(SETTINGS, max_examples=25)
 @given(data=st.data())
-def test_reference_forward_matches_torch(name, data):
-    """The reference's hand-written u equals the module's output (checks its geometry)."""
+def test_oracle_forward_matches_torch(name, data):
+    """The oracle's hand-written u equals the module's output (checks its geometry)."""
     m, x, desc = data.draw(layers(name))
     m, x = m.double(), x.double()
     with torch.no_grad():
-        assert rel_err(ref_forward(m, x), m(x)) <= 1e-12, desc
+        assert rel_err(oracle.forward(m, x), m(x)) <= 1e-12, desc
 
 
 # ---- (a) hebbian_raw directly --------------------------------------------------------------
 @pytest.mark.parametrize("name", KINDS)
 @SETTINGS
 @given(data=st.data(), rule=rules())
-def test_hebbian_raw_matches_reference(name, data, rule):
+def test_hebbian_raw_matches_oracle(name, data, rule):
     m, x, desc = data.draw(layers(name))
     assume(no_ties(m, x, rule))
     for tag in ("float32", "'same'", "reflect", "replicate", "circular", "op=(1", "g=2", "g=3"):
@@ -237,7 +253,7 @@ def test_hebbian_raw_matches_reference(name, data, rule):
         u = spec.run(xc, w, b)
         h = hebbian_raw(spec, xc, u, w, b, rule)
     assert h.shape == m.weight.shape and h.dtype == m.weight.dtype, desc
-    ref = ref_h(m, x, rule)
+    ref = oracle_h(m, x, rule)
     err = rel_err(h, ref)
     assert err <= TOL[x.dtype], f"{desc} {rule}: rel err {err:.3g}"
 
@@ -246,7 +262,7 @@ def test_hebbian_raw_matches_reference(name, data, rule):
 @pytest.mark.parametrize("name", KINDS)
 @SETTINGS
 @given(data=st.data(), rule=rules(), signal=st.sampled_from(["grad_sign", "none"]))
-def test_prepared_grad_matches_reference(name, data, rule, signal):
+def test_prepared_grad_matches_oracle(name, data, rule, signal):
     m, x, desc = data.draw(layers(name))
     assume(no_ties(m, x, rule))
     model = One(m)
@@ -269,8 +285,8 @@ def test_prepared_grad_matches_reference(name, data, rule, signal):
     (plain_out * r).sum().backward()
     g = plain.layer.weight.grad
 
-    h = ref_h(m, x, rule)
-    want = ref_ghl_grad(h, g, signal, rule.normalisation, m)
+    h = oracle_h(m, x, rule)
+    want = oracle.expected_grad(h, g, signal, rule.normalisation, m)
     got = prepared.layer.weight.grad
     assert got is not None and got.shape == want.shape and got.dtype == x.dtype, desc
     if signal == "grad_sign":  # exact zeros of G must stay zero
@@ -373,8 +389,8 @@ def recorded_hebbian(m, x, data, rule, dtype=None):
 @pytest.mark.parametrize("name", KINDS)
 @settings(SETTINGS, max_examples=25)
 @given(data=st.data(), rule=rules(), frac=st.sampled_from(FRACTIONS))
-def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
-    """hebbian_raw in the sampled mode equals the reference's sums over the sampled terms."""
+def test_sampled_hebbian_matches_oracle(name, over, data, rule, frac):
+    """hebbian_raw in the sampled mode equals the oracle's sums over the sampled terms."""
     m, x, desc = data.draw(layers(name))
     assume(no_ties(m, x, rule))
     rule = dataclasses.replace(rule, sample_fraction=frac, sample_over=over)
@@ -382,8 +398,7 @@ def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
     mask = sample_mask(m, x, u, frac, over, drawn)
     if mask.sum() < mask.numel():
         event("sampled")
-    ref = ref_hebbian(m, x, rule.competition, rule.temperature, rule.local_rule,
-                      rule.competition_scope, mask=mask)
+    ref = oracle_h(m, x, rule, mask)
     err = rel_err(h, ref)
     assert err <= TOL[x.dtype], f"{desc} {rule} draws {drawn}: rel err {err:.3g}"
 
@@ -392,10 +407,10 @@ def test_sampled_hebbian_matches_reference(name, over, data, rule, frac):
 @pytest.mark.parametrize("name", KINDS)
 @settings(SETTINGS, max_examples=8)
 @given(data=st.data(), rule=rules())
-def test_hebbian_raw_with_a_wider_result_dtype_matches_reference(name, over, data, rule):
+def test_hebbian_raw_with_a_wider_result_dtype_matches_oracle(name, over, data, rule):
     """``hebbian_raw(..., dtype)``, the path of ``hebbian_precision="autocast"`` (y and the
     correlation in the operands' dtype, Oja's decay and H in ``dtype``), on float32 operands
-    with a float64 result: the float64 reference on the same operands, to float32 rounding,
+    with a float64 result: the float64 oracle on the same operands, to float32 rounding,
     exact and in both sampled modes."""
     m, x, desc = data.draw(layers(name))
     m, x = m.float(), x.float()
@@ -405,8 +420,7 @@ def test_hebbian_raw_with_a_wider_result_dtype_matches_reference(name, over, dat
     h, u, w, drawn = recorded_hebbian(m, x, data, rule, torch.float64)
     assert h.dtype == torch.float64 and h.shape == w.shape, desc
     mask = None if over == "exact" else sample_mask(m, x, u, 0.25, over, drawn)
-    ref = ref_hebbian(m, x, rule.competition, rule.temperature, rule.local_rule,
-                      rule.competition_scope, mask=mask)
+    ref = oracle_h(m, x, rule, mask)
     err = rel_err(h, ref)
     assert err <= TOL[torch.float32], f"{desc} {rule} draws {drawn}: rel err {err:.3g}"
 
@@ -415,9 +429,9 @@ def test_hebbian_raw_with_a_wider_result_dtype_matches_reference(name, over, dat
 @pytest.mark.parametrize("name", ["Linear", "Conv1d", "Conv2d", "ConvTranspose2d"])
 @settings(SETTINGS, max_examples=15)
 @given(data=st.data(), frac=st.sampled_from(FRACTIONS))
-def test_prepared_sampled_grad_matches_reference(name, over, data, frac):
+def test_prepared_sampled_grad_matches_oracle(name, over, data, frac):
     """End to end: GHLConfig(sample_fraction, sample_over) gives |Hn| * sign(G) of the
-    reference's sampled H."""
+    oracle's sampled H."""
     m, x, desc = data.draw(layers(name))
     model = One(m)
     plain = copy.deepcopy(model)
@@ -435,8 +449,8 @@ def test_prepared_sampled_grad_matches_reference(name, over, data, frac):
     with torch.no_grad():
         u = m(x)
     mask = sample_mask(m, x, u, frac, over, drawn)
-    h = ref_hebbian(m, x, mask=mask)
-    want = ref_ghl_grad(h, plain.layer.weight.grad)
+    h = oracle.hebbian(m, x, mask=mask)
+    want = oracle.expected_grad(h, plain.layer.weight.grad)
     err = rel_err(prepared.layer.weight.grad, want)
     assert err <= TOL[x.dtype], f"{desc} draws {drawn}: rel err {err:.3g}"
 
@@ -504,7 +518,7 @@ def test_softmax_units_cpu_channels_last(t, shape, fmt):
 @pytest.mark.parametrize("units", [None, 1, 3, 6, 7, 100])
 def test_in_call_combine_blocks_match_one_combine(kind, units):
     """The in-call combine's blockwise dL/dW (any block size, the last block short) gives
-    the reference |H_n| * sign(G) of the full gradient."""
+    the oracle's |H_n| * sign(G) of the full gradient."""
     gen = torch.Generator().manual_seed(5)
     if kind == "conv":
         m = nn.Conv2d(4, 7, 3, stride=2, padding=1).double()
@@ -521,7 +535,7 @@ def test_in_call_combine_blocks_match_one_combine(kind, units):
         gout = torch.randn(u.shape, dtype=u.dtype, generator=gen)
         h = hebbian_raw(spec, xc, u, w, b, rule)
     (m(x) * gout).sum().backward()
-    want = ref_ghl_grad(ref_hebbian(m, x, temperature=0.7), m.weight.grad)
+    want = oracle.expected_grad(oracle.hebbian(m, x, {"temperature": 0.7}), m.weight.grad)
     with torch.no_grad():
         got = accumulate.combine_in_call(spec, gout, xc, w, h.clone(), rule, units)
     assert rel_err(got, want) <= TOL[torch.float64]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo import BY_NAME, ZOO
+from zoo import BY_NAME, sweep
 
 import ghlc
 import ghlc.runtime.function as rt_function
@@ -712,7 +712,7 @@ def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw, over
 
 
 @pytest.mark.parametrize("over", ["batch", "positions"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_sampled_modes_match_oracle(name, over, monkeypatch):
     """The sampled modes on every zoo model against the oracle's sums over the sampled terms
     (the draw fixed to its last value: the last block of the batch, or odd grid offsets,
@@ -728,7 +728,7 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
 @pytest.mark.parametrize("timing", ["auto", "fast", "forward", "backward"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_block_timing_matches_oracle(name, timing, hooks, monkeypatch, override):
     """The sampled mode over the batch keeps a copy of u's block (drawn in the forward pass)
     instead of H where that is smaller and backprop does not keep u: taken by ``auto`` and
@@ -775,7 +775,7 @@ def _two_steps_against_oracle(name, over, monkeypatch):
 
 
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch, override):
     """The Hebbian correlation in blocks of output units (on CPU for large conv weights;
     forced here on every plain conv, blocks of 3 units) on every zoo model, exact and both
@@ -796,7 +796,7 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch, override
 
 @pytest.mark.parametrize("way", ["always", "never"])
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch, override):
     """The Hebbian correlation as a forward conv (on CPU for small outputs; forced here on
     every conv it applies to, whatever the output size, channels and multiply-adds, in
@@ -832,7 +832,7 @@ def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch
 
 @pytest.mark.parametrize("way", ["always", "never"])
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_activity_sums_match_oracle(name, over, way, monkeypatch, override):
     """Oja's per-unit sum over y * u (on CPU where the activations are smaller than the
     weight; forced here wherever it applies, whatever the sizes, in blocks of 5 elements) and
@@ -892,7 +892,7 @@ def test_stacking_skips_sampled_forward_timed_and_computed_weights(stacked_calls
 
 @pytest.mark.parametrize("timing", ["recompute", "auto", "fast"])
 @pytest.mark.parametrize("over", ["none", "batch"])
-@pytest.mark.parametrize("name", [e.name for e in ZOO])
+@pytest.mark.parametrize("name", sweep())
 def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch, override):
     """The split (for large conv weights whose output is not kept; here on every plain conv of
     a PlasticCall, the last 2 units recomputed) on every zoo model, exact and batch-sampled,

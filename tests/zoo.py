@@ -385,3 +385,20 @@ ZOO: list[Entry] = [
 ]
 
 BY_NAME = {e.name: e for e in ZOO}
+
+# Together these hold every layer kind and weight use of the zoo: strided, 1x1 and bias-free
+# convs with batch norm (resnet), depthwise (mobilenetv2), ConvTranspose2d (unet), dilated and
+# grouped Conv1d with ConvTranspose1d (temporal1d), grouped Conv3d, Linear on 3-d inputs with
+# attention's weight views (vit), computed weights (stdconv), one weight called twice
+# (conv_twice). The other models repeat those kinds.
+COVERING = ("resnet", "mobilenetv2", "unet", "temporal1d", "conv3d", "vit", "stdconv",
+            "conv_twice")
+
+
+def sweep() -> list:
+    """Every zoo name as a pytest parameter, for a runtime path swept over the whole zoo:
+    the models outside COVERING are marked slow (the default run keeps every kind)."""
+    import pytest  # here: the zoo is also imported outside pytest (test_compile's subprocess)
+
+    return [pytest.param(e.name, marks=() if e.name in COVERING else pytest.mark.slow)
+            for e in ZOO]
