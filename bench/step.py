@@ -105,6 +105,7 @@ from torch import nn
 
 import ghlc
 from ghlc.runtime import fused
+from ghlc.runtime.status import STATUS
 from ghlc.train import slow_bf16
 
 HERE = Path(__file__).resolve().parent
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every model, so that a run cut short keeps what it measured
         result["compiled_kernels"] = {
             "mode": fused.mode(), "active": fused.active(torch.zeros(1, device=args.device)),
-            "failed": fused._broken,
+            "failed": STATUS.compile_broken,
         }
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")

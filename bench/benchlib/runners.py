@@ -64,16 +64,11 @@ def settings(r: Runner | GraphRunner) -> Iterator[None]:
     its compiled-kernel mode, its dispatch-policy overrides and, while a graph is warmed up
     and captured, fused.capturing() as ghlc.cuda_graph_step does (with stack_weight_grads for
     the stacked variants)."""
-    old = fused.mode()
-    fused.set_mode(r.fused)
-    try:
-        with (
-            policy.override(**r.variant.policy),
-            fused.capturing(r.variant.stack) if r.capturing else contextlib.nullcontext(),
-        ):
-            yield
-    finally:
-        fused.set_mode(old)
+    with (
+        policy.override(fused=r.fused, **r.variant.policy),
+        fused.capturing(r.variant.stack) if r.capturing else contextlib.nullcontext(),
+    ):
+        yield
 
 
 class GraphRunner:
