@@ -84,14 +84,26 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # learning rate (1e-4) is meant for 100 epochs over 50,000 images (78,000 steps); over a few
 # hundred steps it barely moves the 4096-unit head, so the quick run uses QUICK_LR for the
 # backprop layers (all three methods alike) and the paper's conv settings.
-QUICK = {"data": "cifar10-subset.npz", "limit_train": 2000, "limit_test": 1000, "epochs": 4,
-         "seeds": [0], "lr": 1e-2}
+QUICK = {
+    "data": "cifar10-subset.npz",
+    "limit_train": 2000,
+    "limit_test": 1000,
+    "epochs": 4,
+    "seeds": [0],
+    "lr": 1e-2,
+}
 
 
 # --sanity: FastHebb on the MNIST and Fashion-MNIST subsets (resized to 3x32x32), a couple of
 # epochs on 2000 images: all three methods should learn; a fast check that nothing is broken.
-SANITY = {"datasets": {"mnist": "mnist-subset.npz", "fashion": "fashion-mnist-subset.npz"},
-          "limit_train": 2000, "limit_test": 2000, "epochs": 2, "seeds": [0], "lr": 1e-2}
+SANITY = {
+    "datasets": {"mnist": "mnist-subset.npz", "fashion": "fashion-mnist-subset.npz"},
+    "limit_train": 2000,
+    "limit_test": 2000,
+    "epochs": 2,
+    "seeds": [0],
+    "lr": 1e-2,
+}
 
 
 @dataclass
@@ -137,22 +149,41 @@ def plan(args) -> list[RunSpec]:
         group = f"{prefix}{net}-{method}" + (f"-{tag}" if tag else "")
         if epochs is not None and epochs != args.epochs:
             group += f"-e{epochs}"  # ablations at their own length: never the main runs' folders
-        runs.append(RunSpec(
-            name=f"{group}-s{seed}", net=net, method=method, seed=seed,
-            epochs=epochs or args.epochs,
-            lr_conv=args.lr_conv if args.lr_conv is not None else mod.LR_CONV,
-            wd_conv=args.wd_conv if args.wd_conv is not None else mod.WD_CONV,
-            lr=args.lr if args.lr is not None else mod.LR,
-            batch_size=args.batch_size, data=data or args.data, limit_train=args.limit_train,
-            limit_test=args.limit_test, augment=args.augment, group=group, section=section,
-            cfg=dict(cfg)))
+        runs.append(
+            RunSpec(
+                name=f"{group}-s{seed}",
+                net=net,
+                method=method,
+                seed=seed,
+                epochs=epochs or args.epochs,
+                lr_conv=args.lr_conv if args.lr_conv is not None else mod.LR_CONV,
+                wd_conv=args.wd_conv if args.wd_conv is not None else mod.WD_CONV,
+                lr=args.lr if args.lr is not None else mod.LR,
+                batch_size=args.batch_size,
+                data=data or args.data,
+                limit_train=args.limit_train,
+                limit_test=args.limit_test,
+                augment=args.augment,
+                group=group,
+                section=section,
+                cfg=dict(cfg),
+            )
+        )
 
     if args.sanity:
         for tag, file in SANITY["datasets"].items():
             for method in args.methods:
                 for seed in args.seeds:
-                    add("fasthebb", method, seed, "", "sanity", {}, data=file,
-                        prefix=f"sanity-{tag}-")
+                    add(
+                        "fasthebb",
+                        method,
+                        seed,
+                        "",
+                        "sanity",
+                        {},
+                        data=file,
+                        prefix=f"sanity-{tag}-",
+                    )
         return runs
     for net in args.nets:
         for method in args.methods:
@@ -164,8 +195,15 @@ def plan(args) -> list[RunSpec]:
             if tag == "paper" and not own:
                 continue  # the main table's ghl run is the baseline
             for seed in args.ablation_seeds:
-                add("fasthebb", "ghl", seed, tag, "ablation", ABLATIONS[tag],
-                    epochs=args.ablation_epochs)
+                add(
+                    "fasthebb",
+                    "ghl",
+                    seed,
+                    tag,
+                    "ablation",
+                    ABLATIONS[tag],
+                    epochs=args.ablation_epochs,
+                )
     return runs
 
 
@@ -185,7 +223,8 @@ def build(spec: RunSpec, in_shape) -> tuple[torch.nn.Module, set[str]]:
     model = getattr(mod, spec.net)()
     x = torch.zeros(2, *in_shape)
     lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=config_for(spec)))
+        ghlc.trace(model, (x,), config=config_for(spec))
+    )
     plastic = {i.name for i in lg.plastic()}
     if spec.method == "bp":
         return model, plastic  # plain model; same parameter groups as ghl
@@ -240,8 +279,13 @@ def dataset(spec: RunSpec, data_dir: Path):
         n_tr = spec.limit_train or len(ds.y_train)
         n_te = spec.limit_test or len(ds.y_test)
         _DATA_CACHE.clear()
-        _DATA_CACHE[key] = (ds.x_train[:n_tr], ds.y_train[:n_tr], ds.x_test[:n_te],
-                            ds.y_test[:n_te], ds.classes)
+        _DATA_CACHE[key] = (
+            ds.x_train[:n_tr],
+            ds.y_train[:n_tr],
+            ds.x_test[:n_te],
+            ds.y_test[:n_te],
+            ds.classes,
+        )
     return _DATA_CACHE[key]
 
 
@@ -249,11 +293,16 @@ def run_one(spec: RunSpec, data_dir: Path, device: torch.device, progress: bool)
     run_dir = RUNS_DIR / spec.name
     saved = read_spec(run_dir)
     done = read_metrics(run_dir)
-    same = saved is not None and saved.get("settings") == spec.settings() \
+    same = (
+        saved is not None
+        and saved.get("settings") == spec.settings()
         and saved.get("epochs") == spec.epochs
+    )
     if same and len(done) >= spec.epochs:
-        print(f"[skip] {spec.name}: {len(done)} epochs done, test acc "
-              f"{done[-1]['test_acc']:.4f}", flush=True)
+        print(
+            f"[skip] {spec.name}: {len(done)} epochs done, test acc {done[-1]['test_acc']:.4f}",
+            flush=True,
+        )
         return
     resume = same and (run_dir / "last.pt").is_file()
     if saved is not None and not same:
@@ -262,31 +311,62 @@ def run_one(spec: RunSpec, data_dir: Path, device: torch.device, progress: bool)
     model, plastic = build(spec, tuple(x_tr.shape[1:]))
     model.to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"settings": spec.settings(), "epochs": spec.epochs, "section": spec.section,
-            "plastic": sorted(plastic), "device": str(device),
-            "threads": torch.get_num_threads(),
-            "n_train": len(y_tr), "n_test": len(y_te)}
+    meta = {
+        "settings": spec.settings(),
+        "epochs": spec.epochs,
+        "section": spec.section,
+        "plastic": sorted(plastic),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "n_train": len(y_tr),
+        "n_test": len(y_te),
+    }
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
     what = f"resume from epoch {len(done)}" if resume else "start"
-    print(f"[{what}] {spec.name}: {spec.epochs} epochs, {len(y_tr)} train / {len(y_te)} test "
-          f"images, {device}", flush=True)
+    print(
+        f"[{what}] {spec.name}: {spec.epochs} epochs, {len(y_tr)} train / {len(y_te)} test "
+        f"images, {device}",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    res = train(model, x_tr, y_tr, x_te, y_te, plastic=plastic, epochs=spec.epochs,
-                batch_size=spec.batch_size, lr=spec.lr, lr_plastic=spec.lr_conv,
-                wd_plastic=spec.wd_conv, wd=0.0, seed=spec.seed, out_dir=run_dir,
-                resume=resume, augment=augment_batch if spec.augment else None,
-                progress=progress, classes=classes,
-                autocast=getattr(torch, spec.cfg["autocast"]) if "autocast" in spec.cfg else None)
-    print(f"[done] {spec.name}: test acc {res.final.get('test_acc', float('nan')):.4f} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    res = train(
+        model,
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        plastic=plastic,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        lr_plastic=spec.lr_conv,
+        wd_plastic=spec.wd_conv,
+        wd=0.0,
+        seed=spec.seed,
+        out_dir=run_dir,
+        resume=resume,
+        augment=augment_batch if spec.augment else None,
+        progress=progress,
+        classes=classes,
+        autocast=getattr(torch, spec.cfg["autocast"]) if "autocast" in spec.cfg else None,
+    )
+    print(
+        f"[done] {spec.name}: test acc {res.final.get('test_acc', float('nan')):.4f} "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
 
 # ---- report ---------------------------------------------------------------------------------
 
 
 def _settings_text(s: dict[str, Any]) -> str:
-    parts = [f"lr_conv {_fmt(s['lr_conv'])}", f"wd_conv {_fmt(s['wd_conv'])}",
-             f"lr {_fmt(s['lr'])}", f"batch {s['batch_size']}"]
+    parts = [
+        f"lr_conv {_fmt(s['lr_conv'])}",
+        f"wd_conv {_fmt(s['wd_conv'])}",
+        f"lr {_fmt(s['lr'])}",
+        f"batch {s['batch_size']}",
+    ]
     cfg = s.get("cfg") or {}
     if "temperature" not in cfg:
         temps = sorted(set(NETS[s["net"]].TEMPERATURES.values()), reverse=True)
@@ -319,8 +399,10 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault(r["meta"]["settings"]["group"], []).append(r)
-    lines = ["| run | final test acc | best test acc | s / epoch | epochs | seeds | settings |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | final test acc | best test acc | s / epoch | epochs | seeds | settings |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for group, rs in groups.items():
         finals = [r["hist"][-1]["test_acc"] for r in rs]
         bests = [max(h["test_acc"] for h in r["hist"]) for r in rs]
@@ -333,9 +415,11 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
             return f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}%"
 
         seeds = ",".join(str(r["meta"]["settings"]["seed"]) for r in rs)
-        lines.append(f"| {group} | {ms(finals)} | {ms(bests)} | {statistics.mean(secs):.1f} | "
-                     f"{', '.join(eps)} | {seeds} | "
-                     f"{_settings_text(rs[0]['meta']['settings'])} |")
+        lines.append(
+            f"| {group} | {ms(finals)} | {ms(bests)} | {statistics.mean(secs):.1f} | "
+            f"{', '.join(eps)} | {seeds} | "
+            f"{_settings_text(rs[0]['meta']['settings'])} |"
+        )
     return lines
 
 
@@ -347,15 +431,19 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
     panels: dict[str, list[dict[str, Any]]] = {}
-    main_epochs = {(r["meta"]["settings"]["net"], r["meta"]["epochs"]) for r in runs
-                   if r["meta"]["section"] == "main"}
+    main_epochs = {
+        (r["meta"]["settings"]["net"], r["meta"]["epochs"])
+        for r in runs
+        if r["meta"]["section"] == "main"
+    }
     for r in runs:
         s = r["meta"]["settings"]
         section = r["meta"]["section"]
         if section == "ablation" and (s["net"], r["meta"]["epochs"]) in main_epochs:
             section = "main"  # an ablation as long as the main runs: plot it beside them
         key = f"{s['net']} " + {"main": "methods", "sanity": Path(s["data"]).stem}.get(
-            section, f"GHL ablations, {r['meta']['epochs']} epochs")
+            section, f"GHL ablations, {r['meta']['epochs']} epochs"
+        )
         panels.setdefault(key, []).append(r)
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -368,8 +456,15 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
                 colors[g] = f"C{len(colors) % 10}"
                 label = g
             ep = [h["epoch"] for h in r["hist"]]
-            ax.plot(ep, [100 * h["test_acc"] for h in r["hist"]], "o-", ms=3,
-                    color=colors[g], label=label, lw=1.2)
+            ax.plot(
+                ep,
+                [100 * h["test_acc"] for h in r["hist"]],
+                "o-",
+                ms=3,
+                color=colors[g],
+                label=label,
+                lw=1.2,
+            )
         ax.set_title(f"{title}: {key}", fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -407,14 +502,16 @@ standard deviation over seeds. s / epoch includes the test pass.
 
 def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.device) -> None:
     png = DOCS_DIR / {"quick": "accuracy-quick.png", "sanity": "accuracy-sanity.png"}.get(
-        key, "accuracy.png")
+        key, "accuracy.png"
+    )
     title = {"quick": "quick", "sanity": "sanity"}.get(key, "CIFAR-10 subset")
     has_plot = bool(runs) and plot(runs, png, title)
     meta0 = runs[0]["meta"] if runs else {}
     s0 = meta0.get("settings", {})
-    heading = {"quick": "## Quick check (`--quick`)",
-               "sanity": "## Sanity check: MNIST / Fashion-MNIST (`--sanity`)"}.get(
-        key, "## Full table")
+    heading = {
+        "quick": "## Quick check (`--quick`)",
+        "sanity": "## Sanity check: MNIST / Fashion-MNIST (`--sanity`)",
+    }.get(key, "## Full table")
     threads = torch.get_num_threads()
     body = [heading, ""]
     if key == "sanity":
@@ -450,11 +547,17 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
     devices = sorted({r["meta"].get("device", str(device)) for r in runs}) or [str(device)]
     seen = sorted({r["meta"]["threads"] for r in runs if "threads" in r["meta"]})
     if seen:
-        threads = "/".join(map(str, seen)) + " (per run; earlier runs: not recorded)" if any(
-            "threads" not in r["meta"] for r in runs) else "/".join(map(str, seen))
-    body += ["", f"Measured on {', '.join(devices)} ({platform.machine()}, "
-             f"torch {torch.__version__}, torch CPU threads: {threads}), "
-             f"{time.strftime('%Y-%m-%d')}."]
+        threads = (
+            "/".join(map(str, seen)) + " (per run; earlier runs: not recorded)"
+            if any("threads" not in r["meta"] for r in runs)
+            else "/".join(map(str, seen))
+        )
+    body += [
+        "",
+        f"Measured on {', '.join(devices)} ({platform.machine()}, "
+        f"torch {torch.__version__}, torch CPU threads: {threads}), "
+        f"{time.strftime('%Y-%m-%d')}.",
+    ]
     if has_plot:
         body += ["", f"![test accuracy per epoch]({png.name})"]
     start, end = _section_markers(key)
@@ -470,8 +573,9 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
     tmp = MD_PATH.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(MD_PATH)
-    print(f"wrote {MD_PATH.relative_to(ROOT)}" + (f" and {png.relative_to(ROOT)}"
-                                                   if has_plot else ""))
+    print(
+        f"wrote {MD_PATH.relative_to(ROOT)}" + (f" and {png.relative_to(ROOT)}" if has_plot else "")
+    )
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -480,35 +584,64 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
 def _csv(kind):
     def parse(s: str):
         return [kind(v) for v in s.split(",") if v.strip()]
+
     return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 100; "
-                   f"--quick: {QUICK['epochs']})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs per run (default 100; --quick: {QUICK['epochs']})",
+    )
     p.add_argument("--nets", type=_csv(str), default=None, help="fasthebb,deephebb")
-    p.add_argument("--methods", type=_csv(str), default=list(METHODS),
-                   help="ghl,bp,hebbian (also: sign, a diagnostic)")
+    p.add_argument(
+        "--methods",
+        type=_csv(str),
+        default=list(METHODS),
+        help="ghl,bp,hebbian (also: sign, a diagnostic)",
+    )
     p.add_argument("--seeds", type=_csv(int), default=None, help="default 0,1,2 (--quick: 0)")
-    p.add_argument("--ablations", type=_csv(str), default=None,
-                   help=f"FastHebb GHL ablations, comma-separated from {','.join(ABLATIONS)}; "
-                   "'none' for none (default: all; --quick: none)")
-    p.add_argument("--ablation-epochs", type=int, default=None,
-                   help="epochs of the ablation runs (default: --epochs); when different, "
-                   "the runs get an -eN suffix and a 'paper' baseline row")
-    p.add_argument("--ablation-seeds", type=_csv(int), default=None,
-                   help="seeds of the ablation runs (default: the first of --seeds)")
-    p.add_argument("--quick", action="store_true",
-                   help="FastHebb only, 2000-image CIFAR slice, few epochs, lr 1e-2 for the "
-                   "backprop layers: checks the ordering ghl >~ bp > hebbian in ~10 min on 2 CPUs")
-    p.add_argument("--sanity", action="store_true",
-                   help="FastHebb on MNIST and Fashion-MNIST subsets, 2 epochs on 2000 images")
+    p.add_argument(
+        "--ablations",
+        type=_csv(str),
+        default=None,
+        help=f"FastHebb GHL ablations, comma-separated from {','.join(ABLATIONS)}; "
+        "'none' for none (default: all; --quick: none)",
+    )
+    p.add_argument(
+        "--ablation-epochs",
+        type=int,
+        default=None,
+        help="epochs of the ablation runs (default: --epochs); when different, "
+        "the runs get an -eN suffix and a 'paper' baseline row",
+    )
+    p.add_argument(
+        "--ablation-seeds",
+        type=_csv(int),
+        default=None,
+        help="seeds of the ablation runs (default: the first of --seeds)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="FastHebb only, 2000-image CIFAR slice, few epochs, lr 1e-2 for the "
+        "backprop layers: checks the ordering ghl >~ bp > hebbian in ~10 min on 2 CPUs",
+    )
+    p.add_argument(
+        "--sanity",
+        action="store_true",
+        help="FastHebb on MNIST and Fashion-MNIST subsets, 2 epochs on 2000 images",
+    )
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
-    p.add_argument("--data", default=None, help="a .npz in --data-dir, or a path "
-                   "(default cifar10-subset.npz)")
+    p.add_argument(
+        "--data", default=None, help="a .npz in --data-dir, or a path (default cifar10-subset.npz)"
+    )
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--lr", type=float, default=None, help="override the backprop-layer LR")
     p.add_argument("--lr-conv", type=float, default=None, help="override the conv LR")
@@ -546,8 +679,11 @@ def parse_args(argv=None):
         args.limit_train = args.limit_train or QUICK["limit_train"]
         args.limit_test = args.limit_test or QUICK["limit_test"]
         args.lr = args.lr if args.lr is not None else QUICK["lr"]
-    for what, vals, ok in (("net", args.nets, NETS), ("method", args.methods, ALL_METHODS),
-                           ("ablation", args.ablations, ABLATIONS)):
+    for what, vals, ok in (
+        ("net", args.nets, NETS),
+        ("method", args.methods, ALL_METHODS),
+        ("ablation", args.ablations, ABLATIONS),
+    ):
         bad = [v for v in vals if v not in ok]
         if bad:
             p.error(f"unknown {what} {', '.join(bad)} (choose from {', '.join(ok)})")
@@ -572,8 +708,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         for i, spec in enumerate(specs, 1):
-            print(f"--- run {i}/{len(specs)} ({time.perf_counter() - t0:.0f} s elapsed)",
-                  flush=True)
+            print(
+                f"--- run {i}/{len(specs)} ({time.perf_counter() - t0:.0f} s elapsed)", flush=True
+            )
             try:
                 run_one(spec, args.data_dir, device, progress=not args.no_progress)
             except TrainingInterrupted as e:
@@ -583,16 +720,24 @@ def main(argv=None) -> int:
                 print(f"[failed] {spec.name}: {e}", flush=True)
     names = [s.name for s in specs]
     if not (args.quick or args.sanity) and RUNS_DIR.is_dir():  # the full table: every run
-        names += sorted(d.name for d in RUNS_DIR.iterdir() if d.is_dir() and d.name not in names
-                        and not d.name.startswith(("quick-", "sanity-", "probe")))
+        names += sorted(
+            d.name
+            for d in RUNS_DIR.iterdir()
+            if d.is_dir()
+            and d.name not in names
+            and not d.name.startswith(("quick-", "sanity-", "probe"))
+        )
     runs = sorted(collect(names), key=_order)
     for r in runs:
         h = r["hist"][-1]
-        print(f"{r['name']:40s} epoch {h['epoch']:3d}  test acc {100 * h['test_acc']:6.2f}%  "
-              f"{h['seconds']:.1f} s/epoch")
+        print(
+            f"{r['name']:40s} epoch {h['epoch']:3d}  test acc {100 * h['test_acc']:6.2f}%  "
+            f"{h['seconds']:.1f} s/epoch"
+        )
     if not args.no_report:
-        write_report(runs, "quick" if args.quick else "sanity" if args.sanity else "full", args,
-                     device)
+        write_report(
+            runs, "quick" if args.quick else "sanity" if args.sanity else "full", args, device
+        )
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

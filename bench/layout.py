@@ -74,11 +74,17 @@ def bench(name: str, repeats: int, warmup: int, batch: int, seed: int, device: s
         for k in keys:
             r, x = runners[k]
             times[k].append(timed_step(r, x, y, device))
-    res = {"model": name, "times_ms": {f"{v}_{lay}": t for (v, lay), t in times.items()},
-           "median_ms": {f"{v}_{lay}": statistics.median(t) for (v, lay), t in times.items()},
-           "cl_over_nchw": {v: paired(times[(v, "cl")], times[(v, "nchw")]) for v in VARIANTS},
-           "ratio_to_bp": {f"{v}_{lay}": paired(times[(v, lay)], times[("bp", lay)])
-                           for v in VARIANTS[1:] for lay in LAYOUTS}}
+    res = {
+        "model": name,
+        "times_ms": {f"{v}_{lay}": t for (v, lay), t in times.items()},
+        "median_ms": {f"{v}_{lay}": statistics.median(t) for (v, lay), t in times.items()},
+        "cl_over_nchw": {v: paired(times[(v, "cl")], times[(v, "nchw")]) for v in VARIANTS},
+        "ratio_to_bp": {
+            f"{v}_{lay}": paired(times[(v, lay)], times[("bp", lay)])
+            for v in VARIANTS[1:]
+            for lay in LAYOUTS
+        },
+    }
     return res
 
 
@@ -89,8 +95,11 @@ def _fmt(p: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--models", default="resnet18",
-                   help=f"comma-separated, from {', '.join(MODELS + EXTRA_MODELS)}")
+    p.add_argument(
+        "--models",
+        default="resnet18",
+        help=f"comma-separated, from {', '.join(MODELS + EXTRA_MODELS)}",
+    )
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
@@ -108,12 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    results = [bench(m, args.repeats, args.warmup, args.batch, args.seed, args.device)
-               for m in models]
-    out = {"machine": machine(args.device), "device": args.device, "batch": args.batch,
-           "repeats": args.repeats,
-           "command": "python bench/layout.py " + " ".join(
-               sys.argv[1:] if argv is None else argv), "models": results}
+    results = [
+        bench(m, args.repeats, args.warmup, args.batch, args.seed, args.device) for m in models
+    ]
+    out = {
+        "machine": machine(args.device),
+        "device": args.device,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "command": "python bench/layout.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "models": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"machine: {out['machine']}")
@@ -123,10 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for v in VARIANTS:
             med = r["median_ms"]
-            to_bp = ("–", "–") if v == "bp" else (
-                _fmt(r["ratio_to_bp"][f"{v}_nchw"]), _fmt(r["ratio_to_bp"][f"{v}_cl"]))
-            print(f"| {r['model']} | {v} | {med[f'{v}_nchw']:.1f} | {med[f'{v}_cl']:.1f} | "
-                  f"{_fmt(r['cl_over_nchw'][v])} | {to_bp[0]} | {to_bp[1]} |")
+            to_bp = (
+                ("–", "–")
+                if v == "bp"
+                else (_fmt(r["ratio_to_bp"][f"{v}_nchw"]), _fmt(r["ratio_to_bp"][f"{v}_cl"]))
+            )
+            print(
+                f"| {r['model']} | {v} | {med[f'{v}_nchw']:.1f} | {med[f'{v}_cl']:.1f} | "
+                f"{_fmt(r['cl_over_nchw'][v])} | {to_bp[0]} | {to_bp[1]} |"
+            )
     return 0
 
 

@@ -42,8 +42,14 @@ OVERRIDES = {"ghlc_wdot": {"activity_sum_devices": ()}}  # dispatch-policy field
 
 
 def mlp(hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
 
 
 def floor(hidden: int) -> float:
@@ -86,8 +92,9 @@ def run(hidden: int, batch: int, repeats: int) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="256x64,1000x64,1000x256",
-                   help="comma-separated HIDDENxBATCH")
+    p.add_argument(
+        "--sizes", default="256x64,1000x64,1000x256", help="comma-separated HIDDENxBATCH"
+    )
     p.add_argument("--repeats", type=int, default=100)
     args = p.parse_args(argv)
     try:
@@ -107,8 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         for v in VARIANTS:
             ratios = [a / b for a, b in zip(times[v], times["bp"])]
             lo, hi, _ = median_ci(ratios)
-            rows.append((hidden, batch, v, statistics.median(times[v]) / 1e3,
-                         statistics.median(ratios), lo, hi, floor(hidden)))
+            rows.append(
+                (
+                    hidden,
+                    batch,
+                    v,
+                    statistics.median(times[v]) / 1e3,
+                    statistics.median(ratios),
+                    lo,
+                    hi,
+                    floor(hidden),
+                )
+            )
     print(f"{machine('cpu')}, median of {args.repeats} interleaved steps")
     print("| MLP | batch | variant | median ms | ratio to bp | 95% CI | floor | ratio/floor |")
     print("|---|---|---|---|---|---|---|---|")

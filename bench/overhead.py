@@ -73,9 +73,11 @@ def op_split(s: Stepper, device: str) -> dict[str, float]:
         s()
         sync(device)
     ev = prof.key_averages()
-    return {"ops": sum(e.count for e in ev if e.key.startswith("aten::")),
-            "function_self_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
-            "conv_calls": sum(e.count for e in ev if e.key in CONV_OPS)}
+    return {
+        "ops": sum(e.count for e in ev if e.key.startswith("aten::")),
+        "function_self_us": sum(e.self_cpu_time_total for e in ev if e.key in GHL_FRAMES),
+        "conv_calls": sum(e.count for e in ev if e.key in CONV_OPS),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     base = stack(args.layers).to(dev)
     x = torch.randn(2, 8, 4, 4, device=dev)
     y = torch.tensor([1, 2], device=dev)
-    configs = {"bp": None, "ghlc": {}, "ghlc_mode": {"interception": "mode"}, "ghlc_fn": {},
-               "ghlc_s50": {"sample_fraction": 0.5}}
+    configs = {
+        "bp": None,
+        "ghlc": {},
+        "ghlc_mode": {"interception": "mode"},
+        "ghlc_fn": {},
+        "ghlc_s50": {"sample_fraction": 0.5},
+    }
     if dev in policy.current().forward_form_devices:
         configs["ghlc_fwd"] = {}
     # dispatch-policy overrides of the steps: every call through ghlc's autograd Function, and
     # the forward form for every conv it applies to (the static choice, not a measured one)
-    overrides = {"ghlc_fn": {"hooked_calls": False},
-                 "ghlc_fwd": {"forward_form_min_macs": 0, "forward_form_min_channels": 0,
-                              "measure": False}}
+    overrides = {
+        "ghlc_fn": {"hooked_calls": False},
+        "ghlc_fwd": {"forward_form_min_macs": 0, "forward_form_min_channels": 0, "measure": False},
+    }
     steppers = {}
     for name, kw in configs.items():
         m = copy.deepcopy(base)
@@ -124,12 +132,20 @@ def main(argv: list[str] | None = None) -> int:
             times[k].append(timed(steppers[k], dev))
     splits = {k: op_split(s, dev) for k, s in steppers.items()}
     bp_us = statistics.median(times["bp"])
-    print(f"{args.layers} conv-BN-ReLU blocks (8 ch, 4x4, batch 2) and a linear head, "
-          f"{plastic} plastic layers, device {dev}, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} interleaved steps")
-    head = ("variant", "step us", "extra us / plastic layer", "torch ops / step",
-            "extra ops / plastic layer", "PlasticCall self us / plastic layer",
-            "conv calls / step")
+    print(
+        f"{args.layers} conv-BN-ReLU blocks (8 ch, 4x4, batch 2) and a linear head, "
+        f"{plastic} plastic layers, device {dev}, {torch.get_num_threads()} threads, "
+        f"median of {args.steps} interleaved steps"
+    )
+    head = (
+        "variant",
+        "step us",
+        "extra us / plastic layer",
+        "torch ops / step",
+        "extra ops / plastic layer",
+        "PlasticCall self us / plastic layer",
+        "conv calls / step",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for k in steppers:
@@ -138,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = (us - bp_us) / plastic if k != "bp" else 0.0
         ops = (sp["ops"] - splits["bp"]["ops"]) / plastic if k != "bp" else 0.0
         py = sp["function_self_us"] / plastic
-        print(f"| {k} | {us:.0f} | {extra:.1f} | {sp['ops']} | {ops:.1f} | {py:.1f} | "
-              f"{sp['conv_calls']} |")
+        print(
+            f"| {k} | {us:.0f} | {extra:.1f} | {sp['ops']} | {ops:.1f} | {py:.1f} | "
+            f"{sp['conv_calls']} |"
+        )
     return 0
 
 

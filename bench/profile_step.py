@@ -28,8 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet18",
-                   choices=(*MODELS, *EXTRA_MODELS, "resnet50"))
+    p.add_argument("--model", default="resnet18", choices=(*MODELS, *EXTRA_MODELS, "resnet50"))
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
@@ -48,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device == "cuda"
     for variant in args.variants.split(","):
         if variant not in variants.VARIANTS:
-            print(f"error: unknown variant {variant!r} (--list-variants of bench/step.py "
-                  "names them)", file=sys.stderr)
+            print(
+                f"error: unknown variant {variant!r} (--list-variants of bench/step.py names them)",
+                file=sys.stderr,
+            )
             return 2
         if variant in variants.graph_variants() and not cuda:
             print(f"error: {variant} needs --device cuda", file=sys.stderr)
@@ -70,15 +71,27 @@ def main(argv: list[str] | None = None) -> int:
             sync(args.device)
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         events = prof.key_averages()
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                            "cudaLaunchKernelExC"))
+        launches = sum(
+            e.count
+            for e in events
+            if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        )
         on_device = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
-        busy = sum(e.self_device_time_total for e in events
-                   if e.device_type == DeviceType.CUDA) / 1e3 / args.steps
-        print(f"\n=== {args.model} {variant}: {ms:.2f} ms/step (wall, unprofiled)"
-              + (f", {launches / args.steps:.0f} kernel launches/step, "
-                 f"{on_device / args.steps:.0f} device activities/step, "
-                 f"{busy:.2f} ms/step of device time" if cuda else ""))
+        busy = (
+            sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+            / 1e3
+            / args.steps
+        )
+        print(
+            f"\n=== {args.model} {variant}: {ms:.2f} ms/step (wall, unprofiled)"
+            + (
+                f", {launches / args.steps:.0f} kernel launches/step, "
+                f"{on_device / args.steps:.0f} device activities/step, "
+                f"{busy:.2f} ms/step of device time"
+                if cuda
+                else ""
+            )
+        )
         print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
         del r
     return 0

@@ -63,8 +63,10 @@ def layers(model: str, batch: int, device: str) -> list[dict]:
         shape = tuple(info.weight_shape)
         t = {k: torch.randn(shape, device=device) for k in "cwhg"}
         ref = (t["c"].double() * t["w"].double()).flatten(1).sum(1)
-        err = {v: (OPS[v][0](t["c"], t["w"]).double() - ref).abs().max().item()
-               for v in ("dots", "dots_bmm")}
+        err = {
+            v: (OPS[v][0](t["c"], t["w"]).double() - ref).abs().max().item()
+            for v in ("dots", "dots_bmm")
+        }
         out.append({"layer": info.name, "shape": shape, "t": t, "err": err})
     return out
 
@@ -94,10 +96,10 @@ def in_step(model: str, repeats: int) -> dict[str, list[float]]:
             out = fn(*args, **kwargs)
             spent[0] += time.perf_counter() - t0
             return out
+
         return call
 
-    ways = {"dots_bmm": timing(lambda c, w, block=0: _dots_bmm(c, w)),
-            "dots": timing(ghlc_dots)}
+    ways = {"dots_bmm": timing(lambda c, w, block=0: _dots_bmm(c, w)), "dots": timing(ghlc_dots)}
     out: dict[str, list[float]] = {k: [] for k in ways}
     try:
         for rep in range(2 + repeats):  # two warm-up steps
@@ -120,8 +122,11 @@ def ratio(a: list[float], b: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     layer_bench_args(p, "resnet18", "cpu", 15)
-    p.add_argument("--in-step", action="store_true",
-                   help="time the dots inside training steps instead (CPU, batch 64)")
+    p.add_argument(
+        "--in-step",
+        action="store_true",
+        help="time the dots inside training steps instead (CPU, batch 64)",
+    )
     args = p.parse_args(argv)
     problem = layer_bench_error(args)
     if problem:
@@ -132,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --in-step times CPU steps only", file=sys.stderr)
             return 2
         got = in_step(args.model, args.repeats)
-        print(f"{args.model}, {machine('cpu')}, {args.repeats} ghlc steps per way: ms "
-              "per step in the per-unit dots (median)")
-        print(f"| dots_bmm | dots | dots / dots_bmm |\n|---|---|---|\n"
-              f"| {statistics.median(got['dots_bmm']):.2f} | "
-              f"{statistics.median(got['dots']):.2f} | {ratio(got['dots'], got['dots_bmm'])} |")
+        print(
+            f"{args.model}, {machine('cpu')}, {args.repeats} ghlc steps per way: ms "
+            "per step in the per-unit dots (median)"
+        )
+        print(
+            f"| dots_bmm | dots | dots / dots_bmm |\n|---|---|---|\n"
+            f"| {statistics.median(got['dots_bmm']):.2f} | "
+            f"{statistics.median(got['dots']):.2f} | {ratio(got['dots'], got['dots_bmm'])} |"
+        )
         return 0
     rows = layers(args.model, args.batch, args.device)
     times = {(i, v): [] for i in range(len(rows)) for v in VARIANTS}
@@ -146,11 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                 ms = timed(r, v, args.device)
                 if rep:
                     times[i, v].append(ms)
-    total = {v: [sum(times[i, v][j] for i in range(len(rows))) for j in range(args.repeats)]
-             for v in VARIANTS}
+    total = {
+        v: [sum(times[i, v][j] for i in range(len(rows))) for j in range(args.repeats)]
+        for v in VARIANTS
+    }
 
-    print(f"{args.model}, {machine(args.device)}, median of {args.repeats} (ms), fresh "
-          "inputs every call; dots: max abs error against float64")
+    print(
+        f"{args.model}, {machine(args.device)}, median of {args.repeats} (ms), fresh "
+        "inputs every call; dots: max abs error against float64"
+    )
     heads = [*VARIANTS, "dots / dots_bmm", "error dots / dots_bmm"]
     print("| layer | weight | " + " | ".join(heads) + " |")
     print("|---|---|" + "---|" * len(heads))
@@ -158,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{statistics.median(times[i, v]):.3f}" for v in VARIANTS]
         cells.append(ratio(times[i, "dots"], times[i, "dots_bmm"]))
         cells.append(f"{r['err']['dots']:.1e} / {r['err']['dots_bmm']:.1e}")
-        print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | " + " | ".join(cells)
-              + " |")
+        print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
     cells = [f"{statistics.median(total[v]):.2f}" for v in VARIANTS]
     cells.append(ratio(total["dots"], total["dots_bmm"]))
     print("| **all layers** | | " + " | ".join(cells) + " | |")

@@ -196,8 +196,16 @@ def memory(model_name: str, variant: str, args) -> dict:
         torch.cuda.empty_cache()
         return out
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu",
-           "--batch", str(args.batch), "--probe", f"{model_name}:{variant}"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--device",
+        "cpu",
+        "--batch",
+        str(args.batch),
+        "--probe",
+        f"{model_name}:{variant}",
+    ]
     if models.CHANNELS_LAST:
         cmd.append("--channels-last")
     if args.threads:
@@ -206,7 +214,6 @@ def memory(model_name: str, variant: str, args) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"memory probe {model_name}/{variant} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
 
 
 # ---------------------------------------------------------------------------- benches
@@ -239,7 +246,8 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     else:
         mems = each_variant(lambda v: memory(name, v, args))
     built = each_variant(
-        lambda v: first_step(lambda: make_runner(base, temp, v, x, y), x, y, args.device))
+        lambda v: first_step(lambda: make_runner(base, temp, v, x, y), x, y, args.device)
+    )
     runners = {v: r for v, (r, _) in built.items()}
     measure_s = {v: sec for v, (_, sec) in built.items()}
     probes, skipped = kernel_probes(base, temp, x, args.device)
@@ -249,10 +257,18 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     # "positions" (the sampled grid), "amp_low" (the full kernels in bfloat16)
     kinds = {vt.variant(v).kernels for v in variants} - {"", "full"}
     probes_s = {
-        k: kernel_probes(base, temp, x, args.device, dtype=vt.AMP_DTYPE)[0] if k == "amp_low"
-        else kernel_probes(base, temp, x, args.device, SAMPLE_FRACTION,
-                           "positions" if k == "positions" else "batch")[0]
-        for k in sorted(kinds)}
+        k: kernel_probes(base, temp, x, args.device, dtype=vt.AMP_DTYPE)[0]
+        if k == "amp_low"
+        else kernel_probes(
+            base,
+            temp,
+            x,
+            args.device,
+            SAMPLE_FRACTION,
+            "positions" if k == "positions" else "batch",
+        )[0]
+        for k in sorted(kinds)
+    }
     times: dict[str, list[float]] = {v: [] for v in variants}
     rounds: list[list[float]] = []
     rounds_s: dict[str, list[list[float]]] = {k: [] for k in probes_s}
@@ -282,31 +298,45 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
         ref = spec.reference if spec.reference in medians else "bp"
         ref_ms, ref_mem = medians[ref], mems[ref]["peak_bytes"]
         floor = 1.0 if spec.floor_key == "none" else fl[spec.floor_key]
-        heb_ms = (0.0 if not spec.kernels else
-                  kern["hebbian_kernel_ms"] if spec.kernels == "full" else
-                  kern[spec.kernels]["hebbian_kernel_ms"])
+        heb_ms = (
+            0.0
+            if not spec.kernels
+            else kern["hebbian_kernel_ms"]
+            if spec.kernels == "full"
+            else kern[spec.kernels]["hebbian_kernel_ms"]
+        )
         kfloor = (ref_ms + heb_ms) / ref_ms
         med, peak = medians[v], mems[v]["peak_bytes"]
         paired = paired_ratios(times[v], times[ref])
         q1, qm, q3 = quartiles(paired)
         ci_lo, ci_hi, ci_cover = median_ci(paired)
-        rows.append({
-            "model": name, "variant": v, "reference": ref, "median_ms": med,
-            "times_ms": times[v], "ratio_to_bp": med / ref_ms, "floor": floor,
-            "ratio_to_floor": med / ref_ms / floor,
-            "paired_ratio_quartiles": [q1, qm, q3],
-            "ratio_to_floor_iqr": [q1 / floor, q3 / floor],
-            "paired_ratio_median_ci": [ci_lo, ci_hi], "median_ci_coverage": ci_cover,
-            "ratio_to_floor_ci": [ci_lo / floor, ci_hi / floor],
-            "kernel_floor": kfloor, "ratio_to_kernel_floor": med / ref_ms / kfloor,
-            "hebbian_kernel_ms": heb_ms,
-            "peak_mb": None if peak is None else peak / 2**20,
-            "mem_ratio": mem_ratio(peak, ref_mem),
-            "peak_reset": mems[v]["peak_reset"],
-            "measure_s": measure_s[v],
-            "policy": dict(spec.policy),
-            "bp_macs": fl["bp_macs"], "hebbian_macs": fl["hebbian_macs"],
-        })
+        rows.append(
+            {
+                "model": name,
+                "variant": v,
+                "reference": ref,
+                "median_ms": med,
+                "times_ms": times[v],
+                "ratio_to_bp": med / ref_ms,
+                "floor": floor,
+                "ratio_to_floor": med / ref_ms / floor,
+                "paired_ratio_quartiles": [q1, qm, q3],
+                "ratio_to_floor_iqr": [q1 / floor, q3 / floor],
+                "paired_ratio_median_ci": [ci_lo, ci_hi],
+                "median_ci_coverage": ci_cover,
+                "ratio_to_floor_ci": [ci_lo / floor, ci_hi / floor],
+                "kernel_floor": kfloor,
+                "ratio_to_kernel_floor": med / ref_ms / kfloor,
+                "hebbian_kernel_ms": heb_ms,
+                "peak_mb": None if peak is None else peak / 2**20,
+                "mem_ratio": mem_ratio(peak, ref_mem),
+                "peak_reset": mems[v]["peak_reset"],
+                "measure_s": measure_s[v],
+                "policy": dict(spec.policy),
+                "bp_macs": fl["bp_macs"],
+                "hebbian_macs": fl["hebbian_macs"],
+            }
+        )
     return rows, kern
 
 
@@ -321,11 +351,17 @@ def bench_resnet50(args: argparse.Namespace) -> dict:
     fl = floor_stats(base, 1.0, x2)  # MACs are linear in the batch: the ratio is not
     scale = b / 2  # traced at batch 2; patch sizes are linear in the batch
     patches = {
-        "sum_bytes": patches["sum_bytes"] * scale, "max_bytes": patches["max_bytes"] * scale,
+        "sum_bytes": patches["sum_bytes"] * scale,
+        "max_bytes": patches["max_bytes"] * scale,
         "max_layer": patches["max_layer"],
     }
-    out = {"batch": b, "size": size, "patches": patches, "floor": fl["floor"],
-           "floor_sampled": fl["floor_sampled"]}
+    out = {
+        "batch": b,
+        "size": size,
+        "patches": patches,
+        "floor": fl["floor"],
+        "floor_sampled": fl["floor_sampled"],
+    }
     names = ("bp", "ghlc", "ghlc_ref") if args.device == "cuda" else ("bp", "ghlc")
     for v in names:
         if args.device == "cuda":
@@ -334,8 +370,16 @@ def bench_resnet50(args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()
         else:
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--device", "cpu",
-                   "--batch", str(b), "--probe", f"resnet50:{v}"]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--device",
+                "cpu",
+                "--batch",
+                str(b),
+                "--probe",
+                f"resnet50:{v}",
+            ]
             if models.CHANNELS_LAST:
                 cmd.append("--channels-last")
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -400,8 +444,12 @@ def _bench_prepare(n_layers: int, device: str) -> dict:
         t0 = time.perf_counter()
         m = ghlc.prepare(model, (x,), ghlc.GHLConfig())
         t_prep.append(time.perf_counter() - t0)
-    return {"layers": n_layers, "prepare_s": min(t_prep), "trace_s": min(t_trace),
-            "plastic_layers": sum(1 for n, _ in m.named_parameters() if n.endswith("weight"))}
+    return {
+        "layers": n_layers,
+        "prepare_s": min(t_prep),
+        "trace_s": min(t_trace),
+        "plastic_layers": sum(1 for n, _ in m.named_parameters() if n.endswith("weight")),
+    }
 
 
 # ---------------------------------------------------------------------------- output
@@ -410,9 +458,21 @@ def _num(v: float | None, fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("model", "variant", "median ms", "ratio to bp", "floor", "ratio/floor",
-            "ratio/floor IQR", "ratio/floor 95% CI", "kernel floor", "ratio/kfloor", "peak MB",
-            "mem ratio", "measure s")
+    head = (
+        "model",
+        "variant",
+        "median ms",
+        "ratio to bp",
+        "floor",
+        "ratio/floor",
+        "ratio/floor IQR",
+        "ratio/floor 95% CI",
+        "kernel floor",
+        "ratio/kfloor",
+        "peak MB",
+        "mem ratio",
+        "measure s",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         own = r["variant"] != r["reference"]
@@ -433,31 +493,55 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated: " + ", ".join(MODELS) + " (default), "
-                        + ", ".join(EXTRA_MODELS) + " (on request)")
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated: "
+        + ", ".join(MODELS)
+        + " (default), "
+        + ", ".join(EXTRA_MODELS)
+        + " (on request)",
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default=None, help="output file (default bench/step_<device>.json)")
-    p.add_argument("--resnet50", action="store_true",
-                   help="also ResNet-50 at 224x224: ghlc peak memory vs unfolded patch size")
+    p.add_argument(
+        "--resnet50",
+        action="store_true",
+        help="also ResNet-50 at 224x224: ghlc peak memory vs unfolded patch size",
+    )
     p.add_argument("--resnet50-batch", type=int, default=64)
-    p.add_argument("--no-memory", action="store_true",
-                   help="time only: skip the peak-memory probes (one fresh process per "
-                        "model and variant; most of a short run's time)")
-    p.add_argument("--no-prepare-bench", action="store_true",
-                   help="skip timing ghlc.prepare on a 200-layer model")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="time only: skip the peak-memory probes (one fresh process per "
+        "model and variant; most of a short run's time)",
+    )
+    p.add_argument(
+        "--no-prepare-bench",
+        action="store_true",
+        help="skip timing ghlc.prepare on a 200-layer model",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--variants", default=None,
-                   help="comma-separated variants to run instead of the device's default set "
-                        "(bp is always run; the reference of the autocast rows, bp_amp, is "
-                        "added when needed); --list-variants names them all")
-    p.add_argument("--list-variants", action="store_true",
-                   help="print the table of variants (settings, policy overrides) and exit")
-    p.add_argument("--channels-last", action="store_true",
-                   help="every variant's model and input in channels-last memory format "
-                        "(ratios to bp in that format too)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated variants to run instead of the device's default set "
+        "(bp is always run; the reference of the autocast rows, bp_amp, is "
+        "added when needed); --list-variants names them all",
+    )
+    p.add_argument(
+        "--list-variants",
+        action="store_true",
+        help="print the table of variants (settings, policy overrides) and exit",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="every variant's model and input in channels-last memory format "
+        "(ratios to bp in that format too)",
+    )
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: MODEL:VARIANT
     args = p.parse_args(argv)
     if args.list_variants:
@@ -478,16 +562,19 @@ def main(argv: list[str] | None = None) -> int:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in names:
         if m not in MODELS + EXTRA_MODELS:
-            print(f"error: unknown model {m!r} "
-                  f"(choose from {', '.join(MODELS + EXTRA_MODELS)})",
-                  file=sys.stderr)
+            print(
+                f"error: unknown model {m!r} (choose from {', '.join(MODELS + EXTRA_MODELS)})",
+                file=sys.stderr,
+            )
             return 2
     if args.variants:
         asked = [v.strip() for v in args.variants.split(",") if v.strip()]
         for v in asked:
             if v not in vt.VARIANTS:
-                print(f"error: unknown variant {v!r} (choose from {', '.join(vt.VARIANTS)})",
-                      file=sys.stderr)
+                print(
+                    f"error: unknown variant {v!r} (choose from {', '.join(vt.VARIANTS)})",
+                    file=sys.stderr,
+                )
                 return 2
             if vt.variant(v).cuda_only and args.device != "cuda":
                 print(f"error: variant {v!r} needs --device cuda", file=sys.stderr)
@@ -497,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         refs = [reference(v) for v in asked if vt.variant(v).amp]
         args.variants = tuple(dict.fromkeys(["bp", *refs, *asked]))
         if any(vt.variant(v).amp and not vt.variant(v).graph for v in args.variants) and (
-                why := slow_bf16(torch.device(args.device))):
+            why := slow_bf16(torch.device(args.device))
+        ):
             print(f"warning: {why} (the *_amp rows measure those kernels)", file=sys.stderr)
     if args.repeats < 1 or args.batch < 2:
         print("error: --repeats must be >= 1 and --batch >= 2", file=sys.stderr)
@@ -509,21 +597,28 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     kernels: dict[str, dict] = {}
     result = {
-        "machine": machine(args.device), "device": args.device, "batch": args.batch,
-        "repeats": args.repeats, "warmup": args.warmup, "sample_fraction": SAMPLE_FRACTION,
+        "machine": machine(args.device),
+        "device": args.device,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "sample_fraction": SAMPLE_FRACTION,
         "machine_info": machine_info(args.device),
         "memory_format": "channels_last" if models.CHANNELS_LAST else "contiguous",
         "timing_method": TIMING_METHOD[args.device],
-        "memory_method": ("not measured (--no-memory)" if args.no_memory
-                          else MEMORY_METHOD[args.device]),
+        "memory_method": (
+            "not measured (--no-memory)" if args.no_memory else MEMORY_METHOD[args.device]
+        ),
         "command": "python bench/step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "rows": rows, "kernels": kernels,
+        "rows": rows,
+        "kernels": kernels,
     }
     out = Path(args.json) if args.json else HERE / f"step_{args.device}.json"
 
     def save() -> None:  # after every model, so that a run cut short keeps what it measured
         result["compiled_kernels"] = {
-            "mode": fused.mode(), "active": fused.active(torch.zeros(1, device=args.device)),
+            "mode": fused.mode(),
+            "active": fused.active(torch.zeros(1, device=args.device)),
             "failed": STATUS.compile_broken,
         }
         tmp = out.with_suffix(out.suffix + ".tmp")
@@ -544,36 +639,54 @@ def main(argv: list[str] | None = None) -> int:
     if models.CHANNELS_LAST:
         print("memory format: channels-last (models and inputs)")
     ck = result["compiled_kernels"]
-    print(f"compiled kernels (GHLC_FUSED={ck['mode']}): "
-          + ("active" if ck["active"] else "not used") + (f"; failed: {ck['failed']}"
-                                                          if ck["failed"] else ""))
+    print(
+        f"compiled kernels (GHLC_FUSED={ck['mode']}): "
+        + ("active" if ck["active"] else "not used")
+        + (f"; failed: {ck['failed']}" if ck["failed"] else "")
+    )
     print(f"timing: {result['timing_method']}")
     print(f"memory: {result['memory_method']}")
     if "prepare" in result:
         pr = result["prepare"]
-        print(f"ghlc.prepare on a {pr['layers']}-conv stack: {pr['prepare_s']:.2f} s "
-              f"(trace alone {pr['trace_s']:.2f} s)")
+        print(
+            f"ghlc.prepare on a {pr['layers']}-conv stack: {pr['prepare_s']:.2f} s "
+            f"(trace alone {pr['trace_s']:.2f} s)"
+        )
     if "resnet50" in result:
         r = result["resnet50"]
         pt = r["patches"]
-        print(f"ResNet-50 {r['size']}x{r['size']} batch {r['batch']}: peak bp "
-              f"{r['bp_peak_bytes'] / 2**20:.0f} MB, ghlc {r['ghlc_peak_bytes'] / 2**20:.0f} MB; "
-              f"unfolded patches (paper's way) sum {pt['sum_bytes'] / 2**20:.0f} MB, "
-              f"max {pt['max_bytes'] / 2**20:.0f} MB ({pt['max_layer']}); step bp "
-              f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms"
-              + (f", ghlc_ref {r['ghlc_ref_ms']:.1f} ms" if "ghlc_ref_ms" in r else "")
-              + f"; floor {r['floor']:.3f}, ghlc ratio/floor {r['ghlc_ratio_to_floor']:.3f}"
-              + (f"; CUDA graph: bp {r['bp_graph_ms']:.1f} ms, ghlc {r['ghlc_graph_ms']:.1f} "
-                 f"ms, ratio/floor {r['ghlc_graph_ratio_to_floor']:.3f}"
-                 if "ghlc_graph_ratio_to_floor" in r else ""))
+        print(
+            f"ResNet-50 {r['size']}x{r['size']} batch {r['batch']}: peak bp "
+            f"{r['bp_peak_bytes'] / 2**20:.0f} MB, ghlc {r['ghlc_peak_bytes'] / 2**20:.0f} MB; "
+            f"unfolded patches (paper's way) sum {pt['sum_bytes'] / 2**20:.0f} MB, "
+            f"max {pt['max_bytes'] / 2**20:.0f} MB ({pt['max_layer']}); step bp "
+            f"{r['bp_ms']:.1f} ms, ghlc {r['ghlc_ms']:.1f} ms"
+            + (f", ghlc_ref {r['ghlc_ref_ms']:.1f} ms" if "ghlc_ref_ms" in r else "")
+            + f"; floor {r['floor']:.3f}, ghlc ratio/floor {r['ghlc_ratio_to_floor']:.3f}"
+            + (
+                f"; CUDA graph: bp {r['bp_graph_ms']:.1f} ms, ghlc {r['ghlc_graph_ms']:.1f} "
+                f"ms, ratio/floor {r['ghlc_graph_ratio_to_floor']:.3f}"
+                if "ghlc_graph_ratio_to_floor" in r
+                else ""
+            )
+        )
     for m, kern in kernels.items():
         note = f"; left out: {'; '.join(kern['skipped'])}" if kern["skipped"] else ""
-        print(f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "
-              f"{kern['hebbian_kernel_ms']:.2f} ms per step"
-              + (f" ({kern['sampled']['hebbian_kernel_ms']:.2f} ms on the sampled block)"
-                 if "sampled" in kern else "")
-              + (f" ({kern['positions']['hebbian_kernel_ms']:.2f} ms on the sampled grid)"
-                 if "positions" in kern else "") + note)
+        print(
+            f"{m}: weight-gradient kernels of {len(kern['layers'])} plastic layers "
+            f"{kern['hebbian_kernel_ms']:.2f} ms per step"
+            + (
+                f" ({kern['sampled']['hebbian_kernel_ms']:.2f} ms on the sampled block)"
+                if "sampled" in kern
+                else ""
+            )
+            + (
+                f" ({kern['positions']['hebbian_kernel_ms']:.2f} ms on the sampled grid)"
+                if "positions" in kern
+                else ""
+            )
+            + note
+        )
     print(f"wrote {out}")
     print(table(rows))
     return 0

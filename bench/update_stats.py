@@ -33,8 +33,9 @@ def stats(run: str, data_dir: Path, images: int, init: bool = False) -> list[tup
         raise SystemExit(f"error: {run}: no finished run in {accuracy.RUNS_DIR / run}")
     spec = accuracy.RunSpec(**meta["settings"], epochs=meta["epochs"], section=meta["section"])
     x_tr, y_tr, *_ = accuracy.dataset(spec, data_dir)
-    ghl_spec = accuracy.RunSpec(**{**meta["settings"], "method": "ghl"}, epochs=meta["epochs"],
-                                section=meta["section"])
+    ghl_spec = accuracy.RunSpec(
+        **{**meta["settings"], "method": "ghl"}, epochs=meta["epochs"], section=meta["section"]
+    )
     model, plastic = accuracy.build(ghl_spec, tuple(x_tr.shape[1:]))
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["model"]
     if not init:
@@ -49,9 +50,16 @@ def stats(run: str, data_dir: Path, images: int, init: bool = False) -> list[tup
         norms = w.flatten(1).norm(dim=1)
         unit_max = g.flatten(1).amax(1) / g.max()
         med = norms.median()
-        rows.append((run + (" (init)" if init else ""), name, med.item(),
-                     (norms.max() / med).item(), (unit_max < 0.01).float().mean().item(),
-                     (g.mean() / g.max()).item()))
+        rows.append(
+            (
+                run + (" (init)" if init else ""),
+                name,
+                med.item(),
+                (norms.max() / med).item(),
+                (unit_max < 0.01).float().mean().item(),
+                (g.mean() / g.max()).item(),
+            )
+        )
     return rows
 
 
@@ -61,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--data-dir", type=Path, default=accuracy.DEFAULT_DATA_DIR)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--init", action="store_true",
-                   help="also show each run's net at its (seeded) initialisation")
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="also show each run's net at its (seeded) initialisation",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     inits = (True, False) if args.init else (False,)
     for run, init in [(r, i) for r in args.runs for i in inits]:
         for r, name, med, spread, low, mean in stats(run, args.data_dir, args.images, init):
-            print(f"| {r} | {name} | {med:.3f} | {spread:.1f} | {100 * low:.0f}% | "
-                  f"{mean:.4f} |")
+            print(f"| {r} | {name} | {med:.3f} | {spread:.1f} | {100 * low:.0f}% | {mean:.4f} |")
     return 0
 
 

@@ -53,12 +53,13 @@ EXTRA = (
 SMALL = tuple((n, c, size) for n in (4, 16, 64) for c in (16, 32, 64, 96) for size in (3, 6, 12))
 
 
-def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
-          units: list[int]) -> dict:
+def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec, units: list[int]) -> dict:
     cot = torch.randn(spec.run(x, w, None).shape, device=x.device)
-    fns = {"one": lambda: correlation.vendor(spec, x, w, cot),
-           "ghlc": lambda: correlation.weight_vjp(spec, x, w, cot),
-           "fwd": lambda: correlation.forward_form(spec, x, w, cot)}
+    fns = {
+        "one": lambda: correlation.vendor(spec, x, w, cot),
+        "ghlc": lambda: correlation.weight_vjp(spec, x, w, cot),
+        "fwd": lambda: correlation.forward_form(spec, x, w, cot),
+    }
     for n in units:
         if n < w.shape[0]:
             fns[f"u{n}"] = lambda n=n: correlation.by_units(spec, x, w, cot, n)
@@ -66,7 +67,8 @@ def _case(name: str, x: torch.Tensor, w: torch.Tensor, spec: CallSpec,
     scale = ref.abs().max().item() or 1.0
     err = max((f() - ref).abs().max().item() for f in fns.values()) / scale
     way = {"forward_form": "fwd", "unit_blocks": "blocks", "vendor": "one"}[
-        correlation.static_choice(spec, w, cot, policy.current())]
+        correlation.static_choice(spec, w, cot, policy.current())
+    ]
     return {"layer": name, "shape": tuple(w.shape), "fns": fns, "err": err, "way": way}
 
 
@@ -78,8 +80,7 @@ def small_cases(device: str, units: list[int]) -> list[dict]:
         xi = torch.randn(n, c, size, size, device=device)
         w = torch.randn(c, c, 3, 3, device=device)
         macs = n * size * size * c * c * 9
-        out.append(_case(f"b{n} c{c} {size}x{size} ({macs / 1e6:.1f} M MAC)", xi, w, spec,
-                         units))
+        out.append(_case(f"b{n} c{c} {size}x{size} ({macs / 1e6:.1f} M MAC)", xi, w, spec, units))
     return out
 
 
@@ -111,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     layer_bench_args(p, "deephebb", "cpu", 5)
     p.add_argument("--units", default="64,128,256,512", help="block sizes to time")
     p.add_argument("--extra", action="store_true", help="also a few larger convs")
-    p.add_argument("--small", action="store_true",
-                   help="a grid of small 3x3 convs instead of the model's layers")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="a grid of small 3x3 convs instead of the model's layers",
+    )
     args = p.parse_args(argv)
     problem = layer_bench_error(args)
     if problem:
@@ -126,13 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     if not units or min(units) < 1:
         print("error: --units must list positive integers", file=sys.stderr)
         return 2
-    rows = (small_cases(args.device, units) if args.small
-            else cases(args.model, args.batch, args.device, args.extra, units))
+    rows = (
+        small_cases(args.device, units)
+        if args.small
+        else cases(args.model, args.batch, args.device, args.extra, units)
+    )
     times = time_layers(rows, args.device, args.repeats)
     cols = ["ghlc", "fwd", *(f"u{n}" for n in units)]
     what = "small 3x3 convs" if args.small else f"{args.model}, batch {args.batch}"
-    print(f"{what}, {machine(args.device)}, weight gradient only, median of "
-          f"{args.repeats} (ms), paired ratio to one call")
+    print(
+        f"{what}, {machine(args.device)}, weight gradient only, median of "
+        f"{args.repeats} (ms), paired ratio to one call"
+    )
     print("| layer | weight | ghlc way | one | " + " | ".join(cols) + " | max rel diff |")
     print("|---|---|---|---|" + "---|" * len(cols) + "---|")
     for i, r in enumerate(rows):
@@ -144,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             ratio = statistics.median(a / b for a, b in zip(times[i, c], one))
             cells.append(f"{_ms(statistics.median(times[i, c]))} ({ratio:.3f})")
-        print(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | "
-              f"{r['way']} | {_ms(statistics.median(one))} | "
-              + " | ".join(cells) + f" | {r['err']:.1e} |")
+        print(
+            f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | "
+            f"{r['way']} | {_ms(statistics.median(one))} | "
+            + " | ".join(cells)
+            + f" | {r['err']:.1e} |"
+        )
     return 0
 
 

@@ -60,8 +60,15 @@ def probes(name: str, batch: int, device: str) -> list[dict]:
         c = w.shape[0]
         scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
         err = max((both[:c] - a).abs().max().item(), (both[c:] - b).abs().max().item()) / scale
-        out.append({"layer": info.name, "shape": tuple(info.weight_shape),
-                    "out_shape": tuple(info.out_shape), "fns": fns, "err": err})
+        out.append(
+            {
+                "layer": info.name,
+                "shape": tuple(info.weight_shape),
+                "out_shape": tuple(info.out_shape),
+                "fns": fns,
+                "err": err,
+            }
+        )
     return out
 
 
@@ -76,18 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     layers = probes(args.model, args.batch, args.device)
     times = time_layers(layers, args.device, args.repeats)
     med = {k: statistics.median(t) for k, t in times.items()}
-    print(f"{args.model}, batch {args.batch}, {machine(args.device)}, median of "
-          f"{args.repeats} (ms)")
+    print(
+        f"{args.model}, batch {args.batch}, {machine(args.device)}, median of {args.repeats} (ms)"
+    )
     print("| layer | weight | output | two | stacked | no_cat | stacked/two | max rel diff |")
     print("|---|---|---|---|---|---|---|---|")
     for i, lay in enumerate(layers):
         two, st, nc = (med[i, v] for v in VARIANTS)
-        print(f"| {lay['layer']} | {'x'.join(map(str, lay['shape']))} | "
-              f"{'x'.join(map(str, lay['out_shape']))} | {two:.4f} | {st:.4f} | {nc:.4f} | "
-              f"{st / two:.3f} | {lay['err']:.1e} |")
+        print(
+            f"| {lay['layer']} | {'x'.join(map(str, lay['shape']))} | "
+            f"{'x'.join(map(str, lay['out_shape']))} | {two:.4f} | {st:.4f} | {nc:.4f} | "
+            f"{st / two:.3f} | {lay['err']:.1e} |"
+        )
     tot = {v: sum(med[i, v] for i in range(len(layers))) for v in VARIANTS}
-    print(f"| sum | | | {tot['two']:.4f} | {tot['stacked']:.4f} | {tot['no_cat']:.4f} | "
-          f"{tot['stacked'] / tot['two']:.3f} | |")
+    print(
+        f"| sum | | | {tot['two']:.4f} | {tot['stacked']:.4f} | {tot['no_cat']:.4f} | "
+        f"{tot['stacked'] / tot['two']:.3f} | |"
+    )
     return 0
 
 

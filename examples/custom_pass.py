@@ -42,8 +42,11 @@ def depth_temperature(lg: LayerGraph, final: float = FINAL) -> LayerGraph:
 
 def depth_temperature_requires(lg: LayerGraph) -> list[str]:
     """Precondition: the Hebbian nodes exist already."""
-    return [f"{i.name} has no Hebbian node (run insert_hebbian first)"
-            for i in lg.plastic() if hebb_key(i.name) not in lg.g]
+    return [
+        f"{i.name} has no Hebbian node (run insert_hebbian first)"
+        for i in lg.plastic()
+        if hebb_key(i.name) not in lg.g
+    ]
 
 
 depth_temperature.requires = depth_temperature_requires  # type: ignore[attr-defined]
@@ -73,8 +76,7 @@ def _main() -> None:
     lg = passes.PassManager(PASSES)(ghlc.trace(model, inputs))
     m = ghlc.build(lg)
     print(layer_table(lg))
-    print(f"built: {type(m).__name__}, "
-          f"{sum(p.numel() for p in m.parameters()):,} parameters")
+    print(f"built: {type(m).__name__}, {sum(p.numel() for p in m.parameters()):,} parameters")
 
 
 if __name__ == "__main__":

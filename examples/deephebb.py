@@ -58,26 +58,32 @@ class Triangle(nn.Module):
 
 
 def _block(c_in: int, c_out: int, kernel: int, power: float, pool: nn.Module) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        bn=nn.BatchNorm2d(c_in, affine=False),
-        conv=nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
-        act=Triangle(power),
-        pool=pool,
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            bn=nn.BatchNorm2d(c_in, affine=False),
+            conv=nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+            act=Triangle(power),
+            pool=pool,
+        )
+    )
 
 
 def deephebb(num_classes: int = NUM_CLASSES) -> nn.Module:
     """The DeepHebb network for 3x32x32 inputs."""
-    return nn.Sequential(OrderedDict(
-        block1=_block(3, 96, 5, 0.7, nn.MaxPool2d(4, 2, padding=1)),
-        block2=_block(96, 384, 3, 1.4, nn.MaxPool2d(4, 2, padding=1)),
-        block3=_block(384, 1536, 3, 1.0, nn.AvgPool2d(2, 2)),
-        head=nn.Sequential(OrderedDict(
-            flatten=nn.Flatten(),
-            dropout=nn.Dropout(0.5),
-            fc=nn.Linear(1536 * 4 * 4, num_classes),
-        )),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            block1=_block(3, 96, 5, 0.7, nn.MaxPool2d(4, 2, padding=1)),
+            block2=_block(96, 384, 3, 1.4, nn.MaxPool2d(4, 2, padding=1)),
+            block3=_block(384, 1536, 3, 1.0, nn.AvgPool2d(2, 2)),
+            head=nn.Sequential(
+                OrderedDict(
+                    flatten=nn.Flatten(),
+                    dropout=nn.Dropout(0.5),
+                    fc=nn.Linear(1536 * 4 * 4, num_classes),
+                )
+            ),
+        )
+    )
 
 
 def example_inputs() -> tuple[torch.Tensor]:

@@ -57,20 +57,24 @@ def _block(c_in: int, c_out: int, kernel: int, pool: bool) -> nn.Sequential:
 
 def fasthebb(num_classes: int = NUM_CLASSES) -> nn.Module:
     """The FastHebb network for 3x32x32 inputs."""
-    return nn.Sequential(OrderedDict(
-        block1=_block(3, 96, 5, pool=True),
-        block2=_block(96, 128, 3, pool=False),
-        block3=_block(128, 192, 3, pool=True),
-        block4=_block(192, 256, 3, pool=False),
-        fc=nn.Sequential(OrderedDict(
-            flatten=nn.Flatten(),
-            linear=nn.Linear(256 * 3 * 3, 4096),
-            act=nn.ReLU(),
-            bn=nn.BatchNorm1d(4096),
-            dropout=nn.Dropout(0.5),
-        )),
-        head=nn.Linear(4096, num_classes),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            block1=_block(3, 96, 5, pool=True),
+            block2=_block(96, 128, 3, pool=False),
+            block3=_block(128, 192, 3, pool=True),
+            block4=_block(192, 256, 3, pool=False),
+            fc=nn.Sequential(
+                OrderedDict(
+                    flatten=nn.Flatten(),
+                    linear=nn.Linear(256 * 3 * 3, 4096),
+                    act=nn.ReLU(),
+                    bn=nn.BatchNorm1d(4096),
+                    dropout=nn.Dropout(0.5),
+                )
+            ),
+            head=nn.Linear(4096, num_classes),
+        )
+    )
 
 
 def example_inputs() -> tuple[torch.Tensor]:

@@ -15,12 +15,20 @@ from torch import nn
 
 # (expansion t, output channels c, blocks n, first stride s), as in the paper's Table 2
 # with the CIFAR strides.
-SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-            (6, 160, 3, 2), (6, 320, 1, 1))
+SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
-def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1,
-             relu: bool = True) -> list[nn.Module]:
+def _conv_bn(
+    c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True
+) -> list[nn.Module]:
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(c_out),

@@ -13,7 +13,23 @@ from .trace import trace
 from .version import __version__
 
 __all__ = [
-    "ConfigError", "GHLConfig", "GHLError", "GradScaler", "LayerGraph", "PassError",
-    "RuntimeGHLError", "TraceError", "build", "compile", "cuda_graph_step", "export_onnx", "load",
-    "__version__", "passes", "prepare", "runtime", "save", "trace",
+    "ConfigError",
+    "GHLConfig",
+    "GHLError",
+    "GradScaler",
+    "LayerGraph",
+    "PassError",
+    "RuntimeGHLError",
+    "TraceError",
+    "build",
+    "compile",
+    "cuda_graph_step",
+    "export_onnx",
+    "load",
+    "__version__",
+    "passes",
+    "prepare",
+    "runtime",
+    "save",
+    "trace",
 ]

@@ -24,8 +24,11 @@ class GradScaler(torch.amp.GradScaler):
         STATUS.scaler_in_use = True
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        if (self._enabled and self._scale is not None
-                and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY):
+        if (
+            self._enabled
+            and self._scale is not None
+            and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY
+        ):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None and is_plastic(p):

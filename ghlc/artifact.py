@@ -51,9 +51,13 @@ def save(module: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None
         raise GHLError("ghlc.save expects a module made by ghlc.prepare or ghlc.build")
     lg: LayerGraph = rt.graph
     meta = {
-        "format": FORMAT, "version": str(VERSION), "graph": graph_to_json(lg),
-        "inputs": json.dumps(rt.inputs), "source": json.dumps(rt.source),
-        "ghlc_version": __version__, "torch_version": torch.__version__,
+        "format": FORMAT,
+        "version": str(VERSION),
+        "graph": graph_to_json(lg),
+        "inputs": json.dumps(rt.inputs),
+        "source": json.dumps(rt.source),
+        "ghlc_version": __version__,
+        "torch_version": torch.__version__,
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
@@ -70,7 +74,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as e:
         raise ArtifactError(
-            f"{path}: not a ghlc artifact or damaged ({type(e).__name__})") from None
+            f"{path}: not a ghlc artifact or damaged ({type(e).__name__})"
+        ) from None
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a ghlc artifact")
     try:
@@ -80,12 +85,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if version > VERSION:
         raise ArtifactError(
             f"{path}: made by a newer ghlc (format version {version}, this ghlc reads "
-            f"up to {VERSION}); upgrade ghlc")
+            f"up to {VERSION}); upgrade ghlc"
+        )
     try:
         return {
-            "graph": graph_from_json(meta["graph"]), "inputs": json.loads(meta["inputs"]),
-            "source": json.loads(meta["source"]), "ghlc_version": meta.get("ghlc_version"),
-            "torch_version": meta.get("torch_version"), "extra": json.loads(meta["extra"]),
+            "graph": graph_from_json(meta["graph"]),
+            "inputs": json.loads(meta["inputs"]),
+            "source": json.loads(meta["source"]),
+            "ghlc_version": meta.get("ghlc_version"),
+            "torch_version": meta.get("torch_version"),
+            "extra": json.loads(meta["extra"]),
         }
     except Exception as e:
         raise ArtifactError(f"{path}: damaged artifact metadata ({type(e).__name__})") from None
@@ -99,8 +108,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: damaged artifact ({type(e).__name__}: {e})") from None
 
 
-def load(path: str | Path, model: torch.nn.Module | None = None,
-         method: str = "ghl") -> torch.nn.Module:
+def load(
+    path: str | Path, model: torch.nn.Module | None = None, method: str = "ghl"
+) -> torch.nn.Module:
     """Rebuild the built module: from ``model`` if given, else from the recorded source.
 
     ``method``: "ghl" (as saved), "hebbian" (global signal off: the ``set_global_signal("none")``
@@ -122,14 +132,14 @@ def load(path: str | Path, model: torch.nn.Module | None = None,
     params = dict(model.named_parameters(remove_duplicate=False))
     for info in lg.layers():
         if info.name not in params or tuple(params[info.name].shape) != info.weight_shape:
-            raise ArtifactError(f"{path}: the model does not match the artifact "
-                                f"(parameter {info.name})")
+            raise ArtifactError(
+                f"{path}: the model does not match the artifact (parameter {info.name})"
+            )
     weights = read_weights(path)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ArtifactError(f"{path}: weights do not fit the model: "
-                            f"{first_line(e)}") from None
+        raise ArtifactError(f"{path}: weights do not fit the model: {first_line(e)}") from None
     if method == "bp":
         return model
     if method == "hebbian":

@@ -25,25 +25,36 @@ from .trace import trace
 
 def input_spec(example_inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     """Shapes and dtypes of the example inputs (what an artifact records of them)."""
-    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-            for x in example_inputs]
+    return [
+        {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        for x in example_inputs
+    ]
 
 
-def build_runtime(lg: LayerGraph, inputs: list[dict[str, Any]] | None = None,
-                  source: dict[str, Any] | None = None) -> Runtime:
+def build_runtime(
+    lg: LayerGraph, inputs: list[dict[str, Any]] | None = None, source: dict[str, Any] | None = None
+) -> Runtime:
     """The Runtime of an annotated graph: one Site per plastic parameter. ``inputs`` (default:
     the spec of ``lg.example_inputs``) and ``source`` are recorded for ``ghlc.save``."""
     # (cast: in an annotated graph every plastic layer has a global-sign edge, so a signal)
     cfg, signal = lg.config, cast(str, lg.global_signal)
     sites = [
-        Site(i, lg.rule(i.name), global_signal=signal, hebbian_at=cfg.hebbian_at,
-             accumulation=cfg.accumulation,
-             module_call=i.module_call and cfg.interception == "auto")
+        Site(
+            i,
+            lg.rule(i.name),
+            global_signal=signal,
+            hebbian_at=cfg.hebbian_at,
+            accumulation=cfg.accumulation,
+            module_call=i.module_call and cfg.interception == "auto",
+        )
         for i in lg.plastic()
     ]
     return Runtime(
-        sites, graph=lg.evolve(model=None, program=None, example_inputs=()),
-        inputs=input_spec(lg.example_inputs) if inputs is None else inputs, source=source)
+        sites,
+        graph=lg.evolve(model=None, program=None, example_inputs=()),
+        inputs=input_spec(lg.example_inputs) if inputs is None else inputs,
+        source=source,
+    )
 
 
 def build(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:
@@ -53,8 +64,13 @@ def build(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:
     return build_module(lg, inplace=inplace)
 
 
-def build_module(lg: LayerGraph, *, inplace: bool, inputs: list[dict[str, Any]] | None = None,
-                 source: dict[str, Any] | None = None) -> torch.nn.Module:
+def build_module(
+    lg: LayerGraph,
+    *,
+    inplace: bool,
+    inputs: list[dict[str, Any]] | None = None,
+    source: dict[str, Any] | None = None,
+) -> torch.nn.Module:
     """:func:`build`, recording ``inputs`` and ``source`` for ``ghlc.save`` (the artifact
     loader and ``ghlc convert`` pass them)."""
     if lg.model is None:
@@ -69,8 +85,11 @@ def build_module(lg: LayerGraph, *, inplace: bool, inputs: list[dict[str, Any]] 
 
 def compile(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:  # noqa: A001
     """Deprecated alias of :func:`build`."""
-    warnings.warn("ghlc.compile is deprecated; use ghlc.build (same arguments)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "ghlc.compile is deprecated; use ghlc.build (same arguments)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return build(lg, inplace=inplace)
 
 

@@ -93,13 +93,20 @@ def main() -> None:
 @main.command()
 @click.argument("model_file", type=click.Path())
 @click.option("--entry", help="Name of the factory, instance or class when several exist.")
-@click.option("--input-shape", help="Example input shape, e.g. 1,3,32,32 (default: the file's "
-              "example_inputs(), else 1,3,32,32).")
+@click.option(
+    "--input-shape",
+    help="Example input shape, e.g. 1,3,32,32 (default: the file's "
+    "example_inputs(), else 1,3,32,32).",
+)
 @click.option("--config", "config_path", type=click.Path(), help="GHLConfig as TOML.")
 @click.option("-o", "--output", type=click.Path(), help="Artifact path (default MODEL.ghl).")
 @click.option("--explain", is_flag=True, help="List every layer not made plastic and why.")
-@click.option("--seed", default=0, show_default=True,
-              help="Seeds torch before the model file is imported (initial weights).")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    help="Seeds torch before the model file is imported (initial weights).",
+)
 @user_errors
 def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     """Trace MODEL_FILE, make its layers Hebbian, and write a .ghl artifact."""
@@ -119,8 +126,11 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
         inputs = loaded.example_inputs
     else:
         inputs = (torch.randn(1, 3, 32, 32),)
-    source = {"path": str(Path(model_file).resolve()), "sha256": loaded.sha256,
-              "entry": loaded.entry}
+    source = {
+        "path": str(Path(model_file).resolve()),
+        "sha256": loaded.sha256,
+        "entry": loaded.entry,
+    }
     try:  # what ghlc.prepare runs, recording the model file for ghlc.load
         m, lg = trace_and_build(loaded.model, inputs, cfg, inplace=True, source=source)
     except TraceError as e:
@@ -130,8 +140,11 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     save(m, out)
     click.echo(layer_table(lg))
     if not lg.plastic():
-        click.echo("warning: no layer is plastic, so training this artifact is plain backprop "
-                   "(--explain says why for each layer)", err=True)
+        click.echo(
+            "warning: no layer is plastic, so training this artifact is plain backprop "
+            "(--explain says why for each layer)",
+            err=True,
+        )
     if explain:
         click.echo("\nnot plastic:")
         for i in lg.layers():
@@ -142,8 +155,13 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
 
 @main.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "dot", "svg"]),
-              default="text", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "dot", "svg"]),
+    default="text",
+    show_default=True,
+)
 @click.option("-o", "--output", type=click.Path(), help="Write to a file instead of stdout.")
 @user_errors
 def inspect(artifact, fmt, output):
@@ -162,8 +180,9 @@ def inspect(artifact, fmt, output):
         if fmt == "svg":
             if shutil.which("dot") is None:
                 raise GHLError("--format svg needs Graphviz's `dot` on PATH; use --format dot")
-            text = subprocess.run(["dot", "-Tsvg"], input=text, capture_output=True,
-                                  text=True, check=True).stdout
+            text = subprocess.run(
+                ["dot", "-Tsvg"], input=text, capture_output=True, text=True, check=True
+            ).stdout
     if output:
         write_atomic(output, text)
         click.echo(f"wrote {output}")
@@ -185,8 +204,9 @@ def _pick_device(name: str):
         if idx and not idx.isdigit():
             raise GHLError(f"--device {name!r}: expected cuda or cuda:N")
         if not torch.cuda.is_available():
-            raise GHLError(f"--device {name}: no CUDA device is available "
-                           "(torch.cuda.is_available() is False)")
+            raise GHLError(
+                f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)"
+            )
         n = torch.cuda.device_count()
         if idx and int(idx) >= n:
             raise GHLError(f"--device {name}: there are {n} CUDA device(s)")
@@ -217,37 +237,91 @@ def _load_any(path: str, method: str = "ghl"):
 
 @main.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--data", default="digits", show_default=True,
-              help="digits | FILE.npz | cifar10:DIR | cifar100:DIR")
+@click.option(
+    "--data",
+    default="digits",
+    show_default=True,
+    help="digits | FILE.npz | cifar10:DIR | cifar100:DIR",
+)
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(min=0.0),
-              help="LR of backprop layers.")
-@click.option("--lr-plastic", default=1e-2, show_default=True, type=click.FloatRange(min=0.0),
-              help="LR of plastic layers.")
-@click.option("--wd-plastic", default=5e-2, show_default=True, type=click.FloatRange(min=0.0),
-              help="Weight decay of plastic layers.")
+@click.option(
+    "--lr",
+    default=5e-3,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="LR of backprop layers.",
+)
+@click.option(
+    "--lr-plastic",
+    default=1e-2,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="LR of plastic layers.",
+)
+@click.option(
+    "--wd-plastic",
+    default=5e-2,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Weight decay of plastic layers.",
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--method", type=click.Choice(["ghl", "bp", "hebbian"]), default="ghl",
-              show_default=True, help="ghl; bp = plain backprop; hebbian = global signal off.")
+@click.option(
+    "--method",
+    type=click.Choice(["ghl", "bp", "hebbian"]),
+    default="ghl",
+    show_default=True,
+    help="ghl; bp = plain backprop; hebbian = global signal off.",
+)
 @click.option("--augment/--no-augment", default=False, help="Random crop + flip.")
 @click.option("--out", "out_dir", type=click.Path(), default="runs/latest", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when available) | cpu | cuda | cuda:N.")
-@click.option("--autocast", type=click.Choice(["off", "bf16"]), default="off",
-              show_default=True,
-              help="Run the training forward under torch.autocast in bfloat16 (see the "
-                   "artifact's hebbian_precision for the plastic layers).")
-@click.option("--cuda-graph", is_flag=True,
-              help="CUDA: replay each full batch's forward and backward from one captured "
-                   "CUDA graph (faster for small models).")
-@click.option("--channels-last", is_flag=True,
-              help="Train in channels-last memory format (4-D weights and batches): often "
-                   "faster for conv nets.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available) | cpu | cuda | cuda:N.",
+)
+@click.option(
+    "--autocast",
+    type=click.Choice(["off", "bf16"]),
+    default="off",
+    show_default=True,
+    help="Run the training forward under torch.autocast in bfloat16 (see the "
+    "artifact's hebbian_precision for the plastic layers).",
+)
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="CUDA: replay each full batch's forward and backward from one captured "
+    "CUDA graph (faster for small models).",
+)
+@click.option(
+    "--channels-last",
+    is_flag=True,
+    help="Train in channels-last memory format (4-D weights and batches): often "
+    "faster for conv nets.",
+)
 @user_errors
-def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, method,
-          augment, out_dir, resume, device, autocast, cuda_graph, channels_last):
+def train(
+    artifact,
+    data,
+    epochs,
+    batch_size,
+    lr,
+    lr_plastic,
+    wd_plastic,
+    seed,
+    method,
+    augment,
+    out_dir,
+    resume,
+    device,
+    autocast,
+    cuda_graph,
+    channels_last,
+):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
     import torch
 
@@ -267,11 +341,21 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     out = Path(out_dir)
     # bp keeps the same per-role settings, so that only the rule differs between methods
     config = TrainConfig(
-        out_dir=out, plastic=plastic, epochs=epochs, batch_size=batch_size, lr=lr,
-        lr_plastic=lr_plastic, wd_plastic=wd_plastic, seed=seed, resume=resume,
-        augment=augment_batch if augment else None, classes=ds.classes,
-        autocast=torch.bfloat16 if autocast == "bf16" else None, cuda_graph=cuda_graph,
-        channels_last=channels_last)
+        out_dir=out,
+        plastic=plastic,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_plastic=lr_plastic,
+        wd_plastic=wd_plastic,
+        seed=seed,
+        resume=resume,
+        augment=augment_batch if augment else None,
+        classes=ds.classes,
+        autocast=torch.bfloat16 if autocast == "bf16" else None,
+        cuda_graph=cuda_graph,
+        channels_last=channels_last,
+    )
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
@@ -285,8 +369,10 @@ def train(artifact, data, epochs, batch_size, lr, lr_plastic, wd_plastic, seed, 
     trained.load_state_dict(net.state_dict())
     save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})
     f = res.final
-    click.echo(f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
-               f"best {res.best_acc:.4f}; checkpoints in {out}")
+    click.echo(
+        f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
+        f"best {res.best_acc:.4f}; checkpoints in {out}"
+    )
 
 
 @main.command("eval")
@@ -320,12 +406,23 @@ def export(model_path, output, opset, dynamic_batch):
 
     model, meta = _load_any(model_path)
     classes = meta["extra"].get("classes") or []
-    md = {"ghlc_version": __version__, "source_sha256": meta["source"].get("sha256", ""),
-          "classes": ",".join(map(str, classes))}
-    rep = export_onnx(model, output, make_inputs(meta["inputs"]), opset=opset,
-                      dynamic_batch=dynamic_batch, metadata=md)
-    click.echo(f"wrote {output}: onnxruntime max abs diff {rep.max_abs_diff:.3g} "
-               f"(output scale {rep.scale:.3g})")
+    md = {
+        "ghlc_version": __version__,
+        "source_sha256": meta["source"].get("sha256", ""),
+        "classes": ",".join(map(str, classes)),
+    }
+    rep = export_onnx(
+        model,
+        output,
+        make_inputs(meta["inputs"]),
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        metadata=md,
+    )
+    click.echo(
+        f"wrote {output}: onnxruntime max abs diff {rep.max_abs_diff:.3g} "
+        f"(output scale {rep.scale:.3g})"
+    )
 
 
 if __name__ == "__main__":

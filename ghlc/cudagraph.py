@@ -65,14 +65,20 @@ def cuda_graph_step(
     if any(not t.is_cuda for t in tensors):
         raise GHLError("cuda_graph_step: the model, inputs and target must all be on CUDA")
     if optimizer_step and optimizer.defaults.get("capturable") is False:
-        raise GHLError(f"{type(optimizer).__name__} must be built with capturable=True to be "
-                       "captured in a CUDA graph")
+        raise GHLError(
+            f"{type(optimizer).__name__} must be built with capturable=True to be "
+            "captured in a CUDA graph"
+        )
     static_in = [t.detach().clone() for t in inputs]
     static_target = example_target.detach().clone()
 
     def forward() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=autocast or torch.bfloat16,
-                            enabled=autocast is not None, cache_enabled=False):
+        with torch.autocast(
+            "cuda",
+            dtype=autocast or torch.bfloat16,
+            enabled=autocast is not None,
+            cache_enabled=False,
+        ):
             return loss_fn(model(*static_in), static_target)
 
     model_state = copy.deepcopy(model.state_dict())
@@ -101,16 +107,18 @@ def cuda_graph_step(
     except Exception as e:
         msg = first_line(e) or type(e).__name__
         raise GHLError(f"this training step cannot be captured in a CUDA graph: {msg}") from e
-    grads = [] if optimizer_step else [
-        (p, p.grad) for p in model.parameters() if p.grad is not None]
+    grads = (
+        [] if optimizer_step else [(p, p.grad) for p in model.parameters() if p.grad is not None]
+    )
 
     def step(*new_inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if len(new_inputs) != len(static_in):
             raise GHLError(f"expected {len(static_in)} input(s), got {len(new_inputs)}")
         for buf, t in zip(static_in, new_inputs):
             if t.shape != buf.shape:
-                raise GHLError(f"input shape {tuple(t.shape)} differs from the captured "
-                               f"{tuple(buf.shape)}")
+                raise GHLError(
+                    f"input shape {tuple(t.shape)} differs from the captured {tuple(buf.shape)}"
+                )
             buf.copy_(t)
         static_target.copy_(target)
         for p, g in grads:

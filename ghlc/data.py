@@ -56,9 +56,9 @@ def load_data(spec: str, input_shape: tuple[int, ...], augment: bool = False) ->
     if spec == "digits":
         raw = _digits()
     elif spec.startswith("cifar10:"):
-        raw = _cifar(spec[len("cifar10:"):], fine100=False)
+        raw = _cifar(spec[len("cifar10:") :], fine100=False)
     elif spec.startswith("cifar100:"):
-        raw = _cifar(spec[len("cifar100:"):], fine100=True)
+        raw = _cifar(spec[len("cifar100:") :], fine100=True)
     else:
         raw = _npz(spec)
     xtr, ytr, xte, yte, classes, name = raw
@@ -109,8 +109,9 @@ def _digits():
 def _npz(spec: str):
     p = Path(spec)
     if not p.is_file():
-        raise DataError(f"{spec}: data file not found (expected digits, FILE.npz, "
-                        "cifar10:DIR or cifar100:DIR)")
+        raise DataError(
+            f"{spec}: data file not found (expected digits, FILE.npz, cifar10:DIR or cifar100:DIR)"
+        )
     try:
         with open(p, "rb") as fh:
             magic = fh.read(4)
@@ -162,8 +163,18 @@ def _images(a: np.ndarray, what: str) -> np.ndarray:
 
 _C10_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
 _C10_PY = [f"data_batch_{i}" for i in range(1, 6)]
-_C10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-              "truck"]
+_C10_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _cifar(folder: str, fine100: bool):
@@ -195,8 +206,9 @@ def _cifar_bin(d: Path, fine100: bool, kind: str):
         for f in files:
             b = np.fromfile(d / f, dtype=np.uint8)
             if b.size == 0 or b.size % rec:
-                raise DataError(f"{d / f}: size {b.size} is not a multiple of the {kind} "
-                                f"record size {rec}")
+                raise DataError(
+                    f"{d / f}: size {b.size} is not a multiple of the {kind} record size {rec}"
+                )
             b = b.reshape(-1, rec)
             ys.append(b[:, nlab - 1].astype(np.int64))
             xs.append(b[:, nlab:].reshape(-1, 3, 32, 32))
@@ -227,7 +239,10 @@ def _u8(x: np.ndarray) -> np.ndarray:
 
 def _latin1_encode(text, encoding="utf-8"):
     if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in (
-            "latin1", "latin-1", "iso-8859-1"):
+        "latin1",
+        "latin-1",
+        "iso-8859-1",
+    ):
         raise pickle.UnpicklingError(f"refusing to encode with codec {encoding!r}")
     return text.encode("latin-1")
 
@@ -236,9 +251,12 @@ class _SafeUnpickler(pickle.Unpickler):
     """Loads only plain containers and numpy arrays: any other global is refused."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module, name):
@@ -246,7 +264,7 @@ class _SafeUnpickler(pickle.Unpickler):
             return _latin1_encode  # store bytes; only the latin-1 codec is honoured
         if (module, name) in self._ALLOWED:
             if module.startswith("numpy.core."):
-                module = "numpy._core." + module[len("numpy.core."):]
+                module = "numpy._core." + module[len("numpy.core.") :]
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
@@ -278,8 +296,9 @@ def _cifar_py(d: Path, fine100: bool, kind: str):
             x = np.asarray(b["data"])
             y = np.asarray(b[lab_key], dtype=np.int64)
             if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-                raise DataError(f"{d / f}: wrong image shape {x.shape} {x.dtype} "
-                                "(expected uint8 (N, 3072))")
+                raise DataError(
+                    f"{d / f}: wrong image shape {x.shape} {x.dtype} (expected uint8 (N, 3072))"
+                )
             if len(x) != len(y):
                 raise DataError(f"{d / f}: {len(x)} images but {len(y)} labels")
             xs.append(x.reshape(-1, 3, 32, 32))
@@ -333,16 +352,16 @@ def _finish(xtr, ytr, xte, yte, classes, name, shape, augment) -> DataSet:
     if len(xtr) == 0:
         raise DataError(f"{name}: the training split is empty")
     if xtr.shape[1:] != xte.shape[1:]:
-        raise DataError(f"{name}: train images {xtr.shape[1:]} and test images "
-                        f"{xte.shape[1:]} differ in shape")
+        raise DataError(
+            f"{name}: train images {xtr.shape[1:]} and test images {xte.shape[1:]} differ in shape"
+        )
     ally = np.concatenate([ytr, yte])
     if ally.size and ally.min() < 0:
         raise DataError(f"{name}: negative label {int(ally.min())}")
     if classes is None:
         classes = [str(i) for i in range(int(ally.max()) + 1 if ally.size else 0)]
     if ally.size and ally.max() >= len(classes):
-        raise DataError(f"{name}: label {int(ally.max())} out of range for "
-                        f"{len(classes)} classes")
+        raise DataError(f"{name}: label {int(ally.max())} out of range for {len(classes)} classes")
     c, h, w = shape
     cin = xtr.shape[1]
     if cin != c and cin != 1:
@@ -356,8 +375,14 @@ def _finish(xtr, ytr, xte, yte, classes, name, shape, augment) -> DataSet:
     xtr_t.sub_(m4).div_(s4)
     xte_t.sub_(m4).div_(s4)
     return DataSet(
-        x_train=xtr_t, y_train=torch.from_numpy(ytr), x_test=xte_t, y_test=torch.from_numpy(yte),
-        classes=list(classes), mean=tuple(mean.tolist()), std=tuple(std.tolist()), name=name,
+        x_train=xtr_t,
+        y_train=torch.from_numpy(ytr),
+        x_test=xte_t,
+        y_test=torch.from_numpy(yte),
+        classes=list(classes),
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+        name=name,
         augment=bool(augment),
     )
 
@@ -367,9 +392,16 @@ def _shape_to(x: torch.Tensor, c: int, h: int, w: int, chunk: int = 4096) -> tor
     x = x.float()
     if tuple(x.shape[2:]) != (h, w):
         shrink = h < x.shape[2] or w < x.shape[3]
-        parts = [F.interpolate(x[i:i + chunk], size=(h, w), mode="bilinear",
-                               align_corners=False, antialias=shrink)
-                 for i in range(0, len(x), chunk)]
+        parts = [
+            F.interpolate(
+                x[i : i + chunk],
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+                antialias=shrink,
+            )
+            for i in range(0, len(x), chunk)
+        ]
         x = torch.cat(parts) if parts else x.new_zeros((0, x.shape[1], h, w))
     if x.shape[1] != c:
         x = x.expand(-1, c, -1, -1)

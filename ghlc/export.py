@@ -48,32 +48,35 @@ def export_onnx(
     rtol: float = 1e-4,
 ) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path`` and check it with onnxruntime."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
-        else tuple(example_inputs)
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise ExportError("example_inputs must be a tensor or a sequence of tensors")
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ExportError(f"{path}: cannot write to folder {path.parent} "
-                          f"({e.strerror or type(e).__name__})") from None
+        raise ExportError(
+            f"{path}: cannot write to folder {path.parent} ({e.strerror or type(e).__name__})"
+        ) from None
     was_training = model.training
     model.eval()
     try:
         with atomic_path(path, ExportError) as tmp:
             try:
                 diff, scale, providers, used_opset = _export_checked(
-                    model, inputs, tmp, opset, dynamic_batch, metadata, rtol)
+                    model, inputs, tmp, opset, dynamic_batch, metadata, rtol
+                )
             except (ExportError, OSError):
                 raise
             except Exception as e:
-                raise ExportError(f"export failed: {type(e).__name__}: {_first_line(e)}") \
-                    from None
+                raise ExportError(f"export failed: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         model.train(was_training)
-    return ExportReport(path=path, max_abs_diff=diff, scale=scale, providers=providers,
-                        opset=int(used_opset))
+    return ExportReport(
+        path=path, max_abs_diff=diff, scale=scale, providers=providers, opset=int(used_opset)
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -95,8 +98,7 @@ def _export_checked(model, inputs, tmp: Path, opset, dynamic_batch, metadata, rt
     try:
         proto = onnx.load(str(tmp))
     except Exception as e:
-        raise ExportError(f"the exporter wrote an unreadable file ({type(e).__name__})") \
-            from None
+        raise ExportError(f"the exporter wrote an unreadable file ({type(e).__name__})") from None
     _check_no_hebbian(proto)
     md = {"ghlc_version": __version__, "torch_version": torch.__version__}
     md.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -104,11 +106,11 @@ def _export_checked(model, inputs, tmp: Path, opset, dynamic_batch, metadata, rt
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
-        raise ExportError(f"exported graph fails the ONNX checker: {_first_line(e)}") \
-            from None
+        raise ExportError(f"exported graph fails the ONNX checker: {_first_line(e)}") from None
     onnx.save(proto, str(tmp))
-    used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                      opset or 0)
+    used_opset = next(
+        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0
+    )
     diff, scale, providers = _check_ort(tmp, inputs, ref, in_names, rtol)
     if dynamic_batch:
         _check_other_batch(model, tmp, inputs, in_names, rtol)
@@ -149,9 +151,17 @@ def _torch_export(model, inputs, tmp: Path, opset, dynamic_batch, in_names, out_
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, inputs, str(tmp), dynamo=False, opset_version=opset,
-                              input_names=in_names, output_names=out_names,
-                              dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(
+                model,
+                inputs,
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
             return
         except OSError:  # a write failure (full disk), not the exporter's limit
             raise
@@ -162,8 +172,16 @@ def _torch_export(model, inputs, tmp: Path, opset, dynamic_batch, in_names, out_
             if dynamic_batch:
                 batch = torch.export.Dim("batch")
                 kw["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
-            torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=opset,
-                              input_names=in_names, output_names=out_names, **kw)
+            torch.onnx.export(
+                model,
+                inputs,
+                str(tmp),
+                dynamo=True,
+                opset_version=opset,
+                input_names=in_names,
+                output_names=out_names,
+                **kw,
+            )
             return
         except OSError:
             raise
@@ -177,8 +195,10 @@ def _check_no_hebbian(proto) -> None:
         for node in graph.node:
             for s in (node.name, node.op_type, node.domain):
                 if "hebb" in (s or "").lower():
-                    raise ExportError(f"exported graph holds a Hebbian node ({node.name or ''} "
-                                      f"{node.op_type}); export needs the inference graph")
+                    raise ExportError(
+                        f"exported graph holds a Hebbian node ({node.name or ''} "
+                        f"{node.op_type}); export needs the inference graph"
+                    )
             for a in node.attribute:
                 if a.g is not None and a.HasField("g"):
                     walk(a.g)
@@ -215,8 +235,9 @@ def _run(sess, inputs, in_names) -> list[np.ndarray]:
     try:
         return sess.run(None, feed)
     except Exception as e:
-        raise ExportError(f"onnxruntime failed to run the exported graph: {_first_line(e)}") \
-            from None
+        raise ExportError(
+            f"onnxruntime failed to run the exported graph: {_first_line(e)}"
+        ) from None
 
 
 def _compare(got, ref: list[torch.Tensor], rtol: float, what: str) -> tuple[float, float]:
@@ -226,15 +247,18 @@ def _compare(got, ref: list[torch.Tensor], rtol: float, what: str) -> tuple[floa
     for g, t in zip(got, ref):
         r = t.detach().cpu().numpy()
         if tuple(g.shape) != tuple(r.shape):
-            raise ExportError(f"{what}: onnxruntime output shape {tuple(g.shape)} differs from "
-                              f"torch {tuple(r.shape)}")
+            raise ExportError(
+                f"{what}: onnxruntime output shape {tuple(g.shape)} differs from "
+                f"torch {tuple(r.shape)}"
+            )
         if r.size:
             rd = r.astype(np.float64)
             diff = max(diff, float(np.max(np.abs(g.astype(np.float64) - rd))))
             scale = max(scale, float(np.max(np.abs(rd))))
     if not np.isfinite(diff) or diff > rtol * scale:
-        raise ExportError(f"{what}: onnxruntime differs from torch by {diff:.3g} "
-                          f"(limit {rtol:g} x {scale:.3g})")
+        raise ExportError(
+            f"{what}: onnxruntime differs from torch by {diff:.3g} (limit {rtol:g} x {scale:.3g})"
+        )
     return diff, scale
 
 
@@ -251,7 +275,8 @@ def _check_other_batch(model, tmp: Path, inputs, in_names, rtol) -> None:
     g = torch.Generator().manual_seed(0)
     more = tuple(
         torch.cat([t, t[:1] + 0.5 * torch.randn(t[:1].shape, generator=g).to(t)])
-        if t.is_floating_point() else torch.cat([t, t[:1]])
+        if t.is_floating_point()
+        else torch.cat([t, t[:1]])
         for t in inputs
     )
     with torch.no_grad(), _no_tf32():

@@ -46,8 +46,7 @@ def _write_error(path: Path, e: OSError, error: type[GHLError] = GHLError) -> GH
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike,
-                error: type[GHLError] = GHLError) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, error: type[GHLError] = GHLError) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
 
     For writers that need a file name (``torch.onnx.export``). An ``OSError`` in the block
@@ -81,7 +80,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
         fd = os.open(tmp, os.O_WRONLY)
         try:
             while buf:
-                buf = buf[os.write(fd, buf):]
+                buf = buf[os.write(fd, buf) :]
             os.fsync(fd)
         finally:
             os.close(fd)

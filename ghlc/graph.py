@@ -144,8 +144,7 @@ class LayerGraph:
                     f"  hebbian T={r.temperature:g} competition={r.competition}/"
                     f"{r.competition_scope} rule={r.local_rule}"
                     + (f" sample={r.sample_fraction:g}" if r.sample_fraction < 1 else "")
-                    + ("/positions" if r.sample_fraction < 1 and r.sample_over != "batch"
-                       else "")
+                    + ("/positions" if r.sample_fraction < 1 and r.sample_over != "batch" else "")
                     + (f" norm={r.normalisation}" if r.normalisation != "layer" else "")
                     + (f" precision={r.precision}" if r.precision != "full" else "")
                 )
@@ -171,8 +170,9 @@ class LayerGraph:
                 out.append(f'  "{n}" [shape=box style=filled fillcolor={color} label="{label}"];')
             elif d["type"] == "hebbian":
                 r = d["rule"]
-                out.append(f'  "{n}" [shape=ellipse color=darkgreen '
-                           f'label="Hebbian T={r.temperature:g}"];')
+                out.append(
+                    f'  "{n}" [shape=ellipse color=darkgreen label="Hebbian T={r.temperature:g}"];'
+                )
             elif d["type"] == "global_sign":
                 out.append(f'  "{n}" [shape=diamond color=red label="sign(dL/dW)"];')
             else:

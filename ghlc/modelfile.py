@@ -36,9 +36,13 @@ def _required_args(fn) -> list[str]:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return []
-    return [p.name for p in sig.parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
-                                                   p.KEYWORD_ONLY) and p.name != "self"]
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name != "self"
+    ]
 
 
 def import_file(path: str | Path):
@@ -122,8 +126,9 @@ def load_model_file(path: str | Path, entry: str | None = None) -> LoadedModel:
         except Exception as e:
             raise ModelFileError(f"{path}: {entry}() failed: {type(e).__name__}: {e}") from None
         if not isinstance(model, torch.nn.Module):
-            raise ModelFileError(f"{path}: {entry}() returned {type(model).__name__}, "
-                                 "not an nn.Module")
+            raise ModelFileError(
+                f"{path}: {entry}() returned {type(model).__name__}, not an nn.Module"
+            )
     ex = None
     if callable(getattr(mod, "example_inputs", None)):
         ex = mod.example_inputs()

@@ -53,14 +53,21 @@ class Recording:
 
 def _is_inplace(func, kwargs) -> bool:
     name = getattr(func, "__name__", "")
-    return kwargs.get("inplace") is True or (
-        name.endswith("_") and not name.endswith("__")
-    ) or (name.startswith("__i") and name.endswith("__"))
+    return (
+        kwargs.get("inplace") is True
+        or (name.endswith("_") and not name.endswith("__"))
+        or (name.startswith("__i") and name.endswith("__"))
+    )
 
 
 class _RecordMode(TorchFunctionMode):
-    def __init__(self, params: dict[int, str], owners: dict[str, tuple[str, tuple[int, ...]]],
-                 rec: Recording, stack: list[str]) -> None:
+    def __init__(
+        self,
+        params: dict[int, str],
+        owners: dict[str, tuple[str, tuple[int, ...]]],
+        rec: Recording,
+        stack: list[str],
+    ) -> None:
         super().__init__()
         self.params, self.owners, self.rec, self.stack = params, owners, rec, stack
         self.prov: dict[int, frozenset] = {}
@@ -115,9 +122,18 @@ class _RecordMode(TorchFunctionMode):
             x, w, b, spec, _ = parsed
             name, use = self.resolve(w)
             if name is not None:
-                self.rec.calls.append(CallRecord(
-                    name, use, spec.name, spec.groups, tuple(x.shape), tuple(out.shape),
-                    tuple(self.stack), _storage_ptr(out)))
+                self.rec.calls.append(
+                    CallRecord(
+                        name,
+                        use,
+                        spec.name,
+                        spec.groups,
+                        tuple(x.shape),
+                        tuple(out.shape),
+                        tuple(self.stack),
+                        _storage_ptr(out),
+                    )
+                )
                 for s in src:
                     self.rec.edges.add((s, name))
                 self.set_prov(out, frozenset([name]))
@@ -127,7 +143,8 @@ class _RecordMode(TorchFunctionMode):
                 return out
             where = self.stack[-1] if self.stack else "<root>"
             self.rec.skipped.append(
-                (where, f"{spec.name} weight is not a parameter", bool(w.requires_grad)))
+                (where, f"{spec.name} weight is not a parameter", bool(w.requires_grad))
+            )
         for leaf in tree_flatten(out)[0]:
             if isinstance(leaf, torch.Tensor):
                 old = self.prov.get(id(leaf), frozenset())
@@ -169,8 +186,11 @@ def _saved_storages(ptrs: set[int]):
 def _preserved_state(model: torch.nn.Module):
     """Run without side effects on the model: buffers (BN statistics) and mode are restored.
     The caller (``trace``) restores the random state."""
-    bufs = {k: v.detach().clone() for k, v in model.state_dict().items()
-            if not isinstance(v, torch.nn.Parameter)}
+    bufs = {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if not isinstance(v, torch.nn.Parameter)
+    }
     was_training = model.training
     try:
         yield
@@ -201,8 +221,9 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
     raise first
 
 
-def _record(model: torch.nn.Module, example_inputs: tuple, train: bool,
-            watch_saved: bool = True) -> Recording:
+def _record(
+    model: torch.nn.Module, example_inputs: tuple, train: bool, watch_saved: bool = True
+) -> Recording:
     params: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         params.setdefault(id(p), n)  # a shared weight is named after its first alias
@@ -232,8 +253,11 @@ def _record(model: torch.nn.Module, example_inputs: tuple, train: bool,
             with torch.enable_grad():
                 for _i, x in enumerate(tree_flatten(example_inputs)[0]):
                     mode.set_prov(x, frozenset(["input"]))
-                watch = (_saved_storages(rec.saved_ptrs) if rec.saved_ptrs is not None
-                         else contextlib.nullcontext())
+                watch = (
+                    _saved_storages(rec.saved_ptrs)
+                    if rec.saved_ptrs is not None
+                    else contextlib.nullcontext()
+                )
                 with mode, watch:
                     out = model(*example_inputs)
                 for s in mode.prov_of(out):

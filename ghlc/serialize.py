@@ -25,10 +25,15 @@ def graph_to_json(lg: LayerGraph) -> str:
             item["signal"] = d["signal"]
         nodes.append(item)
     edges = [{"u": u, "v": v, "type": d["type"]} for u, v, d in lg.g.edges(data=True)]
-    return json.dumps({
-        "nodes": nodes, "edges": edges, "config": lg.config.to_dict(), "capture": lg.capture,
-        "capture_errors": [list(e) for e in lg.capture_errors],
-    })
+    return json.dumps(
+        {
+            "nodes": nodes,
+            "edges": edges,
+            "config": lg.config.to_dict(),
+            "capture": lg.capture,
+            "capture_errors": [list(e) for e in lg.capture_errors],
+        }
+    )
 
 
 def graph_from_json(text: str) -> LayerGraph:
@@ -50,7 +55,9 @@ def graph_from_json(text: str) -> LayerGraph:
     for e in d["edges"]:
         g.add_edge(e["u"], e["v"], type=e["type"])
     return LayerGraph(
-        g=g, config=GHLConfig.from_dict(d["config"]), capture=d["capture"],
+        g=g,
+        config=GHLConfig.from_dict(d["config"]),
+        capture=d["capture"],
         capture_errors=tuple(tuple(e) for e in d["capture_errors"]),
     )
 

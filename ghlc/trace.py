@@ -35,8 +35,10 @@ def _check_not_prepared(model: torch.nn.Module) -> None:
     for name, m in model.named_modules():
         if is_prepared(m):
             where = "the model" if not name else f"its submodule {name!r}"
-            raise TraceError(f"{where} is already prepared by ghlc: trace or prepare the "
-                             "original model (ghlc.load rebuilds a saved one)")
+            raise TraceError(
+                f"{where} is already prepared by ghlc: trace or prepare the "
+                "original model (ghlc.load rebuilds a saved one)"
+            )
 
 
 def _materialise_lazy(model: torch.nn.Module, inputs: tuple) -> None:
@@ -50,8 +52,10 @@ def _materialise_lazy(model: torch.nn.Module, inputs: tuple) -> None:
         with torch.no_grad():
             model(*inputs)
     except Exception as e:
-        raise TraceError(f"the model fails on the example inputs (run to initialise its lazy "
-                         f"modules): {type(e).__name__}: {first_line(e)}") from None
+        raise TraceError(
+            f"the model fails on the example inputs (run to initialise its lazy "
+            f"modules): {type(e).__name__}: {first_line(e)}"
+        ) from None
     finally:
         model.train(was)
 
@@ -66,7 +70,9 @@ def _warn_unmapped(rec) -> None:
         warnings.warn(
             f"ghlc: conv/linear calls in {len(where)} module(s) ({names}) use a trainable "
             "weight that is not a parameter (e.g. torch.nn.utils.parametrize): ghlc cannot "
-            "map it to a parameter, so these calls stay plain backprop", stacklevel=3)
+            "map it to a parameter, so these calls stay plain backprop",
+            stacklevel=3,
+        )
 
 
 def trace(
@@ -86,8 +92,10 @@ def trace(
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     dynamo = sys.modules.get("torch._dynamo")  # (a compiled module implies it was imported)
     if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
-        raise TraceError("got a torch.compile'd module: prepare the model first, then compile "
-                         "it: torch.compile(ghlc.prepare(model, ...))")
+        raise TraceError(
+            "got a torch.compile'd module: prepare the model first, then compile "
+            "it: torch.compile(ghlc.prepare(model, ...))"
+        )
     _check_not_prepared(model)
     inputs = _as_tuple(example_inputs)
     with torch.random.fork_rng():  # tracing never shifts the user's random streams
@@ -114,19 +122,37 @@ def trace(
         c = rec.calls[idx]
         mpath = name.rpartition(".")[0]
         mod = modules.get(mpath)
-        g.add_node(name, type="layer", info=LayerInfo(
-            name=name, module=mpath, module_type=type(mod).__name__ if mod is not None else "?",
-            kind=c.kind, weight_shape=tuple(params[name].shape), in_shape=c.in_shape,
-            out_shape=c.out_shape, groups=c.groups, calls=counts[name], weight_use=c.weight_use,
-            copy_out=name in rec.mutated, out_saved=rec.out_saved(name),
-            is_output=name in outputs,
-            module_call=in_owner[name] and mod is not None and owns_its_calls(mod),
-            requires_grad=params[name].requires_grad, order=order,
-        ))
+        g.add_node(
+            name,
+            type="layer",
+            info=LayerInfo(
+                name=name,
+                module=mpath,
+                module_type=type(mod).__name__ if mod is not None else "?",
+                kind=c.kind,
+                weight_shape=tuple(params[name].shape),
+                in_shape=c.in_shape,
+                out_shape=c.out_shape,
+                groups=c.groups,
+                calls=counts[name],
+                weight_use=c.weight_use,
+                copy_out=name in rec.mutated,
+                out_saved=rec.out_saved(name),
+                is_output=name in outputs,
+                module_call=in_owner[name] and mod is not None and owns_its_calls(mod),
+                requires_grad=params[name].requires_grad,
+                order=order,
+            ),
+        )
     for u, v in rec.edges:
         if u in g and v in g:
             g.add_edge(u, v, type="data")
     return LayerGraph(
-        g=g, model=model, example_inputs=inputs, config=config or GHLConfig(), capture=tier,
-        capture_errors=tuple(errors), program=program,
+        g=g,
+        model=model,
+        example_inputs=inputs,
+        config=config or GHLConfig(),
+        capture=tier,
+        capture_errors=tuple(errors),
+        program=program,
     )

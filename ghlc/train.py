@@ -91,8 +91,10 @@ def _check_range(logits: torch.Tensor, y: torch.Tensor) -> None:
     if lo < 0:
         raise GHLError(f"negative label {lo}")
     if logits.dim() >= 2 and hi >= logits.shape[1]:
-        raise GHLError(f"label {hi} out of range: the model gives {logits.shape[1]} outputs "
-                       f"(classes 0..{logits.shape[1] - 1})")
+        raise GHLError(
+            f"label {hi} out of range: the model gives {logits.shape[1]} outputs "
+            f"(classes 0..{logits.shape[1] - 1})"
+        )
 
 
 def _cpu_native_bf16() -> bool | None:
@@ -110,9 +112,11 @@ def slow_bf16(dev: torch.device) -> str | None:
     about 14x its float32 time on an AVX2-only CPU)."""
     if dev.type != "cpu" or _cpu_native_bf16() in (True, None):  # None: unknown, no warning
         return None
-    return ("bfloat16 autocast on this CPU runs on slow fallback kernels (no AVX-512 BF16 or "
-            "AMX: torch has no native bfloat16 convolutions here), often over 10x slower than "
-            "float32; train without autocast")
+    return (
+        "bfloat16 autocast on this CPU runs on slow fallback kernels (no AVX-512 BF16 or "
+        "AMX: torch has no native bfloat16 convolutions here), often over 10x slower than "
+        "float32; train without autocast"
+    )
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -162,8 +166,8 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 256, classes=None) -> dic
     try:
         with torch.no_grad():
             for i in range(0, n, batch_size):
-                xb = x[i:i + batch_size].to(dev)
-                yb = y[i:i + batch_size].to(dev)
+                xb = x[i : i + batch_size].to(dev)
+                yb = y[i : i + batch_size].to(dev)
                 out = _logits(model(xb))
                 if i == 0:
                     _check_range(out, y)
@@ -226,10 +230,16 @@ def _rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
 
 def _checkpoint(model, opt, sched, epoch, best_acc, history, dev, hparams) -> dict[str, Any]:
     return {
-        "format": CKPT_FORMAT, "version": CKPT_VERSION,
-        "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(), "epoch": epoch, "best_acc": best_acc,
-        "history": history, "hparams": hparams, **_rng_state(dev),
+        "format": CKPT_FORMAT,
+        "version": CKPT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "best_acc": best_acc,
+        "history": history,
+        "hparams": hparams,
+        **_rng_state(dev),
     }
 
 
@@ -251,8 +261,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise GHLError(f"{path}: not a ghlc training checkpoint")
     if int(ckpt.get("version", 0)) > CKPT_VERSION:
-        raise GHLError(f"{path}: checkpoint format version {ckpt['version']} is newer than this "
-                       f"ghlc supports ({CKPT_VERSION}); upgrade ghlc")
+        raise GHLError(
+            f"{path}: checkpoint format version {ckpt['version']} is newer than this "
+            f"ghlc supports ({CKPT_VERSION}); upgrade ghlc"
+        )
     return ckpt
 
 
@@ -278,9 +290,13 @@ class _EpochStats:
 
     @classmethod
     def zeros(cls, dev: torch.device, lrs: list[float]) -> _EpochStats:
-        return cls(torch.zeros((), dtype=torch.float64, device=dev),
-                   torch.zeros((), dtype=torch.int64, device=dev),
-                   torch.zeros((), dtype=torch.bool, device=dev), 0, lrs)
+        return cls(
+            torch.zeros((), dtype=torch.float64, device=dev),
+            torch.zeros((), dtype=torch.int64, device=dev),
+            torch.zeros((), dtype=torch.bool, device=dev),
+            0,
+            lrs,
+        )
 
 
 class Trainer:
@@ -336,7 +352,8 @@ class Trainer:
                 self.run_epoch(epoch)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                f"interrupted at epoch {epoch} step {self.step}; resume with --resume") from None
+                f"interrupted at epoch {epoch} step {self.step}; resume with --resume"
+            ) from None
         return self.result()
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -347,13 +364,19 @@ class Trainer:
         train_s = time.perf_counter() - t0
         self.check_weights(epoch)
         ev = self.evaluate()
-        self.history.append({
-            "epoch": epoch, "train_loss": float(stats.loss_sum) / stats.seen,
-            "train_acc": int(stats.correct) / stats.seen, "test_loss": ev["loss"],
-            "test_acc": ev["acc"], "lr": stats.lrs[0], "lr_plastic": stats.lrs[1],
-            "seconds": time.perf_counter() - t0,
-            "images_per_s": stats.seen / max(train_s, 1e-9),
-        })
+        self.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(stats.loss_sum) / stats.seen,
+                "train_acc": int(stats.correct) / stats.seen,
+                "test_loss": ev["loss"],
+                "test_acc": ev["acc"],
+                "lr": stats.lrs[0],
+                "lr_plastic": stats.lrs[1],
+                "seconds": time.perf_counter() - t0,
+                "images_per_s": stats.seen / max(train_s, 1e-9),
+            }
+        )
         improved = ev["acc"] > self.best_acc  # False for NaN (no test set)
         if improved:
             self.best_acc = ev["acc"]
@@ -365,9 +388,13 @@ class Trainer:
     def result(self) -> TrainResult:
         """What the run has done so far."""
         best = self.best_acc if math.isfinite(self.best_acc) else float("nan")
-        return TrainResult(epochs_run=len(self.history),
-                           final=dict(self.history[-1]) if self.history else {},
-                           best_acc=best, out_dir=self.config.out_dir, history=self.history)
+        return TrainResult(
+            epochs_run=len(self.history),
+            final=dict(self.history[-1]) if self.history else {},
+            best_acc=best,
+            out_dir=self.config.out_dir,
+            history=self.history,
+        )
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -386,7 +413,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.y_train.shape[0] / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=self.total_steps)
+            self.optimizer, T_max=self.total_steps
+        )
         if cfg.channels_last:
             # (Module.to takes memory_format; torch's stub leaves it out of the overloads)
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -401,12 +429,24 @@ class Trainer:
         if unknown:
             raise GHLError(f"plastic parameters not in the model: {', '.join(sorted(unknown))}")
         named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
-        return torch.optim.SGD([
-            {"params": [p for k, p in named if k not in cfg.plastic], "lr": cfg.lr,
-             "weight_decay": cfg.wd, "role": "backprop"},
-            {"params": [p for k, p in named if k in cfg.plastic], "lr": cfg.lr_plastic,
-             "weight_decay": cfg.wd_plastic, "role": "plastic"},
-        ], lr=cfg.lr, momentum=0.0)
+        return torch.optim.SGD(
+            [
+                {
+                    "params": [p for k, p in named if k not in cfg.plastic],
+                    "lr": cfg.lr,
+                    "weight_decay": cfg.wd,
+                    "role": "backprop",
+                },
+                {
+                    "params": [p for k, p in named if k in cfg.plastic],
+                    "lr": cfg.lr_plastic,
+                    "weight_decay": cfg.wd_plastic,
+                    "role": "plastic",
+                },
+            ],
+            lr=cfg.lr,
+            momentum=0.0,
+        )
 
     def _capture_step(self) -> None:
         """With ``cuda_graph``, capture the forward, loss and backward of one full batch."""
@@ -419,10 +459,15 @@ class Trainer:
             return F.cross_entropy(self._graph_logits[0], target)
 
         self.model.train()
-        x = _layout(self.x_train[:cfg.batch_size].to(self.device), cfg.channels_last)
-        self._graph_step = _capture(self.model, self.optimizer, graph_loss, x,
-                                    self.y_train[:cfg.batch_size].to(self.device),
-                                    cfg.autocast)
+        x = _layout(self.x_train[: cfg.batch_size].to(self.device), cfg.channels_last)
+        self._graph_step = _capture(
+            self.model,
+            self.optimizer,
+            graph_loss,
+            x,
+            self.y_train[: cfg.batch_size].to(self.device),
+            cfg.autocast,
+        )
 
     # -- start or resume -----------------------------------------------------------------
 
@@ -447,7 +492,7 @@ class Trainer:
             raise GHLError(f"{self.last_path}: does not match this model/run: {msg}") from None
         self.epoch = int(ckpt["epoch"])
         self.best_acc = float(ckpt["best_acc"])
-        self.history = [dict(h) for h in ckpt.get("history", [])][:self.epoch]
+        self.history = [dict(h) for h in ckpt.get("history", [])][: self.epoch]
         torch.set_rng_state(ckpt["torch_rng_state"])
         if self.device.type == "cuda" and "cuda_rng_state" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self.device)
@@ -484,7 +529,7 @@ class Trainer:
         try:
             for step in range(1, self.steps_per_epoch + 1):
                 self.step = step
-                idx = perm[(step - 1) * cfg.batch_size:step * cfg.batch_size]
+                idx = perm[(step - 1) * cfg.batch_size : step * cfg.batch_size]
                 xb, yb = self._batch(idx, g)
                 loss, logits, replayed = self._forward(xb, yb)
                 stats.nonfinite |= ~torch.isfinite(loss.detach())
@@ -510,8 +555,9 @@ class Trainer:
         xb = _layout(xb.to(self.device, non_blocking=True), cfg.channels_last)
         return xb, self.y_train[idx].to(self.device, non_blocking=True)
 
-    def _forward(self, xb: torch.Tensor,
-                 yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _forward(
+        self, xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Loss and logits of one batch, and whether they came from a replay: a full batch
         under ``cuda_graph`` replays the captured forward, loss and backward."""
         if self._graph_step is not None and yb.shape[0] == self.config.batch_size:
@@ -519,8 +565,9 @@ class Trainer:
             return loss, self._graph_logits[0], True
         self.optimizer.zero_grad(set_to_none=True)  # also resets the Hebbian accumulators
         autocast = self.config.autocast
-        with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16,
-                            enabled=autocast is not None):
+        with torch.autocast(
+            self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
+        ):
             logits = _logits(self.model(xb))
             return F.cross_entropy(logits, yb), logits, False
 
@@ -542,17 +589,25 @@ class Trainer:
         """Raise ``TrainingDiverged`` if a loss since the last check was NaN/Inf."""
         if not bool(nonfinite):
             return
-        when = f"step {step}" if every == 1 else (
-            f"step {step} (or up to {every - 1} steps before it; checked every {every} steps)")
-        raise TrainingDiverged(f"training diverged at epoch {epoch} {when}: the loss is not "
-                               f"finite; {self.last_path.name} keeps epoch {epoch - 1}")
+        when = (
+            f"step {step}"
+            if every == 1
+            else (
+                f"step {step} (or up to {every - 1} steps before it; checked every {every} steps)"
+            )
+        )
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch} {when}: the loss is not "
+            f"finite; {self.last_path.name} keeps epoch {epoch - 1}"
+        )
 
     def check_weights(self, epoch: int) -> None:
         """Raise ``TrainingDiverged`` if a weight became NaN/Inf during the epoch."""
         if not _finite(self.model):
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch} step {self.step}: weights are not "
-                f"finite; {self.last_path.name} keeps epoch {epoch - 1}")
+                f"finite; {self.last_path.name} keeps epoch {epoch - 1}"
+            )
 
     def evaluate(self) -> dict[str, Any]:
         """Test-set loss and accuracy (eval mode, no gradients); the model stays in train
@@ -564,8 +619,16 @@ class Trainer:
     def checkpoint(self, best: bool) -> None:
         """Write ``last.pt`` (and ``best.pt`` when ``best``) atomically: weights, optimiser,
         schedule, RNG, history and settings after ``self.epoch``."""
-        ckpt = _checkpoint(self.model, self.optimizer, self.scheduler, self.epoch,
-                           self.best_acc, self.history, self.device, self.config.hparams())
+        ckpt = _checkpoint(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.epoch,
+            self.best_acc,
+            self.history,
+            self.device,
+            self.config.hparams(),
+        )
         _save(self.last_path, ckpt)
         if best:
             _save(self.best_path, ckpt)
@@ -582,9 +645,12 @@ def _show(bar, step: int, steps: int, stats: _EpochStats, elapsed: float) -> Non
         return
     bar.update(1)
     if step % 10 == 0 or step == steps:
-        bar.set_postfix(loss=f"{float(stats.loss_sum) / stats.seen:.4f}",
-                        acc=f"{int(stats.correct) / stats.seen:.4f}",
-                        img_s=f"{stats.seen / max(elapsed, 1e-9):.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{float(stats.loss_sum) / stats.seen:.4f}",
+            acc=f"{int(stats.correct) / stats.seen:.4f}",
+            img_s=f"{stats.seen / max(elapsed, 1e-9):.0f}",
+            refresh=False,
+        )
 
 
 def train(
@@ -637,16 +703,34 @@ def train(
     epoch) and ``TrainingInterrupted`` on Ctrl-C (``last.pt`` keeps the last completed epoch).
     """
     config = TrainConfig(  # (cast: TrainConfig checks out_dir and makes it a Path)
-        out_dir=cast(Path, out_dir), plastic=plastic, epochs=epochs, batch_size=batch_size, lr=lr,
-        lr_plastic=lr_plastic, wd_plastic=wd_plastic, wd=wd, seed=seed, resume=resume,
-        augment=augment, progress=progress, classes=classes, autocast=autocast,
-        cuda_graph=cuda_graph, channels_last=channels_last)
+        out_dir=cast(Path, out_dir),
+        plastic=plastic,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_plastic=lr_plastic,
+        wd_plastic=wd_plastic,
+        wd=wd,
+        seed=seed,
+        resume=resume,
+        augment=augment,
+        progress=progress,
+        classes=classes,
+        autocast=autocast,
+        cuda_graph=cuda_graph,
+        channels_last=channels_last,
+    )
     return Trainer(model, config).fit(x_train, y_train, x_test, y_test)
 
 
-def _capture(model: nn.Module, opt: torch.optim.Optimizer,
-             loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], x: torch.Tensor,
-             y: torch.Tensor, autocast: torch.dtype | None) -> Callable[..., torch.Tensor]:
+def _capture(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: torch.dtype | None,
+) -> Callable[..., torch.Tensor]:
     """The training step of one full batch captured in a CUDA graph (forward, loss, backward;
     the optimiser steps eagerly): ``step(x, target=y) -> loss``."""
     from .cudagraph import cuda_graph_step
@@ -654,8 +738,7 @@ def _capture(model: nn.Module, opt: torch.optim.Optimizer,
     if x.device.type != "cuda":
         raise GHLError(f"cuda_graph needs the model on a CUDA device (it is on {x.device})")
 
-    return cuda_graph_step(model, opt, loss_fn, (x,), y, optimizer_step=False,
-                           autocast=autocast)
+    return cuda_graph_step(model, opt, loss_fn, (x,), y, optimizer_step=False, autocast=autocast)
 
 
 def _bar(progress: bool, total: int, desc: str):

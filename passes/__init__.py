@@ -16,6 +16,14 @@ def default_passes() -> list:
 
 
 __all__ = [
-    "PassBase", "PassManager", "PassResult", "broadcast_global_sign", "check_invariants",
-    "default_passes", "insert_hebbian", "select_plastic", "set_global_signal", "validate",
+    "PassBase",
+    "PassManager",
+    "PassResult",
+    "broadcast_global_sign",
+    "check_invariants",
+    "default_passes",
+    "insert_hebbian",
+    "select_plastic",
+    "set_global_signal",
+    "validate",
 ]

@@ -42,5 +42,6 @@ class PassBase:
 
 def changed(before: LayerGraph, after: LayerGraph) -> bool:
     """Whether two graphs differ in nodes, edges or their data."""
-    return (dict(before.g.nodes(data=True)) != dict(after.g.nodes(data=True))
-            or sorted(before.g.edges(data="type")) != sorted(after.g.edges(data="type")))
+    return dict(before.g.nodes(data=True)) != dict(after.g.nodes(data=True)) or sorted(
+        before.g.edges(data="type")
+    ) != sorted(after.g.edges(data="type"))

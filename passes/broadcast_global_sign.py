@@ -28,10 +28,12 @@ class BroadcastGlobalSign(PassBase):
     def ensures(self, lg: LayerGraph) -> list[str]:
         """A known signal, and one broadcast edge into every Hebbian node."""
         if lg.global_signal not in GLOBAL_SIGNALS:
-            return [f"global signal {lg.global_signal!r} is not one of "
-                    f"{', '.join(GLOBAL_SIGNALS)}"]
-        return [f"{k} has no global-sign edge" for k in lg.hebbian_nodes()
-                if not lg.g.has_edge(GLOBAL_SIGN, k)]
+            return [f"global signal {lg.global_signal!r} is not one of {', '.join(GLOBAL_SIGNALS)}"]
+        return [
+            f"{k} has no global-sign edge"
+            for k in lg.hebbian_nodes()
+            if not lg.g.has_edge(GLOBAL_SIGN, k)
+        ]
 
 
 broadcast_global_sign = BroadcastGlobalSign()

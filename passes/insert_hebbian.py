@@ -11,10 +11,14 @@ from .base import PassBase, PassResult, changed
 def rule_for(cfg: GHLConfig, module: str) -> HebbianRule:
     """The rule settings of the layer at module path ``module`` under ``cfg``."""
     return HebbianRule(
-        temperature=cfg.temperature_for(module), competition=cfg.competition,
-        competition_scope=cfg.competition_scope, local_rule=cfg.local_rule,
-        sample_fraction=cfg.sample_fraction, normalisation=cfg.normalisation,
-        sample_over=cfg.sample_over, precision=cfg.hebbian_precision,
+        temperature=cfg.temperature_for(module),
+        competition=cfg.competition,
+        competition_scope=cfg.competition_scope,
+        local_rule=cfg.local_rule,
+        sample_fraction=cfg.sample_fraction,
+        normalisation=cfg.normalisation,
+        sample_over=cfg.sample_over,
+        precision=cfg.hebbian_precision,
     )
 
 
@@ -39,9 +43,10 @@ class InsertHebbian(PassBase):
         """Hebbian nodes exactly on the plastic parameters."""
         plastic = {hebb_key(i.name) for i in lg.layers() if i.role is Role.PLASTIC}
         have = set(lg.hebbian_nodes())
-        return ([f"plastic parameter {k.removeprefix('hebbian:')} has no Hebbian node"
-                 for k in sorted(plastic - have)]
-                + [f"{k} is not on a plastic layer" for k in sorted(have - plastic)])
+        return [
+            f"plastic parameter {k.removeprefix('hebbian:')} has no Hebbian node"
+            for k in sorted(plastic - have)
+        ] + [f"{k} is not on a plastic layer" for k in sorted(have - plastic)]
 
 
 insert_hebbian = InsertHebbian()

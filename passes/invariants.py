@@ -21,21 +21,27 @@ def check(lg: LayerGraph) -> list[str]:
             problems.append(f"{k} is attached to {len(layers)} layers, expected 1")
     if GLOBAL_SIGN in g:
         for k in hebb:
-            n = sum(1 for u, _, d in g.in_edges(k, data=True)
-                    if u == GLOBAL_SIGN and d["type"] == "broadcast")
+            n = sum(
+                1
+                for u, _, d in g.in_edges(k, data=True)
+                if u == GLOBAL_SIGN and d["type"] == "broadcast"
+            )
             if n != 1:
                 problems.append(f"{k} has {n} global-sign edges, expected 1")
     for u, v, d in g.edges(data=True):
         if d["type"] == "broadcast" and (g.nodes[u]["type"] != "global_sign" or v not in hebb):
-            problems.append(f"broadcast edge {u} -> {v} does not join the global sign to a "
-                            "Hebbian node")
+            problems.append(
+                f"broadcast edge {u} -> {v} does not join the global sign to a Hebbian node"
+            )
     sources = [n for n, d in g.nodes(data=True) if d["type"] == "global_sign"]
     if len(sources) > 1:
         problems.append(f"{len(sources)} global-sign sources, expected at most 1")
     for n in sources:
         if g.nodes[n].get("signal") not in GLOBAL_SIGNALS:
-            problems.append(f"global signal {g.nodes[n].get('signal')!r} is not one of "
-                            f"{', '.join(GLOBAL_SIGNALS)}")
+            problems.append(
+                f"global signal {g.nodes[n].get('signal')!r} is not one of "
+                f"{', '.join(GLOBAL_SIGNALS)}"
+            )
     return problems
 
 

@@ -22,8 +22,12 @@ def _name(p: Pass) -> str:
 
 def _snapshot(lg: LayerGraph) -> tuple:
     """The graph's nodes, edges and their data, to detect a pass editing its input."""
-    return (lg.g.graph.copy(), {n: dict(d) for n, d in lg.g.nodes(data=True)},
-            sorted((u, v, d["type"]) for u, v, d in lg.g.edges(data=True)), lg.config)
+    return (
+        lg.g.graph.copy(),
+        {n: dict(d) for n, d in lg.g.nodes(data=True)},
+        sorted((u, v, d["type"]) for u, v, d in lg.g.edges(data=True)),
+        lg.config,
+    )
 
 
 class PassManager:
@@ -58,11 +62,14 @@ class PassManager:
             else:
                 modified = out is not lg
             if not isinstance(out, LayerGraph):
-                raise PassError(f"{where} returned {type(out).__name__}, expected a LayerGraph "
-                                "or a PassResult")
+                raise PassError(
+                    f"{where} returned {type(out).__name__}, expected a LayerGraph or a PassResult"
+                )
             if _snapshot(lg) != before:
-                raise PassError(f"{where} edited its input graph: a pass returns a new graph "
-                                "(lg.copy_graph(), then lg.evolve(g=...))")
+                raise PassError(
+                    f"{where} edited its input graph: a pass returns a new graph "
+                    "(lg.copy_graph(), then lg.evolve(g=...))"
+                )
             problems = check(out) if self.check_invariants else []
             ens = getattr(p, "ensures", None)
             if ens is not None:

@@ -12,8 +12,9 @@ from .base import PassBase, PassResult, changed
 
 
 def _match(info: LayerInfo, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(info.module, p) or fnmatch.fnmatchcase(info.name, p)
-               for p in patterns)
+    return any(
+        fnmatch.fnmatchcase(info.module, p) or fnmatch.fnmatchcase(info.name, p) for p in patterns
+    )
 
 
 def decide(info: LayerInfo, cfg: GHLConfig) -> tuple[Role, str]:

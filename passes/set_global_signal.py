@@ -31,8 +31,9 @@ class SetGlobalSignal(PassBase):
 
     def requires(self, lg: LayerGraph) -> list[str]:
         """The graph has its global-sign node (broadcast_global_sign ran)."""
-        return [] if GLOBAL_SIGN in lg.g else [
-            "no global-sign node (run broadcast_global_sign first)"]
+        return (
+            [] if GLOBAL_SIGN in lg.g else ["no global-sign node (run broadcast_global_sign first)"]
+        )
 
     def ensures(self, lg: LayerGraph) -> list[str]:
         if lg.global_signal != self.signal:

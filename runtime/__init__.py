@@ -11,7 +11,21 @@ from .mode import GHLMode, Runtime, Site
 from .rule import combine, compete, hebbian_raw, normalise
 
 __all__ = [
-    "CallSpec", "GHLMode", "HebbianRule", "PlasticCall", "PlasticParam", "Runtime", "Site",
-    "combine", "compete", "hebbian_raw", "install", "is_prepared", "normalise", "parse_call",
-    "plastic_call", "runtime_of", "weight_vjp",
+    "CallSpec",
+    "GHLMode",
+    "HebbianRule",
+    "PlasticCall",
+    "PlasticParam",
+    "Runtime",
+    "Site",
+    "combine",
+    "compete",
+    "hebbian_raw",
+    "install",
+    "is_prepared",
+    "normalise",
+    "parse_call",
+    "plastic_call",
+    "runtime_of",
+    "weight_vjp",
 ]

@@ -37,8 +37,9 @@ def in_call_sized(t: torch.Tensor) -> bool:
     weight-sized buffer fewer at the step's peak; docs/PERFORMANCE.md, 'Why the runtime
     chooses what it does')."""
     pol = policy.current()
-    return (t.numel() >= pol.in_call_combine_min_numel
-            and t.device.type in pol.in_call_combine_devices)
+    return (
+        t.numel() >= pol.in_call_combine_min_numel and t.device.type in pol.in_call_combine_devices
+    )
 
 
 def splits_by_unit(spec: CallSpec) -> bool:
@@ -46,9 +47,16 @@ def splits_by_unit(spec: CallSpec) -> bool:
     return spec.kind == "linear" or (not spec.transposed and spec.groups == 1)
 
 
-def combine_in_call(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                    h: torch.Tensor, rule: HebbianRule, units: int | None = None,
-                    global_signal: str = "grad_sign") -> torch.Tensor:
+def combine_in_call(
+    spec: CallSpec,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    rule: HebbianRule,
+    units: int | None = None,
+    global_signal: str = "grad_sign",
+) -> torch.Tensor:
     """``combine(h, dL/dW, rule, inplace=True)`` for a weight used by this call alone, with
     dL/dW computed a unit block at a time (``units`` per block, default
     ``correlation.units_per_block``): the full gradient never exists, so the step needs most
@@ -92,17 +100,26 @@ def _register_step_hook() -> None:
 
 
 def _missing_term_message(layer: str) -> str:
-    return (f"layer {layer!r}: its weight's gradient arrived without the Hebbian term of its "
-            "plastic call, so GHL would silently be plain backprop here (a use ghlc does not "
-            "handle, or its output did not reach the loss while the weight got a gradient "
-            "elsewhere); please report the model")
+    return (
+        f"layer {layer!r}: its weight's gradient arrived without the Hebbian term of its "
+        "plastic call, so GHL would silently be plain backprop here (a use ghlc does not "
+        "handle, or its output did not reach the loss while the weight got a gradient "
+        "elsewhere); please report the model"
+    )
 
 
 class PlasticParam:
     """Accumulator and autograd hooks for one plastic parameter."""
 
-    def __init__(self, name: str, rule: HebbianRule, layer: str = "",
-                 accumulation: str = "auto", *, global_signal: str = "grad_sign") -> None:
+    def __init__(
+        self,
+        name: str,
+        rule: HebbianRule,
+        layer: str = "",
+        accumulation: str = "auto",
+        *,
+        global_signal: str = "grad_sign",
+    ) -> None:
         self.name = name  # the parameter's name
         self.layer = layer or name  # the owning module's path
         self.rule = rule
@@ -186,11 +203,15 @@ class PlasticParam:
 
     def _accumulating(self, p: torch.Tensor) -> bool:
         grad = p.grad
-        return (grad is not None and self._written is not None and self._written() is grad
-                and grad._version == self._written_version and not self._stepped)
+        return (
+            grad is not None
+            and self._written is not None
+            and self._written() is grad
+            and grad._version == self._written_version
+            and not self._stepped
+        )
 
-    def add(self, h: torch.Tensor, view: tuple | None = None,
-            axes: UnitAxes = UNITS_LEAD) -> None:
+    def add(self, h: torch.Tensor, view: tuple | None = None, axes: UnitAxes = UNITS_LEAD) -> None:
         """Add one call's raw term. ``view`` = (size, stride, offset) when the call used a
         view of the parameter (e.g. a chunk of ``in_proj_weight``), else None; ``axes`` =
         (transposed, groups) of the call, for per-unit normalisation."""
@@ -252,15 +273,17 @@ class PlasticParam:
             self._accumulated = True
             self.keep_totals = True
             self.h_acc, self.g_acc = self.h_acc.add_(h), self.g_acc + g
-            out = combine(self.h_acc, self.g_acc, self.rule, axes=self.axes,
-                          global_signal=self.global_signal)
+            out = combine(
+                self.h_acc, self.g_acc, self.rule, axes=self.axes, global_signal=self.global_signal
+            )
         elif self.keep_totals or self.accumulation == "always":
             self.h_acc, self.g_acc = h, g
             out = combine(h, g, self.rule, axes=self.axes, global_signal=self.global_signal)
         else:
             self.h_acc = self.g_acc = None
-            out = combine(h, g, self.rule, inplace=True, axes=self.axes,
-                          global_signal=self.global_signal)
+            out = combine(
+                h, g, self.rule, inplace=True, axes=self.axes, global_signal=self.global_signal
+            )
         p.grad = None  # AccumulateGrad then stores the combined gradient as is
         self._mark = True
         return out

@@ -23,8 +23,16 @@ LINEAR_FUNC = F.linear
 # calls are reached by patching F.linear for its duration (patched_linear)
 MHA_FORWARD = F.multi_head_attention_forward
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TCONV_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
-               "dilation")
+_TCONV_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
 
 
 @contextlib.contextmanager
@@ -70,8 +78,15 @@ class CallSpec:
         if self.kind == "linear":
             return LINEAR_FUNC(x, w, b)  # not F.linear: MHA patches it while running
         return torch.convolution(  # the C++ binding: cheaper to call than torch.ops.aten
-            x, w, b, self.stride, self.padding, self.dilation, self.transposed,
-            self.output_padding if self.transposed else (0,) * self.nd, self.groups,
+            x,
+            w,
+            b,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.output_padding if self.transposed else (0,) * self.nd,
+            self.groups,
         )
 
 
@@ -111,8 +126,14 @@ def parse_call(func, args: tuple, kwargs: dict):
                     pads += [t // 2, t - t // 2]
                 pre_pad = tuple(pads)
     spec = CallSpec(
-        "conv", nd, transposed, stride, _tup(padding, nd), dilation,
-        _tup(a.get("output_padding", 0), nd) if transposed else (), int(a.get("groups", 1)),
+        "conv",
+        nd,
+        transposed,
+        stride,
+        _tup(padding, nd),
+        dilation,
+        _tup(a.get("output_padding", 0), nd) if transposed else (),
+        int(a.get("groups", 1)),
         pre_pad,
     )
     return x, w, a.get("bias"), spec, x.dim() == nd + 1

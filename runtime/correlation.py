@@ -32,20 +32,30 @@ def matmul(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) 
 def vendor(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
     """A conv's weight gradient from the vendor's weight-gradient kernel (any conv)."""
     return torch.ops.aten.convolution_backward(
-        cot, x, w, None, spec.stride, spec.padding, spec.dilation, spec.transposed,
-        spec.output_padding if spec.transposed else (0,) * spec.nd, spec.groups,
+        cot,
+        x,
+        w,
+        None,
+        spec.stride,
+        spec.padding,
+        spec.dilation,
+        spec.transposed,
+        spec.output_padding if spec.transposed else (0,) * spec.nd,
+        spec.groups,
         [False, True, False],
     )[1]
 
 
-def unit_blocks(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
-                cot: torch.Tensor) -> torch.Tensor:
+def unit_blocks(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor
+) -> torch.Tensor:
     """A plain conv's weight gradient, the policy's ``block_units`` output units a call."""
     return by_units(spec, x, w, cot, policy.current().block_units)
 
 
-def by_units(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor,
-             units: int) -> torch.Tensor:
+def by_units(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, units: int
+) -> torch.Tensor:
     """A plain conv's weight gradient with cotangent ``cot``, ``units`` output units a call."""
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
     n = w.shape[0]
@@ -55,8 +65,9 @@ def by_units(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor
     return out
 
 
-def forward_form(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
-                 cot: torch.Tensor) -> torch.Tensor:
+def forward_form(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor
+) -> torch.Tensor:
     """A plain conv's weight gradient as forward convs: batch and channels swapped, the
     cotangent as the kernel. dW[o, c, i] = sum_{n, p} cot[n, o, p] xpad[n, c, s*p + d*i] is a
     conv of xpad^T (channels n) with kernel cot^T (dilation s), output stride d, cropped to
@@ -69,8 +80,17 @@ def forward_form(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
     units = policy.current().block_units
     for s in range(0, n, units):
         e = min(n, s + units)
-        r = torch.convolution(xt, cot.narrow(1, s, e - s).transpose(0, 1), None, spec.dilation,
-                              spec.padding, spec.stride, False, (0,) * spec.nd, 1)
+        r = torch.convolution(
+            xt,
+            cot.narrow(1, s, e - s).transpose(0, 1),
+            None,
+            spec.dilation,
+            spec.padding,
+            spec.stride,
+            False,
+            (0,) * spec.nd,
+            1,
+        )
         out[s:e].copy_(r[crop].transpose(0, 1))
     return out
 
@@ -87,12 +107,17 @@ def plain(spec: CallSpec) -> bool:
 def _forward_form_valid(spec: CallSpec, w: torch.Tensor) -> bool:
     """The forward form's structure: a plain conv, stride and dilation 1 and no kernel dim of
     1 (else the form has one output position per weight element and never pays)."""
-    return (plain(spec) and all(k > 1 for k in w.shape[2:])
-            and all(s == 1 for s in spec.stride) and all(d == 1 for d in spec.dilation))
+    return (
+        plain(spec)
+        and all(k > 1 for k in w.shape[2:])
+        and all(s == 1 for s in spec.stride)
+        and all(d == 1 for d in spec.dilation)
+    )
 
 
-def candidates(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
-               cot: torch.Tensor) -> dict[str, Way]:
+def candidates(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor
+) -> dict[str, Way]:
     """The exact ways of computing this call's correlation, by name."""
     if spec.kind == "linear":
         return {"matmul": matmul}
@@ -104,26 +129,33 @@ def candidates(spec: CallSpec, x: torch.Tensor, w: torch.Tensor,
     return ways
 
 
-def forward_form_pays(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor,
-                      pol: DispatchPolicy) -> bool:
+def forward_form_pays(
+    spec: CallSpec, w: torch.Tensor, cot: torch.Tensor, pol: DispatchPolicy
+) -> bool:
     """The policy's static rule for the forward form: small-output convs with many channels
     and enough multiply-adds, on ``forward_form_devices`` (docs/PERFORMANCE.md, 'Why the
     runtime chooses what it does')."""
-    return (_forward_form_valid(spec, w) and cot.device.type in pol.forward_form_devices
-            and min(w.shape[0], w.shape[1]) >= pol.forward_form_min_channels
-            and cot.numel() * w.shape[1:].numel() >= pol.forward_form_min_macs
-            and 0 < cot.shape[0] * cot.shape[2:].numel() <= pol.forward_form_max_reduction)
+    return (
+        _forward_form_valid(spec, w)
+        and cot.device.type in pol.forward_form_devices
+        and min(w.shape[0], w.shape[1]) >= pol.forward_form_min_channels
+        and cot.numel() * w.shape[1:].numel() >= pol.forward_form_min_macs
+        and 0 < cot.shape[0] * cot.shape[2:].numel() <= pol.forward_form_max_reduction
+    )
 
 
 def blocked(spec: CallSpec, w: torch.Tensor, pol: DispatchPolicy) -> bool:
     """The policy's static rule for unit blocks: large plain conv weights on
     ``blocked_devices`` (docs/PERFORMANCE.md, 'Why the runtime chooses what it does')."""
-    return (plain(spec) and w.shape[0] > pol.block_units and w.numel() >= pol.blocked_min_numel
-            and w.device.type in pol.blocked_devices)
+    return (
+        plain(spec)
+        and w.shape[0] > pol.block_units
+        and w.numel() >= pol.blocked_min_numel
+        and w.device.type in pol.blocked_devices
+    )
 
 
-def static_choice(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor,
-                  pol: DispatchPolicy) -> str:
+def static_choice(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor, pol: DispatchPolicy) -> str:
     """The way today's thresholds in ``pol`` take for this call."""
     if spec.kind == "linear":
         return "matmul"
@@ -132,8 +164,9 @@ def static_choice(spec: CallSpec, w: torch.Tensor, cot: torch.Tensor,
     return "unit_blocks" if blocked(spec, w, pol) else "vendor"
 
 
-def choose(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, *,
-           as_forward: bool = True) -> str:
+def choose(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, *, as_forward: bool = True
+) -> str:
     """The way this call's correlation is computed: where the policy's ``measure`` is on and
     several ways apply, the fastest of them timed on these operands at their first use
     (``measure.py``; cached per shapes, dtype, layout and threads), else the static choice.
@@ -148,13 +181,17 @@ def choose(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, 
     if len(ways) < 2 or not pol.measure:
         return static
     op = "correlation" if as_forward else "weight_grad"
-    return measure.choose(op, (*measure.operand_key(x, w, cot), spec),
-                          {n: functools.partial(f, spec, x, w, cot) for n, f in ways.items()},
-                          static)
+    return measure.choose(
+        op,
+        (*measure.operand_key(x, w, cot), spec),
+        {n: functools.partial(f, spec, x, w, cot) for n, f in ways.items()},
+        static,
+    )
 
 
-def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, *,
-               as_forward: bool = True) -> torch.Tensor:
+def weight_vjp(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, *, as_forward: bool = True
+) -> torch.Tensor:
     """sum over uses of cot (x) x: the weight gradient of the call with cotangent ``cot``, the
     way :func:`choose` picks. ``as_forward=False`` is for backprop's own dL/dW, which ghlc
     computes with the weight-gradient kernel, as backprop does (unit blocks allowed)."""
@@ -162,8 +199,9 @@ def weight_vjp(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tens
     return globals()[way](spec, x, w, cot)
 
 
-def weight_grad_units(spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                      s: int, e: int) -> torch.Tensor:
+def weight_grad_units(
+    spec: CallSpec, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, s: int, e: int
+) -> torch.Tensor:
     """dL/dW for output units s..e-1 only."""
     if spec.kind == "linear":
         g2 = g.reshape(-1, g.shape[-1])[:, s:e]

@@ -47,20 +47,26 @@ def _innermost_order(v: torch.Tensor, dim: int) -> list[int] | None:
     return order if v.permute(order).is_contiguous() else None
 
 
-def activity_sums(spec: CallSpec, y: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                  corr: torch.Tensor) -> bool:
+def activity_sums(
+    spec: CallSpec, y: torch.Tensor, u: torch.Tensor, w: torch.Tensor, corr: torch.Tensor
+) -> bool:
     """Whether Oja's per-unit ``sum_j y_k u_k`` is summed over the call's y and u (fewer
     elements than the weight: linear layers at ordinary batch sizes, convs with small
     outputs) instead of as ``<W_k, corr_k> + b_k sum_j y_k`` over the weight; the same sum.
     On the policy's ``activity_sum_devices``, output units along the weight's dim 0, one
     dtype, eager kernels (docs/PERFORMANCE.md, 'Why the runtime chooses what it does')."""
-    return (u.device.type in policy.current().activity_sum_devices and u.numel() < w.numel()
-            and units_lead(spec, corr)
-            and u.dtype == y.dtype == corr.dtype and not fused.active(corr))
+    return (
+        u.device.type in policy.current().activity_sum_devices
+        and u.numel() < w.numel()
+        and units_lead(spec, corr)
+        and u.dtype == y.dtype == corr.dtype
+        and not fused.active(corr)
+    )
 
 
-def unit_activity(spec: CallSpec, y: torch.Tensor, u: torch.Tensor,
-                  numel: int | None = None) -> torch.Tensor:
+def unit_activity(
+    spec: CallSpec, y: torch.Tensor, u: torch.Tensor, numel: int | None = None
+) -> torch.Tensor:
     """Per output unit, the sum of ``y * u`` over batch and positions, a chunk of samples (or
     rows) at a time: a product temporary of at most ``numel`` elements (default: the
     policy's ``dot_block_numel``)."""
@@ -72,5 +78,5 @@ def unit_activity(spec: CallSpec, y: torch.Tensor, u: torch.Tensor,
     rows = max(1, numel // max(1, y.shape[1:].numel()))
     s = (y[:rows] * u[:rows]).sum(dims)
     for r in range(rows, n, rows):
-        s += (y[r:r + rows] * u[r:r + rows]).sum(dims)
+        s += (y[r : r + rows] * u[r : r + rows]).sum(dims)
     return s

@@ -51,28 +51,52 @@ def _grads(spec: CallSpec, g, x, w, need):
         return gx, gw, gb
     bias_sizes = [g.shape[1]] if need[2] else None
     return torch.ops.aten.convolution_backward(
-        g, x, w, bias_sizes, spec.stride, spec.padding, spec.dilation, spec.transposed,
-        spec.output_padding if spec.transposed else (0,) * spec.nd, spec.groups, list(need),
+        g,
+        x,
+        w,
+        bias_sizes,
+        spec.stride,
+        spec.padding,
+        spec.dilation,
+        spec.transposed,
+        spec.output_padding if spec.transposed else (0,) * spec.nd,
+        spec.groups,
+        list(need),
     )
 
 
 def _create_graph_message(site: PlasticParam) -> str:
-    return (f"layer {site.layer!r}: a backward pass with create_graph=True through a plastic "
-            "layer is not supported (GHL replaces its weight's gradient)")
+    return (
+        f"layer {site.layer!r}: a backward pass with create_graph=True through a plastic "
+        "layer is not supported (GHL replaces its weight's gradient)"
+    )
 
 
 def _retained_graph_message(site: PlasticParam) -> str:
-    return (f"layer {site.layer!r}: a second backward pass through the same graph "
-            "(retain_graph=True) is not supported")
+    return (
+        f"layer {site.layer!r}: a second backward pass through the same graph "
+        "(retain_graph=True) is not supported"
+    )
 
 
 class PlasticCall(torch.autograd.Function):
     """u = f(x; w) + b; backward returns ordinary grads and records H for ``site``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
-                out_saved: bool, copy_out: bool, view, stack: bool = False,
-                amp: torch.dtype | None = None):
+    def forward(
+        ctx,
+        x,
+        w,
+        b,
+        spec: CallSpec,
+        site: PlasticParam,
+        hebbian_at: str,
+        out_saved: bool,
+        copy_out: bool,
+        view,
+        stack: bool = False,
+        amp: torch.dtype | None = None,
+    ):
         # amp: autocast's dtype; x and b come cast, w is cast here, so that the weight's
         # gradient (returned in w's dtype) reaches the parameter with no cast in between and
         # the in-call combine still applies; H is then in w's dtype (_hebbian_in)
@@ -85,8 +109,9 @@ class PlasticCall(torch.autograd.Function):
         site.note_call()
         ctx.spec, ctx.site, ctx.view, ctx.stack, ctx.h_dtype = spec, site, view, stack, h_dtype
         ctx.h = None
-        at = choose_at(hebbian_at, out_saved, copy_out, w.numel(), out.numel(),
-                       block_fraction(site.rule))
+        at = choose_at(
+            hebbian_at, out_saved, copy_out, w.numel(), out.numel(), block_fraction(site.rule)
+        )
         if at == "block":
             ctx.h = Block(*sample_block(spec, x, out.detach(), site.rule))
             ctx.save_for_backward(x, w, b)
@@ -117,8 +142,9 @@ class PlasticCall(torch.autograd.Function):
         x, w = saved[0], saved[1]
         spec, site = ctx.spec, ctx.site
         need = ctx.needs_input_grad[:3]
-        in_call = (need[1] and ctx.view is None and splits_by_unit(spec)
-                   and site.can_combine_in_call(w))
+        in_call = (
+            need[1] and ctx.view is None and splits_by_unit(spec) and site.can_combine_in_call(w)
+        )
         if ctx.stack and need[1] and not in_call and ctx.h is None and len(saved) == 4:
             gx = gb = None
             if need[0] or need[2]:
@@ -151,8 +177,16 @@ class PlasticCall(torch.autograd.Function):
         return gx, gw if need[1] else None, gb, None, None, None, None, None, None, None, None
 
 
-def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
-                h_dtype: torch.dtype | None, presampled: bool = False) -> torch.Tensor:
+def _hebbian_in(
+    spec: CallSpec,
+    x,
+    u,
+    w,
+    b,
+    site: PlasticParam,
+    h_dtype: torch.dtype | None,
+    presampled: bool = False,
+) -> torch.Tensor:
     """H of one call. With ``h_dtype`` (a call run by autocast in a lower precision) H is in
     that dtype (the weight's): by default from the call's operands upcast to it, so that all
     of the rule's arithmetic is in it; with the rule's ``precision="autocast"`` the
@@ -168,9 +202,18 @@ def _hebbian_in(spec: CallSpec, x, u, w, b, site: PlasticParam,
         return hebbian_raw(spec, x, u, w, b, site.rule, presampled=presampled, u_exact=False)
 
 
-def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
-                 out_saved: bool, copy_out: bool, view,
-                 h_dtype: torch.dtype | None = None) -> torch.Tensor:
+def _hooked_call(
+    x,
+    w,
+    b,
+    spec: CallSpec,
+    site: PlasticParam,
+    hebbian_at: str,
+    out_saved: bool,
+    copy_out: bool,
+    view,
+    h_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The call as backprop runs it; a hook on the autograd node that computes its weight
     gradient adds H to ``site`` when that node runs (so before the weight's gradient is
     accumulated and combined). ``h_dtype``: see :func:`_hebbian_in`.
@@ -184,15 +227,15 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
     site.note_call()
     # (x, w, b are held as they are: the hook runs without grad mode, so nothing is recorded;
     # only the output is detached, since a hook holding its own tensor would be a cycle)
-    at = choose_at(hebbian_at, out_saved, copy_out, w.numel(), out.numel(),
-                   block_fraction(site.rule))
+    at = choose_at(
+        hebbian_at, out_saved, copy_out, w.numel(), out.numel(), block_fraction(site.rule)
+    )
     # [H, or None and the input and output it comes from, the output's version, whether
     # they are the sampled block already]: one flat list, emptied when used
     held: list[Any]
     if at == "forward":
         with torch.no_grad():
-            held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0,
-                    False]
+            held = [_hebbian_in(spec, x, out.detach(), w, b, site, h_dtype), None, None, 0, False]
     elif at == "block":
         xs, us = sample_block(spec, x, out.detach(), site.rule)
         held = [None, xs, us, us._version, True]
@@ -212,7 +255,8 @@ def _hooked_call(x, w, b, spec: CallSpec, site: PlasticParam, hebbian_at: str,
         if h is None:
             if u._version != version:
                 raise RuntimeGHLError(
-                    f"layer {site.layer!r}: its output was modified in place after the call")
+                    f"layer {site.layer!r}: its output was modified in place after the call"
+                )
             h = _hebbian_in(spec, xs, u, w, b, site, h_dtype, presampled)
         site.add(h, view, axes)
 
@@ -233,7 +277,8 @@ def _needs_function(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -
     """Whether the call may use the in-call combine (see PlasticParam.can_combine_in_call),
     which only PlasticCall's backward can do, or the policy runs every call that way."""
     return not policy.current().hooked_calls or (
-        view is None and site.direct and splits_by_unit(spec) and in_call_sized(w))
+        view is None and site.direct and splits_by_unit(spec) and in_call_sized(w)
+    )
 
 
 def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
@@ -243,16 +288,23 @@ def _stacks(spec: CallSpec, w: torch.Tensor, site: PlasticParam, view) -> bool:
     if not fused.stacking():
         return False
     pol = policy.current()
-    return (view is None and site.direct and w.device.type in pol.stack_devices
-            and stackable(spec, site.rule)
-            and (pol.stack_max_numel is None or w.numel() < pol.stack_max_numel))
+    return (
+        view is None
+        and site.direct
+        and w.device.type in pol.stack_devices
+        and stackable(spec, site.rule)
+        and (pol.stack_max_numel is None or w.numel() < pol.stack_max_numel)
+    )
 
 
 @functools.cache
 def _warn_float16() -> None:
-    warnings.warn("ghlc: float16 autocast: scale the loss with ghlc.GradScaler, not "
-                  "torch.amp.GradScaler, whose unscale_ would also divide the plastic weights' "
-                  "|H|*sign(G) by the loss scale", stacklevel=4)
+    warnings.warn(
+        "ghlc: float16 autocast: scale the loss with ghlc.GradScaler, not "
+        "torch.amp.GradScaler, whose unscale_ would also divide the plastic weights' "
+        "|H|*sign(G) by the loss scale",
+        stacklevel=4,
+    )
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -273,9 +325,18 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.to(dtype)
 
 
-def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
-                 copy_out: bool = False, view: tuple | None = None, hebbian_at: str = "auto",
-                 out_saved: bool = False) -> torch.Tensor:
+def plastic_call(
+    x,
+    w,
+    b,
+    spec: CallSpec,
+    site: PlasticParam,
+    unbatched: bool,
+    copy_out: bool = False,
+    view: tuple | None = None,
+    hebbian_at: str = "auto",
+    out_saved: bool = False,
+) -> torch.Tensor:
     """Run one conv/linear call as a plastic call (handles unbatched and 'same' padding).
 
     Under autocast the call runs as autocast runs the plain op (its operands cast to the
@@ -295,8 +356,9 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
         h_dtype = w.dtype if wc.dtype != w.dtype else None
         w = w if h_dtype is not None and _needs_function(spec, w, site, view) else wc
     if h_dtype is not None and w is not wc:  # the weight is cast inside the call
-        out = PlasticCall.apply(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view, False,
-                                wc.dtype)
+        out = PlasticCall.apply(
+            x, w, b, spec, site, hebbian_at, out_saved, copy_out, view, False, wc.dtype
+        )
     elif h_dtype is not None:
         out = _hooked_call(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view, h_dtype)
     elif (stack := _stacks(spec, w, site, view)) or _needs_function(spec, w, site, view):
@@ -304,4 +366,3 @@ def plastic_call(x, w, b, spec: CallSpec, site: PlasticParam, unbatched: bool,
     else:
         out = _hooked_call(x, w, b, spec, site, hebbian_at, out_saved, copy_out, view)
     return out.squeeze(0) if unbatched else out
-

@@ -128,7 +128,7 @@ def row_dots(c: torch.Tensor, w: torch.Tensor, numel: int | None = None) -> torc
         return torch.linalg.vecdot(c2, w2)
     out = c2.new_empty(k)
     for s in range(0, k, rows):
-        torch.linalg.vecdot(c2[s:s + rows], w2[s:s + rows], out=out[s:s + rows])
+        torch.linalg.vecdot(c2[s : s + rows], w2[s : s + rows], out=out[s : s + rows])
     return out
 
 
@@ -141,8 +141,9 @@ def memory_order(t: torch.Tensor) -> list[int]:
     return [0, *rest]
 
 
-def oja_decay_eager_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def oja_decay_eager_(
+    c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]`` in place (or into ``out``), output
     units along dim 0 (Oja's decay; ``extra`` is the bias term, or None)."""
     s = row_dots(c, w)
@@ -174,8 +175,9 @@ def _scaled_sign_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torc
     return a
 
 
-def _oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def _oja_decay_(
+    c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     s = (c * w).flatten(1).sum(1)
     if extra is not None:
         s = s + extra
@@ -198,9 +200,13 @@ def _run(name: str, fn: Callable, eager: Callable, *args):
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
         STATUS.compile_broken = f"{type(e).__name__}: {first_line(e)}"
-        warnings.warn(f"ghlc: compiling the fused Hebbian kernels failed "
-                      f"({STATUS.compile_broken}); "
-                      "using the eager formulas", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ghlc: compiling the fused Hebbian kernels failed "
+            f"({STATUS.compile_broken}); "
+            "using the eager formulas",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return eager(*args)
 
 
@@ -212,8 +218,7 @@ def _triton_softmax(v: torch.Tensor) -> Callable | None:
     pol = policy.current()
     if pol.fused == "off" or STATUS.triton_broken is not None or not v.is_cuda:
         return None
-    if (pol.fused == "auto" and STATUS.capturing == 0
-            and v.numel() < pol.triton_eager_min_numel):
+    if pol.fused == "auto" and STATUS.capturing == 0 and v.numel() < pol.triton_eager_min_numel:
         return None
     if torch.compiler.is_compiling() or not _has_triton():
         return None
@@ -225,8 +230,9 @@ def _triton_softmax(v: torch.Tensor) -> Callable | None:
     return channel_softmax
 
 
-def _triton_call(v: torch.Tensor, dim: int, t: float,
-                 out: torch.Tensor | None = None) -> torch.Tensor | None:
+def _triton_call(
+    v: torch.Tensor, dim: int, t: float, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The Triton softmax where :func:`_triton_softmax` allows; None elsewhere or, once, when
     it fails to build (with a warning; the caller falls back)."""
     kernel = _triton_softmax(v)
@@ -238,8 +244,12 @@ def _triton_call(v: torch.Tensor, dim: int, t: float,
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
         STATUS.triton_broken = f"{type(e).__name__}: {first_line(e)}"
-        warnings.warn(f"ghlc: the Triton softmax kernel failed ({STATUS.triton_broken}); using "
-                      "the compiled or eager formula", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ghlc: the Triton softmax kernel failed ({STATUS.triton_broken}); using "
+            "the compiled or eager formula",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -275,8 +285,9 @@ def scaled_sign_(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch
     return scaled_sign_eager_(a, g, scale)
 
 
-def oja_decay_(c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def oja_decay_(
+    c: torch.Tensor, w: torch.Tensor, extra: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``c[k] <- c[k] - (<c[k], w[k]> + extra[k]) w[k]``, written into ``c`` (or ``out``)."""
     if active(c):
         return _run("oja_decay", _oja_decay_, oja_decay_eager_, c, w, extra, out)

@@ -33,14 +33,20 @@ from .mode import GHLMode, Runtime, Site
 
 _ATTR = "_ghl_runtime"  # the instance attribute holding the Runtime
 _CONVS: dict[type[nn.Conv1d | nn.Conv2d | nn.Conv3d], Callable[..., torch.Tensor]] = {
-    nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
 
 
 def _stock(module: nn.Module):
     """The torch class whose unmodified forward ``module`` runs, or None."""
     for cls in _CONVS:
-        if isinstance(module, cls) and type(module).forward is cls.forward and (
-                type(module)._conv_forward is cls._conv_forward):
+        if (
+            isinstance(module, cls)
+            and type(module).forward is cls.forward
+            and (type(module)._conv_forward is cls._conv_forward)
+        ):
             return cls
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return nn.Linear
@@ -85,8 +91,13 @@ class PlasticForward:
                 x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
                 padding = 0
         if self.spec is None:  # fixed by the module's settings: parsed once
-            self.spec = CallSpec("linear") if padding is None else parse_call(
-                _CONVS[self.cls], (x, w, m.bias, m.stride, padding, m.dilation, m.groups), {})[3]
+            self.spec = (
+                CallSpec("linear")
+                if padding is None
+                else parse_call(
+                    _CONVS[self.cls], (x, w, m.bias, m.stride, padding, m.dilation, m.groups), {}
+                )[3]
+            )
         spec = self.spec
         unbatched = spec.kind == "conv" and x.dim() == spec.nd + 1
         return Runtime.plastic(self.site, x, w, m.bias, spec, unbatched)
@@ -111,8 +122,9 @@ class EagerTraining:
 
     def _target(self):
         """The model's own forward, bound."""
-        return self.inner if self.inner is not None else type(self.module).forward.__get__(
-            self.module)
+        return (
+            self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
+        )
 
     @property
     def __signature__(self) -> inspect.Signature:

@@ -109,17 +109,24 @@ def operand_key(*tensors: torch.Tensor) -> tuple:
     return (tensors[0].device,) + tuple((t.dtype, t.shape, memory_format(t)) for t in tensors)
 
 
-def choose(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], static: str,
-           *, timer: Timer | None = None) -> str:
+def choose(
+    op: str,
+    key: tuple,
+    candidates: Mapping[str, Callable[[], object]],
+    static: str,
+    *,
+    timer: Timer | None = None,
+) -> str:
     """The name of the fastest of ``candidates`` (calls computing the same numbers) for
     ``(op, key)``, measured once per process and key; ``static`` where nothing is measured.
     ``key`` is a hashable tuple of what decides the speed (:func:`operand_key` of the operands,
     the call's geometry); its first ``torch.device`` says where to synchronise (CPU if none)."""
     if static not in candidates:
-        raise ValueError(f"{op}: static choice {static!r} is not among the candidates "
-                         f"{', '.join(candidates) or '(none)'}")
-    if (len(candidates) == 1 or not policy.current().measure
-            or torch.compiler.is_compiling()):
+        raise ValueError(
+            f"{op}: static choice {static!r} is not among the candidates "
+            f"{', '.join(candidates) or '(none)'}"
+        )
+    if len(candidates) == 1 or not policy.current().measure or torch.compiler.is_compiling():
         return static
     mem = (op, key, torch.get_num_threads())  # the torch version is the process's own
     hit = STORE.choices.get(mem)
@@ -140,8 +147,9 @@ def choose(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], 
             return hit
     clock: Timer = timer or time.perf_counter
     start = clock()
-    times = time_candidates(candidates, policy.current().measure_repeats, device, clock,
-                            keep=static)
+    times = time_candidates(
+        candidates, policy.current().measure_repeats, device, clock, keep=static
+    )
     STORE.seconds += clock() - start
     STORE.measured += 1
     best = fastest(times, static)
@@ -151,9 +159,14 @@ def choose(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], 
     return best
 
 
-def time_candidates(candidates: Mapping[str, Callable[[], object]], repeats: int,
-                    device: torch.device, timer: Timer, *, keep: str | None = None
-                    ) -> dict[str, float]:
+def time_candidates(
+    candidates: Mapping[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    timer: Timer,
+    *,
+    keep: str | None = None,
+) -> dict[str, float]:
     """Median seconds of ``repeats`` timed calls of each candidate, after one warm-up call
     each; the candidates take turns, so that a slow drift of the machine affects all alike.
     A candidate other than ``keep`` whose warm-up call raises a RuntimeError (say, out of
@@ -249,8 +262,7 @@ def machine_name(device: torch.device) -> str:
     """The name of the processor that runs kernels on ``device``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return (_cpuinfo("model name") or platform.processor() or platform.machine()
-            or "unknown cpu")
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown cpu"
 
 
 def _cache_path(folder: str, device: torch.device) -> str:
@@ -280,10 +292,14 @@ def _load(path: str) -> dict[str, str]:
         _warn_once(path, f"kernel cache {path} ignored: cannot read it ({e})")
         return {}
     choices = data.get("choices") if isinstance(data, dict) else None
-    if (not isinstance(choices, dict) or data.get("format") != _FORMAT
-            or not all(isinstance(v, str) for v in choices.values())):
-        _warn_once(path, f"kernel cache {path} ignored: not a ghlc kernel cache of format "
-                         f"{_FORMAT}")
+    if (
+        not isinstance(choices, dict)
+        or data.get("format") != _FORMAT
+        or not all(isinstance(v, str) for v in choices.values())
+    ):
+        _warn_once(
+            path, f"kernel cache {path} ignored: not a ghlc kernel cache of format {_FORMAT}"
+        )
         return {}
     return choices
 

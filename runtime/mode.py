@@ -30,13 +30,21 @@ class Site:
     (``hebbian_at``: when H is computed; ``accumulation``; ``module_call``: reached by
     replacing its module's forward, see install.py)."""
 
-    def __init__(self, info: LayerInfo, rule: HebbianRule, *, global_signal: str = "grad_sign",
-                 hebbian_at: str = "auto", accumulation: str = "auto",
-                 module_call: bool = False) -> None:
+    def __init__(
+        self,
+        info: LayerInfo,
+        rule: HebbianRule,
+        *,
+        global_signal: str = "grad_sign",
+        hebbian_at: str = "auto",
+        accumulation: str = "auto",
+        module_call: bool = False,
+    ) -> None:
         self.info, self.rule = info, rule
         self.hebbian_at, self.module_call = hebbian_at, module_call
-        self.state = PlasticParam(info.name, rule, info.module, accumulation,
-                                  global_signal=global_signal)
+        self.state = PlasticParam(
+            info.name, rule, info.module, accumulation, global_signal=global_signal
+        )
         self.state.direct = info.weight_use == "direct"
         self.param: torch.Tensor | None = None
 
@@ -66,8 +74,13 @@ class Site:
 class Runtime:
     """Holds the sites of one prepared module and binds them to its parameters."""
 
-    def __init__(self, sites: list[Site], graph: LayerGraph | None = None,
-                 inputs: list[dict] | None = None, source: dict | None = None) -> None:
+    def __init__(
+        self,
+        sites: list[Site],
+        graph: LayerGraph | None = None,
+        inputs: list[dict] | None = None,
+        source: dict | None = None,
+    ) -> None:
         self.sites = {s.name: s for s in sites}
         # what ghlc.save writes: the annotated graph (without the model), the example inputs'
         # shapes and dtypes, and the model's source file
@@ -92,7 +105,8 @@ class Runtime:
             if p is None:
                 raise RuntimeGHLError(
                     f"plastic parameter {name!r} is no longer in the model (was a submodule "
-                    "replaced after ghlc.prepare?); prepare the model as it will be trained")
+                    "replaced after ghlc.prepare?); prepare the model as it will be trained"
+                )
             self.by_id[id(p)] = site
             site.param = p
         self._bound_to = id(module)
@@ -130,8 +144,18 @@ class Runtime:
         assert site.param is not None  # bound (Runtime.bind) before any call reaches here
         site.state.arm(site.param)
         try:
-            return plastic_call(x, w, b, spec, site.state, unbatched, site.copy_out, view,
-                                site.hebbian_at, site.out_saved)
+            return plastic_call(
+                x,
+                w,
+                b,
+                spec,
+                site.state,
+                unbatched,
+                site.copy_out,
+                view,
+                site.hebbian_at,
+                site.out_saved,
+            )
         except Exception as e:
             raise RuntimeGHLError(f"layer {site.layer!r} at {_user_line()}: {describe(e)}") from e
 

@@ -59,8 +59,7 @@ class DispatchPolicy:
     forward_form_min_channels: int = 64
     forward_form_devices: tuple[str, ...] = ("cpu",)
     # Time the exact candidates on the real shapes at the first step and keep the fastest.
-    measure: bool = dataclasses.field(
-        default_factory=lambda: _env_flag("GHLC_MEASURE", True))
+    measure: bool = dataclasses.field(default_factory=lambda: _env_flag("GHLC_MEASURE", True))
     # Repeats per candidate when measuring (after one warm-up call).
     measure_repeats: int = 3
     # Oja's per-unit sum over y*u (instead of over the weight) where u is the smaller.
@@ -89,8 +88,7 @@ class DispatchPolicy:
 
     def __post_init__(self) -> None:
         if self.fused not in FUSED_MODES:
-            raise ConfigError(
-                f"fused={self.fused!r} is not one of {', '.join(FUSED_MODES)}")
+            raise ConfigError(f"fused={self.fused!r} is not one of {', '.join(FUSED_MODES)}")
 
 
 _STACK: list[DispatchPolicy] = []

@@ -48,8 +48,14 @@ def compete(u: torch.Tensor, spec: CallSpec, rule: HebbianRule) -> torch.Tensor:
 
 # ---- 2. the local term ----------------------------------------------------------------------
 def hebbian_raw(
-    spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-    rule: HebbianRule, dtype: torch.dtype | None = None, presampled: bool = False,
+    spec: CallSpec,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rule: HebbianRule,
+    dtype: torch.dtype | None = None,
+    presampled: bool = False,
     u_exact: bool = True,
 ) -> torch.Tensor:
     """Un-normalised local term H of one call (same shape as w).
@@ -64,13 +70,19 @@ def hebbian_raw(
             return hebbian_positions(spec, x, u, w, b, rule, dtype)
         x, u = sampled.subsample(spec, x, u, rule.sample_fraction, rule.sample_over)
     y = compete(u, spec, rule)
-    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype,
-                     u if u_exact else None)
+    return finish_in(spec, weight_vjp(spec, x, w, y), y, w, b, rule, dtype, u if u_exact else None)
 
 
-def finish_in(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-              b: torch.Tensor | None, rule: HebbianRule, dtype: torch.dtype | None,
-              u: torch.Tensor | None = None) -> torch.Tensor:
+def finish_in(
+    spec: CallSpec,
+    corr: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rule: HebbianRule,
+    dtype: torch.dtype | None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`hebbian_finish` in ``dtype``: the correlation, w and b cast to it first (rounded
     once, as backprop's own weight gradient is under autocast). ``u``: the call's output
     under y, for ``fast.activity_sums`` (not used when a cast is needed)."""
@@ -80,9 +92,15 @@ def finish_in(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tens
     return hebbian_finish(spec, corr, y, w, b, rule, u=u)
 
 
-def hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                       b: torch.Tensor | None, rule: HebbianRule,
-                       dtype: torch.dtype | None = None) -> torch.Tensor:
+def hebbian_positions(
+    spec: CallSpec,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rule: HebbianRule,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """H from a random grid of output positions of every sample: every q-th position along
     each spatial dim from a random offset (``sampled.grid_steps``), computed as the weight
     gradient of the equivalent strided conv (no patches are unfolded)."""
@@ -96,10 +114,16 @@ def hebbian_positions(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch
     return finish_in(spec, corr, y, w, b, rule, dtype)
 
 
-def hebbian_finish(spec: CallSpec, corr: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                   b: torch.Tensor | None, rule: HebbianRule,
-                   out: torch.Tensor | None = None,
-                   u: torch.Tensor | None = None) -> torch.Tensor:
+def hebbian_finish(
+    spec: CallSpec,
+    corr: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rule: HebbianRule,
+    out: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
     """H from the correlation ``corr`` = sum y.x (overwritten): ``corr`` minus Oja's decay
     ``(sum y*u)[k] W[k]``, or ``corr`` itself for the plain Hebb rule. u is linear in W, so
     ``(sum y*u)[k] = <W_k, corr_k> + b_k sum y_k``, summed over the weight; or over y and u
@@ -167,8 +191,9 @@ def unit_amax(a: torch.Tensor, axes: UnitAxes = UNITS_LEAD) -> torch.Tensor:
     return per.expand(g, cin // g, cog).reshape(cin, cog).view(cin, cog, *([1] * (a.dim() - 2)))
 
 
-def scale_of(h: torch.Tensor, rule: HebbianRule, axes: UnitAxes = UNITS_LEAD,
-             nonneg: bool = False) -> torch.Tensor:
+def scale_of(
+    h: torch.Tensor, rule: HebbianRule, axes: UnitAxes = UNITS_LEAD, nonneg: bool = False
+) -> torch.Tensor:
     """max|H| + 1e-30 over the layer, or per output unit (``normalisation="unit"``);
     ``nonneg``: h is already |H|. (Plain max reductions: docs/PERFORMANCE.md, 'Why the
     runtime chooses what it does'.)"""
@@ -181,9 +206,14 @@ def scale_of(h: torch.Tensor, rule: HebbianRule, axes: UnitAxes = UNITS_LEAD,
 
 
 # ---- 4. combination -------------------------------------------------------------------------
-def combine(h_raw: torch.Tensor, g: torch.Tensor | None, rule: HebbianRule,
-            inplace: bool = False, axes: UnitAxes = UNITS_LEAD,
-            global_signal: str = "grad_sign") -> torch.Tensor:
+def combine(
+    h_raw: torch.Tensor,
+    g: torch.Tensor | None,
+    rule: HebbianRule,
+    inplace: bool = False,
+    axes: UnitAxes = UNITS_LEAD,
+    global_signal: str = "grad_sign",
+) -> torch.Tensor:
     """The plastic weight's gradient: |H_n| * sign(G) (GHL), or -H_n (pure Hebbian, where
     ``global_signal="none"`` or ``g`` is None). ``inplace`` writes it into ``h_raw`` (no new
     weight-sized buffer)."""

@@ -25,8 +25,9 @@ def block_fraction(rule: HebbianRule) -> float:
     return rule.sample_fraction if rule.sample_over == "batch" else 1.0
 
 
-def sample_block(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, rule: HebbianRule
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_block(
+    spec: CallSpec, x: torch.Tensor, u: torch.Tensor, rule: HebbianRule
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled mode's block of the batch, drawn now: a view of x (which backprop keeps)
     and a copy of u's block (so that u itself need not be kept), for
     ``hebbian_raw(..., presampled=True)`` in the backward pass."""
@@ -40,8 +41,7 @@ def draw(n: int) -> int:
     return int(torch.randint(0, n, ()))
 
 
-def subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float,
-               over: str = "batch"):
+def subsample(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, frac: float, over: str = "batch"):
     """Fast approximate mode over the batch: a random contiguous block of samples (rows for
     linear), a view, so no activation is copied; batches are shuffled by the data loader.
     ``over="positions"`` for a linear layer: every n-th row (n = round(1/frac)) from a random
@@ -129,8 +129,9 @@ def grid_dim(length: int, out: int, k: int, s: int, p: int, d: int, q: int, a: i
     return GridDim(q, a, m, start, n, big, pad, lead)
 
 
-def sample_grid(spec: CallSpec, x_shape, w_shape, out_shape, frac: float,
-                offsets: tuple[int, ...] | None = None) -> tuple[GridDim, ...]:
+def sample_grid(
+    spec: CallSpec, x_shape, w_shape, out_shape, frac: float, offsets: tuple[int, ...] | None = None
+) -> tuple[GridDim, ...]:
     """The sampled grid of a (non-transposed, batched) conv call: steps from
     :func:`grid_steps`, offsets drawn uniformly (or given)."""
     steps = grid_steps(frac, spec.nd)
@@ -139,13 +140,24 @@ def sample_grid(spec: CallSpec, x_shape, w_shape, out_shape, frac: float,
         out = out_shape[2 + i]
         q = min(steps[i], out)
         a = draw(q) if offsets is None else offsets[i]
-        dims.append(grid_dim(x_shape[2 + i], out, w_shape[2 + i], spec.stride[i],
-                             spec.padding[i], spec.dilation[i], q, a))
+        dims.append(
+            grid_dim(
+                x_shape[2 + i],
+                out,
+                w_shape[2 + i],
+                spec.stride[i],
+                spec.padding[i],
+                spec.dilation[i],
+                q,
+                a,
+            )
+        )
     return tuple(dims)
 
 
-def grid_call(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, grid: tuple[GridDim, ...]
-              ) -> tuple[CallSpec, torch.Tensor, torch.Tensor]:
+def grid_call(
+    spec: CallSpec, x: torch.Tensor, u: torch.Tensor, grid: tuple[GridDim, ...]
+) -> tuple[CallSpec, torch.Tensor, torch.Tensor]:
     """(strided spec, narrowed input, sampled outputs) of a sampled grid (views, no copies)."""
     sx = x
     index = [slice(None), slice(None)]

@@ -20,9 +20,15 @@ def stackable(spec: CallSpec, rule: HebbianRule) -> bool:
     return plain(spec) and rule.sample_fraction >= 1.0
 
 
-def stacked_wgrads(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                   u: torch.Tensor, g: torch.Tensor, rule: HebbianRule
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_wgrads(
+    spec: CallSpec,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    u: torch.Tensor,
+    g: torch.Tensor,
+    rule: HebbianRule,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dW, H) of a :func:`stackable` call from ONE weight-gradient call: the cotangents g
     and y = compete(u) stacked along the output channels, against a weight of twice the
     output channels (the input x is read and re-laid-out once for both). The softmax writes y
@@ -40,8 +46,13 @@ def stacked_wgrads(spec: CallSpec, x: torch.Tensor, w: torch.Tensor, b: torch.Te
         y = compete(u, spec, rule)
         gy = torch.cat([g, y], 1)
         y = gy[:, c:]
-    fmt = (torch.channels_last if w.dim() == 4 and not w.is_contiguous()
-           and w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    fmt = (
+        torch.channels_last
+        if w.dim() == 4
+        and not w.is_contiguous()
+        and w.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
     w2 = torch.empty((2 * c, *w.shape[1:]), dtype=w.dtype, device=w.device, memory_format=fmt)
     both = weight_vjp(spec, x, w2, gy, as_forward=False)  # (w2: only its shape is read)
     h = torch.empty_like(w, memory_format=torch.contiguous_format)

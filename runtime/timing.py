@@ -30,8 +30,14 @@ from .calls import CallSpec
 from .rule import hebbian_finish
 
 
-def choose_at(hebbian_at: str, out_saved: bool, copy_out: bool, w_numel: int,
-              out_numel: int, fraction: float = 1.0) -> str:
+def choose_at(
+    hebbian_at: str,
+    out_saved: bool,
+    copy_out: bool,
+    w_numel: int,
+    out_numel: int,
+    fraction: float = 1.0,
+) -> str:
     """``forward``, ``backward`` or ``block`` for one call (see the module docstring);
     ``fraction``: :func:`~.sampled.block_fraction` of the call's rule."""
     if hebbian_at not in ("auto", "fast", "recompute"):
@@ -60,17 +66,23 @@ class Block:
 def splits(hebbian_at: str, w: torch.Tensor) -> bool:
     """Whether ``hebbian_at`` splits a call of ``w`` that :func:`split_units` allows."""
     return hebbian_at == "recompute" or (
-        hebbian_at == "auto" and w.device.type in policy.current().split_devices)
+        hebbian_at == "auto" and w.device.type in policy.current().split_devices
+    )
 
 
 def split_units(spec: CallSpec, w: torch.Tensor, rule: HebbianRule) -> int:
     """How many output units of this call :func:`hebbian_split` recomputes (0: no split)."""
     pol = policy.current()
-    if (spec.kind != "conv" or spec.transposed or spec.groups != 1
-            or w.numel() < pol.split_min_numel
-            or rule.competition != "softmax" or rule.competition_scope != "layer"
-            or (rule.sample_fraction < 1.0 and rule.sample_over != "batch")
-            or w.shape[0] < 2 * pol.split_units):
+    if (
+        spec.kind != "conv"
+        or spec.transposed
+        or spec.groups != 1
+        or w.numel() < pol.split_min_numel
+        or rule.competition != "softmax"
+        or rule.competition_scope != "layer"
+        or (rule.sample_fraction < 1.0 and rule.sample_over != "batch")
+        or w.shape[0] < 2 * pol.split_units
+    ):
         return 0
     return pol.split_units
 
@@ -86,8 +98,15 @@ class SplitH:
     x: torch.Tensor
 
 
-def hebbian_split(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                  b: torch.Tensor | None, rule: HebbianRule, n_recompute: int) -> SplitH:
+def hebbian_split(
+    spec: CallSpec,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rule: HebbianRule,
+    n_recompute: int,
+) -> SplitH:
     """Forward half of the split timing: H of all units but the last ``n_recompute``
     (``hebbian_raw``'s numbers, to float32 rounding, once :func:`hebbian_split_finish`
     has added the rest)."""
@@ -101,16 +120,18 @@ def hebbian_split(spec: CallSpec, x: torch.Tensor, u: torch.Tensor, w: torch.Ten
     # (in unit blocks where the whole weight's correlation would be: w[:k] alone may be
     # under the size limit, and one call on it is the slower)
     pol = policy.current()
-    corr = (correlation.by_units(spec, x, w[:k], y, pol.block_units)
-            if correlation.blocked(spec, w, pol)
-            and not correlation.forward_form_pays(spec, w, y, pol)
-            else correlation.weight_vjp(spec, x, w[:k], y))
+    corr = (
+        correlation.by_units(spec, x, w[:k], y, pol.block_units)
+        if correlation.blocked(spec, w, pol) and not correlation.forward_form_pays(spec, w, y, pol)
+        else correlation.weight_vjp(spec, x, w[:k], y)
+    )
     h = hebbian_finish(spec, corr, y, w[:k], None if b is None else b[:k], rule)
     return SplitH(h, lse, x)
 
 
-def hebbian_split_finish(spec: CallSpec, w: torch.Tensor, b: torch.Tensor | None,
-                         kept: SplitH, rule: HebbianRule) -> torch.Tensor:
+def hebbian_split_finish(
+    spec: CallSpec, w: torch.Tensor, b: torch.Tensor | None, kept: SplitH, rule: HebbianRule
+) -> torch.Tensor:
     """Backward half: H of the last units from their recomputed output, joined to the rest."""
     assert kept.h is not None  # set by hebbian_split, dropped only here
     n, k, x = w.shape[0], kept.h.shape[0], kept.x

@@ -13,8 +13,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _channel_softmax(v_ptr, y_ptr, C, S, n_sblocks, so, sc, ss, yo, yc, ys, t,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _channel_softmax(
+    v_ptr,
+    y_ptr,
+    C,
+    S,
+    n_sblocks,
+    so,
+    sc,
+    ss,
+    yo,
+    yc,
+    ys,
+    t,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     pid = tl.program_id(0)
     o = pid // n_sblocks
     s = (pid % n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -26,8 +40,14 @@ def _channel_softmax(v_ptr, y_ptr, C, S, n_sblocks, so, sc, ss, yo, yc, ys, t,
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cs
         mask = (c[:, None] < C) & smask[None, :]
-        x = tl.load(base + c[:, None].to(tl.int64) * sc + s[None, :] * ss, mask=mask,
-                    other=float("-inf")).to(tl.float32) * t
+        x = (
+            tl.load(
+                base + c[:, None].to(tl.int64) * sc + s[None, :] * ss,
+                mask=mask,
+                other=float("-inf"),
+            ).to(tl.float32)
+            * t
+        )
         m_new = tl.maximum(m, tl.max(x, axis=0))
         den = den * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
         m = m_new
@@ -35,15 +55,25 @@ def _channel_softmax(v_ptr, y_ptr, C, S, n_sblocks, so, sc, ss, yo, yc, ys, t,
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cs
         mask = (c[:, None] < C) & smask[None, :]
-        x = tl.load(base + c[:, None].to(tl.int64) * sc + s[None, :] * ss, mask=mask,
-                    other=float("-inf")).to(tl.float32) * t
+        x = (
+            tl.load(
+                base + c[:, None].to(tl.int64) * sc + s[None, :] * ss,
+                mask=mask,
+                other=float("-inf"),
+            ).to(tl.float32)
+            * t
+        )
         y = tl.exp(x - m[None, :]) / den[None, :]
-        tl.store(ybase + c[:, None].to(tl.int64) * yc + s[None, :] * ys,
-                 y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            ybase + c[:, None].to(tl.int64) * yc + s[None, :] * ys,
+            y.to(y_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
-def channel_softmax(v: torch.Tensor, dim: int, t: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def channel_softmax(
+    v: torch.Tensor, dim: int, t: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(t * v) over ``dim`` (t > 0), same shape and memory layout as ``v``; or written
     into ``out`` (same shape; its dims after ``dim`` must merge into one, as in a channel
     slice of a contiguous tensor)."""
@@ -53,7 +83,7 @@ def channel_softmax(v: torch.Tensor, dim: int, t: float,
     for n in v.shape[:dim]:
         outer *= n
     s = 1
-    for n in v.shape[dim + 1:]:
+    for n in v.shape[dim + 1 :]:
         s *= n
     v3 = v.reshape(outer, c, s)  # a view for contiguous and channels-last tensors
     y3 = torch.empty_like(v3) if out is None else out.view(outer, c, s)
@@ -65,7 +95,15 @@ def channel_softmax(v: torch.Tensor, dim: int, t: float,
     # Triton launches on the current device (the CPU interpreter in tests has none)
     with torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext():
         _channel_softmax[(outer * n_sblocks,)](
-            v3, y3, c, s, n_sblocks, *v3.stride(), *y3.stride(), float(t),
-            BLOCK_C=block_c, BLOCK_S=block_s,
+            v3,
+            y3,
+            c,
+            s,
+            n_sblocks,
+            *v3.stride(),
+            *y3.stride(),
+            float(t),
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
         )
     return y3.view(v.shape) if out is None else out

@@ -102,8 +102,7 @@ def patches(t: torch.Tensor, k, s, p, d) -> torch.Tensor:
 
 
 # ---- 2. the local rule of one call -------------------------------------------------------------
-def call_term(c: Call, rule: dict | None = None, mask: torch.Tensor | None = None
-              ) -> torch.Tensor:
+def call_term(c: Call, rule: dict | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Raw H of one call, shaped like the weight as used. ``mask`` (0/1; (rows,) for linear,
     (N, *out positions) for convs) keeps only those terms of both sums; by default it is
     ``sample_mask(c, rule)`` (None when exact)."""
@@ -151,8 +150,9 @@ def call_term(c: Call, rule: dict | None = None, mask: torch.Tensor | None = Non
 
 
 # ---- 3. and 4. normalise and combine --------------------------------------------------------
-def normalise(h: torch.Tensor, normalisation: str = "layer", transposed_groups: int = 0
-              ) -> torch.Tensor:
+def normalise(
+    h: torch.Tensor, normalisation: str = "layer", transposed_groups: int = 0
+) -> torch.Tensor:
     """H / max|H| over the layer, or over each output unit ("unit"): units along dim 0, or,
     for a transposed conv's (C_in, C_out/g, *k) weight with ``transposed_groups`` g, unit
     (group, j) owning column j of the group's rows."""
@@ -168,14 +168,18 @@ def normalise(h: torch.Tensor, normalisation: str = "layer", transposed_groups: 
         return out
     g, cig = transposed_groups, h.shape[0] // transposed_groups
     for gi, j in itertools.product(range(g), range(h.shape[1])):
-        block = h[gi * cig:(gi + 1) * cig, j]
-        out[gi * cig:(gi + 1) * cig, j] = block / (block.abs().max() + 1e-30)
+        block = h[gi * cig : (gi + 1) * cig, j]
+        out[gi * cig : (gi + 1) * cig, j] = block / (block.abs().max() + 1e-30)
     return out
 
 
-def expected_grad(h: torch.Tensor, g: torch.Tensor | None, global_signal: str = "grad_sign",
-                  normalisation: str = "layer", module: nn.Module | None = None
-                  ) -> torch.Tensor:
+def expected_grad(
+    h: torch.Tensor,
+    g: torch.Tensor | None,
+    global_signal: str = "grad_sign",
+    normalisation: str = "layer",
+    module: nn.Module | None = None,
+) -> torch.Tensor:
     """The plastic weight's gradient from raw H and the backprop gradient G (``module`` only
     says where a transposed conv's units lie, for "unit" normalisation)."""
     tg = module.groups if isinstance(module, CONV_T) else 0
@@ -210,7 +214,7 @@ def sample_mask(c: Call, rule: dict | None = None) -> torch.Tensor | None:
         mask = torch.zeros(rows, dtype=torch.float64)
         if over == "positions":  # every q-th row from a drawn offset
             q = min(rows, round(1 / frac))
-            mask[draw(q)::q] = 1
+            mask[draw(q) :: q] = 1
             return mask
     else:
         n, out = c.u.shape[0], c.u.shape[2:]
@@ -225,20 +229,32 @@ def sample_mask(c: Call, rule: dict | None = None) -> torch.Tensor | None:
         rows = n
     k = max(1, round(frac * rows))  # "batch": a contiguous run of round(frac * rows) samples
     start = draw(rows - k + 1) if k < rows else 0
-    mask[start:start + k] = 1
+    mask[start : start + k] = 1
     return mask
 
 
 # ---- recording the calls of a plain model ------------------------------------------------------
 _CONV = {
-    F.conv1d: (1, False), F.conv2d: (2, False), F.conv3d: (3, False),
-    F.conv_transpose1d: (1, True), F.conv_transpose2d: (2, True), F.conv_transpose3d: (3, True),
+    F.conv1d: (1, False),
+    F.conv2d: (2, False),
+    F.conv3d: (3, False),
+    F.conv_transpose1d: (1, True),
+    F.conv_transpose2d: (2, True),
+    F.conv_transpose3d: (3, True),
 }
 _LINEAR = F.linear
 _MHA = F.multi_head_attention_forward
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TCONV_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
-               "dilation")
+_TCONV_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
 
 
 def _nt(v, n):
@@ -253,8 +269,13 @@ def _d(t):
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, params: dict[int, list[str]], names: set[str], shapes: dict[str, tuple],
-                 stack: list[str]):
+    def __init__(
+        self,
+        params: dict[int, list[str]],
+        names: set[str],
+        shapes: dict[str, tuple],
+        stack: list[str],
+    ):
         super().__init__()
         self.params, self.names, self.shapes, self.stack = params, names, shapes, stack
         self.calls: list[Call] = []
@@ -289,8 +310,9 @@ class _Recorder(TorchFunctionMode):
             a.update(kwargs)
             name, view, use = self._resolve(a["weight"])
             if name is not None:
-                self.calls.append(Call(name, "linear", _d(a["input"]), _d(out), _d(a["weight"]),
-                                       view, use=use))
+                self.calls.append(
+                    Call(name, "linear", _d(a["input"]), _d(out), _d(a["weight"]), view, use=use)
+                )
             return out
         info = _CONV.get(func)
         if info is None:
@@ -312,9 +334,23 @@ class _Recorder(TorchFunctionMode):
             tot = [d * (k - 1) for d, k in zip(dil, w.shape[2:])]
             x = F.pad(x, [q for t in reversed(tot) for q in (t // 2, t - t // 2)])
             pad = 0
-        self.calls.append(Call(name, "conv", x, u, _d(w), view, nd, tr,
-                               _nt(a.get("stride", 1), nd), _nt(pad, nd), dil,
-                               int(a.get("groups", 1)), use))
+        self.calls.append(
+            Call(
+                name,
+                "conv",
+                x,
+                u,
+                _d(w),
+                view,
+                nd,
+                tr,
+                _nt(a.get("stride", 1), nd),
+                _nt(pad, nd),
+                dil,
+                int(a.get("groups", 1)),
+                use,
+            )
+        )
         return out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -357,8 +393,9 @@ def record(model: nn.Module, inputs: tuple, names, fn=None) -> tuple:
     return out, rec.calls
 
 
-def raw_terms(calls: list[Call], shapes: dict[str, tuple], rule: dict | None = None
-              ) -> dict[str, torch.Tensor]:
+def raw_terms(
+    calls: list[Call], shapes: dict[str, tuple], rule: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Sum of the raw terms of every call, per parameter name (float64); a view's term is
     added into the parameter's shape where the view lies."""
     out: dict[str, torch.Tensor] = {}
@@ -372,8 +409,9 @@ def raw_terms(calls: list[Call], shapes: dict[str, tuple], rule: dict | None = N
     return out
 
 
-def run_plain(model: nn.Module, inputs: tuple, names, loss_fn, rule: dict | None = None,
-              zero: bool = True) -> tuple:
+def run_plain(
+    model: nn.Module, inputs: tuple, names, loss_fn, rule: dict | None = None, zero: bool = True
+) -> tuple:
     """Train-mode forward + backward of the plain ``model``: returns (H raw per name,
     plain grads of every parameter (float64, accumulated), calls)."""
     model.train()
@@ -383,14 +421,17 @@ def run_plain(model: nn.Module, inputs: tuple, names, loss_fn, rule: dict | None
     loss_fn(out).backward()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     h = raw_terms(calls, shapes, rule)
-    grads = {n: (p.grad.detach().to(torch.float64).clone() if p.grad is not None else None)
-             for n, p in model.named_parameters(remove_duplicate=False)}
+    grads = {
+        n: (p.grad.detach().to(torch.float64).clone() if p.grad is not None else None)
+        for n, p in model.named_parameters(remove_duplicate=False)
+    }
     return h, grads, calls
 
 
 # ---- one layer, one input ----------------------------------------------------------------------
-def hebbian(module: nn.Module, x: torch.Tensor, rule: dict | None = None,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def hebbian(
+    module: nn.Module, x: torch.Tensor, rule: dict | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Raw H (float64, the weight's shape) of the one call ``module(x)`` (``mask`` as in
     ``call_term``)."""
     with torch.no_grad():
@@ -415,7 +456,7 @@ def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not c.transposed:
         cout, cig = c.w.shape[:2]
         pt = patches(c.x, k, c.stride, c.padding, c.dilation)
-        sp = pt.shape[2:2 + len(k)]
+        sp = pt.shape[2 : 2 + len(k)]
         pt = pt.reshape(n, g, cig, -1, math.prod(k))
         wg = c.w.reshape(g, cout // g, cig, -1)
         u = torch.einsum("ngclk,gock->ngol", pt, wg).reshape(n, cout, *sp)
@@ -427,11 +468,12 @@ def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         full = [max(f, p[i] + out[i]) for i, f in enumerate(full)]  # room for output_padding
         buf = torch.zeros(n, cog * g, *full, dtype=torch.float64)
         for pos in itertools.product(*[range(i) for i in c.x.shape[2:]]):
-            win = tuple(slice(o * s[i], o * s[i] + d[i] * (k[i] - 1) + 1, d[i])
-                        for i, o in enumerate(pos))
+            win = tuple(
+                slice(o * s[i], o * s[i] + d[i] * (k[i] - 1) + 1, d[i]) for i, o in enumerate(pos)
+            )
             for gi in range(g):
                 xin = c.x[(slice(None), slice(gi * (cin // g), (gi + 1) * (cin // g)), *pos)]
-                wg = c.w[gi * (cin // g):(gi + 1) * (cin // g)].reshape(cin // g, -1)
+                wg = c.w[gi * (cin // g) : (gi + 1) * (cin // g)].reshape(cin // g, -1)
                 contrib = (xin @ wg).reshape(n, cog, *k)
                 buf[(slice(None), slice(gi * cog, (gi + 1) * cog), *win)] += contrib
         u = buf[(slice(None), slice(None), *[slice(q, q + o) for q, o in zip(p, out)])]

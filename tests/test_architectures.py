@@ -31,8 +31,7 @@ def _prepared(name: str):
     plain = copy.deepcopy(model)
     cfg = ghlc.GHLConfig(**e.config_kwargs())
     m = ghlc.prepare(model, (x,), config=cfg)
-    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+    lg = ghlc.passes.PassManager(ghlc.passes.default_passes())(ghlc.trace(model, (x,), config=cfg))
     return e, model, plain, m, x, lg
 
 
@@ -121,18 +120,42 @@ def test_one_sgd_step_matches_oracle(case):
 
 
 CONVS = [
-    (torch.nn.functional.conv1d, (2, 4, 9), (6, 2, 3), dict(stride=2, padding=1, dilation=2,
-                                                              groups=2)),
-    (torch.nn.functional.conv2d, (2, 4, 7, 6), (6, 2, 3, 2), dict(stride=(2, 1), padding=(1, 0),
-                                                                    dilation=(1, 2), groups=2)),
-    (torch.nn.functional.conv3d, (2, 2, 4, 5, 5), (4, 2, 2, 3, 3), dict(stride=(1, 2, 2),
-                                                                          padding=1)),
-    (torch.nn.functional.conv_transpose1d, (2, 4, 5), (4, 3, 3),
-     dict(stride=2, padding=1, output_padding=1, groups=2, dilation=1)),
-    (torch.nn.functional.conv_transpose2d, (2, 4, 4, 3), (4, 2, 3, 2),
-     dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2), groups=2, dilation=(1, 2))),
-    (torch.nn.functional.conv_transpose3d, (2, 2, 3, 3, 3), (2, 3, 2, 2, 2),
-     dict(stride=2, padding=0)),
+    (
+        torch.nn.functional.conv1d,
+        (2, 4, 9),
+        (6, 2, 3),
+        dict(stride=2, padding=1, dilation=2, groups=2),
+    ),
+    (
+        torch.nn.functional.conv2d,
+        (2, 4, 7, 6),
+        (6, 2, 3, 2),
+        dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+    ),
+    (
+        torch.nn.functional.conv3d,
+        (2, 2, 4, 5, 5),
+        (4, 2, 2, 3, 3),
+        dict(stride=(1, 2, 2), padding=1),
+    ),
+    (
+        torch.nn.functional.conv_transpose1d,
+        (2, 4, 5),
+        (4, 3, 3),
+        dict(stride=2, padding=1, output_padding=1, groups=2, dilation=1),
+    ),
+    (
+        torch.nn.functional.conv_transpose2d,
+        (2, 4, 4, 3),
+        (4, 2, 3, 2),
+        dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2), groups=2, dilation=(1, 2)),
+    ),
+    (
+        torch.nn.functional.conv_transpose3d,
+        (2, 2, 3, 3, 3),
+        (2, 3, 2, 2, 2),
+        dict(stride=2, padding=0),
+    ),
 ]
 
 
@@ -143,6 +166,7 @@ def test_oracle_correlation_equals_autograd(func, xs, ws, kw):
     torch.manual_seed(0)
     x = torch.randn(*xs, dtype=torch.float64)
     w = torch.randn(*ws, dtype=torch.float64, requires_grad=True)
+
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -163,8 +187,11 @@ def test_oracle_correlation_equals_autograd(func, xs, ws, kw):
     s = (y * u.detach()).sum(dim=[i for i in range(u.dim()) if i != 1])
     decay = corr - oja  # = s[unit(w)] * w
     wd = w.detach()
-    tr = func in (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
-                  torch.nn.functional.conv_transpose3d)
+    tr = func in (
+        torch.nn.functional.conv_transpose1d,
+        torch.nn.functional.conv_transpose2d,
+        torch.nn.functional.conv_transpose3d,
+    )
     g = kw.get("groups", 1)
     for idx in [(0, 0), (ws[0] - 1, ws[1] - 1), (ws[0] // 2, 0)]:
         unit = (idx[0] // (ws[0] // g)) * ws[1] + idx[1] if tr else idx[0]

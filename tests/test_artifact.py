@@ -16,8 +16,14 @@ from ghlc.serialize import graph_from_json, graph_to_json
 
 def net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 6, 3, groups=3), nn.Flatten(), nn.Linear(6 * 6 * 6, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, groups=3),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 4),
+    )
 
 
 def test_round_trip_outputs_and_gradients(tmp_path):
@@ -132,8 +138,9 @@ def test_artifact_with_the_global_signal_in_its_rules_still_loads(tmp_path):
         for node in graph["nodes"]:
             if node["type"] == "hebbian":
                 node["rule"]["global_signal"] = "none"  # the node ("grad_sign") must win
-        assert any(n["type"] == "global_sign" and n["signal"] == "grad_sign"
-                   for n in graph["nodes"])
+        assert any(
+            n["type"] == "global_sign" and n["signal"] == "grad_sign" for n in graph["nodes"]
+        )
 
     _rewrite_graph(tmp_path / "m.ghl", old_form)
     loaded = ghlc.load(tmp_path / "m.ghl", model=net())

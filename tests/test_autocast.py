@@ -20,17 +20,30 @@ from ghlc.runtime.accumulate import combine_in_call
 from ghlc.runtime.status import STATUS
 
 AMP = torch.bfloat16
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
+]
 
 
 def model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # H in backward
-        nn.Conv2d(8, 6, 3), nn.ReLU(),  # no BN: H in forward (auto) when H is smaller
-        nn.Flatten(), nn.Linear(6 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),  # H in backward
+        nn.Conv2d(8, 6, 3),
+        nn.ReLU(),  # no BN: H in forward (auto) when H is smaller
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
     )
 
 
@@ -82,8 +95,9 @@ def check(m: nn.Module, want: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("timing", ["auto", "forward", "backward"])
 @pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "function"])
-def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, hooks,
-                                                               monkeypatch, override):
+def test_autocast_step_matches_the_oracle_on_the_cast_operands(
+    timing, device, hooks, monkeypatch, override
+):
     """Both runtimes: backprop's node with the output hook, and PlasticCall (which casts the
     weight itself under autocast)."""
 
@@ -102,8 +116,11 @@ def test_autocast_step_matches_the_oracle_on_the_cast_operands(timing, device, h
         out = m(x)
         plain_out = copy.deepcopy(base)(x)
     assert out.dtype == AMP  # the plain model's autocast forward (bit for bit on CPU)
-    assert torch.equal(out, plain_out) if device == "cpu" else torch.allclose(
-        out, plain_out, rtol=1e-2, atol=1e-2 * plain_out.abs().max().item())
+    assert (
+        torch.equal(out, plain_out)
+        if device == "cpu"
+        else torch.allclose(out, plain_out, rtol=1e-2, atol=1e-2 * plain_out.abs().max().item())
+    )
     loss_fn(out).backward()
     check(m, want)
 
@@ -117,8 +134,11 @@ def test_autocast_after_plain_steps_with_the_in_call_combine(precision, monkeypa
 
     override(in_call_combine_min_numel=0)
     combines = []
-    monkeypatch.setattr(function, "combine_in_call",
-                        lambda *a, **k: combines.append(a[4].dtype) or combine_in_call(*a, **k))
+    monkeypatch.setattr(
+        function,
+        "combine_in_call",
+        lambda *a, **k: combines.append(a[4].dtype) or combine_in_call(*a, **k),
+    )
     base = model()
     x = torch.randn(4, 3, 8, 8)
     m = ghlc.prepare(copy.deepcopy(base), (x[:1],), ghlc.GHLConfig(hebbian_precision=precision))
@@ -150,8 +170,9 @@ def test_autocast_after_plain_steps_with_the_in_call_combine(precision, monkeypa
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("timing", ["auto", "forward", "backward"])
-def test_autocast_precision_computes_the_correlation_in_the_lower_precision(timing, device,
-                                                                           monkeypatch):
+def test_autocast_precision_computes_the_correlation_in_the_lower_precision(
+    timing, device, monkeypatch
+):
     """``hebbian_precision="autocast"``: the correlation runs in bfloat16, so H differs from
     the float32 path by bfloat16 rounding (relative 2⁻⁸ per term) and no more; without
     autocast the option changes nothing."""
@@ -162,8 +183,12 @@ def test_autocast_precision_computes_the_correlation_in_the_lower_precision(timi
     want = reference(copy.deepcopy(base), x, names)
 
     def grads(precision: str, amp: bool) -> dict[str, torch.Tensor]:
-        cfg = ghlc.GHLConfig(plastic=("conv", "linear"), include=("8",), hebbian_at=timing,
-                             hebbian_precision=precision)
+        cfg = ghlc.GHLConfig(
+            plastic=("conv", "linear"),
+            include=("8",),
+            hebbian_at=timing,
+            hebbian_precision=precision,
+        )
         m = ghlc.prepare(copy.deepcopy(base), (x[:1],), cfg)
         with torch.autocast(device, dtype=AMP, enabled=amp):
             out = m(x)

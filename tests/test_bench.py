@@ -23,8 +23,21 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def lib(monkeypatch):
     """The bench/benchlib package, imported as the scripts import it (bench/ on the path)."""
     monkeypatch.syspath_prepend(str(BENCH))
-    return SimpleNamespace(**{name: importlib.import_module(f"benchlib.{name}") for name in (
-        "stats", "timing", "machine", "models", "variants", "runners", "layers", "naive_ghl")})
+    return SimpleNamespace(
+        **{
+            name: importlib.import_module(f"benchlib.{name}")
+            for name in (
+                "stats",
+                "timing",
+                "machine",
+                "models",
+                "variants",
+                "runners",
+                "layers",
+                "naive_ghl",
+            )
+        }
+    )
 
 
 def _policy_wired() -> bool:
@@ -49,10 +62,20 @@ def test_naive_baseline_computes_ghlc_rule(lib):
     naive = lib.naive_ghl
     torch.manual_seed(0)
     base = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4, bias=False), nn.ReLU(),
-        nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.Conv2d(12, 6, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(12, 12, 3, padding=1, groups=12),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Conv2d(12, 6, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
     temps = {"0": 1.0, "3": 0.7, "5": 1.3, "8": 0.5}
     x, y = torch.randn(4, 3, 10, 10), torch.tensor([0, 1, 2, 4])
     ref = copy.deepcopy(base)
@@ -149,8 +172,11 @@ def test_paired_statistics(lib):
     a, b = [2.0, 3.0, 4.5, 1.0, 6.0], [2.0, 2.0, 3.0, 2.0, 3.0]
     assert st.paired_ratios(a, b) == [1.0, 1.5, 1.5, 0.5, 2.0]
     # median 1.5; 5 samples are too few for 95 %: the full range with coverage 1 - 2/32
-    assert st.paired_summary(a, b) == {"median": 1.5, "ci": [0.5, 2.0],
-                                       "coverage": pytest.approx(0.9375)}
+    assert st.paired_summary(a, b) == {
+        "median": 1.5,
+        "ci": [0.5, 2.0],
+        "coverage": pytest.approx(0.9375),
+    }
     with pytest.raises(ValueError, match="differ in length"):
         st.paired_ratios([1.0], [1.0, 2.0])
     assert st.mem_ratio(300, 200) == 1.5 and st.mem_ratio(None, 200) is None
@@ -180,8 +206,13 @@ def test_every_variant_overrides_real_policy_fields(lib):
         assert policy.current() == base
         ghlc.GHLConfig(**v.config)
         assert v.reference in lib.variants.VARIANTS, v.name
-    assert {"forward_form_devices", "activity_sum_devices", "in_call_combine_devices",
-            "stack_max_numel", "measure"} <= seen
+    assert {
+        "forward_form_devices",
+        "activity_sum_devices",
+        "in_call_combine_devices",
+        "stack_max_numel",
+        "measure",
+    } <= seen
     vt = lib.variants
     assert vt.variant("ghlc_wgrad").policy == {"forward_form_devices": ()}
     assert vt.variant("ghlc_static").policy == {"measure": False}
@@ -195,16 +226,35 @@ def test_variant_table_keeps_the_default_sets(lib):
     vt = lib.variants
     assert vt.defaults_for("cpu") == ("bp", "naive", "ghlc", "ghlc_s25")
     assert vt.defaults_for("cuda") == (
-        "bp", "naive", "ghlc", "ghlc_s25", "ghlc_ref", "bp_graph", "ghlc_graph",
-        "ghlc_ref_graph", "ghlc_chunk_graph", "ghlc_s25_graph", "ghlc_p25_graph",
-        "ghlc_stack_graph", "ghlc_stack20_graph")
-    assert [vt.reference(v) for v in ("ghlc", "ghlc_graph", "ghlc_amp", "ghlc_amp_low_graph",
-                                      "ghlc_compile")] == [
-        "bp", "bp_graph", "bp_amp", "bp_amp_graph", "bp_compile"]
-    kinds = {v: vt.variant(v).kernels for v in ("bp", "ghlc", "ghlc_s25_wgrad", "ghlc_p25_graph",
-                                                "ghlc_amp_low")}
-    assert kinds == {"bp": "", "ghlc": "full", "ghlc_s25_wgrad": "sampled",
-                     "ghlc_p25_graph": "positions", "ghlc_amp_low": "amp_low"}
+        "bp",
+        "naive",
+        "ghlc",
+        "ghlc_s25",
+        "ghlc_ref",
+        "bp_graph",
+        "ghlc_graph",
+        "ghlc_ref_graph",
+        "ghlc_chunk_graph",
+        "ghlc_s25_graph",
+        "ghlc_p25_graph",
+        "ghlc_stack_graph",
+        "ghlc_stack20_graph",
+    )
+    assert [
+        vt.reference(v)
+        for v in ("ghlc", "ghlc_graph", "ghlc_amp", "ghlc_amp_low_graph", "ghlc_compile")
+    ] == ["bp", "bp_graph", "bp_amp", "bp_amp_graph", "bp_compile"]
+    kinds = {
+        v: vt.variant(v).kernels
+        for v in ("bp", "ghlc", "ghlc_s25_wgrad", "ghlc_p25_graph", "ghlc_amp_low")
+    }
+    assert kinds == {
+        "bp": "",
+        "ghlc": "full",
+        "ghlc_s25_wgrad": "sampled",
+        "ghlc_p25_graph": "positions",
+        "ghlc_amp_low": "amp_low",
+    }
     assert all(vt.variant(v).cuda_only for v in vt.graph_variants() + ("ghlc_ref",))
 
 
@@ -215,8 +265,9 @@ def test_every_variant_builds_its_model(lib):
 
     import ghlc
 
-    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 4 * 4, 3))
+    base = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
     x = torch.randn(2, 3, 4, 4)
     for v in lib.variants.VARIANTS.values():
         if v.compiled:
@@ -267,17 +318,38 @@ def _cells(line: str) -> list[str]:
 
 
 def _run(args, tmp_path, timeout=240):
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
 
 def test_step_bench_smoke(tmp_path):
     out = tmp_path / "step.json"
-    text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "3", "--warmup", "0",
-                 "--batch", "4", "--variants", "ghlc,ghlc_s25,ghlc_p25,ghlc_static",
-                 "--no-prepare-bench", "--json", out], tmp_path)
+    text = _run(
+        [
+            BENCH / "step.py",
+            "--models",
+            "fasthebb",
+            "--repeats",
+            "3",
+            "--warmup",
+            "0",
+            "--batch",
+            "4",
+            "--variants",
+            "ghlc,ghlc_s25,ghlc_p25,ghlc_static",
+            "--no-prepare-bench",
+            "--json",
+            out,
+        ],
+        tmp_path,
+    )
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"bp", "ghlc", "ghlc_s25", "ghlc_p25", "ghlc_static"}
@@ -298,10 +370,10 @@ def test_step_bench_smoke(tmp_path):
     kern = res["kernels"]["fasthebb"]
     for key in ("sampled", "positions"):
         assert [lay["layer"] for lay in kern[key]["layers"]] == [
-            lay["layer"] for lay in kern["layers"]]
+            lay["layer"] for lay in kern["layers"]
+        ]
     bp_ms = rows["bp"]["median_ms"]
-    for v, k in (("ghlc", kern), ("ghlc_s25", kern["sampled"]),
-                 ("ghlc_p25", kern["positions"])):
+    for v, k in (("ghlc", kern), ("ghlc_s25", kern["sampled"]), ("ghlc_p25", kern["positions"])):
         assert rows[v]["hebbian_kernel_ms"] == pytest.approx(k["hebbian_kernel_ms"])
         assert rows[v]["kernel_floor"] == pytest.approx((bp_ms + k["hebbian_kernel_ms"]) / bp_ms)
     g = rows["ghlc"]
@@ -314,8 +386,9 @@ def test_step_bench_smoke(tmp_path):
     assert g["ratio_to_bp"] == pytest.approx(g["median_ms"] / rows["bp"]["median_ms"])
     assert 1.0 < g["floor"] < 2.0 and g["peak_mb"] > 0
     assert g["paired_ratio_median_ci"] == [min(paired), max(paired)]  # 3 repeats: full range
-    assert g["ratio_to_floor_ci"] == pytest.approx([min(paired) / g["floor"],
-                                                    max(paired) / g["floor"]])
+    assert g["ratio_to_floor_ci"] == pytest.approx(
+        [min(paired) / g["floor"], max(paired) / g["floor"]]
+    )
     line = next(ln for ln in text.splitlines() if ln.startswith("| fasthebb | ghlc |"))
     assert f"{q1 / g['floor']:.3f}–{q3 / g['floor']:.3f}" in line
     assert f"{min(paired) / g['floor']:.3f}–{max(paired) / g['floor']:.3f}" in line
@@ -326,9 +399,26 @@ def test_step_bench_autocast_variants(tmp_path):
     """bp_amp is added as the reference of the autocast rows; ghlc_amp's kernel floor uses the
     float32 kernels, ghlc_amp_low's the bfloat16 ones; the graph variants need CUDA."""
     out = tmp_path / "step.json"
-    text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "2", "--warmup", "0",
-                 "--batch", "4", "--variants", "ghlc_amp,ghlc_amp_low", "--no-prepare-bench",
-                 "--no-memory", "--json", out], tmp_path)
+    text = _run(
+        [
+            BENCH / "step.py",
+            "--models",
+            "fasthebb",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--batch",
+            "4",
+            "--variants",
+            "ghlc_amp,ghlc_amp_low",
+            "--no-prepare-bench",
+            "--no-memory",
+            "--json",
+            out,
+        ],
+        tmp_path,
+    )
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"bp", "bp_amp", "ghlc_amp", "ghlc_amp_low"}
@@ -344,17 +434,38 @@ def test_step_bench_autocast_variants(tmp_path):
         assert rows[v]["reference"] == "bp_amp"
         assert rows[v]["ratio_to_bp"] == pytest.approx(rows[v]["median_ms"] / amp_ms)
         assert rows[v]["kernel_floor"] == pytest.approx((amp_ms + k["hebbian_kernel_ms"]) / amp_ms)
-    r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_amp_graph"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, BENCH / "step.py", "--variants", "ghlc_amp_graph"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
 
 
 @pytest.mark.slow  # step.py's other variants: test_step_bench_smoke runs it by default
 def test_step_bench_channels_last_smoke(tmp_path):
     out = tmp_path / "step.json"
-    text = _run([BENCH / "step.py", "--models", "fasthebb", "--repeats", "1", "--warmup", "0",
-                 "--batch", "4", "--variants", "ghlc", "--no-prepare-bench", "--channels-last",
-                 "--json", out], tmp_path)
+    text = _run(
+        [
+            BENCH / "step.py",
+            "--models",
+            "fasthebb",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "4",
+            "--variants",
+            "ghlc",
+            "--no-prepare-bench",
+            "--channels-last",
+            "--json",
+            out,
+        ],
+        tmp_path,
+    )
     res = json.loads(out.read_text())
     assert res["memory_format"] == "channels_last" and "memory format: channels-last" in text
     assert {r["variant"] for r in res["rows"]} == {"bp", "ghlc"}
@@ -365,8 +476,22 @@ def test_layout_bench_smoke(tmp_path):
     """bench/layout.py: both layouts of every variant timed, paired ratios consistent with
     the per-repeat times."""
     out = tmp_path / "layout.json"
-    text = _run([BENCH / "layout.py", "--models", "fasthebb", "--repeats", "3", "--warmup", "0",
-                 "--batch", "4", "--json", out], tmp_path)
+    text = _run(
+        [
+            BENCH / "layout.py",
+            "--models",
+            "fasthebb",
+            "--repeats",
+            "3",
+            "--warmup",
+            "0",
+            "--batch",
+            "4",
+            "--json",
+            out,
+        ],
+        tmp_path,
+    )
     res = json.loads(out.read_text())["models"][0]
     t = res["times_ms"]
     assert set(t) == {f"{v}_{lay}" for v in ("bp", "ghlc", "ghlc_s25") for lay in ("nchw", "cl")}
@@ -380,11 +505,19 @@ def test_layout_bench_smoke(tmp_path):
 
 
 def test_step_bench_rejects_bad_arguments(tmp_path):
-    r = subprocess.run([sys.executable, BENCH / "step.py", "--variants", "ghlc_graph"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, BENCH / "step.py", "--variants", "ghlc_graph"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
-    r = subprocess.run([sys.executable, BENCH / "step.py", "--resnet50", "--no-memory"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, BENCH / "step.py", "--resnet50", "--no-memory"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "drop --no-memory" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -408,24 +541,46 @@ def test_overhead_bench_smoke(tmp_path):
 
 def test_mlp_bench_smoke(tmp_path):
     text = _run([BENCH / "mlp.py", "--sizes", "16x4", "--repeats", "3"], tmp_path)
-    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
-            if ln.startswith("| ") and not ln.startswith("| MLP")]
+    rows = [
+        [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| MLP")
+    ]
     assert [r[2] for r in rows] == ["bp", "ghlc", "ghlc_wdot"]
     fl = (784 * 16 * 3 + 16 * 16 * 4 + 16 * 10 * 3) / (784 * 16 * 2 + 3 * (16 * 16 + 16 * 10))
     assert all(r[0] == "784-16-16-10" and r[1] == "4" for r in rows)
     for r in rows[1:]:
         assert float(r[6]) == pytest.approx(fl, 1e-3) and float(r[4]) > 0
     assert rows[0][4] == "1.000" and rows[0][6] == "–"
-    bad = subprocess.run([sys.executable, BENCH / "mlp.py", "--sizes", "16"], cwd=tmp_path,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, BENCH / "mlp.py", "--sizes", "16"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "HIDDENxBATCH" in bad.stderr
 
 
 def test_wgrad_stack_bench_smoke(tmp_path):
-    text = _run([BENCH / "wgrad_stack.py", "--device", "cpu", "--model", "fasthebb", "--batch",
-                 "2", "--repeats", "1"], tmp_path)
-    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
-            if ln.startswith("| ") and not ln.startswith("| layer")]
+    text = _run(
+        [
+            BENCH / "wgrad_stack.py",
+            "--device",
+            "cpu",
+            "--model",
+            "fasthebb",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        tmp_path,
+    )
+    rows = [
+        [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| layer")
+    ]
     assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)] + ["sum"]
     for r in rows[:-1]:
         assert float(r[-1]) <= 1e-5  # the stacked call gives both weight gradients
@@ -435,10 +590,27 @@ def test_wgrad_stack_bench_smoke(tmp_path):
 
 
 def test_wgrad_blocks_bench_smoke(tmp_path):
-    text = _run([BENCH / "wgrad_blocks.py", "--device", "cpu", "--model", "fasthebb", "--batch",
-                 "2", "--repeats", "1", "--units", "32,64"], tmp_path)
-    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
-            if ln.startswith("| ") and not ln.startswith("| layer")]
+    text = _run(
+        [
+            BENCH / "wgrad_blocks.py",
+            "--device",
+            "cpu",
+            "--model",
+            "fasthebb",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--units",
+            "32,64",
+        ],
+        tmp_path,
+    )
+    rows = [
+        [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| layer")
+    ]
     assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)]
     # stride-1 convs with a short sum (batch 2): the forward form, but for the first conv (3
     # input channels) and the last (8 M multiply-adds at batch 2)
@@ -450,10 +622,24 @@ def test_wgrad_blocks_bench_smoke(tmp_path):
 
 
 def test_wgrad_blocks_small_grid_smoke(tmp_path):
-    text = _run([BENCH / "wgrad_blocks.py", "--device", "cpu", "--small", "--repeats", "1",
-                 "--units", "64"], tmp_path)
-    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
-            if ln.startswith("| ") and not ln.startswith("| layer")]
+    text = _run(
+        [
+            BENCH / "wgrad_blocks.py",
+            "--device",
+            "cpu",
+            "--small",
+            "--repeats",
+            "1",
+            "--units",
+            "64",
+        ],
+        tmp_path,
+    )
+    rows = [
+        [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| layer")
+    ]
     assert len(rows) == 36 and text.startswith("small 3x3 convs")
     for r in rows:
         assert float(r[-1]) <= 1e-5
@@ -464,32 +650,68 @@ def test_wgrad_blocks_small_grid_smoke(tmp_path):
 
 
 def test_rule_ops_bench_smoke(tmp_path):
-    text = _run([BENCH / "rule_ops.py", "--device", "cpu", "--model", "fasthebb", "--batch",
-                 "2", "--repeats", "1"], tmp_path)
-    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in text.splitlines()
-            if ln.startswith("| ") and not ln.startswith("| layer")]
-    assert [r[0] for r in rows] == [*(f"block{i}.conv.weight" for i in range(1, 5)),
-                                    "**all layers**"]
+    text = _run(
+        [
+            BENCH / "rule_ops.py",
+            "--device",
+            "cpu",
+            "--model",
+            "fasthebb",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        tmp_path,
+    )
+    rows = [
+        [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| layer")
+    ]
+    assert [r[0] for r in rows] == [
+        *(f"block{i}.conv.weight" for i in range(1, 5)),
+        "**all layers**",
+    ]
     for r in rows[:-1]:
         assert all(float(c) > 0 for c in r[2:7])
         assert float(r[7].split(" / ")[0]) < 1e-4  # ghlc's dots against float64
 
 
 def test_profile_step_smoke(tmp_path):
-    text = _run([BENCH / "profile_step.py", "--device", "cpu", "--model", "fasthebb", "--batch",
-                 "2", "--steps", "1", "--top", "3", "--variants", "bp,ghlc"], tmp_path)
+    text = _run(
+        [
+            BENCH / "profile_step.py",
+            "--device",
+            "cpu",
+            "--model",
+            "fasthebb",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--top",
+            "3",
+            "--variants",
+            "bp,ghlc",
+        ],
+        tmp_path,
+    )
     assert "=== fasthebb bp:" in text and "=== fasthebb ghlc:" in text
     assert "aten::convolution_backward" in text
-    r = subprocess.run([sys.executable, BENCH / "profile_step.py", "--device", "cpu",
-                        "--variants", "ghlc_graph"], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, BENCH / "profile_step.py", "--device", "cpu", "--variants", "ghlc_graph"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
 
 
 def test_grid_probe_is_the_runtime_call(lib):
     """The positions kernel floor times the strided call the runtime makes: same shapes."""
     step = lib.layers
-    info = SimpleNamespace(in_shape=(4, 3, 9, 8), out_shape=(4, 5, 9, 8),
-                           weight_shape=(5, 3, 3, 3))
+    info = SimpleNamespace(in_shape=(4, 3, 9, 8), out_shape=(4, 5, 9, 8), weight_shape=(5, 3, 3, 3))
     conv = ((1, 1), (1, 1), (1, 1), False, (0, 0), 1)
     xi, cot, args = step.grid_probe(info, conv, 0.25, {"dtype": torch.float32})
     assert xi.shape == (4, 3, 9, 8) and cot.shape == (4, 5, 5, 4)  # rows 0,2,..8; cols 0,..6

@@ -17,12 +17,22 @@ from ghlc.runtime import is_prepared, runtime_of
 
 def net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(6, 6, 3, groups=3), nn.Flatten(), nn.Linear(6 * 6 * 6, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, groups=3),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 4),
+    )
 
 
-CFG = ghlc.GHLConfig(temperature={"0": 0.5}, global_signal="none", hebbian_at="backward",
-                     accumulation="always", interception="mode")
+CFG = ghlc.GHLConfig(
+    temperature={"0": 0.5},
+    global_signal="none",
+    hebbian_at="backward",
+    accumulation="always",
+    interception="mode",
+)
 
 
 def test_each_site_holds_its_layer_info_rule_and_the_global_signal():
@@ -48,8 +58,11 @@ def test_each_site_holds_its_layer_info_rule_and_the_global_signal():
 def test_build_refuses_a_graph_the_passes_did_not_complete():
     lg = ghlc.trace(net(), (torch.randn(1, 3, 8, 8),))
     lg = passes.insert_hebbian(passes.select_plastic(lg).graph).graph
-    with pytest.raises(ghlc.GHLError, match="run the default passes before build: Hebbian "
-                                            "node of 0.weight has no global-sign edge"):
+    with pytest.raises(
+        ghlc.GHLError,
+        match="run the default passes before build: Hebbian "
+        "node of 0.weight has no global-sign edge",
+    ):
         ghlc.build(lg)
     with pytest.raises(ghlc.GHLError, match="holds no model"):
         ghlc.build(lg.evolve(model=None))
@@ -78,7 +91,8 @@ def test_convert_runs_what_prepare_runs(tmp_path, monkeypatch):
     (tmp_path / "model.py").write_text(
         "import torch.nn as nn\n"
         "def tiny():\n"
-        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2))\n")
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2))\n"
+    )
     calls = []
     real = build_module.trace_and_build
 

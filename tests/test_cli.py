@@ -34,9 +34,15 @@ def ghlc(*args, cwd, check=True, env=None, max_file_bytes=None):
         if max_file_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
-    r = subprocess.run([sys.executable, "-m", "ghlc.cli", *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=300, preexec_fn=limits,
-                       env=None if env is None else {**os.environ, **env})
+    r = subprocess.run(
+        [sys.executable, "-m", "ghlc.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limits,
+        env=None if env is None else {**os.environ, **env},
+    )
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -86,8 +92,17 @@ def model_ghl(work, converted):
 def trained(converted) -> Path:
     """``ghlc train model.ghl --data digits --epochs 1 --out ok`` run once for the module:
     the folder holding model.ghl and the run folder ok/ (copy it, permissions kept)."""
-    ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "ok",
-         cwd=converted.parent)
+    ghlc(
+        "train",
+        "model.ghl",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--out",
+        "ok",
+        cwd=converted.parent,
+    )
     return converted.parent
 
 
@@ -107,8 +122,19 @@ def test_convert_train_eval_export(work):
     assert (work / "model.ghl").is_file()
     r = ghlc("inspect", "model.ghl", "--format", "json", cwd=work)
     assert '"global_sign"' in r.stdout
-    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "2", "--out", "run",
-             "--device", "cpu", cwd=work)
+    r = ghlc(
+        "train",
+        "model.ghl",
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--out",
+        "run",
+        "--device",
+        "cpu",
+        cwd=work,
+    )
     assert "training on cpu" in r.stdout
     assert (work / "run" / "last.pt").is_file() and (work / "run" / "metrics.jsonl").is_file()
     assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -122,8 +148,20 @@ def test_convert_train_eval_export(work):
 def test_train_channels_last_then_export(work):
     """--channels-last trains (recorded in the checkpoint); the saved model and its ONNX
     export are in the standard layout as always."""
-    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
-             "--device", "cpu", "--channels-last", cwd=work)
+    r = ghlc(
+        "train",
+        "model.ghl",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--out",
+        "run",
+        "--device",
+        "cpu",
+        "--channels-last",
+        cwd=work,
+    )
     assert "test acc" in r.stdout
     import torch
 
@@ -135,8 +173,21 @@ def test_train_channels_last_then_export(work):
 
 @pytest.mark.usefixtures("model_ghl")
 def test_train_under_autocast(work):
-    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
-             "--device", "cpu", "--autocast", "bf16", cwd=work)
+    r = ghlc(
+        "train",
+        "model.ghl",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--out",
+        "run",
+        "--device",
+        "cpu",
+        "--autocast",
+        "bf16",
+        cwd=work,
+    )
     assert "test acc" in r.stdout
     import torch
 
@@ -148,8 +199,10 @@ def test_train_under_autocast(work):
     assert r.stderr.count("warning: bfloat16 autocast") == (slow is not None), r.stderr
     r = cli("train", "model.ghl", "--autocast", "fp16", cwd=work)
     assert r.returncode == 2 and "Invalid value for '--autocast'" in r.stderr, r.stderr
-    one_line_error(cli("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out",
-                       "graphed", cwd=work), "--cuda-graph needs a CUDA device")
+    one_line_error(
+        cli("train", "model.ghl", "--device", "cpu", "--cuda-graph", "--out", "graphed", cwd=work),
+        "--cuda-graph needs a CUDA device",
+    )
     assert not (work / "graphed").exists()
 
 
@@ -157,7 +210,8 @@ def test_convert_warns_when_nothing_is_plastic(work):
     (work / "head.py").write_text(
         "import torch.nn as nn\n"
         "def head():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))\n"
+    )
     r = ghlc("convert", "head.py", "--input-shape", "2,3,2,2", cwd=work)
     assert "0 of 1 layers plastic" in r.stdout
     assert r.stderr.strip().startswith("warning: no layer is plastic")
@@ -172,16 +226,20 @@ def test_bad_inputs(work):
     one_line_error(cli("convert", "imp.py", cwd=work), "failed to import")
     (work / "none.py").write_text("x = 1\n")
     one_line_error(cli("convert", "none.py", cwd=work), "no model found")
-    (work / "two.py").write_text("import torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
-                                 "def b():\n    return nn.Linear(2, 2)\n")
+    (work / "two.py").write_text(
+        "import torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
+        "def b():\n    return nn.Linear(2, 2)\n"
+    )
     one_line_error(cli("convert", "two.py", cwd=work), "--entry")
-    (work / "args.py").write_text("import torch.nn as nn\nclass M(nn.Module):\n"
-                                  "    def __init__(self, n):\n        super().__init__()\n")
+    (work / "args.py").write_text(
+        "import torch.nn as nn\nclass M(nn.Module):\n"
+        "    def __init__(self, n):\n        super().__init__()\n"
+    )
     one_line_error(cli("convert", "args.py", cwd=work), "constructor arguments")
-    one_line_error(cli("convert", "model.py", "--input-shape", "1,3", cwd=work),
-                   "fails on the example inputs")
-    one_line_error(cli("convert", "model.py", "-o", "nodir/x.ghl", cwd=work),
-                   "does not exist")
+    one_line_error(
+        cli("convert", "model.py", "--input-shape", "1,3", cwd=work), "fails on the example inputs"
+    )
+    one_line_error(cli("convert", "model.py", "-o", "nodir/x.ghl", cwd=work), "does not exist")
     (work / "junk.ghl").write_bytes(b"not an artifact")
     one_line_error(cli("inspect", "junk.ghl", cwd=work), "not a ghlc artifact")
     for opt in ("--lr", "--lr-plastic", "--wd-plastic"):  # rejected before any work
@@ -202,8 +260,19 @@ def test_a_full_disk_leaves_nothing_behind(work, trained):
     r = ghlc("convert", "model.py", "-o", "full.ghl", cwd=work, check=False, max_file_bytes=512)
     one_line_error(r, "full.ghl: cannot write: File too large")
     between = (art.stat().st_size + ckpt.stat().st_size) // 2  # the artifact fits, not last.pt
-    r = ghlc("train", "model.ghl", "--data", "digits", "--epochs", "1", "--out", "run",
-             cwd=work, check=False, max_file_bytes=between)
+    r = ghlc(
+        "train",
+        "model.ghl",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--out",
+        "run",
+        cwd=work,
+        check=False,
+        max_file_bytes=between,
+    )
     one_line_error(r, "last.pt: cannot write: File too large")
     r = ghlc("export", "ok/model.ghl", "-o", "m.onnx", cwd=work, check=False, max_file_bytes=512)
     one_line_error(r, "m.onnx: cannot write: File too large")
@@ -216,13 +285,23 @@ def test_a_full_disk_leaves_nothing_behind(work, trained):
 def test_labels_beyond_the_model_outputs(work):
     rng = np.random.default_rng(0)
     x = rng.random((6, 1, 8, 8), dtype=np.float32)
-    np.savez(work / "many.npz", x_train=x, y_train=np.array([0, 1, 2, 3, 4, 12]),
-             x_test=x, y_test=np.zeros(6, dtype=np.int64))
+    np.savez(
+        work / "many.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 2, 3, 4, 12]),
+        x_test=x,
+        y_test=np.zeros(6, dtype=np.int64),
+    )
     r = cli("train", "model.ghl", "--data", "many.npz", "--out", "run", cwd=work)
     one_line_error(r, "label 12 out of range: the model gives 10 outputs")
     assert not (work / "run").exists()
-    np.savez(work / "many_test.npz", x_train=x, y_train=np.zeros(6, dtype=np.int64),
-             x_test=x, y_test=np.array([0, 1, 2, 3, 4, 12]))
+    np.savez(
+        work / "many_test.npz",
+        x_train=x,
+        y_train=np.zeros(6, dtype=np.int64),
+        x_test=x,
+        y_test=np.array([0, 1, 2, 3, 4, 12]),
+    )
     r = cli("eval", "model.ghl", "--data", "many_test.npz", cwd=work)
     one_line_error(r, "label 12 out of range: the model gives 10 outputs")
 
@@ -248,8 +327,17 @@ def test_bad_data(work):
     np.savez(work / "d.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4))
     r = cli("train", "model.ghl", "--data", "d.npz", "--out", "r", cwd=work)
     one_line_error(r, "x_test")
-    r = ghlc("train", "model.ghl", "--data", "digits", "--out", "r2", cwd=work, check=False,
-             env={"GHLC_FUSED": "fast"})
+    r = ghlc(
+        "train",
+        "model.ghl",
+        "--data",
+        "digits",
+        "--out",
+        "r2",
+        cwd=work,
+        check=False,
+        env={"GHLC_FUSED": "fast"},
+    )
     one_line_error(r, "GHLC_FUSED='fast' is not one of auto, on, off")
     assert not (work / "r2").exists()  # nothing half-written
 
@@ -262,8 +350,7 @@ def test_version_and_help(work):
 @pytest.mark.usefixtures("model_ghl")
 def test_methods_and_resume(work, trained):
     for method in ("bp", "hebbian"):
-        ghlc("train", "model.ghl", "--epochs", "1", "--method", method, "--out", method,
-             cwd=work)
+        ghlc("train", "model.ghl", "--epochs", "1", "--method", method, "--out", method, cwd=work)
         assert (work / method / "last.pt").is_file()
     shutil.copytree(trained / "ok", work / "r")  # one epoch done
     r = ghlc("train", "model.ghl", "--epochs", "3", "--out", "r", "--resume", cwd=work)
@@ -284,8 +371,7 @@ def test_train_device(work):
         r = ghlc("train", "model.ghl", "--epochs", "1", "--out", "auto", cwd=work)
         assert "training on cpu" in r.stdout  # auto without CUDA
     else:
-        r = ghlc("train", "model.ghl", "--device", "cuda:99", "--out", "d", cwd=work,
-                 check=False)
+        r = ghlc("train", "model.ghl", "--device", "cuda:99", "--out", "d", cwd=work, check=False)
         one_line_error(r, "CUDA device(s)")
     assert not (work / "d").exists()  # nothing half-written
 
@@ -296,8 +382,18 @@ def test_train_device(work):
 def test_train_on_cuda(work):
     r = ghlc("train", "model.ghl", "--epochs", "2", "--device", "cuda", "--out", "g", cwd=work)
     assert "training on cuda" in r.stdout and "epochs 2" in r.stdout
-    r = ghlc("train", "model.ghl", "--epochs", "3", "--device", "cuda", "--out", "g",
-             "--resume", cwd=work)
+    r = ghlc(
+        "train",
+        "model.ghl",
+        "--epochs",
+        "3",
+        "--device",
+        "cuda",
+        "--out",
+        "g",
+        "--resume",
+        cwd=work,
+    )
     assert "epochs 3" in r.stdout
     assert "accuracy" in ghlc("eval", "g/model.ghl", cwd=work).stdout  # saved for CPU
 
@@ -322,8 +418,14 @@ def test_closed_stdout_is_quiet(work):
     r, w = os.pipe()
     os.close(r)  # nobody reads: as after `| head` has exited
     try:
-        p = subprocess.run([sys.executable, "-m", "ghlc.cli", "inspect", "model.ghl"], cwd=work,
-                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "ghlc.cli", "inspect", "model.ghl"],
+            cwd=work,
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(w)
     assert p.returncode != 0

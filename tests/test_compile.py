@@ -34,8 +34,13 @@ def _train(entry, compiled: bool, n: int = 2, sub: str | None = None):
         opt.zero_grad()
         y = f(x)
         (y[0] if isinstance(y, tuple) else y).square().mean().backward()
-        grads.append({k.replace("._orig_mod", ""): p.grad.clone()
-                      for k, p in m.named_parameters() if p.grad is not None})
+        grads.append(
+            {
+                k.replace("._orig_mod", ""): p.grad.clone()
+                for k, p in m.named_parameters()
+                if p.grad is not None
+            }
+        )
         opt.step()
     m.eval()
     with torch.no_grad():
@@ -60,8 +65,11 @@ def test_compiled_prepared_model_trains_like_the_eager_one(name, caplog):
     torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)  # eval: compiled, plain
 
 
-@pytest.mark.parametrize(("name", "sub"), [("resnet", "layer1"), ("vit", "blocks")],
-                         ids=["module-calls", "function-mode"])
+@pytest.mark.parametrize(
+    ("name", "sub"),
+    [("resnet", "layer1"), ("vit", "blocks")],
+    ids=["module-calls", "function-mode"],
+)
 def test_compiled_submodule_of_a_prepared_model_trains_like_the_eager_one(name, sub):
     """A submodule compiled after ``prepare`` (its parameters now named ``..._orig_mod..``):
     plastic calls are graph breaks in it; with the function mode it runs eagerly in training

@@ -55,8 +55,14 @@ def test_npz_round_trip_uint8_nhwc(tmp_path):
     xte = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
     ytr = rng.integers(0, 3, 20)
     yte = np.array([0, 1, 2, 1, 0])
-    p = _save(tmp_path / "toy.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte,
-              classes=np.array(["cat", "dog", "emu"]))
+    p = _save(
+        tmp_path / "toy.npz",
+        x_train=xtr,
+        y_train=ytr,
+        x_test=xte,
+        y_test=yte,
+        classes=np.array(["cat", "dog", "emu"]),
+    )
     ds = load_data(str(p), (3, 6, 6))
     assert ds.classes == ["cat", "dog", "emu"] and ds.name == "toy"
     assert ds.y_train.tolist() == ytr.tolist() and ds.y_test.tolist() == yte.tolist()
@@ -65,20 +71,29 @@ def test_npz_round_trip_uint8_nhwc(tmp_path):
     np.testing.assert_allclose(ds.mean, mean, rtol=1e-5)
     np.testing.assert_allclose(ds.std, std, rtol=1e-5)
     back = ds.x_test * torch.tensor(ds.std).view(1, 3, 1, 1) + torch.tensor(ds.mean).view(
-        1, 3, 1, 1)
+        1, 3, 1, 1
+    )
     np.testing.assert_allclose(back.permute(0, 2, 3, 1).numpy(), xte / 255.0, atol=1e-5)
 
 
 def test_npz_nhw_and_float_nchw(tmp_path):
     rng = np.random.default_rng(1)
-    p = _save(tmp_path / "g.npz", x_train=rng.integers(0, 256, (8, 10, 10), dtype=np.uint8),
-              y_train=np.arange(8) % 4, x_test=rng.integers(0, 256, (4, 10, 10), dtype=np.uint8),
-              y_test=np.arange(4))
+    p = _save(
+        tmp_path / "g.npz",
+        x_train=rng.integers(0, 256, (8, 10, 10), dtype=np.uint8),
+        y_train=np.arange(8) % 4,
+        x_test=rng.integers(0, 256, (4, 10, 10), dtype=np.uint8),
+        y_test=np.arange(4),
+    )
     ds = load_data(str(p), (3, 5, 5))
     assert ds.x_train.shape == (8, 3, 5, 5) and ds.classes == ["0", "1", "2", "3"]
-    f = _save(tmp_path / "f.npz", x_train=rng.standard_normal((6, 2, 4, 4)).astype(np.float32),
-              y_train=np.zeros(6, dtype=np.int64),
-              x_test=rng.standard_normal((2, 2, 4, 4)), y_test=np.zeros(2, dtype=np.int64))
+    f = _save(
+        tmp_path / "f.npz",
+        x_train=rng.standard_normal((6, 2, 4, 4)).astype(np.float32),
+        y_train=np.zeros(6, dtype=np.int64),
+        x_test=rng.standard_normal((2, 2, 4, 4)),
+        y_test=np.zeros(2, dtype=np.int64),
+    )
     ds = load_data(str(f), (2, 4, 4))
     assert ds.x_test.shape == (2, 2, 4, 4) and ds.x_test.dtype == torch.float32
     _normalised(ds)
@@ -86,25 +101,34 @@ def test_npz_nhw_and_float_nchw(tmp_path):
 
 def _good(**over):
     rng = np.random.default_rng(2)
-    d = dict(x_train=rng.integers(0, 256, (6, 4, 4), dtype=np.uint8), y_train=np.arange(6) % 2,
-             x_test=rng.integers(0, 256, (3, 4, 4), dtype=np.uint8), y_test=np.array([0, 1, 1]))
+    d = dict(
+        x_train=rng.integers(0, 256, (6, 4, 4), dtype=np.uint8),
+        y_train=np.arange(6) % 2,
+        x_test=rng.integers(0, 256, (3, 4, 4), dtype=np.uint8),
+        y_test=np.array([0, 1, 1]),
+    )
     d.update(over)
     return {k: v for k, v in d.items() if v is not None}
 
 
-@pytest.mark.parametrize("over, msg", [
-    (dict(x_test=None, y_test=None), "missing key(s) x_test, y_test"),
-    (dict(y_train=np.arange(5) % 2), "6 images but 5 labels"),
-    (dict(y_test=np.array([0, -1, 1])), "negative label -1"),
-    (dict(y_test=np.array([0, 1, 7]), classes=np.array(["a", "b"])), "label 7 out of range"),
-    (dict(x_train=np.zeros((6, 4), np.uint8)), "wrong image shape"),
-    (dict(x_train=np.zeros((6, 1, 4, 4, 1), np.float32)), "wrong image shape"),
-    (dict(x_test=np.zeros((3, 5, 5), np.uint8)), "differ in shape"),
-    (dict(x_train=np.zeros((6, 4, 4, 2), np.uint8), x_test=np.zeros((3, 4, 4, 2), np.uint8)),
-     "2 channels but the model takes 3"),
-    (dict(y_train=np.linspace(0, 1, 6)), "1-D integer array"),
-    (dict(x_train=np.zeros((6, 4, 4), np.int32)), "dtype int32"),
-])
+@pytest.mark.parametrize(
+    "over, msg",
+    [
+        (dict(x_test=None, y_test=None), "missing key(s) x_test, y_test"),
+        (dict(y_train=np.arange(5) % 2), "6 images but 5 labels"),
+        (dict(y_test=np.array([0, -1, 1])), "negative label -1"),
+        (dict(y_test=np.array([0, 1, 7]), classes=np.array(["a", "b"])), "label 7 out of range"),
+        (dict(x_train=np.zeros((6, 4), np.uint8)), "wrong image shape"),
+        (dict(x_train=np.zeros((6, 1, 4, 4, 1), np.float32)), "wrong image shape"),
+        (dict(x_test=np.zeros((3, 5, 5), np.uint8)), "differ in shape"),
+        (
+            dict(x_train=np.zeros((6, 4, 4, 2), np.uint8), x_test=np.zeros((3, 4, 4, 2), np.uint8)),
+            "2 channels but the model takes 3",
+        ),
+        (dict(y_train=np.linspace(0, 1, 6)), "1-D integer array"),
+        (dict(x_train=np.zeros((6, 4, 4), np.int32)), "dtype int32"),
+    ],
+)
 def test_npz_bad_inputs(tmp_path, over, msg):
     p = _save(tmp_path / "bad.npz", **_good(**over))
     with pytest.raises(DataError) as ei:
@@ -148,8 +172,7 @@ def test_shared_mnist():
 
 # --------------------------------------------------------------------------- CIFAR folders
 
-NAMES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-           "truck"]
+NAMES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _fake_split(n, seed, ncls=10):
@@ -177,8 +200,7 @@ def test_cifar10_binary_folder(tmp_path):
     assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (3, 3, 32, 32)
     assert ds.classes == NAMES10 and ds.name == "cifar10"
     assert ds.y_train.tolist() == np.concatenate([y for _, y in parts]).tolist()
-    raw = ds.x_test * torch.tensor(ds.std).view(1, 3, 1, 1) + torch.tensor(ds.mean).view(
-        1, 3, 1, 1)
+    raw = ds.x_test * torch.tensor(ds.std).view(1, 3, 1, 1) + torch.tensor(ds.mean).view(1, 3, 1, 1)
     np.testing.assert_allclose(raw.reshape(3, -1).numpy(), xt / 255.0, atol=1e-5)
     (d / "test_batch.bin").write_bytes(_records(xt, yt)[:-7])
     with pytest.raises(DataError, match="not a multiple"):
@@ -206,14 +228,21 @@ def test_cifar10_python_folder(tmp_path):
     for i in range(1, 6):
         x, y = _fake_split(3, i)
         ys += y.tolist()
-        _py_batch(tmp_path / f"data_batch_{i}", {b"batch_label": b"training batch",
-                                                 b"labels": y.tolist(), b"data": x,
-                                                 b"filenames": [b"a.png"] * 3},
-                  protocol=2 + i % 4)
+        _py_batch(
+            tmp_path / f"data_batch_{i}",
+            {
+                b"batch_label": b"training batch",
+                b"labels": y.tolist(),
+                b"data": x,
+                b"filenames": [b"a.png"] * 3,
+            },
+            protocol=2 + i % 4,
+        )
     xt, yt = _fake_split(2, 7)
     _py_batch(tmp_path / "test_batch", {"labels": yt.tolist(), "data": xt})
-    _py_batch(tmp_path / "batches.meta", {b"label_names": [n.encode() for n in NAMES10],
-                                          b"num_vis": 3072})
+    _py_batch(
+        tmp_path / "batches.meta", {b"label_names": [n.encode() for n in NAMES10], b"num_vis": 3072}
+    )
     ds = load_data(f"cifar10:{tmp_path}", (3, 32, 32))
     assert ds.y_train.tolist() == ys and ds.classes == NAMES10
     assert ds.x_train.shape == (15, 3, 32, 32) and ds.x_test.shape == (2, 3, 32, 32)
@@ -221,8 +250,10 @@ def test_cifar10_python_folder(tmp_path):
 
 def test_cifar100_python_folder(tmp_path):
     x, f = _fake_split(4, 3, ncls=100)
-    _py_batch(tmp_path / "train", {"fine_labels": f.tolist(), "coarse_labels": (f // 5).tolist(),
-                                   "data": x})
+    _py_batch(
+        tmp_path / "train",
+        {"fine_labels": f.tolist(), "coarse_labels": (f // 5).tolist(), "data": x},
+    )
     xt, ft = _fake_split(2, 4, ncls=100)
     _py_batch(tmp_path / "test", {"fine_labels": ft.tolist(), "data": xt})
     _py_batch(tmp_path / "meta", {"fine_label_names": [f"n{i}" for i in range(100)]})

@@ -46,9 +46,16 @@ def test_inplace_modification_after_call_is_handled():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_graph_step_without_cuda_is_a_clear_error():
-    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)),
-                     (torch.randn(2, 3, 4, 4),))
+    m = ghlc.prepare(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)),
+        (torch.randn(2, 3, 4, 4),),
+    )
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     with pytest.raises(ghlc.GHLError, match="needs a CUDA device"):
-        ghlc.cuda_graph_step(m, opt, torch.nn.functional.cross_entropy,
-                             (torch.randn(2, 3, 4, 4),), torch.tensor([0, 1]))
+        ghlc.cuda_graph_step(
+            m,
+            opt,
+            torch.nn.functional.cross_entropy,
+            (torch.randn(2, 3, 4, 4),),
+            torch.tensor([0, 1]),
+        )

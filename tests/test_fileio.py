@@ -63,8 +63,10 @@ def test_atomic_path_removes_the_temporary_file(tmp_path, exc):
 
 
 def test_atomic_path_names_the_target_on_an_os_error(tmp_path):
-    with pytest.raises(GHLError, match=r"m.onnx: cannot write: File too large$"), \
-            atomic_path(tmp_path / "m.onnx"):
+    with (
+        pytest.raises(GHLError, match=r"m.onnx: cannot write: File too large$"),
+        atomic_path(tmp_path / "m.onnx"),
+    ):
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
     assert leftovers(tmp_path) == []
     with atomic_path(tmp_path / "m.onnx") as tmp:

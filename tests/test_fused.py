@@ -18,8 +18,10 @@ import ghlc
 from ghlc.runtime import fused, policy
 from ghlc.runtime.status import STATUS
 
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None,
-                              reason="Inductor's CPU backend needs a C++ compiler")
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("g++") is None,
+    reason="Inductor's CPU backend needs a C++ compiler",
+)
 
 
 @pytest.fixture
@@ -56,8 +58,13 @@ def test_compiled_kernels_equal_eager_twins(fused_on):
     for shape, bias in [((6, 4, 3, 3), True), ((10, 7), False)]:
         c, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         extra = torch.randn(shape[0], generator=g) if bias else None
-        ref = c.double() - ((c.double() * w.double()).flatten(1).sum(1)
-                            + (extra.double() if bias else 0)).view(-1, *[1] * (c.dim() - 1)) * w
+        ref = (
+            c.double()
+            - ((c.double() * w.double()).flatten(1).sum(1) + (extra.double() if bias else 0)).view(
+                -1, *[1] * (c.dim() - 1)
+            )
+            * w
+        )
         buf = c.clone()
         assert fused.oja_decay_(buf, w, extra).data_ptr() == buf.data_ptr()
         torch.testing.assert_close(buf.double(), ref, rtol=1e-5, atol=1e-6)
@@ -83,6 +90,7 @@ def test_compile_failure_falls_back_to_eager(fused_on, monkeypatch):
     def broken(fn, **kw):
         def call(*a):
             raise RuntimeError("no compiler here")
+
         return call
 
     monkeypatch.setattr(STATUS, "compiled", {})
@@ -145,8 +153,9 @@ def test_triton_softmax_in_interpreter():
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
@@ -160,8 +169,9 @@ def test_triton_failure_falls_back_once(monkeypatch):
         raise RuntimeError("no ptxas\nmore")
 
     monkeypatch.setattr(STATUS, "triton_broken", None)
-    monkeypatch.setattr(fused, "_triton_softmax",
-                        lambda v: None if STATUS.triton_broken else broken)
+    monkeypatch.setattr(
+        fused, "_triton_softmax", lambda v: None if STATUS.triton_broken else broken
+    )
     v = torch.randn(2, 5, 3, 3)
     with pytest.warns(RuntimeWarning, match="Triton softmax kernel failed .*no ptxas"):
         y = fused.softmax(v, 1, 0.5)
@@ -183,7 +193,7 @@ def test_row_dots_match_float64_sums():
         c, w = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         ref = (c.double() * w.double()).flatten(1).sum(1)
         per_row = c[0].numel()
-        for block in (1, 2 * per_row + 1, 3 * per_row, 10 ** 9, policy.current().dot_block_numel):
+        for block in (1, 2 * per_row + 1, 3 * per_row, 10**9, policy.current().dot_block_numel):
             got = fused.row_dots(c, w, block)
             assert got.shape == (shape[0],) and got.dtype == c.dtype
             torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
@@ -211,13 +221,18 @@ def test_row_dots_mixed_layouts_and_no_copies():
     cl = torch.channels_last
     a, b = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
     ref = (a.double() * b.double()).flatten(1).sum(1)
-    for c, w in [(a.contiguous(memory_format=cl), b), (a, b.contiguous(memory_format=cl)),
-                 (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl))]:
-        for block in (40, 10 ** 9):
-            torch.testing.assert_close(fused.row_dots(c, w, block).double(), ref,
-                                       rtol=1e-6, atol=1e-6)
+    for c, w in [
+        (a.contiguous(memory_format=cl), b),
+        (a, b.contiguous(memory_format=cl)),
+        (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)),
+    ]:
+        for block in (40, 10**9):
+            torch.testing.assert_close(
+                fused.row_dots(c, w, block).double(), ref, rtol=1e-6, atol=1e-6
+            )
     c, w = a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)
     with Ops() as ops:
         fused.row_dots(c, w, 40)
     assert ops.names and not {"clone.default", "copy_.default", "_to_copy.default"} & set(
-        ops.names), ops.names
+        ops.names
+    ), ops.names

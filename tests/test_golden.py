@@ -45,8 +45,9 @@ def layer_graph_text(name: str) -> str:
     stem, factory = MODELS[name]
     mod = load_example(stem)
     temps = getattr(mod, "TEMPERATURES", 1.0)
-    lg = ghlc.trace(getattr(mod, factory)(), mod.example_inputs(),
-                    config=ghlc.GHLConfig(temperature=temps))
+    lg = ghlc.trace(
+        getattr(mod, factory)(), mod.example_inputs(), config=ghlc.GHLConfig(temperature=temps)
+    )
     return passes.PassManager(passes.default_passes())(lg).to_text()
 
 
@@ -63,10 +64,14 @@ def test_golden_layer_graph(name):
     assert path.exists(), f"{path.name} missing: run GHLC_UPDATE_GOLDEN=1 pytest {__file__}"
     want = path.read_text()
     if text != want:
-        diff = "".join(difflib.unified_diff(
-            want.splitlines(keepends=True), text.splitlines(keepends=True),
-            fromfile=f"golden/{name}.txt", tofile="traced",
-        ))
+        diff = "".join(
+            difflib.unified_diff(
+                want.splitlines(keepends=True),
+                text.splitlines(keepends=True),
+                fromfile=f"golden/{name}.txt",
+                tofile="traced",
+            )
+        )
         pytest.fail(f"layer graph of {name} changed (GHLC_UPDATE_GOLDEN=1 to accept):\n{diff}")
 
 

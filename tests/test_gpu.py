@@ -90,8 +90,9 @@ def check_cuda_step_against_oracle(name: str, at: str, compile_model: bool = Fal
         assert torch.equal(torch.sign(got[fixed]), torch.sign(exp[fixed])), f"{name} {n}"
 
 
-def two_steps_against_oracle(name: str, memory_format=None, oracle_rule=None,
-                             **cfg) -> torch.nn.Module:
+def two_steps_against_oracle(
+    name: str, memory_format=None, oracle_rule=None, **cfg
+) -> torch.nn.Module:
     """Two CUDA steps at lr 0 of a zoo model (config overrides ``cfg``; ``memory_format``:
     the model and input in that layout), every plastic gradient against the CPU float64
     oracle (``oracle_rule``: its rule settings, if any); returns the prepared model."""
@@ -101,8 +102,9 @@ def two_steps_against_oracle(name: str, memory_format=None, oracle_rule=None,
         model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
     names = list(e.plastic)
     h, g, _ = oracle.run_plain(copy.deepcopy(model), (x,), names, loss_fn, rule=oracle_rule)
-    m = ghlc.prepare(model.cuda(), (x.cuda(),),
-                     config=ghlc.GHLConfig(**{**e.config_kwargs(), **cfg})).train()
+    m = ghlc.prepare(
+        model.cuda(), (x.cuda(),), config=ghlc.GHLConfig(**{**e.config_kwargs(), **cfg})
+    ).train()
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     norm = cfg.get("normalisation", "layer")
     for _ in range(2):
@@ -133,9 +135,16 @@ class Small(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize(("sample", "over", "stack"), [
-    (1.0, "batch", False), (0.5, "batch", False), (0.25, "batch", False),
-    (0.25, "positions", False), (1.0, "batch", True)])
+@pytest.mark.parametrize(
+    ("sample", "over", "stack"),
+    [
+        (1.0, "batch", False),
+        (0.5, "batch", False),
+        (0.25, "batch", False),
+        (0.25, "positions", False),
+        (1.0, "batch", True),
+    ],
+)
 def test_cuda_graph_step_equals_eager_steps(sample, over, stack, monkeypatch):
     """The captured step against eager steps; the sampled modes draw the last block of the
     batch or grid offset every time (patched), so that the graph's window, fixed at capture,
@@ -153,8 +162,9 @@ def test_cuda_graph_step_equals_eager_steps(sample, over, stack, monkeypatch):
     graphed = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],), cfg).train()
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
     opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
-    step = ghlc.cuda_graph_step(graphed, opt_g, F.cross_entropy, (xs[0],), ys[0],
-                                stack_weight_grads=stack)
+    step = ghlc.cuda_graph_step(
+        graphed, opt_g, F.cross_entropy, (xs[0],), ys[0], stack_weight_grads=stack
+    )
     for p, q in zip(eager.parameters(), graphed.parameters()):
         assert torch.equal(p, q)  # capturing did not train
     for x, y in zip(xs, ys):
@@ -183,8 +193,9 @@ def test_cuda_graph_step_without_the_optimiser(amp):
     graphed = ghlc.prepare(copy.deepcopy(base), (xs[0][:2],)).train()
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
     opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05)
-    step = ghlc.cuda_graph_step(graphed, opt_g, F.cross_entropy, (xs[0],), ys[0],
-                                optimizer_step=False, autocast=amp)
+    step = ghlc.cuda_graph_step(
+        graphed, opt_g, F.cross_entropy, (xs[0],), ys[0], optimizer_step=False, autocast=amp
+    )
 
     def eager_step(m, opt, x, y):
         opt.zero_grad(set_to_none=True)
@@ -224,9 +235,21 @@ def test_train_with_cuda_graph_matches_eager_training(tmp_path, method):
             m = ghlc.prepare(m, (x[:2],))
         plastic = set(runtime_of(m).sites) if method == "ghl" else set()
         m = m.cuda()
-        res = train(m, x, y, x[:16], y[:16], plastic=plastic, epochs=2, batch_size=16,
-                    out_dir=tmp_path / str(graph), progress=False, lr=0.05, lr_plastic=0.05,
-                    cuda_graph=graph)
+        res = train(
+            m,
+            x,
+            y,
+            x[:16],
+            y[:16],
+            plastic=plastic,
+            epochs=2,
+            batch_size=16,
+            out_dir=tmp_path / str(graph),
+            progress=False,
+            lr=0.05,
+            lr_plastic=0.05,
+            cuda_graph=graph,
+        )
         runs.append((m, res))
     (m_e, r_e), (m_g, r_g) = runs
     for a, b in zip(r_e.history, r_g.history, strict=True):
@@ -236,15 +259,19 @@ def test_train_with_cuda_graph_matches_eager_training(tmp_path, method):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), n
 
 
-@pytest.mark.parametrize(("layer", "shape"), [
-    (nn.Conv2d(8, 16, 3, padding=1), (4, 8, 16, 16)),
-    (nn.Conv2d(8, 16, 5, padding="same"), (4, 8, 15, 16)),
-    (nn.Conv2d(8, 16, 3, stride=2, padding=1), (4, 8, 17, 16)),
-    (nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2), (4, 8, 16, 16)),
-    (nn.Conv2d(8, 16, 7, stride=2, padding=3), (4, 8, 32, 32)),
-    (nn.Conv1d(8, 16, 3, padding=1), (4, 8, 31)),
-    (nn.Conv3d(4, 8, 3, padding=1), (2, 4, 6, 8, 8)),
-], ids=["3x3", "5x5-same", "stride2", "dil2-g2", "7x7-s2", "1d", "3d"])
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.Conv2d(8, 16, 3, padding=1), (4, 8, 16, 16)),
+        (nn.Conv2d(8, 16, 5, padding="same"), (4, 8, 15, 16)),
+        (nn.Conv2d(8, 16, 3, stride=2, padding=1), (4, 8, 17, 16)),
+        (nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2), (4, 8, 16, 16)),
+        (nn.Conv2d(8, 16, 7, stride=2, padding=3), (4, 8, 32, 32)),
+        (nn.Conv1d(8, 16, 3, padding=1), (4, 8, 31)),
+        (nn.Conv3d(4, 8, 3, padding=1), (2, 4, 6, 8, 8)),
+    ],
+    ids=["3x3", "5x5-same", "stride2", "dil2-g2", "7x7-s2", "1d", "3d"],
+)
 def test_cuda_sampled_positions_match_cpu_float64(layer, shape, monkeypatch):
     """The positions grid on CUDA (every offset) against the same grid on CPU in float64
     (itself checked against the reference in test_rule_parity)."""
@@ -322,8 +349,12 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch, override):
 
     assert not fused.active(torch.zeros(1, device="cuda"))  # eager steps: eager formulas
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for shape, dim, cl in [((16, 64, 9, 9), 1, False), ((8, 96, 7, 7), 1, True),
-                           ((4, 4, 8, 6, 6), 2, False), ((8, 600, 5), 1, False)]:
+    for shape, dim, cl in [
+        ((16, 64, 9, 9), 1, False),
+        ((8, 96, 7, 7), 1, True),
+        ((4, 4, 8, 6, 6), 2, False),
+        ((8, 600, 5), 1, False),
+    ]:
         v = torch.randn(shape, device="cuda", generator=gen) * 4
         if cl:
             v = v.contiguous(memory_format=torch.channels_last)
@@ -333,8 +364,9 @@ def test_cuda_compiled_kernels_equal_eager_formulas(monkeypatch, override):
             break  # no Triton here
         y = fused.softmax(v, dim, 0.7)
         assert y.stride() == v.stride()
-        torch.testing.assert_close(y.double(), torch.softmax(v.double() * 0.7, dim),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            y.double(), torch.softmax(v.double() * 0.7, dim), rtol=1e-5, atol=1e-7
+        )
     assert STATUS.triton_broken is None
     monkeypatch.setattr(STATUS, "capturing", 1)
     if not fused.active(torch.zeros(1, device="cuda")):
@@ -364,8 +396,9 @@ def test_cuda_triton_softmax_into_a_channel_slice():
         wrote = fused.softmax_into(v, 1, 0.6, buf[:, 24:])
     if not wrote:
         pytest.skip("no Triton: the stacked path copies compete()'s output instead")
-    torch.testing.assert_close(buf[:, 24:].double(), torch.softmax(v.double() * 0.6, 1),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        buf[:, 24:].double(), torch.softmax(v.double() * 0.6, 1), rtol=1e-5, atol=1e-7
+    )
     assert (buf[:, :24] == 7.0).all()  # the other half is untouched
 
 

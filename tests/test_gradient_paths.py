@@ -62,8 +62,9 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
     return out.logsumexp(-1).sum() + 0.1 * out.square().sum()
 
 
-def _check(model: nn.Module, x: torch.Tensor, cfg: ghlc.GHLConfig, plastic: list[str],
-           steps: int = 1) -> None:
+def _check(
+    model: nn.Module, x: torch.Tensor, cfg: ghlc.GHLConfig, plastic: list[str], steps: int = 1
+) -> None:
     """``steps`` training steps of the prepared model (SGD between them); on the last one
     every plastic weight's gradient must equal the oracle's, computed on a plain model with
     the same weights."""
@@ -81,8 +82,7 @@ def _check(model: nn.Module, x: torch.Tensor, cfg: ghlc.GHLConfig, plastic: list
     h, g, _ = run_plain(plain, (x,), plastic, _loss)
     for n in plastic:
         assert not torch.allclose(got[n], g[n]), f"{n}: plain backprop's gradient"
-        torch.testing.assert_close(got[n], expected_grad(h[n], g[n]), rtol=1e-10, atol=1e-12,
-                                   msg=n)
+        torch.testing.assert_close(got[n], expected_grad(h[n], g[n]), rtol=1e-10, atol=1e-12, msg=n)
 
 
 def _rebuild(model: nn.Module) -> nn.Module:
@@ -101,14 +101,17 @@ def test_linear_output_changed_in_place_gets_the_rule(inplace, shape):
 @pytest.mark.parametrize("interception", ["auto", "mode"])
 @pytest.mark.parametrize("hooked", [True, False], ids=["hooked", "function"])
 @pytest.mark.parametrize("hebbian_at", ["auto", "forward", "backward"])
-def test_every_call_path_and_timing_delivers_the_rule(interception, hooked, hebbian_at,
-                                                      override):
+def test_every_call_path_and_timing_delivers_the_rule(interception, hooked, hebbian_at, override):
     override(hooked_calls=hooked)
     cfg = dataclasses.replace(LINEAR, interception=interception, hebbian_at=hebbian_at)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     _check(LinearThenInPlace("relu"), x, cfg, ["a.weight", "b.weight"])
-    _check(ConvThenInPlace(), torch.randn(2, 3, 6, 6, dtype=torch.float64), cfg,
-           ["a.weight", "b.weight"])
+    _check(
+        ConvThenInPlace(),
+        torch.randn(2, 3, 6, 6, dtype=torch.float64),
+        cfg,
+        ["a.weight", "b.weight"],
+    )
 
 
 def test_functional_use_on_nd_input_changed_in_place_gets_the_rule():
@@ -130,8 +133,9 @@ def test_a_gradient_without_its_hebbian_term_is_an_error(monkeypatch):
     model = LinearThenInPlace(None)
     x = torch.randn(2, 5, 8)
     m = ghlc.prepare(model, example_inputs=(x,), config=LINEAR).train()
-    with pytest.raises(ghlc.RuntimeGHLError, match=r"^layer '[ab]': .*without the Hebbian term"
-                       ) as e:
+    with pytest.raises(
+        ghlc.RuntimeGHLError, match=r"^layer '[ab]': .*without the Hebbian term"
+    ) as e:
         _loss(m(x)).backward()
     assert "\n" not in str(e.value)
 

@@ -50,8 +50,9 @@ def imports(module: str) -> list[tuple[str, tuple[str, ...], int]]:
                 base = f"{pkg}.{base}" if base else pkg
             for a in node.names:
                 sub = f"{base}.{a.name}"
-                out.append((sub, (), node.lineno) if sub in MODULES
-                           else (base, (a.name,), node.lineno))
+                out.append(
+                    (sub, (), node.lineno) if sub in MODULES else (base, (a.name,), node.lineno)
+                )
     return [i for i in out if i[0] == "ghlc" or i[0].startswith("ghlc.")]
 
 
@@ -61,25 +62,39 @@ def _where(module: str, line: int) -> str:
 
 def test_the_ir_and_the_passes_import_nothing_from_the_runtime():
     ir = ["ghlc.graph"] + [m for m in MODULES if m.startswith("ghlc.passes")]
-    bad = [f"{_where(m, ln)} imports {dep}" for m in ir for dep, _, ln in imports(m)
-           if dep.startswith("ghlc.runtime")]
+    bad = [
+        f"{_where(m, ln)} imports {dep}"
+        for m in ir
+        for dep, _, ln in imports(m)
+        if dep.startswith("ghlc.runtime")
+    ]
     assert bad == []
 
 
 def test_the_runtime_imports_only_the_ir_and_the_errors():
-    bad = [f"{_where(m, ln)} imports {dep}"
-           for m in MODULES if m.startswith("ghlc.runtime")
-           for dep, _, ln in imports(m)
-           if not dep.startswith("ghlc.runtime") and dep not in RUNTIME_MAY_IMPORT]
+    bad = [
+        f"{_where(m, ln)} imports {dep}"
+        for m in MODULES
+        if m.startswith("ghlc.runtime")
+        for dep, _, ln in imports(m)
+        if not dep.startswith("ghlc.runtime") and dep not in RUNTIME_MAY_IMPORT
+    ]
     assert bad == []
 
 
 def private_runtime_names(module: str) -> list[str]:
     """Private runtime names (or modules) that ``module`` imports."""
-    return ([f"{_where(module, ln)} takes {dep}.{n}" for dep, names, ln in imports(module)
-             if dep.startswith("ghlc.runtime") for n in names if n.startswith("_")]
-            + [f"{_where(module, ln)} imports {dep}" for dep, _, ln in imports(module)
-               if dep.startswith("ghlc.runtime") and dep.rpartition(".")[2].startswith("_")])
+    return [
+        f"{_where(module, ln)} takes {dep}.{n}"
+        for dep, names, ln in imports(module)
+        if dep.startswith("ghlc.runtime")
+        for n in names
+        if n.startswith("_")
+    ] + [
+        f"{_where(module, ln)} imports {dep}"
+        for dep, _, ln in imports(module)
+        if dep.startswith("ghlc.runtime") and dep.rpartition(".")[2].startswith("_")
+    ]
 
 
 def import_cycles() -> list[str]:
@@ -99,11 +114,14 @@ def test_ghlc_modules_import_each_other_without_cycles():
     assert import_cycles() == []
 
 
-@pytest.mark.parametrize("source,found", [
-    ("from ghlc.runtime.mode import _MHA\n", "takes ghlc.runtime.mode._MHA"),
-    ("def f():\n    from .runtime.install import _ATTR\n", "takes ghlc.runtime.install._ATTR"),
-    ("from .runtime import _private\n", "takes ghlc.runtime._private"),
-])
+@pytest.mark.parametrize(
+    "source,found",
+    [
+        ("from ghlc.runtime.mode import _MHA\n", "takes ghlc.runtime.mode._MHA"),
+        ("def f():\n    from .runtime.install import _ATTR\n", "takes ghlc.runtime.install._ATTR"),
+        ("from .runtime import _private\n", "takes ghlc.runtime._private"),
+    ],
+)
 def test_the_private_name_check_can_fail(tmp_path, monkeypatch, source, found):
     monkeypatch.setitem(MODULES, "ghlc.front", tmp_path / "front.py")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)

@@ -47,17 +47,24 @@ class MyConv(nn.Conv2d):  # a subclass that keeps torch's forward
 
 def net2d():
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), Probe(),
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        Probe(),
         nn.Conv2d(4, 4, 4, padding="same"),  # even kernel: asymmetric 'same' padding
         nn.ReLU(),
-        MyConv(4, 6, 3, stride=2, groups=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 8), nn.Tanh(), nn.Linear(8, 3),
+        MyConv(4, 6, 3, stride=2, groups=2, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
     ), torch.randn(5, 3, 8, 8)
 
 
 def net1d_unbatched():
-    return nn.Sequential(nn.Conv1d(3, 5, 3, dilation=2), Probe(), nn.ReLU(), nn.Flatten(0),
-                         nn.Linear(5 * 12, 4)), torch.randn(3, 16)
+    return nn.Sequential(
+        nn.Conv1d(3, 5, 3, dilation=2), Probe(), nn.ReLU(), nn.Flatten(0), nn.Linear(5 * 12, 4)
+    ), torch.randn(3, 16)
 
 
 def _prepare(make, module_calls: bool):
@@ -141,17 +148,23 @@ class StdConv(nn.Conv2d):  # a computed weight (weight standardisation)
         return F.conv2d(x, w, self.bias)
 
 
-@pytest.mark.parametrize("make,x,expected", [
-    (Functional, torch.randn(2, 6), False),
-    (Tied, torch.randn(2, 6), False),
-    (Twice, torch.randn(2, 6), True),
-    (lambda: nn.Sequential(PadConv(3, 4, 3)), torch.randn(2, 3, 6, 6), False),
-    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
-     torch.randn(2, 3, 6, 6), True),
-    (lambda: nn.Sequential(StdConv(3, 4, 3)), torch.randn(2, 3, 6, 6), False),
-    (lambda: nn.MultiheadAttention(6, 2), (torch.randn(3, 2, 6),) * 3, False),
-], ids=["functional", "tied", "called-twice", "forward-override", "plain", "computed",
-        "mha"])
+@pytest.mark.parametrize(
+    "make,x,expected",
+    [
+        (Functional, torch.randn(2, 6), False),
+        (Tied, torch.randn(2, 6), False),
+        (Twice, torch.randn(2, 6), True),
+        (lambda: nn.Sequential(PadConv(3, 4, 3)), torch.randn(2, 3, 6, 6), False),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
+            torch.randn(2, 3, 6, 6),
+            True,
+        ),
+        (lambda: nn.Sequential(StdConv(3, 4, 3)), torch.randn(2, 3, 6, 6), False),
+        (lambda: nn.MultiheadAttention(6, 2), (torch.randn(3, 2, 6),) * 3, False),
+    ],
+    ids=["functional", "tied", "called-twice", "forward-override", "plain", "computed", "mha"],
+)
 def test_which_models_need_the_function_mode(make, x, expected):
     x = x if isinstance(x, tuple) else (x,)
     m = ghlc.prepare(make(), x, ALL)
@@ -234,10 +247,17 @@ def test_interception_is_checked():
 # ---- how a plastic call runs: backprop's node + an output hook, or the autograd Function --
 
 
-@pytest.mark.parametrize("kw", [{}, {"hebbian_at": "backward"}, {"hebbian_at": "forward"},
-                                {"sample_fraction": 0.5},
-                                {"sample_fraction": 0.25, "sample_over": "positions"}],
-                         ids=["auto", "backward", "forward", "sampled", "positions"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"hebbian_at": "backward"},
+        {"hebbian_at": "forward"},
+        {"sample_fraction": 0.5},
+        {"sample_fraction": 0.25, "sample_over": "positions"},
+    ],
+    ids=["auto", "backward", "forward", "sampled", "positions"],
+)
 @pytest.mark.parametrize("name", sweep())
 def test_output_hooks_match_the_autograd_function(name, kw, override):
     """Both ways of running a plastic call give bit-identical gradients, step after step."""
@@ -293,8 +313,10 @@ def test_output_changed_in_place_after_the_call_is_a_clear_error(hooks, override
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
 def test_create_graph_through_a_plastic_layer_is_a_clear_error(hooks, override):
     override(hooked_calls=hooks)
-    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
-                     (torch.randn(2, 3, 6, 6),))
+    m = ghlc.prepare(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
+        (torch.randn(2, 3, 6, 6),),
+    )
     loss = m(torch.randn(2, 3, 6, 6)).square().sum()
     with pytest.raises(ghlc.RuntimeGHLError, match="create_graph"):
         torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
@@ -306,9 +328,13 @@ def test_a_kept_loss_keeps_no_activations(hooks, timing, override):
     """A training loop keeps last step's ``loss`` (and so its graph) during the next forward:
     what a plastic call kept for its backward must be gone once that backward ran."""
     override(hooked_calls=hooks)
-    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                                   nn.Flatten(), nn.Linear(16, 2)),
-                     (torch.randn(2, 3, 6, 6),), ghlc.GHLConfig(hebbian_at=timing))
+    m = ghlc.prepare(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 2)
+        ),
+        (torch.randn(2, 3, 6, 6),),
+        ghlc.GHLConfig(hebbian_at=timing),
+    )
     x = torch.randn(2, 3, 6, 6)
     loss = m(x).square().sum()
     loss.backward()
@@ -321,8 +347,11 @@ def test_a_kept_loss_keeps_no_activations(hooks, timing, override):
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
 def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, override):
     override(hooked_calls=hooks)
-    m = ghlc.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
-                     (torch.randn(2, 3, 6, 6),), ghlc.GHLConfig(hebbian_at="forward"))
+    m = ghlc.prepare(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)),
+        (torch.randn(2, 3, 6, 6),),
+        ghlc.GHLConfig(hebbian_at="forward"),
+    )
     loss = m(torch.randn(2, 3, 6, 6)).square().sum()
     loss.backward(retain_graph=True)
     with pytest.raises(ghlc.RuntimeGHLError, match="retain_graph"):
@@ -332,8 +361,14 @@ def test_second_backward_through_a_retained_graph_is_a_clear_error(hooks, overri
 def test_autocast_steps_match_between_the_two_ways(override):
     """Mixed precision (CPU bfloat16 autocast): both ways give the same GHL gradients."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 2),
+    )
     x = torch.randn(4, 3, 8, 8)
     grads = {}
     for hooks in (True, False):

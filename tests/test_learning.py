@@ -26,9 +26,14 @@ def mnist_batch():
 
 def tiny_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # 28 -> 24 -> 12
-        nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 10 -> 5
-        nn.Flatten(), nn.Linear(32 * 5 * 5, 10),
+        nn.Conv2d(1, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 28 -> 24 -> 12
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 12 -> 10 -> 5
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, 10),
     )
 
 
@@ -42,10 +47,12 @@ def test_ghl_steps_reduce_training_loss(mnist_batch):
         plastic = set(runtime_of(m).sites)
         assert plastic == {"0.weight", "3.weight"}
         params = dict(m.named_parameters())
-        opt = torch.optim.SGD([
-            {"params": [p for k, p in params.items() if k in plastic], "lr": 5e-2},
-            {"params": [p for k, p in params.items() if k not in plastic], "lr": 1e-1},
-        ])
+        opt = torch.optim.SGD(
+            [
+                {"params": [p for k, p in params.items() if k in plastic], "lr": 5e-2},
+                {"params": [p for k, p in params.items() if k not in plastic], "lr": 1e-1},
+            ]
+        )
 
         def full_loss() -> float:
             m.eval()
@@ -61,7 +68,7 @@ def test_ghl_steps_reduce_training_loss(mnist_batch):
         for step in range(20):
             if step % 4 == 0:
                 perm = torch.randperm(len(y), generator=g)
-            idx = perm[(step % 4) * 64:(step % 4 + 1) * 64]
+            idx = perm[(step % 4) * 64 : (step % 4 + 1) * 64]
             opt.zero_grad()
             F.cross_entropy(m(x[idx]), y[idx]).backward()
             for k in plastic:  # GHL gradients: |H| * sign(G), |H| normalised to max 1

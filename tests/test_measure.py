@@ -36,6 +36,7 @@ class FakeClock:
         def run() -> None:
             self.calls[name] += 1
             self.now += seconds
+
         return run
 
     def kernels(self, seconds: dict[str, float]) -> dict:
@@ -45,6 +46,7 @@ class FakeClock:
 def never(name: str):
     def run() -> None:
         raise AssertionError(f"candidate {name} was called")
+
     return run
 
 
@@ -80,6 +82,7 @@ def test_the_median_decides_not_one_slow_call():
 
     def a() -> None:
         clock.now += next(slow_once)
+
     cands = {"a": a, "b": clock.kernel("b", 1.5)}
     assert measure.choose("op", KEY, cands, "b", timer=clock) == "a"
 
@@ -146,8 +149,10 @@ def test_threads_dtypes_shapes_and_memory_formats_are_different_keys():
 def test_operand_key_names_device_dtype_shape_and_format():
     x = torch.zeros(2, 3, 4, 5, 6, dtype=torch.float64)
     assert measure.operand_key(x, x.to(memory_format=torch.channels_last_3d)) == (
-        torch.device("cpu"), (torch.float64, (2, 3, 4, 5, 6), "contiguous"),
-        (torch.float64, (2, 3, 4, 5, 6), "channels_last_3d"))
+        torch.device("cpu"),
+        (torch.float64, (2, 3, 4, 5, 6), "contiguous"),
+        (torch.float64, (2, 3, 4, 5, 6), "channels_last_3d"),
+    )
     assert measure.memory_format(x.transpose(0, 1)) == "strides(120, 360, 30, 6, 1)"
 
 
@@ -168,8 +173,9 @@ def test_env_ghlc_measure_0_returns_the_static_choice():
         "print(measure.choose('op', (torch.device('cpu'),), {'a': boom, 'b': boom}, 'b'))\n"
     )
     env = {**os.environ, "GHLC_MEASURE": "0", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert (r.returncode, r.stdout.strip()) == (0, "b"), r.stderr
 
 
@@ -202,6 +208,7 @@ def test_a_failing_candidate_is_left_out_but_not_the_static_one():
 
     def oom() -> None:
         raise torch.OutOfMemoryError("out of memory")
+
     cands = {"a": clock.kernel("a", 2.0), "b": oom}
     assert measure.choose("op", KEY, cands, "a", timer=clock) == "a"
     with pytest.raises(torch.OutOfMemoryError):
@@ -209,8 +216,11 @@ def test_a_failing_candidate_is_left_out_but_not_the_static_one():
 
 
 def test_a_static_choice_outside_the_candidates_is_a_one_line_error():
-    with pytest.raises(ValueError, match=r"^op: static choice 'c' is not among the candidates "
-                                         r"a, b$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^op: static choice 'c' is not among the candidates "
+        r"a, b$",
+    ):
         measure.choose("op", KEY, NEVER, "c")
 
 
@@ -218,10 +228,8 @@ def test_a_static_choice_outside_the_candidates_is_a_one_line_error():
 def test_the_disk_cache_round_trips_between_processes(tmp_path, monkeypatch):
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path / "kernels"))
     clock = FakeClock()
-    assert measure.choose("op", KEY, clock.kernels({"a": 2.0, "b": 1.0}), "a",
-                          timer=clock) == "b"
-    assert measure.choose("op2", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b",
-                          timer=clock) == "a"
+    assert measure.choose("op", KEY, clock.kernels({"a": 2.0, "b": 1.0}), "a", timer=clock) == "b"
+    assert measure.choose("op2", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b", timer=clock) == "a"
     (name,) = os.listdir(tmp_path / "kernels")
     assert name.startswith("cpu-") and name.endswith(".json")
     data = json.loads((tmp_path / "kernels" / name).read_text())
@@ -236,23 +244,24 @@ def test_the_disk_cache_round_trips_between_processes(tmp_path, monkeypatch):
     measure.reset()
     with pytest.MonkeyPatch.context() as m:
         m.delenv(measure.CACHE_ENV)
-        assert measure.choose("op", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b",
-                              timer=clock) == "a"  # without the folder: measured again
+        assert (
+            measure.choose("op", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b", timer=clock) == "a"
+        )  # without the folder: measured again
 
 
-def test_a_disk_choice_no_longer_among_the_candidates_is_measured_again(tmp_path,
-                                                                       monkeypatch):
+def test_a_disk_choice_no_longer_among_the_candidates_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path))
     clock = FakeClock()
     measure.choose("op", KEY, clock.kernels({"a": 2.0, "b": 1.0}), "a", timer=clock)
     measure.reset()
-    assert measure.choose("op", KEY, clock.kernels({"a": 2.0, "c": 1.0}), "a",
-                          timer=clock) == "c"
+    assert measure.choose("op", KEY, clock.kernels({"a": 2.0, "c": 1.0}), "a", timer=clock) == "c"
     assert measure.stats().measured == 1
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "choices": {}}', "[1, 2]",
-                                     '{"format": 1, "choices": {"k": 3}}'])
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", '{"format": 99, "choices": {}}', "[1, 2]", '{"format": 1, "choices": {"k": 3}}'],
+)
 def test_a_damaged_cache_file_warns_once_and_is_ignored(tmp_path, monkeypatch, content):
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path))
     clock = FakeClock()
@@ -261,13 +270,15 @@ def test_a_damaged_cache_file_warns_once_and_is_ignored(tmp_path, monkeypatch, c
     (tmp_path / name).write_text(content)
     measure.reset()
     with pytest.warns(RuntimeWarning, match=r"^kernel cache .* ignored: ") as rec:
-        assert measure.choose("op", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b",
-                              timer=clock) == "a"  # measured, not read
+        assert (
+            measure.choose("op", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b", timer=clock) == "a"
+        )  # measured, not read
     assert len(rec) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert measure.choose("op2", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b",
-                              timer=clock) == "a"
+        assert (
+            measure.choose("op2", KEY, clock.kernels({"a": 1.0, "b": 2.0}), "b", timer=clock) == "a"
+        )
     assert measure.stats().measured == 2
     data = json.loads((tmp_path / name).read_text())  # rewritten whole
     assert sorted(data["choices"].values()) == ["a", "a"]
@@ -279,8 +290,9 @@ def test_an_unwritable_cache_folder_warns_and_the_choice_stands(tmp_path, monkey
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path / "file" / "sub"))
     clock = FakeClock()
     with pytest.warns(RuntimeWarning, match=r"^kernel cache not written: "):
-        assert measure.choose("op", KEY, clock.kernels({"a": 2.0, "b": 1.0}), "a",
-                              timer=clock) == "b"
+        assert (
+            measure.choose("op", KEY, clock.kernels({"a": 2.0, "b": 1.0}), "a", timer=clock) == "b"
+        )
     assert measure.choose("op", KEY, NEVER, "a") == "b"
 
 
@@ -298,20 +310,24 @@ def ref_wgrad(x, cot, w_shape, stride, padding, dilation, groups, transposed, ou
     src = F.pad(src, pads)
     out = torch.zeros(w_shape, dtype=torch.float64)
     for i in itertools.product(*(range(m) for m in k)):
-        sl = tuple(slice(d * o, d * o + s * (n - 1) + 1, s)
-                   for d, o, s, n in zip(dilation, i, stride, idx.shape[2:]))
+        sl = tuple(
+            slice(d * o, d * o + s * (n - 1) + 1, s)
+            for d, o, s, n in zip(dilation, i, stride, idx.shape[2:])
+        )
         patch = src[(slice(None), slice(None), *sl)]
         for g in range(groups):
             a = idx.shape[1] // groups
             b = patch.shape[1] // groups
-            ig = idx[:, g * a:(g + 1) * a].flatten(2)
-            pg = patch[:, g * b:(g + 1) * b].flatten(2)
+            ig = idx[:, g * a : (g + 1) * a].flatten(2)
+            pg = patch[:, g * b : (g + 1) * b].flatten(2)
             if transposed:  # weight (C_in, C_out / groups, *k): input channel first
                 out[(slice(g * a, (g + 1) * a), slice(None), *i)] = torch.einsum(
-                    "ncp,nop->co", ig, pg)
+                    "ncp,nop->co", ig, pg
+                )
             else:  # weight (C_out, C_in / groups, *k)
                 out[(slice(g * a, (g + 1) * a), slice(None), *i)] = torch.einsum(
-                    "nop,ncp->oc", ig, pg)
+                    "nop,ncp->oc", ig, pg
+                )
     return out
 
 
@@ -322,16 +338,37 @@ CASES = {
     "conv1d 260 units": (1, 2, 260, (3,), (1,), (1,), (1,), 1, False, (0,), (6,)),
     "conv2d": (2, 3, 7, (3, 2), (1, 1), (1, 0), (1, 1), 1, False, (0, 0), (6, 5)),
     "conv2d kernel 3x1": (2, 3, 4, (3, 1), (1, 1), (1, 0), (1, 1), 1, False, (0, 0), (5, 4)),
-    "conv2d strided padded dilated":
-        (2, 3, 5, (3, 2), (2, 1), (1, 2), (1, 2), 1, False, (0, 0), (9, 7)),
+    "conv2d strided padded dilated": (
+        2,
+        3,
+        5,
+        (3, 2),
+        (2, 1),
+        (1, 2),
+        (1, 2),
+        1,
+        False,
+        (0, 0),
+        (9, 7),
+    ),
     "conv2d groups": (2, 4, 6, (3, 3), (1, 2), (1, 1), (1, 1), 2, False, (0, 0), (6, 7)),
     "conv2d depthwise": (2, 4, 8, (3, 3), (1, 1), (1, 1), (1, 1), 4, False, (0, 0), (5, 5)),
-    "conv3d": (3, 2, 5, (2, 3, 2), (1, 2, 1), (1, 1, 0), (1, 1, 2), 1, False, (0, 0, 0),
-               (4, 6, 5)),
+    "conv3d": (3, 2, 5, (2, 3, 2), (1, 2, 1), (1, 1, 0), (1, 1, 2), 1, False, (0, 0, 0), (4, 6, 5)),
     "conv_transpose1d": (1, 4, 6, (3,), (2,), (1,), (2,), 2, True, (1,), (5,)),
     "conv_transpose2d": (2, 3, 4, (2, 3), (2, 1), (0, 1), (1, 1), 1, True, (1, 0), (4, 3)),
-    "conv_transpose3d": (3, 2, 4, (2, 2, 2), (2, 1, 1), (1, 0, 0), (1, 1, 1), 2, True,
-                         (0, 0, 0), (3, 3, 2)),
+    "conv_transpose3d": (
+        3,
+        2,
+        4,
+        (2, 2, 2),
+        (2, 1, 1),
+        (1, 0, 0),
+        (1, 1, 1),
+        2,
+        True,
+        (0, 0, 0),
+        (3, 3, 2),
+    ),
 }
 LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -367,9 +404,14 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= 1e-12 * ref.abs().max().item(), f"{what}: max error {err:.3g}"
 
 
-@pytest.mark.parametrize("name,layout", [
-    (n, lay) for n, c in CASES.items()
-    for lay in (("contiguous",) if c[0] == 1 else ("contiguous", "channels_last"))])
+@pytest.mark.parametrize(
+    "name,layout",
+    [
+        (n, lay)
+        for n, c in CASES.items()
+        for lay in (("contiguous",) if c[0] == 1 else ("contiguous", "channels_last"))
+    ],
+)
 def test_every_kernel_candidate_matches_the_float64_correlation(name, layout):
     spec, x, w, cot, ref = conv_case(name, layout)
     assert ref.abs().max() > 0

@@ -35,8 +35,9 @@ class Small(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        self.blk = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
-                                 nn.Conv2d(8, 8, 1, bias=False))
+        self.blk = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False)
+        )
         self.hidden = nn.Linear(8 * 4 * 4, 16)
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(16, 5)
@@ -90,6 +91,7 @@ def state(model):
 
 # ---- select_plastic ------------------------------------------------------------------------
 
+
 def test_select_plastic_default_makes_convs_plastic_and_linears_backprop():
     _, _, lg = make()
     res = passes.select_plastic(lg)
@@ -138,6 +140,7 @@ def test_select_plastic_frozen_params_get_role_frozen():
 
 # ---- insert_hebbian ------------------------------------------------------------------------
 
+
 def test_insert_hebbian_one_node_per_plastic_layer():
     lg = passes.insert_hebbian(passes.select_plastic(make()[2]).graph).graph
     assert nodes_of(lg, "hebbian") == sorted(hebb_key(n) for n in CONVS)
@@ -164,8 +167,9 @@ def test_insert_hebbian_per_layer_temperature_mapping():
 
 
 def test_insert_hebbian_rule_carries_config_variants():
-    cfg = ghlc.GHLConfig(competition="hard", local_rule="hebb", global_signal="none",
-                         normalisation="unit")
+    cfg = ghlc.GHLConfig(
+        competition="hard", local_rule="hebb", global_signal="none", normalisation="unit"
+    )
     lg = run(make(cfg)[2])
     r = lg.rule("conv1.weight")
     assert (r.competition, r.local_rule, r.normalisation) == ("hard", "hebb", "unit")
@@ -187,18 +191,19 @@ def test_insert_hebbian_rule_carries_sampling():
         ghlc.GHLConfig(sample_over="rows")
 
 
-
 def test_insert_hebbian_rule_carries_the_precision():
     lg = run(make(ghlc.GHLConfig(hebbian_precision="autocast"))[2])
     assert lg.rule("conv1.weight").precision == "autocast"
     assert "precision=autocast" in lg.to_text()
     assert "precision=" not in run(make(ghlc.GHLConfig())[2]).to_text()
-    with pytest.raises(ghlc.ConfigError,
-                       match="hebbian_precision='half' is not one of full, autocast"):
+    with pytest.raises(
+        ghlc.ConfigError, match="hebbian_precision='half' is not one of full, autocast"
+    ):
         ghlc.GHLConfig(hebbian_precision="half")
 
 
 # ---- broadcast_global_sign -----------------------------------------------------------------
+
 
 def test_broadcast_global_sign_one_source_edge_to_every_hebbian_node():
     lg = run(make(ghlc.GHLConfig(plastic=("conv", "linear")))[2])
@@ -228,6 +233,7 @@ def test_data_edges_survive_every_pass():
 
 # ---- validate ------------------------------------------------------------------------------
 
+
 def test_validate_accepts_complete_graph_and_rejects_missing_broadcast():
     lg = run(make()[2])
     assert passes.validate(lg) == (lg, False)
@@ -239,11 +245,15 @@ def test_validate_accepts_complete_graph_and_rejects_missing_broadcast():
 
 # ---- numbers: eval outputs identical before and after each pass ---------------------------
 
-@pytest.mark.parametrize("config", [
-    ghlc.GHLConfig(),
-    ghlc.GHLConfig(plastic=("conv", "linear"), include=("fc",), temperature={"blk.*": 0.3}),
-    ghlc.GHLConfig(competition="hard", local_rule="hebb", global_signal="none"),
-])
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ghlc.GHLConfig(),
+        ghlc.GHLConfig(plastic=("conv", "linear"), include=("fc",), temperature={"blk.*": 0.3}),
+        ghlc.GHLConfig(competition="hard", local_rule="hebb", global_signal="none"),
+    ],
+)
 def test_eval_outputs_identical_before_and_after_each_pass(config):
     model, x, lg = make(config)
     before = state(model)
@@ -270,21 +280,30 @@ def test_train_mode_forward_unchanged_by_compile():
     assert torch.equal(m.bn.running_mean, ref.bn.running_mean)
 
 
-@pytest.mark.parametrize("stem,factory", [
-    ("deephebb", "deephebb"), ("fasthebb", "fasthebb"), ("resnet", "resnet18"),
-    ("mobilenet", "mobilenetv2"),
-])
+@pytest.mark.parametrize(
+    "stem,factory",
+    [
+        ("deephebb", "deephebb"),
+        ("fasthebb", "fasthebb"),
+        ("resnet", "resnet18"),
+        ("mobilenet", "mobilenetv2"),
+    ],
+)
 def test_examples_eval_outputs_identical(stem, factory):
     mod = load_example(stem)
     torch.manual_seed(0)
     model, inputs = getattr(mod, factory)(), mod.example_inputs()
-    lg = run(ghlc.trace(model, inputs, config=ghlc.GHLConfig(
-        temperature=getattr(mod, "TEMPERATURES", 1.0))))
+    lg = run(
+        ghlc.trace(
+            model, inputs, config=ghlc.GHLConfig(temperature=getattr(mod, "TEMPERATURES", 1.0))
+        )
+    )
     assert len(lg.plastic()) == len(nodes_of(lg, "hebbian")) > 0
     assert_same_eval(model, inputs[0], lg)
 
 
 # ---- PassManager errors --------------------------------------------------------------------
+
 
 def rogue_global_sign(lg: LayerGraph) -> LayerGraph:
     """Bad pass: a second global-sign source broadcasting to a Hebbian node."""
@@ -311,14 +330,24 @@ def dropped_broadcast(lg: LayerGraph) -> LayerGraph:
     return lg.evolve(g=g)
 
 
-@pytest.mark.parametrize("bad,problem", [
-    (rogue_global_sign, "2 global-sign sources, expected at most 1"),
-    (hebbian_on_backprop, "fc.weight is backprop but has a Hebbian node"),
-    (dropped_broadcast, "hebbian:conv1.weight has 0 global-sign edges, expected 1"),
-])
+@pytest.mark.parametrize(
+    "bad,problem",
+    [
+        (rogue_global_sign, "2 global-sign sources, expected at most 1"),
+        (hebbian_on_backprop, "fc.weight is backprop but has a Hebbian node"),
+        (dropped_broadcast, "hebbian:conv1.weight has 0 global-sign edges, expected 1"),
+    ],
+)
 def test_pass_manager_names_failing_pass_and_earlier_ones(bad, problem):
-    pm = passes.PassManager([passes.select_plastic, passes.insert_hebbian,
-                             passes.broadcast_global_sign, bad, passes.validate])
+    pm = passes.PassManager(
+        [
+            passes.select_plastic,
+            passes.insert_hebbian,
+            passes.broadcast_global_sign,
+            bad,
+            passes.validate,
+        ]
+    )
     with pytest.raises(PassError) as e:
         pm(make()[2])
     msg = str(e.value)
@@ -338,33 +367,44 @@ def test_pass_manager_reports_exceptions_preconditions_and_bad_returns():
     def returns_none(lg):
         return None
 
-    with pytest.raises(PassError, match=r"pass 'explodes' \(after select_plastic\) failed: "
-                                        r"ValueError: boom"):
+    with pytest.raises(
+        PassError,
+        match=r"pass 'explodes' \(after select_plastic\) failed: "
+        r"ValueError: boom",
+    ):
         passes.PassManager([passes.select_plastic, explodes])(make()[2])
     with pytest.raises(PassError, match="pass 'returns_none' returned NoneType"):
         passes.PassManager([returns_none])(make()[2])
-    with pytest.raises(PassError, match=r"pass 'depth_temperature' \(after select_plastic\): "
-                                        "precondition failed: .*run insert_hebbian first"):
+    with pytest.raises(
+        PassError,
+        match=r"pass 'depth_temperature' \(after select_plastic\): "
+        "precondition failed: .*run insert_hebbian first",
+    ):
         passes.PassManager([passes.select_plastic, custom.depth_temperature])(make()[2])
-    with pytest.raises(PassError, match=r"pass 'validate' \(after select_plastic, "
-                                        r"insert_hebbian\) failed: .*no global-sign edge"):
+    with pytest.raises(
+        PassError,
+        match=r"pass 'validate' \(after select_plastic, "
+        r"insert_hebbian\) failed: .*no global-sign edge",
+    ):
         pipeline = [passes.select_plastic, passes.insert_hebbian, passes.validate]
         passes.PassManager(pipeline)(make()[2])
 
 
 # ---- a user-written pass (examples/custom_pass.py) -----------------------------------------
 
+
 def test_custom_depth_temperature_pass():
     custom = load_example("custom_pass")
     model, x, lg = make(ghlc.GHLConfig(temperature=2.0))
     out = passes.PassManager(custom.PASSES)(lg)
     temps = [out.rule(n).temperature for n in CONVS]
-    assert temps == pytest.approx([2.0, 2.0 * custom.FINAL ** 0.5, 2.0 * custom.FINAL])
+    assert temps == pytest.approx([2.0, 2.0 * custom.FINAL**0.5, 2.0 * custom.FINAL])
     assert nodes_of(out, "hebbian") == nodes_of(run(lg), "hebbian")
     assert edges_of(out, "broadcast") == edges_of(run(lg), "broadcast")
     assert isinstance(out.rule("conv1.weight"), type(run(lg).rule("conv1.weight")))
-    assert dataclasses.replace(out.rule("blk.2.weight"), temperature=2.0) == \
-        run(lg).rule("blk.2.weight")
+    assert dataclasses.replace(out.rule("blk.2.weight"), temperature=2.0) == run(lg).rule(
+        "blk.2.weight"
+    )
     assert_same_eval(model, x, out)
 
 
@@ -376,6 +416,7 @@ def test_custom_pass_example_runs(capsys):
 
 
 # ---- set_global_signal ---------------------------------------------------------------------
+
 
 def test_set_global_signal_changes_the_global_sign_node_only():
     lg = run(make()[2])
@@ -410,12 +451,16 @@ def test_set_global_signal_keeps_eval_outputs_and_gives_pure_hebbian_gradients()
 
 def test_set_global_signal_requires_the_global_sign_node():
     lg = passes.insert_hebbian(passes.select_plastic(make()[2]).graph).graph
-    with pytest.raises(PassError, match=r"pass 'set_global_signal': precondition failed: "
-                                        r"no global-sign node \(run broadcast_global_sign"):
+    with pytest.raises(
+        PassError,
+        match=r"pass 'set_global_signal': precondition failed: "
+        r"no global-sign node \(run broadcast_global_sign",
+    ):
         passes.PassManager([passes.set_global_signal("none")])(lg)
 
 
 # ---- requires / ensures, PassResult, purity ------------------------------------------------
+
 
 def test_each_built_in_pass_meets_its_own_conditions():
     lg = make(ghlc.GHLConfig(plastic=("conv", "linear")))[2]
@@ -427,10 +472,12 @@ def test_each_built_in_pass_meets_its_own_conditions():
 
 def with_signal(signal: str):
     """Bad pass: writes an unknown signal on the global-sign node."""
+
     def set_signal(lg: LayerGraph) -> LayerGraph:
         g = lg.copy_graph()
         g.nodes[GLOBAL_SIGN]["signal"] = signal
         return lg.evolve(g=g)
+
     return set_signal
 
 
@@ -455,25 +502,39 @@ class Reselects(passes.PassBase):
 
     def call(self, lg):
         g = lg.copy_graph()
-        g.nodes["fc.weight"]["info"] = dataclasses.replace(lg.layer("fc.weight"),
-                                                           role=Role.PLASTIC, reason="")
+        g.nodes["fc.weight"]["info"] = dataclasses.replace(
+            lg.layer("fc.weight"), role=Role.PLASTIC, reason=""
+        )
         return passes.PassResult(lg.evolve(g=g), True)
 
     ensures = passes.select_plastic.ensures
 
 
-@pytest.mark.parametrize("pipeline,message", [
-    ([passes.select_plastic, ForgetsOneLayer()],
-     "pass 'forgets_one_layer' (after select_plastic) broke an invariant: plastic parameter "
-     "blk.2.weight has no Hebbian node"),
-    ([passes.select_plastic, Reselects()],
-     "pass 'reselects' (after select_plastic) broke an invariant: fc.weight is plastic, the "
-     "config says otherwise"),
-    ([passes.select_plastic, passes.insert_hebbian, passes.broadcast_global_sign,
-      with_signal("sign")],
-     "pass 'set_signal' (after select_plastic, insert_hebbian, broadcast_global_sign) broke an "
-     "invariant: global signal 'sign' is not one of grad_sign, none"),
-])
+@pytest.mark.parametrize(
+    "pipeline,message",
+    [
+        (
+            [passes.select_plastic, ForgetsOneLayer()],
+            "pass 'forgets_one_layer' (after select_plastic) broke an invariant: plastic parameter "
+            "blk.2.weight has no Hebbian node",
+        ),
+        (
+            [passes.select_plastic, Reselects()],
+            "pass 'reselects' (after select_plastic) broke an invariant: fc.weight is plastic, the "
+            "config says otherwise",
+        ),
+        (
+            [
+                passes.select_plastic,
+                passes.insert_hebbian,
+                passes.broadcast_global_sign,
+                with_signal("sign"),
+            ],
+            "pass 'set_signal' (after select_plastic, insert_hebbian, broadcast_global_sign) "
+            "broke an invariant: global signal 'sign' is not one of grad_sign, none",
+        ),
+    ],
+)
 def test_pass_manager_checks_each_pass_ensures(pipeline, message):
     with pytest.raises(PassError) as e:
         passes.PassManager(pipeline)(make()[2])
@@ -484,7 +545,8 @@ def test_broadcast_global_sign_ensures_a_known_signal():
     lg = run(make()[2])
     bad = with_signal("sign")(lg)
     assert passes.broadcast_global_sign.ensures(bad) == [
-        "global signal 'sign' is not one of grad_sign, none"]
+        "global signal 'sign' is not one of grad_sign, none"
+    ]
     assert passes.broadcast_global_sign.ensures(lg) == []
 
 

@@ -42,8 +42,11 @@ def test_overrides_nest_and_unwind_in_order():
 
 def test_unknown_fields_are_a_one_line_error():
     before = policy.current()
-    with pytest.raises(ghlc.ConfigError, match=r"^unknown dispatch policy field\(s\): "
-                                               r"BLOCK_UNITS, nope$"):
+    with pytest.raises(
+        ghlc.ConfigError,
+        match=r"^unknown dispatch policy field\(s\): "
+        r"BLOCK_UNITS, nope$",
+    ):
         with policy.override(nope=1, BLOCK_UNITS=3):
             pass
     assert policy.current() is before
@@ -54,12 +57,32 @@ def test_the_policy_is_frozen():
         policy.current().block_units = 3  # type: ignore[misc]
 
 
-OLD_KNOBS = ("HOOKS", "BLOCK_UNITS", "WGRAD_BLOCK_MIN_NUMEL", "WGRAD_BLOCK_DEVICES",
-             "FORWARD_WGRAD_MAX_REDUCTION", "FORWARD_WGRAD_MIN_MACS", "FORWARD_WGRAD_MIN_CHANNELS",
-             "FORWARD_WGRAD_DEVICES", "ACTIVITY_SUM_DEVICES", "SPLIT_UNITS", "SPLIT_MIN_NUMEL",
-             "SPLIT_DEVICES", "FUSE_MIN_NUMEL", "FUSE_DEVICES", "STACK_DEVICES", "STACK_MAX_NUMEL",
-             "TRITON_EAGER_MIN_NUMEL", "DOT_BLOCK_NUMEL", "SCALER_IN_USE", "_mode", "_capturing",
-             "_stacking", "_broken", "_triton_broken")
+OLD_KNOBS = (
+    "HOOKS",
+    "BLOCK_UNITS",
+    "WGRAD_BLOCK_MIN_NUMEL",
+    "WGRAD_BLOCK_DEVICES",
+    "FORWARD_WGRAD_MAX_REDUCTION",
+    "FORWARD_WGRAD_MIN_MACS",
+    "FORWARD_WGRAD_MIN_CHANNELS",
+    "FORWARD_WGRAD_DEVICES",
+    "ACTIVITY_SUM_DEVICES",
+    "SPLIT_UNITS",
+    "SPLIT_MIN_NUMEL",
+    "SPLIT_DEVICES",
+    "FUSE_MIN_NUMEL",
+    "FUSE_DEVICES",
+    "STACK_DEVICES",
+    "STACK_MAX_NUMEL",
+    "TRITON_EAGER_MIN_NUMEL",
+    "DOT_BLOCK_NUMEL",
+    "SCALER_IN_USE",
+    "_mode",
+    "_capturing",
+    "_stacking",
+    "_broken",
+    "_triton_broken",
+)
 
 
 def test_no_runtime_module_keeps_a_tuning_global():
@@ -89,17 +112,36 @@ def _count(monkeypatch, module, name: str) -> list:
 # (policy fields, the function each routes through, the zoo model, config changes)
 FIELDS = {
     "hooked_calls": ({"hooked_calls": False}, (function, "_hooked_call"), "vgg", {}),
-    "in_call_combine": ({"in_call_combine_min_numel": 0}, (function, "combine_in_call"),
-                        "vgg", {}),
-    "unit_blocks": ({"blocked_min_numel": 0, "block_units": 3, "forward_form_devices": ()},
-                    (correlation, "unit_blocks"), "vgg", {}),
-    "forward_form": ({"forward_form_max_reduction": 1 << 62, "forward_form_min_macs": 0,
-                      "forward_form_min_channels": 0}, (correlation, "forward_form"), "vgg", {}),
+    "in_call_combine": ({"in_call_combine_min_numel": 0}, (function, "combine_in_call"), "vgg", {}),
+    "unit_blocks": (
+        {"blocked_min_numel": 0, "block_units": 3, "forward_form_devices": ()},
+        (correlation, "unit_blocks"),
+        "vgg",
+        {},
+    ),
+    "forward_form": (
+        {
+            "forward_form_max_reduction": 1 << 62,
+            "forward_form_min_macs": 0,
+            "forward_form_min_channels": 0,
+        },
+        (correlation, "forward_form"),
+        "vgg",
+        {},
+    ),
     "activity_sums": ({"activity_sum_devices": ()}, (fast, "unit_activity"), "mlp", {}),
-    "split": ({"hooked_calls": False, "split_min_numel": 0, "split_units": 2},
-              (function, "hebbian_split"), "vgg", {"hebbian_at": "recompute"}),
-    "stack": ({"stack_devices": ("cpu",)}, (function, "stacked_wgrads"), "resnet",
-              {"hebbian_at": "backward"}),
+    "split": (
+        {"hooked_calls": False, "split_min_numel": 0, "split_units": 2},
+        (function, "hebbian_split"),
+        "vgg",
+        {"hebbian_at": "recompute"},
+    ),
+    "stack": (
+        {"stack_devices": ("cpu",)},
+        (function, "stacked_wgrads"),
+        "resnet",
+        {"hebbian_at": "backward"},
+    ),
 }
 # where the default policy takes the route (on CPU): the field turns it off
 DEFAULT_TAKES = {"hooked_calls", "activity_sums"}
@@ -165,32 +207,43 @@ def test_the_static_choice_is_a_candidate_and_every_candidate_gives_the_same_sum
 
     gen = torch.Generator().manual_seed(3)
     rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
-    conv = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-                    output_padding=(0, 0))
+    conv = CallSpec(
+        "conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1), output_padding=(0, 0)
+    )
     rep = dataclasses.replace
-    cases = [(CallSpec("linear"), rnd(6, 5), rnd(7, 5)),
-             (conv, rnd(2, 3, 6, 6), rnd(7, 3, 3, 3)),
-             (rep(conv, stride=(2, 1)), rnd(2, 3, 6, 6), rnd(7, 3, 3, 3)),
-             (conv, rnd(2, 3, 6, 6), rnd(7, 3, 1, 1)),
-             (rep(conv, groups=3), rnd(2, 3, 6, 6), rnd(6, 1, 3, 3)),
-             (rep(conv, transposed=True), rnd(2, 3, 6, 6), rnd(3, 5, 3, 3))]
-    eager = {"block_units": 3, "blocked_min_numel": 0, "forward_form_min_macs": 0,
-             "forward_form_min_channels": 0, "forward_form_max_reduction": 1 << 62}
+    cases = [
+        (CallSpec("linear"), rnd(6, 5), rnd(7, 5)),
+        (conv, rnd(2, 3, 6, 6), rnd(7, 3, 3, 3)),
+        (rep(conv, stride=(2, 1)), rnd(2, 3, 6, 6), rnd(7, 3, 3, 3)),
+        (conv, rnd(2, 3, 6, 6), rnd(7, 3, 1, 1)),
+        (rep(conv, groups=3), rnd(2, 3, 6, 6), rnd(6, 1, 3, 3)),
+        (rep(conv, transposed=True), rnd(2, 3, 6, 6), rnd(3, 5, 3, 3)),
+    ]
+    eager = {
+        "block_units": 3,
+        "blocked_min_numel": 0,
+        "forward_form_min_macs": 0,
+        "forward_form_min_channels": 0,
+        "forward_form_max_reduction": 1 << 62,
+    }
     seen = set()
     for fields in ({}, eager, dict(eager, forward_form_devices=())):
         with policy.override(**fields):
             for spec, x, w in cases:
-                cot = torch.randn(spec.run(x, w, None).shape, dtype=torch.float64,
-                                  generator=gen)
+                cot = torch.randn(spec.run(x, w, None).shape, dtype=torch.float64, generator=gen)
                 ways = correlation.candidates(spec, x, w, cot)
                 static = correlation.static_choice(spec, w, cot, policy.current())
                 assert static in ways, (spec, static, list(ways))
                 seen.add(static)
                 want = (correlation.matmul if spec.kind == "linear" else correlation.vendor)(
-                    spec, x, w, cot)
+                    spec, x, w, cot
+                )
                 for name, way in ways.items():
-                    assert torch.allclose(way(spec, x, w, cot), want, rtol=1e-12,
-                                          atol=1e-12), (spec, name)
-                assert torch.allclose(correlation.weight_vjp(spec, x, w, cot), want,
-                                      rtol=1e-12, atol=1e-12)
+                    assert torch.allclose(way(spec, x, w, cot), want, rtol=1e-12, atol=1e-12), (
+                        spec,
+                        name,
+                    )
+                assert torch.allclose(
+                    correlation.weight_vjp(spec, x, w, cot), want, rtol=1e-12, atol=1e-12
+                )
     assert seen == {"matmul", "vendor", "unit_blocks", "forward_form"}

@@ -45,14 +45,25 @@ from ghlc.runtime.sampled import grid_steps
 sys.path.insert(0, os.path.dirname(__file__))
 import oracle  # noqa: E402
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 # ---- drawing a layer -----------------------------------------------------------------------
-KINDS = ["Linear", "Conv1d", "Conv2d", "Conv3d",
-         "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+KINDS = [
+    "Linear",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+]
 
 
 @st.composite
@@ -105,10 +116,21 @@ def layers(draw, name: str):
                 padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
             mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
             cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
-            m = cls(cin, cout, k, stride=s, padding=padding, dilation=d, groups=groups,
-                    bias=bias, padding_mode=mode)
-            desc = (f"{cls.__name__}({cin},{cout},k={k},s={s},p={padding!r},d={d},g={groups},"
-                    f"mode={mode})")
+            m = cls(
+                cin,
+                cout,
+                k,
+                stride=s,
+                padding=padding,
+                dilation=d,
+                groups=groups,
+                bias=bias,
+                padding_mode=mode,
+            )
+            desc = (
+                f"{cls.__name__}({cin},{cout},k={k},s={s},p={padding!r},d={d},g={groups},"
+                f"mode={mode})"
+            )
         else:
             op = tuple(draw(st.integers(0, max(s[i], d[i]) - 1)) for i in range(nd))
             padding = []
@@ -117,10 +139,18 @@ def layers(draw, name: str):
                 padding.append(min(draw(st.integers(0, 2)), full // 2))
             padding = tuple(padding)
             cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
-            m = cls(cin, cout, k, stride=s, padding=padding, output_padding=op, groups=groups,
-                    bias=bias, dilation=d)
-            desc = (f"{cls.__name__}({cin},{cout},k={k},s={s},p={padding},op={op},d={d},"
-                    f"g={groups})")
+            m = cls(
+                cin,
+                cout,
+                k,
+                stride=s,
+                padding=padding,
+                output_padding=op,
+                groups=groups,
+                bias=bias,
+                dilation=d,
+            )
+            desc = f"{cls.__name__}({cin},{cout},k={k},s={s},p={padding},op={op},d={d},g={groups})"
         shape = (cin, *size) if unbatched else (n, cin, *size)
         x = torch.randn(*shape, generator=gen, dtype=torch.float64)
         desc += f" x{tuple(x.shape)}"
@@ -152,8 +182,12 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def oracle_rule(rule: HebbianRule) -> dict:
     """The oracle's rule dict of a HebbianRule (its exact settings)."""
-    return {"competition": rule.competition, "temperature": rule.temperature,
-            "local_rule": rule.local_rule, "competition_scope": rule.competition_scope}
+    return {
+        "competition": rule.competition,
+        "temperature": rule.temperature,
+        "local_rule": rule.local_rule,
+        "competition_scope": rule.competition_scope,
+    }
 
 
 def oracle_h(m, x, rule: HebbianRule, mask: torch.Tensor | None = None):
@@ -171,8 +205,7 @@ def no_ties(m, x, rule) -> bool:
     if rule.competition != "hard":
         return True
     u = oracle.forward(m, x).movedim(unit_dim(m, x), -1)
-    groups = m.groups if (rule.competition_scope == "group" and not isinstance(m, nn.Linear)) \
-        else 1
+    groups = m.groups if (rule.competition_scope == "group" and not isinstance(m, nn.Linear)) else 1
     u = u.reshape(*u.shape[:-1], groups, u.shape[-1] // groups)
     if u.shape[-1] < 2:
         return True
@@ -211,8 +244,9 @@ def test_oracle_imports_nothing_from_ghlc():
     tree = ast.parse(Path(oracle.__file__).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert "torch" in names and not [n for n in names if n.split(".")[0] in ("ghlc", "passes",
-                                                                             "runtime")]
+    assert "torch" in names and not [
+        n for n in names if n.split(".")[0] in ("ghlc", "passes", "runtime")
+    ]
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -268,9 +302,13 @@ def test_prepared_grad_matches_oracle(name, data, rule, signal):
     model = One(m)
     plain = copy.deepcopy(model)
     cfg = ghlc.GHLConfig(
-        plastic=("conv", "linear"), include=("*",), temperature=rule.temperature,
-        competition=rule.competition, local_rule=rule.local_rule,
-        global_signal=signal, competition_scope=rule.competition_scope,
+        plastic=("conv", "linear"),
+        include=("*",),
+        temperature=rule.temperature,
+        competition=rule.competition,
+        local_rule=rule.local_rule,
+        global_signal=signal,
+        competition_scope=rule.competition_scope,
         normalisation=rule.normalisation,
     )
     prepared = ghlc.prepare(model, (x,), cfg)
@@ -297,7 +335,6 @@ def test_prepared_grad_matches_oracle(name, data, rule, signal):
         assert torch.equal(prepared.layer.bias.grad, plain.layer.bias.grad), desc
 
 
-
 # ---- (c) the sampled mode: the same sums over the sampled terms only ------------------------
 FRACTIONS = (0.5, 0.25, 1 / 3)
 
@@ -322,8 +359,9 @@ def test_grid_calls_equal_masked_weight_gradients():
     gen = torch.Generator().manual_seed(0)
     cases = 0
     seen = set()
-    for k, s, p, d, length, q in itertools.product((1, 2, 3, 5), (1, 2, 3), (0, 1, 2, 3),
-                                                   (1, 2), (1, 2, 5, 8), (2, 3, 4)):
+    for k, s, p, d, length, q in itertools.product(
+        (1, 2, 3, 5), (1, 2, 3), (0, 1, 2, 3), (1, 2), (1, 2, 5, 8), (2, 3, 4)
+    ):
         out = (length + 2 * p - d * (k - 1) - 1) // s + 1
         if out < 1:
             continue
@@ -334,8 +372,9 @@ def test_grid_calls_equal_masked_weight_gradients():
         for a in range(min(q, out)):
             (g,) = sample_grid(spec, x.shape, w.shape, u.shape, 1 / q, (a,))
             sp, sx, su = grid_call(spec, x, u, (g,))
-            got = (torch.zeros_like(w) if g.length == 0
-                   else weight_vjp(sp, sx, w, grid_pad(su, (g,))))
+            got = (
+                torch.zeros_like(w) if g.length == 0 else weight_vjp(sp, sx, w, grid_pad(su, (g,)))
+            )
             cot = torch.zeros_like(u)
             cot[..., a::q] = u[..., a::q]
             want = weight_vjp(spec, x, w, cot)
@@ -344,16 +383,24 @@ def test_grid_calls_equal_masked_weight_gradients():
             cases += 1
     assert cases > 1000 and seen == {"empty", "lead", "plain"}, (cases, seen)
 
+
 def sample_mask(m, x, u, frac: float, over: str, draws: list[int]) -> torch.Tensor:
     """The 0/1 mask of the terms the sampled mode keeps (the oracle's, given the values the
     runtime drew, in order: the oracle derives each draw's range itself)."""
     it = iter(draws)
     transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     ub = u if isinstance(m, nn.Linear) or u.dim() == len(m.kernel_size) + 2 else u.unsqueeze(0)
-    call = oracle.Call(name="", kind="linear" if isinstance(m, nn.Linear) else "conv", x=x,
-                       u=ub, w=m.weight, transposed=transposed)
-    return oracle.sample_mask(call, {"sample_fraction": frac, "sample_over": over,
-                                     "draw": lambda n: next(it)})
+    call = oracle.Call(
+        name="",
+        kind="linear" if isinstance(m, nn.Linear) else "conv",
+        x=x,
+        u=ub,
+        w=m.weight,
+        transposed=transposed,
+    )
+    return oracle.sample_mask(
+        call, {"sample_fraction": frac, "sample_over": over, "draw": lambda n: next(it)}
+    )
 
 
 def recording_draw(data):
@@ -435,14 +482,16 @@ def test_prepared_sampled_grad_matches_oracle(name, over, data, frac):
     m, x, desc = data.draw(layers(name))
     model = One(m)
     plain = copy.deepcopy(model)
-    cfg = ghlc.GHLConfig(plastic=("conv", "linear"), include=("*",), sample_fraction=frac,
-                         sample_over=over)
+    cfg = ghlc.GHLConfig(
+        plastic=("conv", "linear"), include=("*",), sample_fraction=frac, sample_over=over
+    )
     prepared = ghlc.prepare(model, (x,), cfg)
     draw, drawn = recording_draw(data)
     with mock.patch.object(sampled, "draw", draw):
         out = prepared(x)
-        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                        dtype=torch.float64).to(x.dtype)
+        r = torch.randn(
+            out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        ).to(x.dtype)
         (out * r).sum().backward()
     plain_out = plain(x)
     (plain_out * r).sum().backward()
@@ -453,6 +502,7 @@ def test_prepared_sampled_grad_matches_oracle(name, over, data, frac):
     want = oracle.expected_grad(h, plain.layer.weight.grad)
     err = rel_err(prepared.layer.weight.grad, want)
     assert err <= TOL[x.dtype], f"{desc} draws {drawn}: rel err {err:.3g}"
+
 
 @pytest.mark.parametrize("t", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("dim", [0, 1, 2])
@@ -492,15 +542,17 @@ def test_softmax_units_cpu_matches_torch_softmax(t, layout):
 
 
 @pytest.mark.parametrize("t", [1.0, 0.3])
-@pytest.mark.parametrize("shape,fmt", [((5, 12, 6, 4), torch.channels_last),
-                                       ((3, 7, 4, 5, 2), torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    "shape,fmt", [((5, 12, 6, 4), torch.channels_last), ((3, 7, 4, 5, 2), torch.channels_last_3d)]
+)
 def test_softmax_units_cpu_channels_last(t, shape, fmt):
     """Over the channels of a channels-last output the CPU softmax runs where they lie
     (innermost): y keeps u's layout (torch.softmax returns the standard layout, which the
     weight-gradient call then copies back), and its numbers are torch's innermost-dim
     softmax of the same memory, within float32 rounding of float64."""
     v = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 4).contiguous(
-        memory_format=fmt)
+        memory_format=fmt
+    )
     assert not v.is_contiguous()
     got = fast.softmax_units(v, 1, t)
     assert got.stride() == v.stride()
@@ -510,8 +562,9 @@ def test_softmax_units_cpu_channels_last(t, shape, fmt):
     ref = torch.softmax(v.double() * t, 1)
     assert ((got.double() - ref).abs() / ref.clamp_min(1e-30)).max() <= 1e-5
     for dim in (0, 2, 3):  # other dims: as before
-        assert torch.equal(fast.softmax_units(v, dim, t),
-                           torch.softmax(v * t if t != 1.0 else v, dim))
+        assert torch.equal(
+            fast.softmax_units(v, dim, t), torch.softmax(v * t if t != 1.0 else v, dim)
+        )
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -562,13 +615,17 @@ def test_blocked_weight_gradient_matches_one_call(monkeypatch, override):
     assert correlation.blocked(spec, w, policy.current())
     calls = []
     orig = correlation.vendor
-    monkeypatch.setattr(correlation, "vendor",
-                        lambda s, a, ww, c: calls.append(ww.shape[0]) or orig(s, a, ww, c))
+    monkeypatch.setattr(
+        correlation, "vendor", lambda s, a, ww, c: calls.append(ww.shape[0]) or orig(s, a, ww, c)
+    )
     got = correlation.weight_vjp(spec, xc, w, cot)
     assert calls == [3, 3, 1]
     assert rel_err(got, one) <= 1e-12
-    for other in (dataclasses.replace(spec, transposed=True),
-                  dataclasses.replace(spec, groups=7), dataclasses.replace(spec, kind="linear")):
+    for other in (
+        dataclasses.replace(spec, transposed=True),
+        dataclasses.replace(spec, groups=7),
+        dataclasses.replace(spec, kind="linear"),
+    ):
         assert not correlation.blocked(other, w, policy.current())
     override(blocked_devices=("cuda",))
     assert not correlation.blocked(spec, w, policy.current())
@@ -582,27 +639,34 @@ def _loop_wgrad(x, cot, k, stride, padding, dilation):
     out_sp = cot.shape[2:]
     dw = x.new_zeros(cot.shape[1], x.shape[1], *k)
     for i in itertools.product(*(range(n) for n in k)):
-        idx = tuple(slice(d * a, d * a + s * (o - 1) + 1, s)
-                    for a, s, d, o in zip(i, stride, dilation, out_sp))
+        idx = tuple(
+            slice(d * a, d * a + s * (o - 1) + 1, s)
+            for a, s, d, o in zip(i, stride, dilation, out_sp)
+        )
         xs = xp[(slice(None), slice(None), *idx)]
         dw[(slice(None), slice(None), *i)] = torch.einsum(
-            "nop,ncp->oc", cot.flatten(2), xs.flatten(2))
+            "nop,ncp->oc", cot.flatten(2), xs.flatten(2)
+        )
     return dw
 
 
-@pytest.mark.parametrize("nd,k,stride,padding,dilation,channels_last", [
-    (2, (3, 3), (1, 1), (1, 1), (1, 1), False),
-    (2, (3, 3), (1, 1), (0, 0), (1, 1), True),
-    (2, (3, 2), (2, 1), (1, 0), (1, 2), False),
-    (2, (5, 5), (1, 1), (2, 2), (1, 1), True),
-    (2, (1, 1), (2, 2), (0, 0), (1, 1), False),
-    (1, (3,), (1,), (1,), (1,), False),
-    (1, (4,), (3,), (2,), (2,), False),
-    (3, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), False),
-    (3, (2, 3, 2), (1, 2, 1), (0, 1, 1), (2, 1, 1), False),
-])
-def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dilation,
-                                                    channels_last, override):
+@pytest.mark.parametrize(
+    "nd,k,stride,padding,dilation,channels_last",
+    [
+        (2, (3, 3), (1, 1), (1, 1), (1, 1), False),
+        (2, (3, 3), (1, 1), (0, 0), (1, 1), True),
+        (2, (3, 2), (2, 1), (1, 0), (1, 2), False),
+        (2, (5, 5), (1, 1), (2, 2), (1, 1), True),
+        (2, (1, 1), (2, 2), (0, 0), (1, 1), False),
+        (1, (3,), (1,), (1,), (1,), False),
+        (1, (4,), (3,), (2,), (2,), False),
+        (3, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), False),
+        (3, (2, 3, 2), (1, 2, 1), (0, 1, 1), (2, 1, 1), False),
+    ],
+)
+def test_forward_form_weight_gradient_matches_loops(
+    nd, k, stride, padding, dilation, channels_last, override
+):
     """The weight gradient as a forward conv (batch and channels swapped, the cotangent as
     the kernel) against a plain loop over kernel offsets, for any stride, padding, dilation
     and kernel shape, in float64 and float32, in one call and in blocks of output units;
@@ -615,8 +679,9 @@ def test_forward_form_weight_gradient_matches_loops(nd, k, stride, padding, dila
     w = torch.randn(5, 4, *k, dtype=torch.float64, generator=gen)
     if channels_last:
         x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
-    spec = CallSpec("conv", nd, stride=stride, padding=padding, dilation=dilation,
-                    output_padding=(0,) * nd)
+    spec = CallSpec(
+        "conv", nd, stride=stride, padding=padding, dilation=dilation, output_padding=(0,) * nd
+    )
     cot = torch.randn(spec.run(x, w, None).shape, dtype=torch.float64, generator=gen)
     ref = _loop_wgrad(x, cot, k, stride, padding, dilation)
     got = correlation.forward_form(spec, x, w, cot)
@@ -644,8 +709,9 @@ def test_unit_activity_and_activity_sums(case, monkeypatch, override):
         w, b = rnd(4, 7), rnd(4)
         u = spec.run(x, w, b)
     else:
-        spec = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-                        output_padding=(0, 0))
+        spec = CallSpec(
+            "conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1), output_padding=(0, 0)
+        )
         x, w, b = rnd(3, 2, 4, 4), rnd(5, 2, 3, 3), rnd(5)
         if case == "conv_cl":
             x = x.to(memory_format=torch.channels_last)
@@ -682,15 +748,15 @@ def test_forward_form_is_taken_where_it_pays(monkeypatch, override):
     override(forward_form_min_channels=3)
     override(forward_form_min_macs=4 * 5 * 6 * 6 * 3 * 3 * 3)
     gen = torch.Generator().manual_seed(12)
-    spec = CallSpec("conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-                    output_padding=(0, 0))
+    spec = CallSpec(
+        "conv", 2, stride=(1, 1), padding=(1, 1), dilation=(1, 1), output_padding=(0, 0)
+    )
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=gen)
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=gen)
     cot = torch.randn(4, 5, 6, 6, dtype=torch.float64, generator=gen)
     taken = []
     orig = correlation.forward_form
-    monkeypatch.setattr(correlation, "forward_form",
-                        lambda *a: taken.append(1) or orig(*a))
+    monkeypatch.setattr(correlation, "forward_form", lambda *a: taken.append(1) or orig(*a))
     one = correlation.vendor(spec, x, w, cot)
     assert correlation.forward_form_pays(spec, w, cot, policy.current())
     assert rel_err(correlation.weight_vjp(spec, x, w, cot), one) <= 1e-12 and taken
@@ -698,9 +764,14 @@ def test_forward_form_is_taken_where_it_pays(monkeypatch, override):
     assert rel_err(correlation.weight_vjp(spec, x, w, cot, as_forward=False), one) <= 1e-12
     assert not taken
     rep = dataclasses.replace
-    for other, ww in ((rep(spec, stride=(2, 1)), w), (rep(spec, dilation=(1, 2)), w),
-                      (rep(spec, groups=3), w[:, :1]), (rep(spec, transposed=True), w),
-                      (rep(spec, kind="linear"), w), (spec, w[:, :, :1, :])):
+    for other, ww in (
+        (rep(spec, stride=(2, 1)), w),
+        (rep(spec, dilation=(1, 2)), w),
+        (rep(spec, groups=3), w[:, :1]),
+        (rep(spec, transposed=True), w),
+        (rep(spec, kind="linear"), w),
+        (spec, w[:, :, :1, :]),
+    ):
         assert not correlation.forward_form_pays(other, ww, cot, policy.current())
     limit = 4 * 6 * 6
     override(forward_form_max_reduction=limit - 1)

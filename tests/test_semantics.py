@@ -82,7 +82,8 @@ def _compiled(name):
     """(zoo model ``name``, its layer graph after the default passes)."""
     model, x, cfg = _build(name)
     return model, ghlc.passes.PassManager(ghlc.passes.default_passes())(
-        ghlc.trace(model, (x,), config=cfg))
+        ghlc.trace(model, (x,), config=cfg)
+    )
 
 
 # ---- state_dict ------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def test_grad_accumulation_two_micro_batches(name):
     _assert_matches(m, expected, g)
     # not the same as normalising each micro-batch separately
     n0 = names[0]
-    per_batch = (oracle.expected_grad(h1[n0], g[n0]) + oracle.expected_grad(h2[n0], g[n0]))
+    per_batch = oracle.expected_grad(h1[n0], g[n0]) + oracle.expected_grad(h2[n0], g[n0])
     assert not torch.allclose(per_batch, expected[n0], rtol=1e-3)
 
 
@@ -189,8 +190,7 @@ def test_unit_normalisation_two_micro_batches(name):
     names = _plastic_names(m)
     h1, _, _ = oracle.run_plain(plain, (x,), names, loss_fn)
     h2, g, _ = oracle.run_plain(plain, (x2,), names, loss_fn, zero=False)
-    expected = {n: oracle.expected_grad(h1[n] + h2[n], g[n], normalisation="unit")
-                for n in names}
+    expected = {n: oracle.expected_grad(h1[n] + h2[n], g[n], normalisation="unit") for n in names}
     m.train()
     m.zero_grad()
     loss_fn(m(x)).backward()
@@ -313,8 +313,9 @@ def test_hebbian_timing_gives_the_same_grads(name):
     model, x, cfg = _build(name)
     grads = {}
     for at in ("backward", "forward", "auto", "fast"):
-        m = ghlc.prepare(copy.deepcopy(model), (x,), config=ghlc.GHLConfig(
-            **{**cfg.to_dict(), "hebbian_at": at}))
+        m = ghlc.prepare(
+            copy.deepcopy(model), (x,), config=ghlc.GHLConfig(**{**cfg.to_dict(), "hebbian_at": at})
+        )
         m.train()
         torch.manual_seed(0)  # dropout, if any, draws the same mask
         loss_fn(m(x)).backward()
@@ -359,8 +360,9 @@ def _kept_bytes(m, x, monkeypatch) -> int:
     hooks = []
     with monkeypatch.context() as mp:
         real = torch.Tensor.register_hook
-        mp.setattr(torch.Tensor, "register_hook",
-                   lambda self, fn: (hooks.append(fn), real(self, fn))[1])
+        mp.setattr(
+            torch.Tensor, "register_hook", lambda self, fn: (hooks.append(fn), real(self, fn))[1]
+        )
         producer = rt_function._producer
 
         class Spy:
@@ -391,8 +393,11 @@ def test_auto_timing_keeps_no_extra_activation(hooks, monkeypatch, override):
     model, x = _KeepsOrNot(), torch.randn(2, 3, 16, 16)  # c2's, c3's outputs larger than H
     sizes = {}
     for variant in ("bp", "auto", "backward"):
-        m = copy.deepcopy(model) if variant == "bp" else ghlc.prepare(
-            copy.deepcopy(model), (x,), ghlc.GHLConfig(hebbian_at=variant))
+        m = (
+            copy.deepcopy(model)
+            if variant == "bp"
+            else ghlc.prepare(copy.deepcopy(model), (x,), ghlc.GHLConfig(hebbian_at=variant))
+        )
         sizes[variant] = _kept_bytes(m.train(), x, monkeypatch)
     assert sizes["backward"] > sizes["bp"]
     # auto: c1 (kept by BN) adds nothing; c2, c3 add H (weight-sized) at most
@@ -415,8 +420,7 @@ def test_step_releases_raw_totals_and_keeps_results():
     loss_fn(m(x)).backward()
     assert all(rt.sites[n].state.h_acc is not None for n in names)
     opt.step()
-    assert all(rt.sites[n].state.h_acc is None and rt.sites[n].state.g_acc is None
-               for n in names)
+    assert all(rt.sites[n].state.h_acc is None and rt.sites[n].state.g_acc is None for n in names)
     opt.zero_grad()
     loss_fn(m(x2)).backward()
     h2, g2, _ = oracle.run_plain(plain, (x2,), names, loss_fn)
@@ -426,8 +430,9 @@ def test_step_releases_raw_totals_and_keeps_results():
 def _vgg_steps(accumulation: str):
     model, x, cfg = _build("vgg")
     plain = copy.deepcopy(model)
-    m = ghlc.prepare(model, (x,), config=ghlc.GHLConfig(
-        **{**cfg.to_dict(), "accumulation": accumulation}))
+    m = ghlc.prepare(
+        model, (x,), config=ghlc.GHLConfig(**{**cfg.to_dict(), "accumulation": accumulation})
+    )
     names = _plastic_names(m)
     m.train()
     opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the weights stay those of plain
@@ -484,8 +489,9 @@ def test_auto_accumulation_stops_keeping_totals_after_a_plain_step(fused, reques
 # ---- in-call combine (large weights used by one call: no full G buffer) ----------------------
 
 
-def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3, oracle_rule=None,
-                          memory_format=None, **kw):
+def _steps_against_oracle(
+    name, fused_calls, signal="grad_sign", steps=3, oracle_rule=None, memory_format=None, **kw
+):
     """Train ``steps`` steps at lr 0 (the weights stay those of the plain copy), checking
     every step's grads against the oracle (``oracle_rule``: its rule settings, if any);
     returns the prepared model."""
@@ -510,8 +516,10 @@ def _steps_against_oracle(name, fused_calls, signal="grad_sign", steps=3, oracle
     return m, fused_per_step
 
 
-@pytest.mark.parametrize("name,signal", [("vgg", "grad_sign"), ("vgg", "none"),
-                                         ("resnet", "grad_sign"), ("vit", "grad_sign")])
+@pytest.mark.parametrize(
+    "name,signal",
+    [("vgg", "grad_sign"), ("vgg", "none"), ("resnet", "grad_sign"), ("vit", "grad_sign")],
+)
 def test_in_call_combine_matches_oracle(fused_calls, name, signal):
     """From the second step on, a weight fed by one call alone is combined inside the call,
     its gradient computed a block of output units at a time; the grads stay the oracle's."""
@@ -572,7 +580,7 @@ def _reg_steps(reg_from: int, steps: int):
         opt.zero_grad()
         loss = loss_fn(m(x))
         if step >= reg_from:  # a penalty on the weight: a second use outside the conv
-            loss = loss + 0.1 * (m.conv.weight ** 2).sum()
+            loss = loss + 0.1 * (m.conv.weight**2).sum()
         loss.backward()
         grads.append(m.conv.weight.grad.clone())
         opt.step()
@@ -664,11 +672,15 @@ def stacked_calls(monkeypatch, override):
     return _spy(monkeypatch, "stacked_wgrads", lambda spec, *a: spec.kind)
 
 
-@pytest.mark.parametrize("name,signal,kw", [
-    ("resnet", "grad_sign", {}), ("resnet", "none", {}),
-    ("vgg", "grad_sign", {"hebbian_at": "backward"}),
-    ("conv_twice", "grad_sign", {"hebbian_at": "backward"}),  # a weight of two calls
-])
+@pytest.mark.parametrize(
+    "name,signal,kw",
+    [
+        ("resnet", "grad_sign", {}),
+        ("resnet", "none", {}),
+        ("vgg", "grad_sign", {"hebbian_at": "backward"}),
+        ("conv_twice", "grad_sign", {"hebbian_at": "backward"}),  # a weight of two calls
+    ],
+)
 def test_stacked_weight_gradients_match_oracle(stacked_calls, name, signal, kw):
     """One weight-gradient call with backprop's cotangent and y stacked along the output
     channels gives both gradients: the grads stay the oracle's, step after step."""
@@ -697,9 +709,16 @@ def _assert_same_grads(want: list[dict], got: list[dict]) -> None:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"competition": "none"},
-                                {"competition": "hard"}, {"temperature": 0.3}],
-                         ids=["hebb", "no-competition", "hard-wta", "temperature"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"local_rule": "hebb"},
+        {"competition": "none"},
+        {"competition": "hard"},
+        {"temperature": 0.3},
+    ],
+    ids=["hebb", "no-competition", "hard-wta", "temperature"],
+)
 def test_stacked_weight_gradients_match_the_separate_calls(monkeypatch, kw, override):
     """Rule variants the oracle does not cover: the stacked call against the two calls."""
     grads = {}
@@ -717,13 +736,15 @@ def test_sampled_modes_match_oracle(name, over, monkeypatch):
     """The sampled modes on every zoo model against the oracle's sums over the sampled terms
     (the draw fixed to its last value: the last block of the batch, or odd grid offsets,
     which need the strided call's leading zero rows)."""
+
     def last(n: int) -> int:
         return n - 1
 
     monkeypatch.setattr(sampled, "draw", last)
     rule = {"sample_fraction": 0.25, "sample_over": over, "draw": last}
-    _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                          sample_over=over)
+    _steps_against_oracle(
+        name, [], steps=2, oracle_rule=rule, sample_fraction=0.25, sample_over=over
+    )
 
 
 @pytest.mark.parametrize("hooks", [True, False], ids=["output-hook", "function"])
@@ -737,12 +758,16 @@ def test_block_timing_matches_oracle(name, timing, hooks, monkeypatch, override)
     monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
     taken = _spy(monkeypatch, "sample_block", lambda *a: 1)
     rule = {"sample_fraction": 0.25, "sample_over": "batch", "draw": lambda n: n - 1}
-    _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                          hebbian_at=timing)
+    _steps_against_oracle(
+        name, [], steps=2, oracle_rule=rule, sample_fraction=0.25, hebbian_at=timing
+    )
     model, lg = _compiled(name)
-    applies = any(str(i.role) == "plastic" and not (i.out_saved and not i.copy_out)
-                  and math.prod(i.weight_shape) >= 0.25 * math.prod(i.out_shape)
-                  for i in lg.layers())
+    applies = any(
+        str(i.role) == "plastic"
+        and not (i.out_saved and not i.copy_out)
+        and math.prod(i.weight_shape) >= 0.25 * math.prod(i.out_shape)
+        for i in lg.layers()
+    )
     assert bool(taken) == (applies and timing in ("auto", "fast"))
 
 
@@ -750,13 +775,19 @@ def test_block_timing_keeps_the_block_not_h(monkeypatch):
     """Sampled over the batch, a conv whose output ReLU does not keep and whose weight is
     larger than a quarter of its output: ``auto`` keeps backprop's tensors plus a copy of the
     output's block (a quarter), ``forward`` backprop's plus H (weight-sized)."""
-    model = nn.Sequential(nn.Conv2d(4, 64, 3, bias=False), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(1024, 3))
+    model = nn.Sequential(
+        nn.Conv2d(4, 64, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(1024, 3)
+    )
     x = torch.randn(8, 4, 6, 6)  # output 8x64x4x4 = 8192 values, weight 2304
     sizes = {}
     for at in ("bp", "auto", "forward"):
-        m = copy.deepcopy(model) if at == "bp" else ghlc.prepare(
-            copy.deepcopy(model), (x,), ghlc.GHLConfig(sample_fraction=0.25, hebbian_at=at))
+        m = (
+            copy.deepcopy(model)
+            if at == "bp"
+            else ghlc.prepare(
+                copy.deepcopy(model), (x,), ghlc.GHLConfig(sample_fraction=0.25, hebbian_at=at)
+            )
+        )
         sizes[at] = _kept_bytes(m.train(), x, monkeypatch)
     assert sizes["auto"] == sizes["bp"] + 4 * 2 * 64 * 4 * 4  # 2 of the 8 samples
     assert sizes["forward"] == sizes["bp"] + 4 * 64 * 4 * 3 * 3
@@ -770,8 +801,9 @@ def _two_steps_against_oracle(name, over, monkeypatch):
         return
     monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
     rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
-    _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                          sample_over=over)
+    _steps_against_oracle(
+        name, [], steps=2, oracle_rule=rule, sample_fraction=0.25, sample_over=over
+    )
 
 
 @pytest.mark.parametrize("over", ["none", "batch", "positions"])
@@ -785,12 +817,20 @@ def test_blocked_weight_gradients_match_oracle(name, over, monkeypatch, override
     override(forward_form_devices=())  # (it would come first)
     blocked: list[bool] = []
     orig = correlation.blocked
-    monkeypatch.setattr(correlation, "blocked",
-                        lambda spec, w, pol: blocked.append(orig(spec, w, pol)) or blocked[-1])
+    monkeypatch.setattr(
+        correlation,
+        "blocked",
+        lambda spec, w, pol: blocked.append(orig(spec, w, pol)) or blocked[-1],
+    )
     _two_steps_against_oracle(name, over, monkeypatch)
     model, lg = _compiled(name)
-    wide = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
-               and i.groups == 1 and i.weight_shape[0] > 3 for i in lg.layers())
+    wide = any(
+        str(i.role) == "plastic"
+        and i.kind in ("conv1d", "conv2d", "conv3d")
+        and i.groups == 1
+        and i.weight_shape[0] > 3
+        for i in lg.layers()
+    )
     assert any(blocked) == wide  # blocks were taken where they apply
 
 
@@ -812,21 +852,28 @@ def test_forward_form_weight_gradients_match_oracle(name, over, way, monkeypatch
         override(forward_form_devices=())
     taken: list[bool] = []
     orig = correlation.forward_form_pays
-    monkeypatch.setattr(correlation, "forward_form_pays", lambda spec, w, cot, pol: (
-        taken.append(orig(spec, w, cot, pol)) or taken[-1]))
+    monkeypatch.setattr(
+        correlation,
+        "forward_form_pays",
+        lambda spec, w, cot, pol: taken.append(orig(spec, w, cot, pol)) or taken[-1],
+    )
     _two_steps_against_oracle(name, over, monkeypatch)
     if way == "never":
         assert not any(taken)
         return
     model, lg = _compiled(name)
     plastic = {i.module for i in lg.layers() if str(i.role) == "plastic"}
-    convs = [m for n, m in model.named_modules() if n in plastic
-             and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    convs = [
+        m
+        for n, m in model.named_modules()
+        if n in plastic and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
     if not any(i.kind.startswith("conv") for i in lg.layers() if i.module in plastic):
         assert not any(taken)  # linear layers only
     elif over != "positions" and any(  # (a position grid strides the call: never there)
-            m.groups == 1 and min(m.kernel_size) > 1 and max(m.stride) == 1
-            and max(m.dilation) == 1 for m in convs):
+        m.groups == 1 and min(m.kernel_size) > 1 and max(m.stride) == 1 and max(m.dilation) == 1
+        for m in convs
+    ):
         assert any(taken)
 
 
@@ -841,21 +888,32 @@ def test_activity_sums_match_oracle(name, over, way, monkeypatch, override):
     orig = fast.activity_sums
     if way == "always":
         override(dot_block_numel=5)
-        monkeypatch.setattr(fast, "activity_sums", lambda spec, y, u, w, corr: (
-            (spec.kind == "linear" or not spec.transposed) and corr.dim() > 1
-            and u.dtype == y.dtype == corr.dtype) and taken.append(True) is None)
+        monkeypatch.setattr(
+            fast,
+            "activity_sums",
+            lambda spec, y, u, w, corr: (
+                (
+                    (spec.kind == "linear" or not spec.transposed)
+                    and corr.dim() > 1
+                    and u.dtype == y.dtype == corr.dtype
+                )
+                and taken.append(True) is None
+            ),
+        )
     else:
         override(activity_sum_devices=())
-        monkeypatch.setattr(fast, "activity_sums",
-                            lambda *a: taken.append(orig(*a)) or taken[-1])
+        monkeypatch.setattr(fast, "activity_sums", lambda *a: taken.append(orig(*a)) or taken[-1])
     taken: list[bool] = []
     _two_steps_against_oracle(name, over, monkeypatch)
     if way == "never":
         assert not any(taken)
         return
     model, lg = _compiled(name)
-    rows = [i for i in lg.layers() if str(i.role) == "plastic" and (
-        i.kind in ("linear", "conv1d", "conv2d", "conv3d"))]
+    rows = [
+        i
+        for i in lg.layers()
+        if str(i.role) == "plastic" and (i.kind in ("linear", "conv1d", "conv2d", "conv3d"))
+    ]
     if any(i.kind == "linear" for i in rows) or (rows and over != "positions"):
         assert any(taken)  # (a position grid takes Oja's sum over the weight)
 
@@ -907,15 +965,27 @@ def test_recompute_timing_matches_oracle(name, over, timing, monkeypatch, overri
     else:
         monkeypatch.setattr(sampled, "draw", lambda n: n - 1)
         rule = {"sample_fraction": 0.25, "sample_over": over, "draw": lambda n: n - 1}
-        _steps_against_oracle(name, [], steps=2, oracle_rule=rule, sample_fraction=0.25,
-                              sample_over=over, hebbian_at=timing)
+        _steps_against_oracle(
+            name,
+            [],
+            steps=2,
+            oracle_rule=rule,
+            sample_fraction=0.25,
+            sample_over=over,
+            hebbian_at=timing,
+        )
     model, lg = _compiled(name)
     fraction = 0.25 if over == "batch" else 1.0
-    applies = any(str(i.role) == "plastic" and i.kind in ("conv1d", "conv2d", "conv3d")
-                  and i.groups == 1 and i.weight_shape[0] >= 4 and not i.out_saved
-                  # forward timing (a sampled block smaller than w: the block timing)
-                  and math.prod(i.weight_shape) < math.prod(i.out_shape) * fraction
-                  for i in lg.layers())
+    applies = any(
+        str(i.role) == "plastic"
+        and i.kind in ("conv1d", "conv2d", "conv3d")
+        and i.groups == 1
+        and i.weight_shape[0] >= 4
+        and not i.out_saved
+        # forward timing (a sampled block smaller than w: the block timing)
+        and math.prod(i.weight_shape) < math.prod(i.out_shape) * fraction
+        for i in lg.layers()
+    )
     # the split was taken where it applies, and only there (never by "fast")
     assert bool(split) == (applies and timing != "fast")
 
@@ -945,9 +1015,16 @@ def test_auto_splits_on_cpu_only():
     assert not splits("forward", cpu) and not splits("backward", cpu)
 
 
-@pytest.mark.parametrize("kw", [{"local_rule": "hebb"}, {"temperature": 0.3},
-                                {"normalisation": "unit"}, {"global_signal": "none"}],
-                         ids=["hebb", "temperature", "unit-norm", "pure-hebbian"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"local_rule": "hebb"},
+        {"temperature": 0.3},
+        {"normalisation": "unit"},
+        {"global_signal": "none"},
+    ],
+    ids=["hebb", "temperature", "unit-norm", "pure-hebbian"],
+)
 def test_recompute_timing_matches_the_forward_timing(monkeypatch, kw, override):
     """Rule variants the oracle does not cover: ``recompute`` against ``fast`` (which takes
     the forward timing there), two steps with the in-call combine."""
@@ -973,9 +1050,12 @@ def test_recompute_timing_conditions():
     w = torch.empty(1536, 384, 3, 3)
     assert split_units(spec, w, HebbianRule()) == policy.current().split_units
     assert split_units(spec, w, HebbianRule(sample_fraction=0.25)) == policy.current().split_units
-    for rule in (HebbianRule(competition="hard"), HebbianRule(competition="none"),
-                 HebbianRule(competition_scope="group"),
-                 HebbianRule(sample_fraction=0.25, sample_over="positions")):
+    for rule in (
+        HebbianRule(competition="hard"),
+        HebbianRule(competition="none"),
+        HebbianRule(competition_scope="group"),
+        HebbianRule(sample_fraction=0.25, sample_over="positions"),
+    ):
         assert split_units(spec, w, rule) == 0, rule
     assert split_units(dataclasses.replace(spec, groups=2), w, HebbianRule()) == 0
     assert split_units(CallSpec("linear"), torch.empty(1536, 4096), HebbianRule()) == 0

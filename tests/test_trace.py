@@ -59,8 +59,11 @@ def test_fx_keeps_conv_linear_subclasses_as_leaves():
     assert lg.layer("head.weight").is_output
     assert lg.layer("conv.weight").out_shape == (2, 4, 6, 6)
     edges = {(u, v) for u, v, d in lg.g.edges(data=True) if d["type"] == "data"}
-    assert edges == {("input", "conv.weight"), ("conv.weight", "head.weight"),
-                     ("head.weight", "output")}
+    assert edges == {
+        ("input", "conv.weight"),
+        ("conv.weight", "head.weight"),
+        ("head.weight", "output"),
+    }
 
 
 def test_value_branch_falls_back_and_records_why():
@@ -121,8 +124,9 @@ class _Wrap(nn.Module):
 
 def test_lazy_modules_are_initialised_and_match_the_oracle():
     torch.manual_seed(0)
-    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.LazyLinear(5))
+    lazy = nn.Sequential(
+        nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5)
+    )
     x = torch.randn(6, 3, 8, 8)
     m = ghlc.prepare(lazy, (x[:2],))
     assert not any(torch.nn.parameter.is_lazy(p) for p in lazy.parameters())

@@ -44,8 +44,13 @@ def make_data(n=64, seed=0):
 def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Dropout(0.2), nn.Flatten(), nn.Linear(4 * 6 * 6, N_CLASSES),
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, N_CLASSES),
     )
 
 
@@ -65,8 +70,21 @@ def run(kind, out, epochs=3, resume=False, model=None, **kw):
     else:
         plastic = set(runtime_of(model).sites) if kind == "ghl" else set()
     kw.setdefault("batch_size", 16)
-    res = train(model, x, y, xt, yt, plastic=plastic, epochs=epochs, out_dir=out,
-                resume=resume, progress=False, lr=0.05, lr_plastic=0.05, **kw)
+    res = train(
+        model,
+        x,
+        y,
+        xt,
+        yt,
+        plastic=plastic,
+        epochs=epochs,
+        out_dir=out,
+        resume=resume,
+        progress=False,
+        lr=0.05,
+        lr_plastic=0.05,
+        **kw,
+    )
     return model, res
 
 
@@ -85,16 +103,23 @@ def test_outputs_and_metrics(tmp_path):
     assert isinstance(res, TrainResult) and res.epochs_run == 2 and res.out_dir == tmp_path
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
-    for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-                "images_per_s"):
+    for key in (
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "seconds",
+        "images_per_s",
+    ):
         assert key in lines[0]
     assert res.final == lines[-1]
     assert res.best_acc == max(r["test_acc"] for r in lines)
     assert (tmp_path / "curves.png").stat().st_size > 0
     for name in ("last.pt", "best.pt"):
         ck = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
-        assert ck["format"] == "ghlc-checkpoint" and isinstance(ck["torch_rng_state"],
-                                                                torch.Tensor)
+        assert ck["format"] == "ghlc-checkpoint" and isinstance(ck["torch_rng_state"], torch.Tensor)
         assert {"model", "optimizer", "scheduler", "epoch", "best_acc"} <= ck.keys()
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
     assert not list(tmp_path.glob("*.tmp"))
@@ -109,14 +134,33 @@ def test_param_groups_and_cosine(tmp_path):
     orig = torch.optim.SGD.step
 
     def spy(self, *a, **k):
-        seen.setdefault("groups", [(g["lr"], g["weight_decay"], g["momentum"],
-                                    {id(p) for p in g["params"]}) for g in self.param_groups])
+        seen.setdefault(
+            "groups",
+            [
+                (g["lr"], g["weight_decay"], g["momentum"], {id(p) for p in g["params"]})
+                for g in self.param_groups
+            ],
+        )
         return orig(self, *a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.SGD, "step", spy)
-        res = train(m, x, y, x, y, plastic=plastic, epochs=2, batch_size=8, lr=0.1,
-                    lr_plastic=0.2, wd_plastic=0.3, wd=0.01, out_dir=tmp_path, progress=False)
+        res = train(
+            m,
+            x,
+            y,
+            x,
+            y,
+            plastic=plastic,
+            epochs=2,
+            batch_size=8,
+            lr=0.1,
+            lr_plastic=0.2,
+            wd_plastic=0.3,
+            wd=0.01,
+            out_dir=tmp_path,
+            progress=False,
+        )
     params = dict(m.named_parameters())
     (lr0, wd0, mo0, ids0), (lr1, wd1, mo1, ids1) = seen["groups"]
     assert (lr0, wd0, mo0, lr1, wd1, mo1) == (0.1, 0.01, 0.0, 0.2, 0.3, 0.0)
@@ -156,8 +200,11 @@ def test_resume_is_bit_identical(tmp_path, kind):
     assert_identical(state(full), state(m2))
     full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     broken_lines = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(s).items() if k not in ("seconds", "images_per_s")}
-             for s in (full_lines, broken_lines) for s in s]
+    strip = [
+        {k: v for k, v in json.loads(s).items() if k not in ("seconds", "images_per_s")}
+        for s in (full_lines, broken_lines)
+        for s in s
+    ]
     assert strip[:3] == strip[3:]
 
 
@@ -210,14 +257,15 @@ def test_resume_errors(tmp_path):
         run("bp", tmp_path, resume=True)
     x, y = make_data(32)
     with pytest.raises(GHLError, match="not in the model"):
-        train(make_model(), x, y, x, y, plastic={"nope.weight"}, out_dir=tmp_path,
-              progress=False)
+        train(make_model(), x, y, x, y, plastic={"nope.weight"}, out_dir=tmp_path, progress=False)
 
 
 def test_labels_checked_before_any_file(tmp_path):
     x, y = make_data(32)
-    for bad, msg in ((N_CLASSES, "out of range: the model gives 3 outputs"),
-                     (-1, "negative label")):
+    for bad, msg in (
+        (N_CLASSES, "out of range: the model gives 3 outputs"),
+        (-1, "negative label"),
+    ):
         y2 = y.clone()
         y2[7] = bad
         m, plastic = build("ghl", x)
@@ -242,8 +290,20 @@ def test_divergence(tmp_path, how):
     with pytest.raises(TrainingDiverged, match=r"diverged at epoch \d+ step \d+"):
         kw.setdefault("lr", 0.05)
         kw.setdefault("lr_plastic", 0.05)
-        train(m, x, y, x, y, plastic=plastic, epochs=2, batch_size=16, out_dir=tmp_path,
-              resume=how == "nan_input", progress=False, **kw)
+        train(
+            m,
+            x,
+            y,
+            x,
+            y,
+            plastic=plastic,
+            epochs=2,
+            batch_size=16,
+            out_dir=tmp_path,
+            resume=how == "nan_input",
+            progress=False,
+            **kw,
+        )
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     if good is not None:
@@ -264,10 +324,26 @@ def test_divergence_checked_every_few_steps(tmp_path, monkeypatch):
     good = (tmp_path / "last.pt").read_bytes()
     x = x.clone()
     x[:] = float("nan")
-    with pytest.raises(TrainingDiverged, match=r"epoch 2 step 4 \(or up to 3 steps before it; "
-                       r"checked every 4 steps\): the loss is not finite"):
-        train(m, x, y, x, y, plastic=plastic, epochs=2, batch_size=16, out_dir=tmp_path,
-              resume=True, progress=False, lr=0.05, lr_plastic=0.05)
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"epoch 2 step 4 \(or up to 3 steps before it; "
+        r"checked every 4 steps\): the loss is not finite",
+    ):
+        train(
+            m,
+            x,
+            y,
+            x,
+            y,
+            plastic=plastic,
+            epochs=2,
+            batch_size=16,
+            out_dir=tmp_path,
+            resume=True,
+            progress=False,
+            lr=0.05,
+            lr_plastic=0.05,
+        )
     assert (tmp_path / "last.pt").read_bytes() == good
 
 
@@ -297,8 +373,19 @@ def test_augment_and_progress(tmp_path, capsys):
         return xb + 0.01 * torch.randn(xb.shape, generator=g)
 
     x, y = make_data(64)
-    train(make_model(), x, y, x, y, plastic=set(), epochs=1, batch_size=16, out_dir=tmp_path,
-          augment=aug, progress=True)
+    train(
+        make_model(),
+        x,
+        y,
+        x,
+        y,
+        plastic=set(),
+        epochs=1,
+        batch_size=16,
+        out_dir=tmp_path,
+        augment=aug,
+        progress=True,
+    )
     assert seen == [16] * 4
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "img_s" in err
@@ -316,17 +403,36 @@ def test_autocast_training_step(tmp_path):
 
     m = net()
     plastic = set(runtime_of(m).sites)
-    train(m, x, y, None, None, plastic=plastic, epochs=1, batch_size=1, out_dir=tmp_path,
-          progress=False, lr=0.05, lr_plastic=0.1, autocast=torch.bfloat16)
+    train(
+        m,
+        x,
+        y,
+        None,
+        None,
+        plastic=plastic,
+        epochs=1,
+        batch_size=1,
+        out_dir=tmp_path,
+        progress=False,
+        lr=0.05,
+        lr_plastic=0.1,
+        autocast=torch.bfloat16,
+    )
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["hparams"]["autocast"] == "bfloat16"
 
     def manual(amp: bool) -> dict:
         h = net()
-        groups = [[p for n, p in h.named_parameters() if n not in plastic],
-                  [p for n, p in h.named_parameters() if n in plastic]]
-        opt = torch.optim.SGD([{"params": groups[0], "lr": 0.05, "weight_decay": 0.0},
-                               {"params": groups[1], "lr": 0.1, "weight_decay": 5e-2}])
+        groups = [
+            [p for n, p in h.named_parameters() if n not in plastic],
+            [p for n, p in h.named_parameters() if n in plastic],
+        ]
+        opt = torch.optim.SGD(
+            [
+                {"params": groups[0], "lr": 0.05, "weight_decay": 0.0},
+                {"params": groups[1], "lr": 0.1, "weight_decay": 5e-2},
+            ]
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = nn.functional.cross_entropy(h(x), y)
         loss.backward()
@@ -336,8 +442,17 @@ def test_autocast_training_step(tmp_path):
     assert_identical(state(m), manual(True))
     assert not torch.equal(state(m)["0.weight"], manual(False)["0.weight"])
     with pytest.raises(GHLError, match="use torch.bfloat16"):
-        train(net(), x, y, None, None, plastic=plastic, out_dir=tmp_path / "b",
-              progress=False, autocast=torch.float16)
+        train(
+            net(),
+            x,
+            y,
+            None,
+            None,
+            plastic=plastic,
+            out_dir=tmp_path / "b",
+            progress=False,
+            autocast=torch.float16,
+        )
     assert not (tmp_path / "b").exists()  # refused before any file is written
 
 
@@ -404,8 +519,7 @@ def test_cuda_graph_loop_matches_eager_loop(tmp_path, monkeypatch):
     for kind in ("ghl", "bp"):
         m_e, r_e = run(kind, tmp_path / f"{kind}_eager", epochs=2, batch_size=24)
         monkeypatch.setattr(T, "_capture", stand_in)
-        m_g, r_g = run(kind, tmp_path / f"{kind}_graph", epochs=2, batch_size=24,
-                       cuda_graph=True)
+        m_g, r_g = run(kind, tmp_path / f"{kind}_graph", epochs=2, batch_size=24, cuda_graph=True)
         monkeypatch.undo()
         assert_identical(state(m_e), state(m_g))
         for a, b in zip(r_e.history, r_g.history, strict=True):
@@ -420,8 +534,17 @@ def test_cuda_graph_needs_cuda(tmp_path):
     x, y = make_data()
     m, plastic = build("ghl", x)
     with pytest.raises(GHLError, match="cuda_graph needs the model on a CUDA device"):
-        train(m, x, y, None, None, plastic=plastic, out_dir=tmp_path / "g", progress=False,
-              cuda_graph=True)
+        train(
+            m,
+            x,
+            y,
+            None,
+            None,
+            plastic=plastic,
+            out_dir=tmp_path / "g",
+            progress=False,
+            cuda_graph=True,
+        )
     assert not (tmp_path / "g").exists()
 
 
@@ -440,8 +563,19 @@ def test_slow_bfloat16_cpu_warning(tmp_path, monkeypatch, native):
         m, plastic = build("ghl", x)
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
-            train(m, x, y, None, None, plastic=plastic, epochs=1, batch_size=8,
-                  out_dir=tmp_path / str(amp), progress=False, autocast=amp)
+            train(
+                m,
+                x,
+                y,
+                None,
+                None,
+                plastic=plastic,
+                epochs=1,
+                batch_size=8,
+                out_dir=tmp_path / str(amp),
+                progress=False,
+                autocast=amp,
+            )
         slow = [w for w in got if issubclass(w.category, SlowPrecisionWarning)]
         assert len(slow) == (native is False and amp is not None)
         if slow:
@@ -452,23 +586,29 @@ def test_slow_bfloat16_cpu_warning(tmp_path, monkeypatch, native):
 # ---- TrainConfig and Trainer ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, msg", [
-    ("epochs", 0, "epochs must be >= 1, got 0"),
-    ("epochs", 1.5, "epochs must be an integer, got 1.5"),
-    ("batch_size", -2, "batch_size must be >= 1, got -2"),
-    ("batch_size", True, "batch_size must be an integer, got True"),
-    ("seed", "0", "seed must be an integer, got '0'"),
-    ("lr", -0.1, "lr must be a finite number >= 0, got -0.1"),
-    ("lr_plastic", float("nan"), "lr_plastic must be a finite number >= 0, got nan"),
-    ("wd", "big", "wd must be a number, got 'big'"),
-    ("wd_plastic", float("inf"), "wd_plastic must be a finite number >= 0, got inf"),
-    ("autocast", torch.float16, "autocast torch.float16 is not supported here: use "
-                                "torch.bfloat16"),
-    ("augment", 3, "augment must be a function (x, generator) -> x, got int"),
-    ("plastic", "0.weight", "plastic must be a set of parameter names, got str"),
-    ("plastic", {1}, "plastic must be a set of parameter names (strings)"),
-    ("out_dir", None, "out_dir must be a path, got NoneType"),
-])
+@pytest.mark.parametrize(
+    "field, value, msg",
+    [
+        ("epochs", 0, "epochs must be >= 1, got 0"),
+        ("epochs", 1.5, "epochs must be an integer, got 1.5"),
+        ("batch_size", -2, "batch_size must be >= 1, got -2"),
+        ("batch_size", True, "batch_size must be an integer, got True"),
+        ("seed", "0", "seed must be an integer, got '0'"),
+        ("lr", -0.1, "lr must be a finite number >= 0, got -0.1"),
+        ("lr_plastic", float("nan"), "lr_plastic must be a finite number >= 0, got nan"),
+        ("wd", "big", "wd must be a number, got 'big'"),
+        ("wd_plastic", float("inf"), "wd_plastic must be a finite number >= 0, got inf"),
+        (
+            "autocast",
+            torch.float16,
+            "autocast torch.float16 is not supported here: use torch.bfloat16",
+        ),
+        ("augment", 3, "augment must be a function (x, generator) -> x, got int"),
+        ("plastic", "0.weight", "plastic must be a set of parameter names, got str"),
+        ("plastic", {1}, "plastic must be a set of parameter names (strings)"),
+        ("out_dir", None, "out_dir must be a path, got NoneType"),
+    ],
+)
 def test_train_config_rejects_a_bad_setting_in_one_line(tmp_path, field, value, msg):
     kw = {"out_dir": tmp_path / "run", "plastic": set(), field: value}
     with pytest.raises(GHLError) as e:
@@ -477,8 +617,15 @@ def test_train_config_rejects_a_bad_setting_in_one_line(tmp_path, field, value, 
     # train() checks the same settings before it writes anything
     x, y = make_data(8)
     with pytest.raises(GHLError, match=re.escape(msg)):
-        train(make_model(), x, y, None, None, progress=False,
-              **{"out_dir": tmp_path / "run", "plastic": set(), field: value})
+        train(
+            make_model(),
+            x,
+            y,
+            None,
+            None,
+            progress=False,
+            **{"out_dir": tmp_path / "run", "plastic": set(), field: value},
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -488,19 +635,33 @@ def test_train_config_is_frozen_and_normalised(tmp_path):
     assert cfg.classes == ("a", "b") and (cfg.epochs, cfg.batch_size, cfg.lr) == (1, 64, 5e-3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
-    assert cfg.hparams() == {"batch_size": 64, "seed": 0, "epochs": 1, "lr": 5e-3,
-                             "lr_plastic": 1e-2, "wd": 0.0, "wd_plastic": 5e-2,
-                             "autocast": None, "cuda_graph": False, "channels_last": False}
+    assert cfg.hparams() == {
+        "batch_size": 64,
+        "seed": 0,
+        "epochs": 1,
+        "lr": 5e-3,
+        "lr_plastic": 1e-2,
+        "wd": 0.0,
+        "wd_plastic": 5e-2,
+        "autocast": None,
+        "cuda_graph": False,
+        "channels_last": False,
+    }
 
 
 def test_train_takes_exactly_the_config_settings():
     """train()'s keywords are TrainConfig's fields with the same defaults, so the wrapper and
     the config cannot drift apart."""
     params = inspect.signature(train).parameters
-    kw = {k: None if p.default is inspect.Parameter.empty else p.default
-          for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    fields = {f.name: None if f.default is dataclasses.MISSING else f.default
-              for f in dataclasses.fields(T.TrainConfig)}
+    kw = {
+        k: None if p.default is inspect.Parameter.empty else p.default
+        for k, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    fields = {
+        f.name: None if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(T.TrainConfig)
+    }
     assert kw == fields and kw["plastic"] is None and kw["epochs"] == 1  # (required; defaults)
 
 
@@ -508,8 +669,16 @@ def _trainer(kind, out, epochs=2, resume=False):
     x, y = make_data()
     xt, yt = make_data(32, seed=1)
     m, plastic = build(kind, x)
-    cfg = T.TrainConfig(out_dir=out, plastic=plastic, epochs=epochs, batch_size=16, lr=0.05,
-                        lr_plastic=0.05, resume=resume, progress=False)
+    cfg = T.TrainConfig(
+        out_dir=out,
+        plastic=plastic,
+        epochs=epochs,
+        batch_size=16,
+        lr=0.05,
+        lr_plastic=0.05,
+        resume=resume,
+        progress=False,
+    )
     t = T.Trainer(m, cfg)
     t.setup(x, y, xt, yt)
     return t
@@ -545,8 +714,9 @@ def test_trainer_two_epochs_equal_one_then_resume_then_one(tmp_path, kind):
     assert _sched_state(second) == _sched_state(full)
     assert_identical(full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"])
     for a, b in zip(full.history, res.history, strict=True):
-        assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == \
-            {k: v for k, v in b.items() if k not in ("seconds", "images_per_s")}
+        assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == {
+            k: v for k, v in b.items() if k not in ("seconds", "images_per_s")
+        }
 
 
 def test_resume_writes_no_scheduler_attribute(tmp_path, monkeypatch):

@@ -20,9 +20,14 @@ class VGG(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Linear(16, 10)
 
@@ -42,8 +47,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -76,10 +82,14 @@ class InvertedResidual(nn.Module):
         hid = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, hid, 1, bias=False), nn.BatchNorm2d(hid), nn.ReLU6(inplace=True),
-            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), nn.BatchNorm2d(hid),
+            nn.Conv2d(cin, hid, 1, bias=False),
+            nn.BatchNorm2d(hid),
             nn.ReLU6(inplace=True),
-            nn.Conv2d(hid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False),
+            nn.BatchNorm2d(hid),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x):
@@ -89,8 +99,9 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8),
-                                  nn.ReLU6(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)
+        )
         self.blocks = nn.Sequential(InvertedResidual(8, 8, 1, 2), InvertedResidual(8, 12, 2, 2))
         self.head = nn.Linear(12, 10)
 
@@ -187,8 +198,9 @@ class Conv3dNet(nn.Module):
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
-                                 nn.Linear(16, 4))
+        self.net = nn.Sequential(
+            nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -352,36 +364,72 @@ def _d(*names):
 
 
 ZOO: list[Entry] = [
-    Entry("vgg", VGG, (2, 3, 8, 8), _d("features.0.weight", "features.2.weight",
-                                       "features.5.weight")),
-    Entry("resnet", ResNet, (2, 3, 8, 8), _d(
-        "conv1.weight", "layer1.conv1.weight", "layer1.conv2.weight", "layer2.conv1.weight",
-        "layer2.conv2.weight", "layer2.downsample.0.weight")),
-    Entry("mobilenetv2", MobileNetV2, (2, 3, 8, 8), _d(
-        "stem.0.weight", "blocks.0.conv.0.weight", "blocks.0.conv.3.weight",
-        "blocks.0.conv.6.weight", "blocks.1.conv.0.weight", "blocks.1.conv.3.weight",
-        "blocks.1.conv.6.weight")),
-    Entry("densenet", DenseNet, (2, 3, 8, 8), _d(
-        "stem.weight", "dense.0.conv.weight", "dense.1.conv.weight", "trans.weight")),
+    Entry(
+        "vgg", VGG, (2, 3, 8, 8), _d("features.0.weight", "features.2.weight", "features.5.weight")
+    ),
+    Entry(
+        "resnet",
+        ResNet,
+        (2, 3, 8, 8),
+        _d(
+            "conv1.weight",
+            "layer1.conv1.weight",
+            "layer1.conv2.weight",
+            "layer2.conv1.weight",
+            "layer2.conv2.weight",
+            "layer2.downsample.0.weight",
+        ),
+    ),
+    Entry(
+        "mobilenetv2",
+        MobileNetV2,
+        (2, 3, 8, 8),
+        _d(
+            "stem.0.weight",
+            "blocks.0.conv.0.weight",
+            "blocks.0.conv.3.weight",
+            "blocks.0.conv.6.weight",
+            "blocks.1.conv.0.weight",
+            "blocks.1.conv.3.weight",
+            "blocks.1.conv.6.weight",
+        ),
+    ),
+    Entry(
+        "densenet",
+        DenseNet,
+        (2, 3, 8, 8),
+        _d("stem.weight", "dense.0.conv.weight", "dense.1.conv.weight", "trans.weight"),
+    ),
     Entry("unet", UNet, (2, 3, 8, 8), _d("enc.weight", "mid.weight", "up.weight", "dec.weight")),
     Entry("temporal1d", TemporalNet, (2, 4, 10), _d("c1.weight", "c2.weight", "up.weight")),
     Entry("conv3d", Conv3dNet, (2, 2, 3, 6, 6), _d("c1.weight", "c2.weight")),
     Entry("mlp", MLP, (4, 12), _d("net.0.weight", "net.2.weight"), LINEAR),
-    Entry("vit", ViT, (2, 8, 6), {
-        "patch.weight": "direct",
-        "blocks.0.attn.in_proj_weight": "direct",
-        "blocks.0.attn.out_proj.weight": "direct",
-        "blocks.0.fc1.weight": "direct",
-        "blocks.0.fc2.weight": "direct",
-        "pool.attn.in_proj_weight": "view",
-        "pool.attn.out_proj.weight": "direct",
-    }, LINEAR, calls={"pool.attn.in_proj_weight": 2}),
-    Entry("stdconv", StdConvNet, (2, 3, 8, 8), {"c1.weight": "computed",
-                                                 "c2.weight": "computed"}),
+    Entry(
+        "vit",
+        ViT,
+        (2, 8, 6),
+        {
+            "patch.weight": "direct",
+            "blocks.0.attn.in_proj_weight": "direct",
+            "blocks.0.attn.out_proj.weight": "direct",
+            "blocks.0.fc1.weight": "direct",
+            "blocks.0.fc2.weight": "direct",
+            "pool.attn.in_proj_weight": "view",
+            "pool.attn.out_proj.weight": "direct",
+        },
+        LINEAR,
+        calls={"pool.attn.in_proj_weight": 2},
+    ),
+    Entry("stdconv", StdConvNet, (2, 3, 8, 8), {"c1.weight": "computed", "c2.weight": "computed"}),
     Entry("branchy", Branchy, (2, 3, 6, 6), _d("c1.weight", "c2.weight"), fx_fails=True),
     Entry("functional", FunctionalConv, (2, 3, 6, 6), _d("weight")),
-    Entry("conv_twice", ConvTwice, (2, 3, 6, 6), _d("stem.weight", "conv.weight"),
-          calls={"conv.weight": 2}),
+    Entry(
+        "conv_twice",
+        ConvTwice,
+        (2, 3, 6, 6),
+        _d("stem.weight", "conv.weight"),
+        calls={"conv.weight": 2},
+    ),
 ]
 
 BY_NAME = {e.name: e for e in ZOO}
@@ -391,8 +439,7 @@ BY_NAME = {e.name: e for e in ZOO}
 # grouped Conv1d with ConvTranspose1d (temporal1d), grouped Conv3d, Linear on 3-d inputs with
 # attention's weight views (vit), computed weights (stdconv), one weight called twice
 # (conv_twice). The other models repeat those kinds.
-COVERING = ("resnet", "mobilenetv2", "unet", "temporal1d", "conv3d", "vit", "stdconv",
-            "conv_twice")
+COVERING = ("resnet", "mobilenetv2", "unet", "temporal1d", "conv3d", "vit", "stdconv", "conv_twice")
 
 
 def sweep() -> list:
@@ -400,5 +447,4 @@ def sweep() -> list:
     the models outside COVERING are marked slow (the default run keeps every kind)."""
     import pytest  # here: the zoo is also imported outside pytest (test_compile's subprocess)
 
-    return [pytest.param(e.name, marks=() if e.name in COVERING else pytest.mark.slow)
-            for e in ZOO]
+    return [pytest.param(e.name, marks=() if e.name in COVERING else pytest.mark.slow) for e in ZOO]
