@@ -94,6 +94,13 @@ _EAGER = (
         policy={"measure": False},
     ),
     Variant(
+        "ghlc_s25_static",
+        "ghlc_s25 with the static dispatch thresholds instead of the measured kernel choice",
+        config=S25,
+        policy={"measure": False},
+        kernels="sampled",
+    ),
+    Variant(
         "ghlc_fused",
         "ghlc with GHLC_FUSED=on: the compiled kernels in every step, on CPU "
         "too (the first steps compile)",
