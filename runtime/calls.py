@@ -89,6 +89,29 @@ class CallSpec:
             self.groups,
         )
 
+    def conv_backward(
+        self,
+        g: torch.Tensor,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        need: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(dL/dx, dL/dW, dL/db) of this conv call with output gradient ``g``, each only where
+        ``need`` says (the vendor's backward kernels, one call)."""
+        return torch.ops.aten.convolution_backward(
+            g,
+            x,
+            w,
+            [g.shape[1]] if need[2] else None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.output_padding if self.transposed else (0,) * self.nd,
+            self.groups,
+            list(need),
+        )
+
 
 def parse_call(func, args: tuple, kwargs: dict):
     """Return (x, weight, bias, CallSpec, unbatched) for a conv/linear call, else None."""

@@ -49,20 +49,7 @@ def _grads(spec: CallSpec, g, x, w, need):
         gw = g2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
         gb = g2.sum(0) if need[2] else None
         return gx, gw, gb
-    bias_sizes = [g.shape[1]] if need[2] else None
-    return torch.ops.aten.convolution_backward(
-        g,
-        x,
-        w,
-        bias_sizes,
-        spec.stride,
-        spec.padding,
-        spec.dilation,
-        spec.transposed,
-        spec.output_padding if spec.transposed else (0,) * spec.nd,
-        spec.groups,
-        list(need),
-    )
+    return spec.conv_backward(g, x, w, need)
 
 
 def _create_graph_message(site: PlasticParam) -> str:
