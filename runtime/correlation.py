@@ -85,9 +85,6 @@ def forward_form(
     return out
 
 
-WAYS = ("matmul", "vendor", "unit_blocks", "forward_form")  # (looked up by name when run)
-
-
 # ---- which ways apply, and which is taken --------------------------------------------------
 def plain(spec: CallSpec) -> bool:
     """A conv with no groups, not transposed: its weight gradient splits by output unit."""
@@ -161,6 +158,13 @@ def choose(
     several ways apply, the fastest of them timed on these operands at their first use
     (``measure.py``; cached per shapes, dtype, layout and threads), else the static choice.
     ``as_forward=False`` (backprop's own dL/dW) leaves the forward form out."""
+    return _pick(spec, x, w, cot, as_forward)[0]
+
+
+def _pick(
+    spec: CallSpec, x: torch.Tensor, w: torch.Tensor, cot: torch.Tensor, as_forward: bool
+) -> tuple[str, Way]:
+    """(name, function) of :func:`choose`'s way."""
     pol = policy.current()
     ways = candidates(spec, x, w, cot)
     static = static_choice(spec, w, cot, pol)
@@ -169,14 +173,15 @@ def choose(
         if static == "forward_form":
             static = "unit_blocks" if blocked(spec, w, pol) else "vendor"
     if len(ways) < 2 or not pol.measure:
-        return static
+        return static, ways[static]
     op = "correlation" if as_forward else "weight_grad"
-    return measure.choose(
+    way = measure.choose(
         op,
         (*measure.operand_key(x, w, cot), spec),
         {n: functools.partial(f, spec, x, w, cot) for n, f in ways.items()},
         static,
     )
+    return way, ways[way]
 
 
 def weight_vjp(
@@ -185,8 +190,7 @@ def weight_vjp(
     """sum over uses of cot (x) x: the weight gradient of the call with cotangent ``cot``, the
     way :func:`choose` picks. ``as_forward=False`` is for backprop's own dL/dW, which ghlc
     computes with the weight-gradient kernel, as backprop does (unit blocks allowed)."""
-    way = choose(spec, x, w, cot, as_forward=as_forward)
-    return globals()[way](spec, x, w, cot)
+    return _pick(spec, x, w, cot, as_forward)[1](spec, x, w, cot)
 
 
 def weight_grad_units(

@@ -317,6 +317,16 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.split("|")[1:-1]]
 
 
+def _table_rows(text: str, header: str) -> list[list[str]]:
+    """The cells of a printed markdown table's rows, its header row (starting ``header``) left
+    out."""
+    return [
+        [c.strip() for c in ln.split("|")[1:-1]]
+        for ln in text.splitlines()
+        if ln.startswith("| ") and not ln.startswith(f"| {header}")
+    ]
+
+
 def _run(args, tmp_path, timeout=240):
     r = subprocess.run(
         [sys.executable, *map(str, args)],
@@ -541,11 +551,7 @@ def test_overhead_bench_smoke(tmp_path):
 
 def test_mlp_bench_smoke(tmp_path):
     text = _run([BENCH / "mlp.py", "--sizes", "16x4", "--repeats", "3"], tmp_path)
-    rows = [
-        [c.strip() for c in ln.split("|")[1:-1]]
-        for ln in text.splitlines()
-        if ln.startswith("| ") and not ln.startswith("| MLP")
-    ]
+    rows = _table_rows(text, "MLP")
     assert [r[2] for r in rows] == ["bp", "ghlc", "ghlc_wdot"]
     fl = (784 * 16 * 3 + 16 * 16 * 4 + 16 * 10 * 3) / (784 * 16 * 2 + 3 * (16 * 16 + 16 * 10))
     assert all(r[0] == "784-16-16-10" and r[1] == "4" for r in rows)
@@ -576,11 +582,7 @@ def test_wgrad_stack_bench_smoke(tmp_path):
         ],
         tmp_path,
     )
-    rows = [
-        [c.strip() for c in ln.split("|")[1:-1]]
-        for ln in text.splitlines()
-        if ln.startswith("| ") and not ln.startswith("| layer")
-    ]
+    rows = _table_rows(text, "layer")
     assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)] + ["sum"]
     for r in rows[:-1]:
         assert float(r[-1]) <= 1e-5  # the stacked call gives both weight gradients
@@ -606,11 +608,7 @@ def test_wgrad_blocks_bench_smoke(tmp_path):
         ],
         tmp_path,
     )
-    rows = [
-        [c.strip() for c in ln.split("|")[1:-1]]
-        for ln in text.splitlines()
-        if ln.startswith("| ") and not ln.startswith("| layer")
-    ]
+    rows = _table_rows(text, "layer")
     assert [r[0] for r in rows] == [f"block{i}.conv.weight" for i in range(1, 5)]
     # stride-1 convs with a short sum (batch 2): the forward form, but for the first conv (3
     # input channels) and the last (8 M multiply-adds at batch 2)
@@ -635,11 +633,7 @@ def test_wgrad_blocks_small_grid_smoke(tmp_path):
         ],
         tmp_path,
     )
-    rows = [
-        [c.strip() for c in ln.split("|")[1:-1]]
-        for ln in text.splitlines()
-        if ln.startswith("| ") and not ln.startswith("| layer")
-    ]
+    rows = _table_rows(text, "layer")
     assert len(rows) == 36 and text.startswith("small 3x3 convs")
     for r in rows:
         assert float(r[-1]) <= 1e-5
@@ -664,11 +658,7 @@ def test_rule_ops_bench_smoke(tmp_path):
         ],
         tmp_path,
     )
-    rows = [
-        [c.strip() for c in ln.split("|")[1:-1]]
-        for ln in text.splitlines()
-        if ln.startswith("| ") and not ln.startswith("| layer")
-    ]
+    rows = _table_rows(text, "layer")
     assert [r[0] for r in rows] == [
         *(f"block{i}.conv.weight" for i in range(1, 5)),
         "**all layers**",
