@@ -1,6 +1,6 @@
 """ghlc: make any PyTorch model train with Global-guided Hebbian Learning."""
 
-from . import passes, runtime
+from . import distributed, passes, runtime
 from .amp import GradScaler
 from .artifact import load, save
 from .build import build, compile, prepare
@@ -24,6 +24,7 @@ __all__ = [
     "build",
     "compile",
     "cuda_graph_step",
+    "distributed",
     "export_onnx",
     "load",
     "__version__",

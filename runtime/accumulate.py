@@ -108,6 +108,20 @@ def _missing_term_message(layer: str) -> str:
     )
 
 
+def _no_totals_message(layer: str) -> str:
+    return (
+        f"layer {layer!r}: this backward pass adds to the previous one's gradient, but ghlc "
+        "stopped keeping raw Hebbian totals after seeing one backward pass per optimiser "
+        "step; use GHLConfig(accumulation='always') when gradient accumulation starts later "
+        "in training"
+    )
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """A cheap summary of a gradient that changes when it is zeroed or rewritten."""
+    return torch.linalg.vector_norm(t.detach())
+
+
 class PlasticParam:
     """Accumulator and autograd hooks for one plastic parameter."""
 
@@ -142,11 +156,21 @@ class PlasticParam:
         self._returned_version = -1  # and its version
         self._in_call = False  # that gradient is already the combination (in-call combine)
         self._mark = False  # the .grad stored by the running accumulation is ours
+        # Under DistributedDataParallel (set by each training forward, see distributed.py):
+        # None (one process), "ghlc" (ghlc's comm hook combines) or "foreign" (refused).
+        self.ddp: str | None = None
+        self.h_local: torch.Tensor | None = None  # this process's raw H since the last sync
+        self.h_red: torch.Tensor | None = None  # the reduced totals of the last sync, kept
+        self.g_red: torch.Tensor | None = None  # (like h_acc, g_acc) for accumulation
+        self._synced = False  # the last backward synchronised (.grad is the combination)
+        self._add_reduced = False  # the next sync adds h_red, g_red to the reduced terms
+        self._fingerprint: torch.Tensor | None = None  # of .grad as the last backward left it
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_written"] = d["param_ref"] = d["_returned"] = None
         d["calls"], d["_in_call"] = 0, False
+        d["h_local"] = d["h_red"] = d["g_red"] = d["_fingerprint"] = None
         return d
 
     def __deepcopy__(self, memo):
@@ -176,7 +200,7 @@ class PlasticParam:
             self.keep_totals = False
         self._accumulated = False
         self._stepped = True
-        self.h_acc = self.g_acc = None
+        self.h_acc = self.g_acc = self.h_red = self.g_red = None
 
     def note_call(self) -> None:
         self.calls += 1
@@ -187,6 +211,8 @@ class PlasticParam:
         Only where :func:`in_call_sized`, when the parameter is known to get its gradient
         from this one call (checked on an earlier step), no raw totals are kept and no
         accumulation is under way."""
+        if self.ddp is not None:  # the combination waits for the reduced terms
+            return False
         if not (self.direct and self.single_use and self.calls == 1 and in_call_sized(w)):
             return False
         if self.keep_totals or self.accumulation == "always":
@@ -233,6 +259,8 @@ class PlasticParam:
         calls, self.calls = self.calls, 0
         ret, self._returned = self._returned, None
         in_call, self._in_call = self._in_call, False
+        if self.ddp is not None and p is not None:
+            return self._pre_accumulate_ddp(p, g, h, calls)
         ours = ret is not None and g is ret and g._version == self._returned_version
         if ret is not None:  # single use was being checked
             if not ours:
@@ -263,12 +291,7 @@ class PlasticParam:
         self._stepped = False
         if accumulating:
             if self.h_acc is None:
-                raise RuntimeGHLError(
-                    f"layer {self.layer!r}: this backward pass adds to the previous one's "
-                    "gradient, but ghlc stopped keeping raw Hebbian totals after seeing one "
-                    "backward pass per optimiser step; use GHLConfig(accumulation='always') "
-                    "when gradient accumulation starts later in training"
-                )
+                raise RuntimeGHLError(_no_totals_message(self.layer))
             assert self.g_acc is not None  # kept together with h_acc
             self._accumulated = True
             self.keep_totals = True
@@ -288,7 +311,77 @@ class PlasticParam:
         self._mark = True
         return out
 
+    # ---- under DistributedDataParallel with ghlc's comm hook (distributed.py) -------------
+    def _pre_accumulate_ddp(
+        self, p: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None, calls: int
+    ) -> torch.Tensor:
+        """Keep this process's raw H; let autograd store the raw G, which DDP then reduces.
+        The comm hook combines the reduced terms (:meth:`combine_reduced`). Whether this
+        backward adds to the last one's total is read from ``.grad``: there, not stepped on,
+        and unchanged since that backward left it (its fingerprint; ``zero_grad()`` with
+        ``set_to_none=False`` changes it)."""
+        if self.ddp == "foreign":
+            raise RuntimeGHLError(
+                f"layer {self.layer!r}: the model runs inside torch's DistributedDataParallel "
+                "without ghlc's communication hook, which would average each process's own "
+                "normalised |H|*sign(G) (not the rule); wrap the model with "
+                "ghlc.distributed.ddp(model, ...) or register ghlc.distributed.comm_hook"
+            )
+        if h is None and calls:
+            raise RuntimeGHLError(_missing_term_message(self.layer))
+        fp = self._fingerprint
+        grad = p.grad
+        adds = (
+            grad is not None
+            and not self._stepped
+            and fp is not None
+            and torch.equal(_fingerprint(grad), fp)
+        )
+        self._stepped = False
+        if adds and self._synced:  # .grad is the last sync's combination: continue its totals
+            if self.h_red is None:
+                raise RuntimeGHLError(_no_totals_message(self.layer))
+            self._accumulated = self._add_reduced = True
+            self.h_local = h
+            p.grad = None  # DDP reduces this backward's G; the hook adds the kept totals
+        elif adds:  # no_sync() accumulation: .grad is this process's raw G total
+            if h is not None:
+                self.h_local = h if self.h_local is None else self.h_local.add_(h)
+        else:  # a new total
+            self.h_local, self._add_reduced = h, False
+            self.h_red = self.g_red = None
+            p.grad = None
+        self._synced = False
+        return g
+
+    def take_local(self) -> torch.Tensor | None:
+        """This process's raw H total, handed to the comm hook (which reduces it)."""
+        h, self.h_local = self.h_local, None
+        return h
+
+    def combine_reduced(self, h: torch.Tensor, g: torch.Tensor, has_h: bool) -> torch.Tensor:
+        """The gradient from the terms summed over processes (``g``: DDP's mean of G);
+        ``has_h``: some process ran a plastic call (else ``g``, the plain gradient)."""
+        if self._add_reduced:
+            assert self.h_red is not None and self.g_red is not None
+            h, g, has_h = h + self.h_red, g + self.g_red, True
+            self._add_reduced = False
+        if self.keep_totals or self.accumulation == "always":
+            self.h_red, self.g_red = h.clone(), g.clone()
+        out = (
+            combine(h, g, self.rule, axes=self.axes, global_signal=self.global_signal)
+            if has_h
+            else g
+        )
+        self._synced = True
+        self._fingerprint = _fingerprint(out)
+        return out
+
     def _post_accumulate(self, p: torch.Tensor) -> None:
+        if self.ddp is not None:
+            assert p.grad is not None  # AccumulateGrad has just stored it
+            self._fingerprint = _fingerprint(p.grad)
+            return
         if not self._mark:
             return
         self._mark = False

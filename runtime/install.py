@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .calls import CallSpec, parse_call
+from .distributed import ddp_link
 from .mode import GHLMode, Runtime, Site
 
 _ATTR = "_ghl_runtime"  # the instance attribute holding the Runtime
@@ -147,8 +148,10 @@ def _root_pre(module: torch.nn.Module, args) -> None:
     rt: Runtime = getattr(module, _ATTR)
     if module.training and torch.is_grad_enabled():
         rt.bind(module)
+        link = ddp_link()  # under DistributedDataParallel? (distributed.py)
         for site in rt.sites.values():  # drop a term left by an interrupted backward
             site.state.pending = None
+            site.state.ddp = link
         mode = stance = None
         if rt.module_calls:
             rt.depth += 1
