@@ -17,6 +17,7 @@ combined inside that call's backward, a unit block at a time (:func:`combine_in_
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -165,12 +166,14 @@ class PlasticParam:
         self._synced = False  # the last backward synchronised (.grad is the combination)
         self._add_reduced = False  # the next sync adds h_red, g_red to the reduced terms
         self._fingerprint: torch.Tensor | None = None  # of .grad as the last backward left it
+        self.shards: Any = None  # under FSDP2: the model's fsdp.Shards
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_written"] = d["param_ref"] = d["_returned"] = None
         d["calls"], d["_in_call"] = 0, False
-        d["h_local"] = d["h_red"] = d["g_red"] = d["_fingerprint"] = None
+        d["h_local"] = d["h_red"] = d["g_red"] = d["_fingerprint"] = d["shards"] = None
+        d["ddp"] = None
         return d
 
     def __deepcopy__(self, memo):
@@ -224,6 +227,8 @@ class PlasticParam:
         """The call's weight gradient; kept (until the parameter's hook) only while single
         use is being checked or when it is already the combination. Holding it otherwise
         would stop autograd summing a shared weight's gradients in place."""
+        if self.ddp is not None:
+            return
         if in_call or (self.single_use is None and self.direct and in_call_sized(gw)):
             self._returned, self._returned_version, self._in_call = gw, gw._version, in_call
 
@@ -242,11 +247,17 @@ class PlasticParam:
         view of the parameter (e.g. a chunk of ``in_proj_weight``), else None; ``axes`` =
         (transposed, groups) of the call, for per-unit normalisation."""
         self.axes = axes
+        if self.shards is not None:  # under FSDP2: combined at the end of the backward
+            self.shards.queue()
         if view is not None:
             p = self.param_ref() if self.param_ref is not None else None
             if p is None:
                 return
-            full = torch.zeros_like(p)
+            full = (  # (an FSDP2-sharded p: the full, unsharded shape)
+                torch.zeros_like(p)
+                if self.shards is None
+                else torch.zeros(p.shape, dtype=h.dtype, device=h.device)
+            )
             full.as_strided(*view).add_(h)
             h = full
         self.pending = h if self.pending is None else self.pending.add_(h)

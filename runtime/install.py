@@ -80,7 +80,12 @@ class PlasticForward:
         """A call in a training forward: plastic unless the weight was replaced or frozen."""
         m = self.module
         w = m.weight
-        if not (w is self.site.param and w.requires_grad):
+        mine = w is self.site.param or (  # (under FSDP2: its unsharded form)
+            self.rt.shards is not None
+            and isinstance(w, torch.Tensor)
+            and (self.rt.by_id.get(id(w)) or self.rt.unsharded(w)) is self.site
+        )
+        if not (mine and w.requires_grad):
             return self.cls.forward(m, input)
         padding: tuple[int, ...] | str | int | None
         if self.cls is nn.Linear:
@@ -151,7 +156,8 @@ def _root_pre(module: torch.nn.Module, args) -> None:
         link = ddp_link()  # under DistributedDataParallel? (distributed.py)
         for site in rt.sites.values():  # drop a term left by an interrupted backward
             site.state.pending = None
-            site.state.ddp = link
+            if site.state.shards is None:
+                site.state.ddp = link
         mode = stance = None
         if rt.module_calls:
             rt.depth += 1

@@ -11,7 +11,8 @@ plastic calls are all their own stock Conv/Linear modules' forwards skip the mod
 from __future__ import annotations
 
 import sys
-from typing import cast
+import weakref
+from typing import Any, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -21,6 +22,7 @@ from ghlc.graph import HebbianRule, LayerGraph, LayerInfo
 
 from .accumulate import PlasticParam
 from .calls import MHA_FORWARD, parse_call, patched_linear
+from .fsdp import Shards, groups_of, is_sharded
 from .function import plastic_call
 
 
@@ -89,16 +91,34 @@ class Runtime:
         self.source: dict = source or {}
         self.by_id: dict[int, Site] = {}
         self.computed_stack: list[Site] = []
-        self._bound_to: int | None = None
+        self._bound_to: tuple[int, int] | None = None  # (module, its first plastic parameter)
+        self.module: weakref.ref[torch.nn.Module] | None = None
+        self.shards: Any = None  # under FSDP2 (fsdp.py): the sharded sites
+        self._sharded: dict[int, torch.Tensor] = {}  # FSDP2: id(unsharded) -> sharded
         # every plastic call is its own module's stock forward: those forwards are replaced
         # and no function mode is needed (see install.py); ``depth`` counts training forwards
         self.module_calls = bool(sites) and all(s.module_call for s in sites)
         self.depth = 0
 
+    def _key(self, module: torch.nn.Module) -> tuple[int, int]:
+        """Identifies the parameters bound: ``fully_shard`` replaces them in place."""
+        first = next(iter(self.sites), None)
+        try:
+            p = module.get_parameter(first) if first is not None else None
+        except AttributeError:
+            p = None
+        return id(module), id(self._sharded.get(id(p), p))
+
     def bind(self, module: torch.nn.Module) -> None:
-        if self._bound_to == id(module) and self.by_id:
+        key = self._key(module)
+        if self._bound_to == key and self.by_id:
             return
-        params = {_plain_name(n): p for n, p in module.named_parameters(remove_duplicate=False)}
+        groups, self._sharded = groups_of(module)
+        key = self._key(module)
+        params = {
+            _plain_name(n): self._sharded.get(id(p), p)
+            for n, p in module.named_parameters(remove_duplicate=False)
+        }
         self.by_id = {}
         for name, site in self.sites.items():
             p = params.get(name)
@@ -109,16 +129,35 @@ class Runtime:
                 )
             self.by_id[id(p)] = site
             site.param = p
-        self._bound_to = id(module)
+        self._bound_to = key
+        self.module = weakref.ref(module)
+        sharded = [s for s in self.sites.values() if s.param is not None and is_sharded(s.param)]
+        self.shards = Shards([s.state for s in sharded], groups) if sharded else None
+
+    def unsharded(self, w: torch.Tensor) -> Site | None:
+        """Under FSDP2, the site whose parameter ``w`` is the unsharded form of: the tensor
+        its module holds during its forward."""
+        root = self.module() if self.module is not None else None
+        if self.shards is None or root is None:
+            return None
+        for site in self.sites.values():
+            if site.state.shards is not None:
+                owner, _, attr = site.name.rpartition(".")
+                if getattr(root.get_submodule(owner), attr, None) is w:
+                    self.by_id[id(w)] = site  # (FSDP2 keeps the unsharded parameter)
+                    return site
+        return None
 
     def site_for(self, w: torch.Tensor):
         """(site, view geometry or None) for a weight tensor, or (None, None)."""
         s = self.by_id.get(id(w))
         if s is not None:
             return s, None
+        if self.shards is not None and (s := self.unsharded(w)) is not None:
+            return s, None
         base = w._base
         if base is not None:
-            s = self.by_id.get(id(base))
+            s = self.by_id.get(id(base)) or self.unsharded(base)
             if s is not None:
                 return s, (w.size(), w.stride(), w.storage_offset() - base.storage_offset())
         if self.computed_stack:

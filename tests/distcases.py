@@ -258,3 +258,53 @@ def worker(rank: int, world: int, init: str, plan: list, out_dir: str) -> None:
                 json.dump(results, f)
             os.replace(path + ".tmp", path)
         dist.destroy_process_group()
+
+
+def fsdp(rank: int, world: int, name: str, micro: int = 1, **cfg) -> dict[str, float]:
+    """FSDP2: ``fully_shard`` on each plastic layer's module and the root (shards of
+    uneven and empty size where a layer has few rows), ``micro - 1`` backward passes with
+    gradient sync off, against one process on the union batches."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, x, kw = _model(name, **cfg)
+    batches = [_batch(x, world, 1, 80 + i) for i in range(micro)]
+    want = _reference(model, x, kw, batches)
+    m = ghlc.prepare(copy.deepcopy(model), (x[:2],), config=ghlc.GHLConfig(**kw))
+    # (vit: its blocks, as FSDP2's documentation shards transformers. Not the attention
+    # modules: FSDP2's input hooks hand nn.MultiheadAttention three distinct q, k, v tensors,
+    # so it takes its separate-projection path, three Hebbian calls instead of one.)
+    owners = (
+        {"blocks.0", "pool"}
+        if name == "vit"
+        else {n.rpartition(".")[0] for n in BY_NAME[name].plastic}
+    )
+    for owner in sorted(owners, key=len, reverse=True):
+        if owner:
+            fully_shard(m.get_submodule(owner))
+    fully_shard(m)
+    for i, xb in enumerate(batches):
+        m.set_requires_gradient_sync(i == micro - 1)
+        _loss(m(_share(xb, rank, world))).backward()
+    return {
+        f"{name}:{n}": _rel(p.grad.full_tensor() if p.grad is not None else None, want[n])
+        for n, p in m.named_parameters()
+    }
+
+
+def fsdp_adds_refused(rank: int, world: int, name: str) -> dict[str, float]:
+    """FSDP2: a second synchronising backward without zero_grad() is refused (FSDP would add
+    its G to the combined gradient)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, x, kw = _model(name)
+    m = ghlc.prepare(copy.deepcopy(model), (x[:2],), config=ghlc.GHLConfig(**kw))
+    fully_shard(m)
+    _loss(m(x)).backward()
+    try:
+        _loss(m(x)).backward()
+    except ghlc.RuntimeGHLError as e:
+        return {"refused": 0.0 if "zero_grad" in str(e) else 1.0}
+    return {"refused": float("inf")}
+
+
+CASES.update({f.__name__: f for f in (fsdp, fsdp_adds_refused)})

@@ -31,10 +31,16 @@ PLAN2 = [
     ("refused", ["plain_ddp_refused", ["conv3d"], {}]),
     ("sampled", ["sampled", ["unet"], {}]),
     ("fp16", ["fp16_scaler", ["conv3d"], {}]),
+    ("fsdp/unet", ["fsdp", ["unet"], {}]),
+    ("fsdp/vit", ["fsdp", ["vit"], {}]),
+    ("fsdp/unet/unit+no_sync", ["fsdp", ["unet"], {"micro": 2, "normalisation": "unit"}]),
+    ("fsdp/adds", ["fsdp_adds_refused", ["conv3d"], {}]),
 ]
 PLAN3 = [
     ("unet", ["exact", ["unet"], {}]),
     ("vit/no_sync", ["exact", ["vit"], {"micro": 2, "bucket_cap_mb": 1e-6}]),
+    ("fsdp/temporal1d", ["fsdp", ["temporal1d"], {}]),
+    ("fsdp/conv3d/unit", ["fsdp", ["conv3d"], {"normalisation": "unit"}]),
 ]
 
 
@@ -73,7 +79,9 @@ def _errors(res: dict, key: str) -> dict[str, float]:
     return r
 
 
-EXACT2 = [k for k, (case, _, _) in PLAN2 if case in ("exact", "two_steps", "after_sync", "zeroed")]
+EXACT2 = [
+    k for k, (case, _, _) in PLAN2 if case in ("exact", "two_steps", "after_sync", "zeroed", "fsdp")
+]
 
 
 @pytest.mark.parametrize("key", EXACT2)
@@ -106,3 +114,7 @@ def test_sampled_mode_normalises_globally_with_the_union_sign(two):
 def test_float16_autocast_with_grad_scaler(two):
     errs = _errors(two, "fp16")
     assert errs and max(errs.values()) <= 0.01, errs
+
+
+def test_fsdp2_second_backward_without_zero_grad_is_refused(two):
+    assert _errors(two, "fsdp/adds") == {"refused": 0.0}
