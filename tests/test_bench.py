@@ -709,3 +709,26 @@ def test_grid_probe_is_the_runtime_call(lib):
     w = torch.randn(info.weight_shape)
     g = step.conv_weight_grad(cot, xi, w, args)
     assert g.shape == w.shape
+
+
+@pytest.mark.slow  # two spawned processes
+def test_distributed_bench_smoke(tmp_path):
+    """bench/distributed.py: its table and JSON; ghl's bytes are backprop's gradients plus
+    the raw H of every plastic (conv) weight and one flag per plastic weight, as counted on
+    the hook's all-reduce calls."""
+    out = tmp_path / "d.json"
+    args = ["--models", "fasthebb", "--repeats", "1", "--warmup", "0", "--batch", "2"]
+    _run([BENCH / "distributed.py", *args, "--json", out], tmp_path)
+    rec = json.loads(out.read_text())
+    (row,) = rec["rows"]
+    sys.path.insert(0, str(BENCH))
+    try:
+        from benchlib.models import build
+    finally:
+        sys.path.remove(str(BENCH))
+    model, _ = build("fasthebb")
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    grads = sum(p.numel() for p in model.parameters()) * 4
+    assert row["bytes_bp"] == grads
+    assert row["bytes_ghl"] == grads + sum(w.numel() for w in convs) * 4 + len(convs) * 4
+    assert row["bp_ms"] > 0 and row["ghl_ms"] > 0 and row["quotient"] > 0
