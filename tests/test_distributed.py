@@ -90,6 +90,7 @@ def test_two_processes_equal_one_on_the_union_batch(two, key):
     assert errs and max(errs.values()) <= TOL, {k: v for k, v in errs.items() if v > TOL}
 
 
+@pytest.mark.slow  # (one more spawn; the two-process cases cover every option)
 @pytest.mark.parametrize("key", [k for k, _ in PLAN3])
 def test_three_processes_equal_one_on_the_union_batch(three, key):
     errs = _errors(three, key)
