@@ -376,6 +376,7 @@ def train(
         channels_last=channels_last,
         progress=ranks.main,
     )
+    ranks.check(config)
     out.mkdir(parents=True, exist_ok=True)
     if ranks.main:  # (with several processes only rank 0 prints and writes)
         save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})

@@ -163,13 +163,24 @@ def _summary(e: Any, nproc: int) -> str:
     return f"process {rank} of {nproc} failed: {why}"
 
 
+class _Stopped(BaseException):
+    """SIGTERM, as the launcher stops the other processes when one fails: raised so that
+    files being written are cleaned up (``ghlc.fileio``) before the process ends."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
 def _record(e: BaseException) -> None:
     """Write ``e`` as one line to the launcher's error file (where torch's launcher reads
     a process's failure), marked as ghlc's."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    if isinstance(e, GHLError):
+    if isinstance(e, _Stopped):
+        kind, msg = "stopped", "stopped by the launcher (SIGTERM)"
+    elif isinstance(e, GHLError):
         kind, msg = "error", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     elif isinstance(e, KeyboardInterrupt):
         kind, msg = "error", "interrupted"
@@ -184,10 +195,14 @@ def rank_errors(fn: F) -> F:
     """For a command that may run in a process started by torch's launcher: an error is
     recorded in the launcher's error file; in a process started by ``ghlc
     --nproc-per-node`` it then ends the process quietly (exit code 1), as ghlc's launcher
-    prints it. The process group, if one was joined, is left at the end."""
+    prints it. SIGTERM (the launcher stopping the processes) ends it quietly after files
+    being written are cleaned up. The process group, if one was joined, is left at the
+    end."""
 
     @wraps(fn)
     def wrapper(*a: Any, **k: Any) -> Any:
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            signal.signal(signal.SIGTERM, _stop)
         try:
             return fn(*a, **k)
         except (SystemExit, click.exceptions.Exit):
@@ -196,7 +211,7 @@ def rank_errors(fn: F) -> F:
             if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
                 raise
             _record(e)
-            if os.environ.get(LAUNCHED_BY_GHLC):
+            if os.environ.get(LAUNCHED_BY_GHLC) or isinstance(e, _Stopped):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(1)  # (no exit-time output: the launcher reports the failure)

@@ -72,6 +72,18 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def check(self, config: TrainConfig) -> None:
+        """Raise ``GHLError`` for settings that these processes cannot train with: a batch
+        size that is not a multiple of their number, ``cuda_graph`` with several."""
+        n = self.world
+        if config.batch_size % n:
+            raise GHLError(
+                f"batch size {config.batch_size} is not a multiple of the {n} processes (it "
+                "is the global batch of a step, split evenly across the processes)"
+            )
+        if config.cuda_graph and n > 1:
+            raise GHLError("cuda_graph works with one process only")
+
     def trainer(self, model: nn.Module, config: TrainConfig) -> Trainer:
         """A :class:`~ghlc.train.Trainer` for this process: the plain one for one process,
         :class:`RankTrainer` for several."""
@@ -192,13 +204,7 @@ class RankTrainer(Trainer):
 
     def setup(self, x_train, y_train, x_test=None, y_test=None) -> None:
         cfg, n = self.config, self.ranks.world
-        if cfg.batch_size % n:
-            raise GHLError(
-                f"batch size {cfg.batch_size} is not a multiple of the {n} processes (it is "
-                "the global batch of a step, split evenly across the processes)"
-            )
-        if cfg.cuda_graph:
-            raise GHLError("cuda_graph works with one process only")
+        self.ranks.check(cfg)
         super().setup(x_train, y_train, x_test, y_test)
         self.sampler = EpochSampler(
             self.y_train.shape[0], n, self.ranks.rank, cfg.seed, drop_last=False
