@@ -107,6 +107,7 @@ def launch(nproc: int, ghlc_args: list[str]) -> None:
     torch's elastic launcher (standalone rendezvous, no restarts) and wait for them. Like
     ``torchrun``, sets ``OMP_NUM_THREADS=1`` unless it is set. A failed process raises a
     one-line :class:`GHLError` naming its rank and its error."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -128,6 +129,11 @@ def launch(nproc: int, ghlc_args: list[str]) -> None:
             elastic_launch(config, sys.executable)("-m", "ghlc.cli", *ghlc_args)
     except ChildFailedError as e:
         raise GHLError(_summary(e, nproc)) from None
+    except SignalException as e:  # Ctrl-C (or a signal to this process): the processes stop
+        raise GHLError(
+            f"interrupted ({signal.Signals(e.sigval).name}); the last checkpoint keeps the last "
+            "completed epoch: continue with --resume"
+        ) from None
     except GHLError:
         raise
     except Exception as e:  # the launcher itself (rendezvous, a signal to this process)

@@ -94,6 +94,8 @@ def join(backend: str | None, device: torch.device) -> Ranks:
     """This process's :class:`Ranks`. Under torch's launcher with several processes, joins
     the process group (``backend``: nccl on CUDA, gloo on CPU by default) and places the
     process on ``cuda:LOCAL_RANK`` when ``device`` is CUDA."""
+    if backend == "nccl" and device.type != "cuda":
+        raise GHLError(f"--backend nccl needs CUDA devices (training runs on {device})")
     if not launched():
         if backend is not None:
             raise GHLError(
@@ -122,8 +124,6 @@ def join(backend: str | None, device: torch.device) -> Ranks:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if backend == "nccl" and device.type != "cuda":
-        raise GHLError(f"--backend nccl needs CUDA devices (training runs on {device})")
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return Ranks(rank, world, local, device, backend)

@@ -117,6 +117,8 @@ def test_one_process_needs_no_backend():
     assert join(None, torch.device("cpu")) == Ranks()
     with pytest.raises(GHLError, match="--backend gloo: only for several processes"):
         join("gloo", torch.device("cpu"))
+    with pytest.raises(GHLError, match="--backend nccl needs CUDA devices"):
+        join("nccl", torch.device("cpu"))
 
 
 def test_other_ranks_write_nothing(tmp_path):
