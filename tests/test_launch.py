@@ -289,8 +289,9 @@ def test_a_rank_that_dies_ends_the_run_in_one_line(converted):
     errors = [s for s in text.replace("\r", "\n").splitlines() if s.startswith("error")]
     assert errors == ["error: process 1 of 2 failed: killed by SIGKILL"], text
     assert text.rstrip().endswith(errors[0])
-    ckpt = load_checkpoint(run / "last.pt")  # whole, and what the metrics say
-    assert 1 <= ckpt["epoch"] == len(_metrics(run)) < 6
+    ckpt = load_checkpoint(run / "last.pt")  # whole (metrics.jsonl, written after it, may
+    assert 1 <= ckpt["epoch"] < 6  # be an epoch behind if rank 0 was stopped in between)
+    assert ckpt["epoch"] - len(_metrics(run)) in (0, 1)
     assert not _leftovers(run)
 
 
