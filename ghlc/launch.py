@@ -160,7 +160,9 @@ def _summary(e: Any, nproc: int) -> str:
 
     rank, f = min(e.failures.items(), key=order)
     data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
-    if data.get("ghlc"):
+    if data.get("ghlc") == "crash":  # not a user error: where to see its traceback
+        why = f"{f.message} (torchrun --nproc-per-node {nproc} -m ghlc.cli ... shows the traceback)"
+    elif data.get("ghlc"):
         why = str(f.message)
     elif f.exitcode < 0:
         why = f"killed by {f.signal_name()}"

@@ -111,6 +111,11 @@ def test_the_root_cause_of_a_failure_is_reported():
     assert _summary(e, 3) == "process 2 of 3 failed: x.npz: data file not found"
     e = SimpleNamespace(failures={0: _failure(sigterm), 1: _failure(3)})
     assert _summary(e, 2) == "process 1 of 2 failed: exited with code 3"
+    e.failures[0] = lost
+    assert _summary(e, 2) == (
+        "process 0 of 2 failed: DistBackendError: connection closed "
+        "(torchrun --nproc-per-node 2 -m ghlc.cli ... shows the traceback)"
+    )
 
 
 def test_one_process_needs_no_backend():
