@@ -192,10 +192,10 @@ class RankTrainer(Trainer):
     docstring for the data each one trains on).
 
     The training forward runs the model wrapped by :func:`ghlc.distributed.ddp` (the exact
-    GHL step over all processes); the epoch's loss and accuracy and the NaN/Inf checks are
-    reduced over the processes, evaluation is sharded and reduced (sums of loss, correct and
-    counts), and only rank 0 prints the progress bar and writes checkpoints, metrics and
-    curves. Checkpoints hold nothing per process."""
+    GHL step over all processes; torch's DDP for a plain model); the epoch's loss and
+    accuracy and the NaN/Inf checks are reduced over the processes, evaluation is sharded and
+    reduced (sums of loss, correct and counts), and only rank 0 prints the progress bar and
+    writes checkpoints, metrics and curves. Checkpoints hold nothing per process."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, ranks: Ranks) -> None:
         super().__init__(model, config)
@@ -221,10 +221,17 @@ class RankTrainer(Trainer):
 
     def train_module(self) -> nn.Module:
         if self._wrapped is None:  # (wrapped at the first step: after start or resume)
+            from torch.nn.parallel import DistributedDataParallel
+
             from .distributed import ddp
+            from .runtime.install import is_prepared
 
             dev = self.device
-            self._wrapped = ddp(self.model, device_ids=[dev] if dev.type == "cuda" else None)
+            ids = [dev] if dev.type == "cuda" else None
+            if any(is_prepared(m) for m in self.model.modules()):
+                self._wrapped = ddp(self.model, device_ids=ids)
+            else:  # a plain model (--method bp): torch's DDP as it is
+                self._wrapped = DistributedDataParallel(self.model, device_ids=ids)
         return self._wrapped
 
     def train_epoch(self, epoch: int) -> _EpochStats:

@@ -17,14 +17,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from click.testing import CliRunner
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ghlc import prepare
 from ghlc.cli import main
 from ghlc.errors import GHLError
 from ghlc.launch import _summary, command_line
 from ghlc.ranks import EpochSampler, Ranks, RankTrainer, join
-from ghlc.train import load_checkpoint
+from ghlc.train import Trainer, load_checkpoint
 from ghlc.trainconfig import TrainConfig
 
 LIMIT_S = 240  # each command of the end-to-end tests
@@ -139,6 +142,45 @@ def test_other_ranks_write_nothing(tmp_path):
     bad = TrainConfig(out_dir=tmp_path / "o", plastic=set(), batch_size=5)
     with pytest.raises(GHLError, match="batch size 5 is not a multiple of the 2 processes"):
         RankTrainer(model, bad, Ranks(rank=0, world=2)).setup(x, y)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process, in this process."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_rank_trainer_of_one_process_is_the_trainer(tmp_path, prepared):
+    def run(make, out: str):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+        x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 3
+        if prepared:
+            net = prepare(net, (x[:2],))
+        plastic = {"0.weight"} if prepared else set()
+        cfg = TrainConfig(out_dir=tmp_path / out, plastic=plastic, batch_size=8, epochs=2)
+        t = make(net, cfg)
+        res = t.fit(x, y, x[:13], y[:13])
+        return t, net, res
+
+    t, net, res = run(lambda m, c: RankTrainer(m, c, Ranks(rank=0, world=1)), "rank")
+    assert isinstance(t.train_module(), DistributedDataParallel)
+    _, ref, want = run(Trainer, "one")
+    for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+    for got, exp in zip(res.history, want.history):
+        assert got["test_acc"] == exp["test_acc"] and got["train_acc"] == exp["train_acc"]
+        assert got["test_loss"] == pytest.approx(exp["test_loss"], rel=1e-6)
+        assert got["train_loss"] == pytest.approx(exp["train_loss"], rel=1e-6)
+    assert len(_metrics(tmp_path / "rank")) == 2
 
 
 def test_nproc_under_a_launcher_is_refused(tmp_path, monkeypatch):
