@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import GHLError, SlowPrecisionWarning
+from .launch import rank_errors, relaunch
 
 
 def _fail(msg: str) -> None:
@@ -303,7 +304,19 @@ def _load_any(path: str, method: str = "ghl"):
     help="Train in channels-last memory format (4-D weights and batches): often "
     "faster for conv nets.",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    help="Train in N processes started by torch's launcher (one per GPU; --batch-size "
+    "is the global batch). Under torchrun, leave it out.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["gloo", "nccl"]),
+    help="Process group backend for several processes (default: nccl on CUDA, gloo on CPU).",
+)
 @user_errors
+@rank_errors
 def train(
     artifact,
     data,
@@ -321,15 +334,21 @@ def train(
     autocast,
     cuda_graph,
     channels_last,
+    nproc_per_node,
+    backend,
 ):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
+    if nproc_per_node is not None:
+        return relaunch(nproc_per_node)
     import torch
 
     from .artifact import save
     from .data import augment_batch, load_data
-    from .train import TrainConfig, Trainer, check_labels, slow_bf16
+    from .ranks import join
+    from .train import TrainConfig, check_labels, slow_bf16
 
-    dev = _pick_device(device)
+    ranks = join(backend, _pick_device(device))
+    dev = ranks.device
     if cuda_graph and dev.type != "cuda":
         raise GHLError(f"--cuda-graph needs a CUDA device (training would run on {dev})")
     torch.manual_seed(seed)
@@ -355,16 +374,25 @@ def train(
         autocast=torch.bfloat16 if autocast == "bf16" else None,
         cuda_graph=cuda_graph,
         channels_last=channels_last,
+        progress=ranks.main,
     )
+    ranks.check(config)
     out.mkdir(parents=True, exist_ok=True)
-    save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    if ranks.main:  # (with several processes only rank 0 prints and writes)
+        save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    ranks.barrier()
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
-    click.echo(f"training on {dev}")
-    if autocast == "bf16" and (why := slow_bf16(dev)):
+    ranks.barrier()  # (every process has read it before rank 0 writes it again)
+    if ranks.main:
+        many = f", {ranks.world} processes ({ranks.backend})" if ranks.world > 1 else ""
+        click.echo(f"training on {dev}{many}")
+    if ranks.main and autocast == "bf16" and (why := slow_bf16(dev)):
         click.echo(f"warning: {why}", err=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowPrecisionWarning)  # (said above, once)
-        res = Trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+        res = ranks.trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+    if not ranks.main:
+        return
     trained = model
     trained.load_state_dict(net.state_dict())
     save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})
