@@ -129,7 +129,7 @@ def source_path(path: str | Path, src: dict[str, Any]) -> Path | None:
     here = Path(path).resolve().parent
     for p in ([here / src["relpath"]] if src.get("relpath") else []) + [Path(src["path"])]:
         if p.is_file():
-            return p
+            return Path(os.path.normpath(p))
     return None
 
 
@@ -156,14 +156,14 @@ def structure_difference(
     from .trace import trace
 
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k, s in shapes.items():
-        if k not in have:
-            return f"the model has no {k} (the artifact has {_dims(s)})"
-        if have[k] != s:
-            return f"{k} is {_dims(have[k])} in the model, {_dims(s)} in the artifact"
     for k, s in have.items():
         if k not in shapes:
             return f"the model has {k} ({_dims(s)}), which the artifact lacks"
+        if shapes[k] != s:
+            return f"{k} is {_dims(s)} in the model, {_dims(shapes[k])} in the artifact"
+    for k, s in shapes.items():
+        if k not in have:
+            return f"the model has no {k} (the artifact has {_dims(s)})"
     args, kwargs = inputs_from_spec(spec)
     try:
         with warnings.catch_warnings():

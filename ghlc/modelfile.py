@@ -46,23 +46,52 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def local_modules(path: Path) -> dict[str, str]:
-    """The modules loaded from ``path``'s folder (or below it) other than ``path`` itself,
-    by path relative to that folder, with their sha256: the model file's own imports
-    (``from blocks import Block``). Installed packages and ghlc itself are left out."""
-    folder = path.resolve().parent
-    skip = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix}]
-    out: dict[str, str] = {}
+def _local(folder: Path) -> list[tuple[str, Path]]:
+    """The loaded modules that an ``import`` in a model file in ``folder`` resolves to the
+    folder itself (``blocks`` for ``folder/blocks.py``, ``pkg.x`` for ``folder/pkg/x.py``):
+    the model file's local imports. Installed packages and ghlc are elsewhere."""
+    out = []
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if not f or not f.endswith(".py") or name.partition(".")[0] == "ghlc":
+        if not f or not f.endswith(".py"):
             continue
         p = Path(f).resolve()
-        if p == path.resolve() or not p.is_relative_to(folder) or not p.is_file():
+        if not p.is_relative_to(folder):
             continue
-        if any(p.is_relative_to(s) for s in skip) or "site-packages" in p.parts:
+        parts = p.relative_to(folder).with_suffix("").parts
+        if parts[-1:] == ("__init__",):
+            parts = parts[:-1]
+        if ".".join(parts) == name:
+            out.append((name, p))
+    return out
+
+
+def _shadowed(folder: Path) -> list[str]:
+    """Loaded modules that an ``import`` in a model file in ``folder`` would now find in the
+    folder (it comes first on the path): the folder's own modules, loaded before, and
+    same-named local modules of another folder. Installed packages and ghlc are kept."""
+    installed = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix}]
+    here: dict[str, bool] = {}
+    out = []
+    for name, mod in list(sys.modules.items()):
+        top = name.partition(".")[0]
+        if top not in here:
+            here[top] = (folder / f"{top}.py").is_file() or (folder / top).is_dir()
+        f = getattr(mod, "__file__", None)
+        if not here[top] or top == "ghlc" or not f:
             continue
-        out[p.relative_to(folder).as_posix()] = file_hash(p)
+        p = Path(f).resolve()
+        if "site-packages" in p.parts or any(p.is_relative_to(i) for i in installed):
+            continue
+        out.append(name)
+    return out
+
+
+def local_modules(path: Path) -> dict[str, str]:
+    """The local modules loaded from ``path``'s folder (see :func:`_local`), by path
+    relative to that folder, with their sha256."""
+    folder = path.resolve().parent
+    out = {p.relative_to(folder).as_posix(): file_hash(p) for _, p in _local(folder)}
     return dict(sorted(out.items()))
 
 
@@ -80,10 +109,15 @@ def _required_args(fn) -> list[str]:
     ]
 
 
-def import_file(path: str | Path):
+def import_file(path: str | Path) -> ModuleType:
+    """Import the model file ``path`` afresh, with its local imports (modules beside it)
+    imported again too, as in a new process: an edited ``blocks.py`` is seen as it is now,
+    and a ``blocks`` loaded before from another folder is not used (:func:`_shadowed`)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    for cached in _shadowed(path.resolve().parent):
+        del sys.modules[cached]
     name = f"ghlc_user_model_{file_hash(path)[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:

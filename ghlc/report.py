@@ -13,7 +13,7 @@ from .errors import GHLWarning
 from .graph import LayerGraph, Role
 from .passes.select_plastic import decide
 
-TIER_NAMES = {"fx": "fx", "export": "torch.export", "eager": "eager (module hooks)"}
+TIER_NAMES = {"fx": "fx", "export": "torch.export", "eager": "hooks"}
 
 
 class MostlyBackpropWarning(GHLWarning):
