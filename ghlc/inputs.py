@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,9 +38,19 @@ def split_inputs(
     return args, kwargs
 
 
+# Example inputs up to this many elements are recorded with their values (a CIFAR image is
+# 3072): the structure check on load then runs the model on the very inputs it was traced on
+# (token ids, attention masks and data-dependent branches give the same layer graph).
+KEEP_VALUES = 1 << 16
+
+
 def _entry(x: Any, what: str) -> dict[str, Any]:
     if isinstance(x, torch.Tensor):
-        return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        out = {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        if x.numel() <= KEEP_VALUES:
+            raw = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            out["data"] = base64.b64encode(raw).decode("ascii")
+        return out
     if isinstance(x, _JSON_VALUES):
         return {"value": x}
     raise GHLError(
@@ -49,8 +60,9 @@ def _entry(x: Any, what: str) -> dict[str, Any]:
 
 
 def input_spec(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[dict]:
-    """What an artifact records of the example inputs: shape and dtype of each tensor (or
-    the plain value), in order, keyword inputs with their ``name``."""
+    """What an artifact records of the example inputs: shape and dtype of each tensor (and
+    its values, base64, up to ``KEEP_VALUES`` elements) or the plain value, in order,
+    keyword inputs with their ``name``."""
     out = [_entry(x, f"#{i}") for i, x in enumerate(args)]
     for k, v in (kwargs or {}).items():
         out.append({"name": k, **_entry(v, repr(k))})
@@ -61,13 +73,17 @@ def _make(s: dict[str, Any]) -> Any:
     if "value" in s:
         return s["value"]
     dt = getattr(torch, s["dtype"])
+    if "data" in s:
+        raw = bytearray(base64.b64decode(s["data"]))
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dt).reshape(s["shape"]).clone()
     if dt.is_floating_point:
         return torch.randn(*s["shape"], dtype=dt)
     return torch.zeros(*s["shape"], dtype=dt)
 
 
 def inputs_from_spec(spec: Sequence[dict[str, Any]]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` of the recorded shapes: random floats, zero integers."""
+    """``(args, kwargs)``: the recorded values, else random floats and zero integers of the
+    recorded shapes."""
     args = tuple(_make(s) for s in spec if "name" not in s)
     kwargs = {s["name"]: _make(s) for s in spec if "name" in s}
     return args, kwargs

@@ -70,5 +70,5 @@ def output_note(out: Any) -> str | None:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return f"the model returns a {type(out).__name__}: ghlc train uses its first element"
     if isinstance(getattr(out, "logits", None), torch.Tensor):
-        return f"the model returns a {type(out).__name__}: ghlc train uses its .logits"
+        return f"the model returns {type(out).__name__}: ghlc train uses its .logits"
     return None

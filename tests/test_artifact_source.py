@@ -139,3 +139,20 @@ def test_a_model_with_an_extra_buffer_is_refused(project):
     (d / "model.py").write_text(text)
     with pytest.raises(ArtifactError, match=r"the model has scale \(1\), which the artifact lacks"):
         ghlc.load(d / "runs" / "m.ghl")
+
+
+class ValueBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3)
+        self.b = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else self.b(x)  # the example takes branch a
+
+
+def test_the_structure_is_checked_on_the_example_inputs_themselves(tmp_path):
+    x = torch.ones(1, 3, 8, 8)
+    ghlc.save(ghlc.prepare(ValueBranch(), (x,)), tmp_path / "m.ghl")
+    for _ in range(5):  # random inputs would take branch b half the time
+        load_quietly(tmp_path / "m.ghl", model=ValueBranch())
