@@ -133,6 +133,12 @@ def source_path(path: str | Path, src: dict[str, Any]) -> Path | None:
     return None
 
 
+def _shown(p: Path) -> str:
+    """``p`` as a user would write it: relative to the working folder when inside it."""
+    r = os.path.relpath(p.resolve())
+    return str(p.resolve()) if r.startswith("..") else r
+
+
 def _shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(path), "pt") as f:
@@ -236,7 +242,7 @@ def load(
         loaded = load_model_file(p, src.get("entry"))
         if model_file is None:
             changed = _changed(src, loaded)
-        model, what, src = loaded.model, f"the model in {p}", loaded.source()
+        model, what, src = loaded.model, f"the model in {_shown(p)}", loaded.source()
     diff = structure_difference(lg, _shapes(path), model, meta["inputs"])
     if diff is not None:
         raise ArtifactError(f"{path}: {what} does not match the artifact: {diff}{way}")

@@ -151,9 +151,13 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     save(m, out)
     click.echo(layer_table(lg))
     args, kwargs = split_inputs(inputs)
-    with torch.no_grad():  # (eval mode: the user's model, untouched)
-        note = output_note(m.eval()(*args, **kwargs))
-    m.train()
+    try:  # how ghlc train will read the output (eval mode: the user's model, untouched)
+        with torch.no_grad():
+            note = output_note(m.eval()(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - only a note: a model that fails here fails in training
+        note = None
+    finally:
+        m.train()
     if note:
         click.echo(f"note: {note}")
     if not lg.plastic():

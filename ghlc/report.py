@@ -58,7 +58,7 @@ def mostly_backprop(lg: LayerGraph, model: torch.nn.Module) -> str | None:
         return None
     return (
         f"{share:.0%} of the model's weights are in Linear layers that train by plain "
-        'backprop (not in config.plastic); to train them with GHL set plastic = ["conv", '
+        'backprop (not in config.plastic); to train them with GHL too, set plastic = ["conv", '
         '"linear"] in the config TOML (GHLConfig(plastic=("conv", "linear")))'
     )
 

@@ -454,14 +454,14 @@ def example_inputs():
 
 
 def test_convert_names_the_capture_in_one_line_and_torch_stays_quiet(work):
-    r = ghlc("convert", "model.py", cwd=work)
+    r = cli("convert", "model.py", cwd=work)
     assert r.stdout.splitlines()[-2].endswith("layers plastic (GHL); capture: fx"), r.stdout
     (work / "branchy.py").write_text(BRANCHY)
     r = ghlc("convert", "branchy.py", cwd=work)
     line = "1 of 2 layers plastic (GHL); capture: hooks (fx, torch.export did not apply; --explain"
     assert line in r.stdout and "failed" not in r.stdout
     assert r.stderr == "" and "def forward" not in r.stdout  # no graph dump, no torch logs
-    r = ghlc("convert", "branchy.py", "--explain", cwd=work)
+    r = cli("convert", "branchy.py", "--explain", cwd=work)
     why = r.stdout.split("why the earlier captures did not apply:\n")[1].splitlines()
     assert why[0] == (
         "  fx: TraceError: symbolically traced variables cannot be used as inputs to control flow"
