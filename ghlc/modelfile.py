@@ -51,9 +51,15 @@ def _local(folder: Path) -> list[tuple[str, Path]]:
     folder itself (``blocks`` for ``folder/blocks.py``, ``pkg.x`` for ``folder/pkg/x.py``):
     the model file's local imports. Installed packages and ghlc are elsewhere."""
     out = []
+    here: dict[str, bool] = {}
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
         if not f or not f.endswith(".py"):
+            continue
+        top = name.partition(".")[0]
+        if top not in here:  # (a cheap test first: resolving every module's path is slow)
+            here[top] = (folder / f"{top}.py").is_file() or (folder / top).is_dir()
+        if not here[top]:
             continue
         p = Path(f).resolve()
         if not p.is_relative_to(folder):
