@@ -227,10 +227,15 @@ def test_bad_inputs(work):
     (work / "none.py").write_text("x = 1\n")
     one_line_error(cli("convert", "none.py", cwd=work), "no model found")
     (work / "two.py").write_text(
-        "import torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
+        "import pathlib\nimport torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
         "def b():\n    return nn.Linear(2, 2)\n"
+        "def test():\n    pathlib.Path('ran').touch()\n    print(a())\n"
     )
-    one_line_error(cli("convert", "two.py", cwd=work), "--entry")
+    one_line_error(
+        cli("convert", "two.py", cwd=work),
+        "two.py: several models (a, b); pick one with --entry NAME, e.g. --entry a",
+    )
+    assert not (work / "ran").exists()  # the helper was not called
     (work / "args.py").write_text(
         "import torch.nn as nn\nclass M(nn.Module):\n"
         "    def __init__(self, n):\n        super().__init__()\n"
