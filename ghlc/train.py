@@ -132,6 +132,8 @@ def _logits(out) -> torch.Tensor:
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
+    if isinstance(getattr(out, "logits", None), torch.Tensor):  # a Hugging Face ModelOutput
+        return out.logits
     raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
 
 
