@@ -224,7 +224,7 @@ class RankTrainer(Trainer):
             from torch.nn.parallel import DistributedDataParallel
 
             from .distributed import ddp
-            from .runtime.install import is_prepared
+            from .runtime.mode import is_prepared
 
             dev = self.device
             ids = [dev] if dev.type == "cuda" else None

@@ -22,7 +22,8 @@ from .errors import TraceError, first_line
 from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
 from .inputs import ExampleInputs, split_inputs
 from .record import record
-from .runtime.install import is_prepared, owns_its_calls
+from .runtime.install import owns_its_calls
+from .runtime.mode import is_prepared
 
 
 def _check_not_prepared(model: torch.nn.Module) -> None:

@@ -6,8 +6,8 @@ from .accumulate import PlasticParam
 from .calls import CallSpec, parse_call
 from .correlation import weight_vjp
 from .function import PlasticCall, plastic_call
-from .install import install, is_prepared, runtime_of
-from .mode import GHLMode, Runtime, Site
+from .install import install
+from .mode import GHLMode, Runtime, Site, is_prepared, runtime_of
 from .rule import combine, compete, hebbian_raw, normalise
 
 __all__ = [

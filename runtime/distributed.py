@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ghlc.errors import RuntimeGHLError
 
 from .accumulate import PlasticParam, _site_of
+from .mode import is_prepared
 
 
 def comm_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -81,8 +82,6 @@ def ddp(model: torch.nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
     processes' batches. ``model`` is a prepared model (or contains one); every DDP option
     works (``gradient_as_bucket_view``, ``static_graph``, ``find_unused_parameters``,
     ``bucket_cap_mb``, ``no_sync()``)."""
-    from .install import is_prepared  # (install.py imports this module)
-
     if not any(is_prepared(m) for m in model.modules()):
         raise RuntimeGHLError(
             "ghlc.distributed.ddp: the model has no part prepared by ghlc; call "

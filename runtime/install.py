@@ -30,9 +30,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from .calls import CallSpec, parse_call
 from .distributed import ddp_link
-from .mode import GHLMode, Runtime, Site
+from .mode import _ATTR, GHLMode, Runtime, Site
 
-_ATTR = "_ghl_runtime"  # the instance attribute holding the Runtime
 _CONVS: dict[type[nn.Conv1d | nn.Conv2d | nn.Conv3d], Callable[..., torch.Tensor]] = {
     nn.Conv1d: F.conv1d,
     nn.Conv2d: F.conv2d,
@@ -222,13 +221,3 @@ def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
             owner.register_forward_pre_hook(_owner_pre)
             owner.register_forward_hook(_owner_post, always_call=True)
     return module
-
-
-def runtime_of(module: torch.nn.Module) -> Runtime | None:
-    """The Runtime that ``install`` attached to ``module``, or None."""
-    return getattr(module, _ATTR, None)
-
-
-def is_prepared(module: torch.nn.Module) -> bool:
-    """Whether ``module`` itself has a Runtime attached (made by ghlc.prepare / ghlc.build)."""
-    return runtime_of(module) is not None

@@ -235,3 +235,16 @@ class GHLMode(TorchFunctionMode):
             with patched_linear(self.rt.handle):
                 return func(*args, **kwargs)
         return self.rt.handle(func, args, kwargs)
+
+
+_ATTR = "_ghl_runtime"  # the module attribute holding its Runtime (install.py attaches it)
+
+
+def runtime_of(module: torch.nn.Module) -> Runtime | None:
+    """The Runtime that ``install`` attached to ``module``, or None."""
+    return getattr(module, _ATTR, None)
+
+
+def is_prepared(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself has a Runtime attached (made by ghlc.prepare / ghlc.build)."""
+    return runtime_of(module) is not None
