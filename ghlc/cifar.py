@@ -110,14 +110,13 @@ def decode_jpegs(
     idx = np.arange(len(offsets) - 1) if index is None else np.asarray(index)
     if len(idx) == 0:
         return np.zeros((0, 32, 32, 3), np.uint8)
-    raw = memoryview(np.ascontiguousarray(buf, dtype=np.uint8))
+    raw = np.ascontiguousarray(buf, dtype=np.uint8).tobytes()  # (an image is a small slice)
     offs = np.asarray(offsets).tolist()
 
     def one(i: int) -> np.ndarray:
-        with Image.open(io.BytesIO(raw[offs[i] : offs[i + 1]])) as im:
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
+        with Image.open(io.BytesIO(raw[offs[i] : offs[i + 1]])) as f:
+            f.load()
+            im = f if f.mode == "RGB" else f.convert("RGB")
             w, h = im.size
             return np.frombuffer(im.tobytes(), np.uint8).reshape(h, w, 3)
 
@@ -171,7 +170,8 @@ def _decode_all(path: Path, workers: int) -> Uint8Set:
         splits += [x[perm], y[perm]]
     if classes is None:
         classes = _C10_NAMES
-    return Uint8Set(*splits, classes=classes, name=path.stem)
+    xtr, ytr, xte, yte = splits
+    return Uint8Set(xtr, ytr, xte, yte, classes=classes, name=path.stem)
 
 
 def load_jpeg_npz(path: str | Path, workers: int | None = None) -> Uint8Set:
