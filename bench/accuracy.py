@@ -739,7 +739,7 @@ def main(argv=None) -> int:
             for d in RUNS_DIR.iterdir()
             if d.is_dir()
             and d.name not in names
-            and not d.name.startswith(("quick-", "sanity-", "probe"))
+            and not d.name.startswith(("quick-", "sanity-", "probe", "paper-"))
         )
     runs = sorted(collect(names), key=_order)
     for r in runs:

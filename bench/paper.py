@@ -30,6 +30,7 @@ import argparse
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -228,12 +229,13 @@ def curves(runs: list[dict[str, Any]], out: Path) -> Path | None:
     for ax, net in zip(axes, nets):
         for i, r in enumerate(x for x in runs if x["settings"]["net"] == net):
             spe = r.get("steps_per_epoch") or 1
-            style = "-" if r["settings"]["method"] == "ghl" else "--"
+            style = "o-" if r["settings"]["method"] == "ghl" else "o--"
             ax.plot(
                 [spe * h["epoch"] for h in r["hist"]],
                 [100 * h["test_acc"] for h in r["hist"]],
                 style,
                 color=f"C{i % 10}",
+                ms=3,
                 label=r["name"].removeprefix("paper-").replace(f"-{net}", ""),
             )
         ghl, bp = PAPER[net]
@@ -287,11 +289,7 @@ def report(runs: list[dict[str, Any]], doc: Path, png: Path | None) -> None:
         *table(runs),
     ]
     if png is not None:
-        rel = png.resolve()
-        try:
-            rel = rel.relative_to(doc.resolve().parent)
-        except ValueError:
-            pass
+        rel = Path(os.path.relpath(png.resolve(), doc.resolve().parent)).as_posix()
         body += ["", f"![test accuracy against training steps]({rel})"]
     body.append(MARK[1])
     text = doc.read_text() if doc.is_file() else "# Accuracy\n"

@@ -47,6 +47,7 @@ def test_settings_are_the_papers(paper):
     assert paper.NETS["fasthebb"].EPOCHS == paper.NETS["deephebb"].EPOCHS == 100
 
 
+@pytest.mark.slow  # about 10-20 s on two shared cores
 def test_runs_resumes_and_reports(paper, tmp_path, capsys):
     data = _npz(tmp_path / "tiny.npz")
     doc = tmp_path / "ACC.md"
@@ -91,6 +92,7 @@ def test_runs_resumes_and_reports(paper, tmp_path, capsys):
     rows = [x for x in text.splitlines() if x.startswith("| fasthebb")]
     assert len(rows) == 2 and "| ghl |" in rows[0] and "83.96%" in rows[0] and "84.71%" in rows[1]
     assert "| 2/2 | 2 |" in rows[0]  # epochs, steps
+    assert "](res/curves.png)" in text  # linked relative to the page
     curves = json.loads((tmp_path / "res" / "curves.json").read_text())
     assert curves[run.name]["epochs"] == [1, 2] and len(curves[run.name]["test_acc"]) == 2
 
