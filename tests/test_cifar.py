@@ -87,3 +87,11 @@ def test_jpeg_pixels_equal_the_subset():
             x = cifar.decode_jpegs(d[f"{split}_jpeg"], d[f"{split}_offsets"], idx, workers=2)
             assert x.shape == (n, 32, 32, 3)
             assert np.array_equal(x, sub[f"x_{split}"][:n])
+
+
+def test_the_name_finds_the_shared_file(tmp_path, monkeypatch):
+    _jpeg_npz(tmp_path / "cifar10-jpeg.npz", n_train=12, n_test=6)
+    monkeypatch.setenv("GHLC_DATA_DIR", str(tmp_path))
+    ds = load_data("cifar10-jpeg", (3, 32, 32))
+    assert ds.x_train.shape == (12, 3, 32, 32) and ds.y_test.shape == (6,)
+    assert ds.name == "cifar10-jpeg"
