@@ -25,6 +25,8 @@ started afresh.
     python bench/accuracy.py --quick              # FastHebb, 2000-image slice, ~10 min on 2 CPUs
     python bench/accuracy.py --sanity             # FastHebb on MNIST / Fashion-MNIST, minutes
     python bench/accuracy.py --report-only        # rewrite the docs from finished runs
+    python bench/accuracy.py --paper              # the paper's protocol, all of CIFAR-10
+                                                  # (bench/paper.py; --paper --help)
 """
 
 from __future__ import annotations
@@ -654,6 +656,12 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="only rewrite the docs")
     p.add_argument("--no-report", action="store_true", help="do not touch docs/")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's protocol on all of CIFAR-10 instead (bench/paper.py; "
+        "its options: --paper --help)",
+    )
     args = p.parse_args(argv)
 
     if args.quick and args.sanity:
@@ -696,6 +704,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     global RUNS_DIR
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--paper" in argv:  # the paper's protocol on all of CIFAR-10: bench/paper.py
+        sys.path.insert(0, str(ROOT / "bench"))
+        import paper
+
+        return paper.main([a for a in argv if a != "--paper"])
     args = parse_args(argv)
     RUNS_DIR = args.runs_dir
     if args.threads:
@@ -725,7 +739,7 @@ def main(argv=None) -> int:
             for d in RUNS_DIR.iterdir()
             if d.is_dir()
             and d.name not in names
-            and not d.name.startswith(("quick-", "sanity-", "probe"))
+            and not d.name.startswith(("quick-", "sanity-", "probe", "paper-"))
         )
     runs = sorted(collect(names), key=_order)
     for r in runs:

@@ -296,7 +296,7 @@ def _load_any(path: str, method: str = "ghl", model_file: str | None = None):
     "--data",
     default="digits",
     show_default=True,
-    help="digits | FILE.npz | cifar10:DIR | cifar100:DIR",
+    help="digits | cifar10-jpeg | FILE.npz | cifar10:DIR | cifar100:DIR",
 )
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cifar
 from .errors import GHLError
 
 __all__ = ["DataError", "DataSet", "augment_batch", "load_data"]
@@ -48,13 +49,16 @@ class DataSet:
 
 
 def load_data(spec: str, input_shape: tuple[int, ...], augment: bool = False) -> DataSet:
-    """Load ``spec`` (``digits`` | ``FILE.npz`` | ``cifar10:DIR`` | ``cifar100:DIR``) shaped
-    to ``input_shape`` = (C, H, W). ``augment`` only marks the set: augmentation is applied
-    per batch by :func:`augment_batch`."""
+    """Load ``spec`` (``digits`` | ``cifar10-jpeg`` | ``FILE.npz`` | ``cifar10:DIR`` |
+    ``cifar100:DIR``) shaped to ``input_shape`` = (C, H, W). ``cifar10-jpeg`` is all of
+    CIFAR-10 from the shared JPEG file (:mod:`ghlc.cifar`). ``augment`` only marks the set:
+    augmentation is applied per batch by :func:`augment_batch`."""
     shape = _check_shape(input_shape)
     spec = str(spec)
     if spec == "digits":
         raw = _digits()
+    elif spec == cifar.JPEG_NAME:
+        raw = _jpeg(spec)
     elif spec.startswith("cifar10:"):
         raw = _cifar(spec[len("cifar10:") :], fine100=False)
     elif spec.startswith("cifar100:"):
@@ -110,7 +114,8 @@ def _npz(spec: str):
     p = Path(spec)
     if not p.is_file():
         raise DataError(
-            f"{spec}: data file not found (expected digits, FILE.npz, cifar10:DIR or cifar100:DIR)"
+            f"{spec}: data file not found (expected digits, cifar10-jpeg, FILE.npz, "
+            "cifar10:DIR or cifar100:DIR)"
         )
     try:
         with open(p, "rb") as fh:
@@ -122,6 +127,8 @@ def _npz(spec: str):
     try:
         with np.load(p, allow_pickle=False) as d:
             keys = set(d.files)
+            if cifar.is_jpeg_npz(keys):
+                return _jpeg(p)
             need = ["x_train", "y_train", "x_test", "y_test"]
             missing = [k for k in need if k not in keys]
             if missing:
@@ -139,6 +146,16 @@ def _npz(spec: str):
     xtr = _images(arrs["x_train"], f"{p.name} x_train")
     xte = _images(arrs["x_test"], f"{p.name} x_test")
     return xtr, arrs["y_train"], xte, arrs["y_test"], classes, p.stem
+
+
+def _jpeg(spec: str | Path):
+    """The JPEG CIFAR-10 file (a path, or its name looked up in the shared data folder)."""
+    try:
+        u8 = cifar.load_uint8(spec)  # decoded once per process
+    except cifar.CifarError as e:
+        raise DataError(str(e)) from None
+    xs = [_images(x, u8.name) for x in (u8.x_train, u8.x_test)]
+    return xs[0], u8.y_train, xs[1], u8.y_test, list(u8.classes), u8.name
 
 
 def _images(a: np.ndarray, what: str) -> np.ndarray:
