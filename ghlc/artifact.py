@@ -128,7 +128,12 @@ def load(
             raise ArtifactError(f"{path}: model source {p} not found")
         if src.get("sha256") and file_hash(p) != src["sha256"]:
             raise ArtifactError(f"{path}: model source {p} changed since the artifact was made")
-        model = load_model_file(p, src.get("entry")).model
+        if src.get("format") == "onnx":  # rebuilt from the ONNX file (ghlc/onnx_in.py)
+            from .onnx_in import load_onnx
+
+            model = load_onnx(p, quiet=True).model
+        else:
+            model = load_model_file(p, src.get("entry")).model
     params = dict(model.named_parameters(remove_duplicate=False))
     for info in lg.layers():
         if info.name not in params or tuple(params[info.name].shape) != info.weight_shape:

@@ -116,23 +116,29 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     from .build import trace_and_build
     from .errors import TraceError
     from .modelfile import load_model_file
+    from .onnx_in import is_onnx_path, onnx_source
 
     cfg = _config(config_path)
     torch.manual_seed(seed)  # the same file converts to the same initial weights
-    loaded = load_model_file(model_file, entry)
-    if input_shape:
-        inputs = (torch.randn(*_shape(input_shape)),)
-    elif loaded.example_inputs is not None:
-        inputs = loaded.example_inputs
+    if is_onnx_path(model_file):  # ONNX in (ghlc/onnx_in.py): the weights are the file's
+        onnx_in, inputs, source = onnx_source(model_file, input_shape and _shape(input_shape))
+        model = onnx_in.model
     else:
-        inputs = (torch.randn(1, 3, 32, 32),)
-    source = {
-        "path": str(Path(model_file).resolve()),
-        "sha256": loaded.sha256,
-        "entry": loaded.entry,
-    }
+        loaded = load_model_file(model_file, entry)
+        if input_shape:
+            inputs = (torch.randn(*_shape(input_shape)),)
+        elif loaded.example_inputs is not None:
+            inputs = loaded.example_inputs
+        else:
+            inputs = (torch.randn(1, 3, 32, 32),)
+        source = {
+            "path": str(Path(model_file).resolve()),
+            "sha256": loaded.sha256,
+            "entry": loaded.entry,
+        }
+        model = loaded.model
     try:  # what ghlc.prepare runs, recording the model file for ghlc.load
-        m, lg = trace_and_build(loaded.model, inputs, cfg, inplace=True, source=source)
+        m, lg = trace_and_build(model, inputs, cfg, inplace=True, source=source)
     except TraceError as e:
         shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
         raise GHLError(f"{e} (input shape {shapes}; set it with --input-shape)") from None
