@@ -55,12 +55,12 @@ def before_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) 
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
-            st = _site_of(p)
-            if st is None or p.grad is None or st._written is None or st._written() is not p.grad:
+            st, grad = _site_of(p), p.grad
+            if st is None or grad is None or st._written is None or st._written() is not grad:
                 continue
-            if p.grad._version == st._written_version:
+            if grad._version == st._written_version:
                 continue
-            top = float(p.grad.detach().abs().max())
+            top = float(grad.detach().abs().max())
             if top == 0.0 or abs(top - 1.0) <= 1e-6:
                 continue
             STATUS.rescale_warned = True
