@@ -56,7 +56,9 @@ def before_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) 
     for group in optimizer.param_groups:
         for p in group["params"]:
             st, grad = _site_of(p), p.grad
-            if st is None or grad is None or st._written is None or st._written() is not grad:
+            if st is None or grad is None or st._written is None:
+                continue
+            if st._written() is not grad:
                 continue
             if grad._version == st._written_version:
                 continue
