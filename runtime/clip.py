@@ -58,7 +58,8 @@ def before_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) 
             st, grad = _site_of(p), p.grad
             if st is None or grad is None or st._written is None:
                 continue
-            if st._written() is not grad:
+            wrote = st._written()
+            if wrote is None or wrote is not grad:
                 continue
             if grad._version == st._written_version:
                 continue
