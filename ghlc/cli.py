@@ -65,6 +65,8 @@ def _config(path: str | None):
     except tomllib.TOMLDecodeError as e:
         raise GHLError(f"{path}: invalid TOML: {e}") from None
     d = d.get("ghlc", d)
+    if "model" in d:  # a recipe (ghlc/recipe.py): its [ghl] table
+        d = d.get("ghl", {})
     return GHLConfig.from_dict(d)
 
 
@@ -109,8 +111,15 @@ def main() -> None:
 )
 @user_errors
 def convert(model_file, entry, input_shape, config_path, output, explain, seed):
-    """Trace MODEL_FILE, make its layers Hebbian, and write a .ghl artifact."""
+    """Trace MODEL_FILE (.py, .onnx, or a recipe .toml), make its layers Hebbian, and write
+    a .ghl artifact."""
     import torch
+
+    from .recipe import convert_params, is_recipe
+
+    if is_recipe(model_file):
+        ctx = click.get_current_context()
+        return ctx.invoke(convert, **convert_params(ctx, model_file))
 
     from .artifact import save
     from .build import trace_and_build
@@ -328,8 +337,15 @@ def train(
     cuda_graph,
     channels_last,
 ):
-    """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
+    """Train ARTIFACT (or a recipe .toml) on DATA with SGD, a cosine schedule and per-role
+    settings."""
     import torch
+
+    from .recipe import is_recipe, train_params
+
+    if is_recipe(artifact):
+        ctx = click.get_current_context()
+        return ctx.invoke(train, **train_params(ctx, artifact, convert))
 
     from .artifact import save
     from .data import augment_batch, load_data
