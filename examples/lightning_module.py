@@ -3,8 +3,8 @@
 Lightning runs ``backward()``, accumulation (``accumulate_grad_batches``) and the optimiser
 step as usual; every plastic weight's ``.grad`` is ``|H_n| * sign(G)`` by the time
 ``on_before_optimizer_step`` runs. Gradient clipping goes through ``ghlc.clip_grad_norm_``
-(backprop gradients only). Several processes: ``Trainer(strategy=DDPStrategy(
-ddp_comm_hook=ghlc.distributed.comm_hook))``.
+(backprop gradients only). Several processes:
+``Trainer(strategy=ghlc.integrations.lightning.GHLDDPStrategy())`` (ghlc's DDP comm hook).
 """
 
 from __future__ import annotations

@@ -206,3 +206,24 @@ def test_accelerate_accumulate_context_gives_the_ghl_gradient():
     check(seen)
     for n, p in model.named_parameters():
         assert torch.allclose(p.detach() - before[n], -LR * seen[n], atol=1e-6), n
+
+
+@pytest.mark.slow
+def test_lightning_ddp_on_two_cpu_processes_gives_the_union_batch_gradient(tmp_path):
+    pytest.importorskip("lightning")
+    import os
+    import subprocess
+
+    case = Path(__file__).resolve().parent / "lightning_ddp_case.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, str(case), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):  # each process's 4 samples: DistributedSampler's 0,2,4,6 and 1,3,5,7
+        check(torch.load(tmp_path / f"rank{rank}.pt"), "net.")
