@@ -20,10 +20,7 @@ import weakref
 from typing import Any
 
 import torch
-from torch.optim.optimizer import (
-    register_optimizer_step_post_hook,
-    register_optimizer_step_pre_hook,
-)
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ghlc.errors import RuntimeGHLError
 from ghlc.graph import HebbianRule
@@ -101,10 +98,6 @@ def is_plastic(p: torch.Tensor) -> bool:
 def _register_step_hook() -> None:
     if STATUS.step_hook is None:
         STATUS.step_hook = register_optimizer_step_post_hook(_after_step)
-    if STATUS.pre_step_hook is None:  # warns when a plastic gradient was clipped (clip.py)
-        from .clip import before_step
-
-        STATUS.pre_step_hook = register_optimizer_step_pre_hook(before_step)
 
 
 def _missing_term_message(layer: str) -> str:

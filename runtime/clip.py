@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .accumulate import _site_of
 from .status import STATUS
@@ -45,6 +46,12 @@ def clip_grad_norm_(
     return torch.nn.utils.clip_grad_norm_(
         plain, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
     )
+
+
+def watch_rescaling() -> None:
+    """Register :func:`before_step` as a global optimiser pre-step hook (once per process)."""
+    if STATUS.pre_step_hook is None:
+        STATUS.pre_step_hook = register_optimizer_step_pre_hook(before_step)
 
 
 def before_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
