@@ -29,14 +29,14 @@ from examples.fasthebb import fasthebb  # noqa: E402
 class ResCatGroup(nn.Module):
     """Residual adds, a concat, a grouped conv, a BatchNorm after a conv and a MatMul weight."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 5) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.group = nn.Conv2d(8, 8, 3, padding=1, groups=4)
         self.mix = nn.Conv2d(16, 8, 1)
         self.w = nn.Parameter(torch.randn(8, 12) / 3)
-        self.head = nn.Linear(12, 5)
+        self.head = nn.Linear(12, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(self.bn(self.stem(x)))
@@ -215,3 +215,27 @@ def test_artifact_refuses_a_changed_onnx_file(tmp_path):
     code, _, err = run_cli("export", tmp_path / "m.ghl", "-o", tmp_path / "o.onnx")
     assert "changed since the artifact was made" in _one_line_error(code, err)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_train_recipe_naming_an_onnx_file(tmp_path, monkeypatch):
+    import tomllib
+
+    monkeypatch.chdir(tmp_path)
+    export_torch(ResCatGroup(classes=10), tmp_path / "m.onnx", (3, 10, 10), fold=False)
+    (tmp_path / "r.toml").write_text(
+        '[model]\nonnx = "m.onnx"\n[ghl]\nplastic = ["conv", "linear"]\n'
+        '[train]\nepochs = 1\nbatch_size = 256\nout = "run"\n[data]\nsource = "digits"\n'
+    )
+    code, out, err = run_cli("train", tmp_path / "r.toml")
+    assert code == 0, err
+    assert "test acc" in out
+    meta = read_meta(tmp_path / "run" / "model.ghl")
+    assert meta["source"]["format"] == "onnx"
+    assert {i.name for i in meta["graph"].plastic()} >= {"stem/Conv.weight", "MatMul.weight"}
+    saved = tomllib.loads((tmp_path / "run" / "recipe.toml").read_text())
+    assert saved["model"]["onnx"] == str(tmp_path / "m.onnx")
+    trained = load(tmp_path / "run" / "model.ghl")  # rebuilt from the ONNX file
+    fresh = load_onnx(tmp_path / "m.onnx", quiet=True).model
+    assert not torch.equal(
+        trained.state_dict()["stem/Conv.weight"], fresh.state_dict()["stem/Conv.weight"]
+    )
