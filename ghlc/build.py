@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -17,18 +17,12 @@ import torch
 from .config import GHLConfig
 from .errors import GHLError
 from .graph import LayerGraph
+from .inputs import ExampleInputs, input_spec
 from .passes import PassManager, default_passes
 from .passes.invariants import hebbian_complete
+from .report import MostlyBackpropWarning, mostly_backprop
 from .runtime import Runtime, Site, fused, install
 from .trace import trace
-
-
-def input_spec(example_inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
-    """Shapes and dtypes of the example inputs (what an artifact records of them)."""
-    return [
-        {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-        for x in example_inputs
-    ]
 
 
 def build_runtime(
@@ -51,8 +45,8 @@ def build_runtime(
     ]
     return Runtime(
         sites,
-        graph=lg.evolve(model=None, program=None, example_inputs=()),
-        inputs=input_spec(lg.example_inputs) if inputs is None else inputs,
+        graph=lg.evolve(model=None, program=None, example_inputs=(), example_kwargs={}),
+        inputs=input_spec(lg.example_inputs, lg.example_kwargs) if inputs is None else inputs,
         source=source,
     )
 
@@ -95,23 +89,29 @@ def compile(lg: LayerGraph, inplace: bool = False) -> torch.nn.Module:  # noqa: 
 
 def trace_and_build(
     model: torch.nn.Module,
-    example_inputs: Sequence | torch.Tensor,
+    example_inputs: ExampleInputs,
     config: GHLConfig | None = None,
     inplace: bool = False,
     source: dict[str, Any] | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, LayerGraph]:
     """trace + default passes + build: what ``ghlc.prepare`` and ``ghlc convert`` both run.
     Returns the training module and its annotated graph."""
-    lg = trace(model, example_inputs, config=config or GHLConfig())
+    lg = trace(model, example_inputs, config=config or GHLConfig(), example_kwargs=example_kwargs)
     lg = PassManager(default_passes())(lg)
+    if msg := mostly_backprop(lg, model):
+        warnings.warn(msg, MostlyBackpropWarning, stacklevel=3)
     return build_module(lg, inplace=inplace, source=source), lg
 
 
 def prepare(
     model: torch.nn.Module,
-    example_inputs: Sequence | torch.Tensor,
+    example_inputs: ExampleInputs,
     config: GHLConfig | None = None,
     inplace: bool = False,
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """trace + default passes + build, in one call."""
-    return trace_and_build(model, example_inputs, config, inplace)[0]
+    """trace + default passes + build, in one call. ``example_inputs``: a tensor, a
+    sequence of positional inputs, or a dict of keyword inputs; ``example_kwargs`` adds
+    keyword inputs to positional ones."""
+    return trace_and_build(model, example_inputs, config, inplace, example_kwargs=example_kwargs)[0]

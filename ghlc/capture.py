@@ -7,10 +7,15 @@ fx's default leaf rule keeps only ``torch.nn`` classes, so Conv/Linear *subclass
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.fx as fx
-
-from .errors import describe
 
 _LAYER_TYPES = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
 
@@ -27,12 +32,54 @@ def capture_fx(model: torch.nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, model.__class__.__name__)
 
 
-def capture_export(model: torch.nn.Module, example_inputs: tuple):
-    return torch.export.export(model, tuple(example_inputs), strict=False).module()
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence what torch itself prints while a tier is tried: torch.export prints the
+    partial graph of a failed export to stderr and logs warnings and errors, although a
+    failed tier is no failure of ghlc's (the next tier takes over)."""
+    loggers = [logging.getLogger("torch")] + [
+        logging.getLogger(n)
+        for n in list(logging.root.manager.loggerDict)
+        if n.startswith("torch.")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple, tiers=("fx", "export")):
-    """Try each tier in order; return (tier, program or None, [(tier, why it failed)])."""
+def capture_export(
+    model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any] | None = None
+):
+    with _quiet_torch():
+        ep = torch.export.export(model, tuple(example_inputs), example_kwargs, strict=False)
+    return ep.module()
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first line`` of why a tier did not apply, whole (not cut off)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    tiers=("fx", "export"),
+    example_kwargs: dict[str, Any] | None = None,
+):
+    """Try each tier in order; return (tier, program or None, [(tier, why it did not
+    apply)])."""
     errors: list[tuple[str, str]] = []
     for tier in tiers:
         try:
@@ -41,9 +88,9 @@ def capture(model: torch.nn.Module, example_inputs: tuple, tiers=("fx", "export"
             if tier == "export":
                 was = model.training
                 try:
-                    return tier, capture_export(model, example_inputs), errors
+                    return tier, capture_export(model, example_inputs, example_kwargs), errors
                 finally:
                     model.train(was)
         except Exception as e:  # noqa: BLE001 - each tier's failure is recorded, not fatal
-            errors.append((tier, describe(e)))
+            errors.append((tier, _reason(e)))
     return "eager", None, errors

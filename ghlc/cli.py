@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from .errors import GHLError, SlowPrecisionWarning
+from .errors import GHLError, GHLWarning, SlowPrecisionWarning
+from .launch import rank_errors, relaunch
 
 
 def _fail(msg: str) -> None:
@@ -28,7 +29,9 @@ def user_errors(fn):
     @wraps(fn)
     def wrapper(*a, **k):
         try:
-            return fn(*a, **k)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*a, **k)
         except GHLError as e:
             _fail(str(e))
         except KeyboardInterrupt:
@@ -42,6 +45,17 @@ def user_errors(fn):
             _fail(f"{name}: {e.strerror or e}" if name else str(e.strerror or e))
 
     return wrapper
+
+
+_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """ghlc's own warnings as one line (``warning: ...``); others as Python shows them."""
+    if issubclass(category, GHLWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _showwarning(message, category, filename, lineno, file, line)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -71,6 +85,8 @@ def _config(path: str | None):
 
 
 def layer_table(lg) -> str:
+    from .report import capture_line
+
     rows = [("layer", "kind", "output shape", "role", "temperature")]
     for i in lg.layers():
         role = {"plastic": "GHL", "backprop": "backprop", "frozen": "frozen"}[i.role.value]
@@ -80,9 +96,7 @@ def layer_table(lg) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     n_p = len(lg.plastic())
-    lines.append(f"{n_p} of {len(lg.layers())} layers plastic (GHL); capture: {lg.capture}")
-    for tier, why in lg.capture_errors:
-        lines.append(f"  {tier} capture failed: {why}")
+    lines.append(f"{n_p} of {len(lg.layers())} layers plastic (GHL); {capture_line(lg)}")
     return "\n".join(lines)
 
 
@@ -124,11 +138,14 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
     from .artifact import save
     from .build import trace_and_build
     from .errors import TraceError
+    from .inputs import split_inputs
     from .modelfile import load_model_file
     from .onnx_in import is_onnx_path, onnx_source
+    from .report import capture_reasons, output_note
 
     cfg = _config(config_path)
     torch.manual_seed(seed)  # the same file converts to the same initial weights
+    inputs: tuple | dict = (torch.randn(1, 3, 32, 32),)
     if is_onnx_path(model_file):  # ONNX in (ghlc/onnx_in.py): the weights are the file's
         onnx_in, inputs, source = onnx_source(model_file, input_shape and _shape(input_shape))
         model = onnx_in.model
@@ -138,28 +155,37 @@ def convert(model_file, entry, input_shape, config_path, output, explain, seed):
             inputs = (torch.randn(*_shape(input_shape)),)
         elif loaded.example_inputs is not None:
             inputs = loaded.example_inputs
-        else:
-            inputs = (torch.randn(1, 3, 32, 32),)
-        source = {
-            "path": str(Path(model_file).resolve()),
-            "sha256": loaded.sha256,
-            "entry": loaded.entry,
-        }
-        model = loaded.model
+        model, source = loaded.model, loaded.source()
     try:  # what ghlc.prepare runs, recording the model file for ghlc.load
         m, lg = trace_and_build(model, inputs, cfg, inplace=True, source=source)
     except TraceError as e:
-        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        args, kwargs = split_inputs(inputs)
+        ts = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in ts)
         raise GHLError(f"{e} (input shape {shapes}; set it with --input-shape)") from None
     out = Path(output) if output else Path(model_file).with_suffix(".ghl")
     save(m, out)
     click.echo(layer_table(lg))
+    args, kwargs = split_inputs(inputs)
+    try:  # how ghlc train will read the output (eval mode: the user's model, untouched)
+        with torch.no_grad():
+            note = output_note(m.eval()(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - only a note: a model that fails here fails in training
+        note = None
+    finally:
+        m.train()
+    if note:
+        click.echo(f"note: {note}")
     if not lg.plastic():
         click.echo(
             "warning: no layer is plastic, so training this artifact is plain backprop "
             "(--explain says why for each layer)",
             err=True,
         )
+    if explain and lg.capture_errors:
+        click.echo("\nwhy the earlier captures did not apply:")
+        for line in capture_reasons(lg):
+            click.echo(f"  {line}")
     if explain:
         click.echo("\nnot plastic:")
         for i in lg.layers():
@@ -229,8 +255,37 @@ def _pick_device(name: str):
     raise GHLError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def _load_any(path: str, method: str = "ghl"):
-    """A .ghl artifact, or a training checkpoint (.pt) beside its run's model.ghl."""
+_model_file = click.option(
+    "--model-file",
+    type=click.Path(),
+    help="Rebuild the model from this file (its structure must match the artifact's) "
+    "instead of the source the artifact records.",
+)
+
+
+def _image_shape(meta, command: str) -> tuple[int, ...]:
+    """The (C, H, W) input of an image classifier, or a one-line error saying what ghlc
+    ``command`` takes."""
+    from .inputs import image_input
+
+    def one(i: int, s: dict) -> str:
+        what = f" {'x'.join(map(str, s['shape']))} {s['dtype']}" if "shape" in s else ""
+        return s.get("name", f"input #{i}") + what
+
+    shape = image_input(meta["inputs"])
+    if shape is None:
+        took = ", ".join(one(i, s) for i, s in enumerate(meta["inputs"]))
+        raise GHLError(
+            f"ghlc {command} works on image classifiers that take one float image batch "
+            f"(N, C, H, W); this model takes {took}: use the Python API (ghlc.prepare and "
+            "your own loop)"
+        )
+    return shape
+
+
+def _load_any(path: str, method: str = "ghl", model_file: str | None = None):
+    """A .ghl artifact, or a training checkpoint (.pt) beside its run's model.ghl; the model
+    rebuilt from ``model_file`` when given (else from the artifact's recorded source)."""
     import torch
 
     from .artifact import load, read_meta
@@ -240,14 +295,14 @@ def _load_any(path: str, method: str = "ghl"):
         art = p.parent / "model.ghl"
         if not art.is_file():
             raise GHLError(f"{p}: no model.ghl beside this checkpoint")
-        m = load(art, method=method)
+        m = load(art, method=method, model_file=model_file)
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
             m.load_state_dict(ckpt["model"])
         except Exception as e:
             raise GHLError(f"{p}: not a ghlc checkpoint or damaged ({type(e).__name__})") from None
         return m, read_meta(art)
-    return load(p, method=method), read_meta(p)
+    return load(p, method=method, model_file=model_file), read_meta(p)
 
 
 @main.command()
@@ -318,7 +373,20 @@ def _load_any(path: str, method: str = "ghl"):
     help="Train in channels-last memory format (4-D weights and batches): often "
     "faster for conv nets.",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    help="Train in N processes started by torch's launcher (one per GPU; --batch-size "
+    "is the global batch). Under torchrun, leave it out.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["gloo", "nccl"]),
+    help="Process group backend for several processes (default: nccl on CUDA, gloo on CPU).",
+)
+@_model_file
 @user_errors
+@rank_errors
 def train(
     artifact,
     data,
@@ -336,28 +404,34 @@ def train(
     autocast,
     cuda_graph,
     channels_last,
+    nproc_per_node,
+    backend,
+    model_file,
 ):
     """Train ARTIFACT (or a recipe .toml) on DATA with SGD, a cosine schedule and per-role
     settings."""
-    import torch
-
     from .recipe import is_recipe, train_params
 
-    if is_recipe(artifact):
+    if is_recipe(artifact):  # (before relaunching: the processes train the converted artifact)
         ctx = click.get_current_context()
         return ctx.invoke(train, **train_params(ctx, artifact, convert))
+    if nproc_per_node is not None:
+        return relaunch(nproc_per_node)
+    import torch
 
     from .artifact import save
     from .data import augment_batch, load_data
-    from .train import TrainConfig, Trainer, check_labels, slow_bf16
+    from .ranks import join
+    from .train import TrainConfig, check_labels, slow_bf16
 
-    dev = _pick_device(device)
+    ranks = join(backend, _pick_device(device))
+    dev = ranks.device
     if cuda_graph and dev.type != "cuda":
         raise GHLError(f"--cuda-graph needs a CUDA device (training would run on {dev})")
     torch.manual_seed(seed)
-    model, meta = _load_any(artifact, method="ghl")
+    model, meta = _load_any(artifact, method="ghl", model_file=model_file)
     plastic = {i.name for i in meta["graph"].plastic()}
-    shape = tuple(meta["inputs"][0]["shape"][1:])
+    shape = _image_shape(meta, "train")
     ds = load_data(data, shape, augment=augment)
     check_labels(model, ds.x_train, torch.cat([ds.y_train, ds.y_test]))  # before any file
     out = Path(out_dir)
@@ -377,16 +451,25 @@ def train(
         autocast=torch.bfloat16 if autocast == "bf16" else None,
         cuda_graph=cuda_graph,
         channels_last=channels_last,
+        progress=ranks.main,
     )
+    ranks.check(config)
     out.mkdir(parents=True, exist_ok=True)
-    save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    if ranks.main:  # (with several processes only rank 0 prints and writes)
+        save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    ranks.barrier()
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
-    click.echo(f"training on {dev}")
-    if autocast == "bf16" and (why := slow_bf16(dev)):
+    ranks.barrier()  # (every process has read it before rank 0 writes it again)
+    if ranks.main:
+        many = f", {ranks.world} processes ({ranks.backend})" if ranks.world > 1 else ""
+        click.echo(f"training on {dev}{many}")
+    if ranks.main and autocast == "bf16" and (why := slow_bf16(dev)):
         click.echo(f"warning: {why}", err=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowPrecisionWarning)  # (said above, once)
-        res = Trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+        res = ranks.trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+    if not ranks.main:
+        return
     trained = model
     trained.load_state_dict(net.state_dict())
     save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})
@@ -400,14 +483,15 @@ def train(
 @main.command("eval")
 @click.argument("model_path", type=click.Path())
 @click.option("--data", default="digits", show_default=True)
+@_model_file
 @user_errors
-def eval_cmd(model_path, data):
+def eval_cmd(model_path, data, model_file):
     """Score a .ghl artifact or a checkpoint: loss, accuracy, per-class accuracy."""
     from .data import load_data
     from .train import evaluate
 
-    model, meta = _load_any(model_path)
-    ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]))
+    model, meta = _load_any(model_path, model_file=model_file)
+    ds = load_data(data, _image_shape(meta, "eval"))
     r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes)
     click.echo(f"loss {r['loss']:.4f}  accuracy {r['acc']:.4f}")
     for c, a in r["per_class"].items():
@@ -419,14 +503,20 @@ def eval_cmd(model_path, data):
 @click.option("-o", "--output", type=click.Path(), required=True)
 @click.option("--opset", type=int, default=None)
 @click.option("--dynamic-batch/--static", default=True, show_default=True)
+@_model_file
 @user_errors
-def export(model_path, output, opset, dynamic_batch):
+def export(model_path, output, opset, dynamic_batch, model_file):
     """Write the inference graph as ONNX and check it against onnxruntime."""
     from .artifact import make_inputs
     from .export import export_onnx
     from .version import __version__
 
-    model, meta = _load_any(model_path)
+    model, meta = _load_any(model_path, model_file=model_file)
+    if any("name" in s for s in meta["inputs"]):
+        raise GHLError(
+            "ghlc export takes models with positional inputs only; this one takes keyword "
+            "inputs: export it from Python with torch.onnx.export"
+        )
     classes = meta["extra"].get("classes") or []
     md = {
         "ghlc_version": __version__,

@@ -23,6 +23,10 @@ class RuntimeGHLError(GHLError, RuntimeError):
     """A failure inside the compiled training module, naming the layer."""
 
 
+class GHLWarning(UserWarning):
+    """Base class of ghlc's warnings (a one-line message; the CLI prints it as one line)."""
+
+
 class SlowPrecisionWarning(UserWarning):
     """A requested precision that runs on slow fallback kernels on this device."""
 

@@ -85,6 +85,7 @@ class LayerGraph:
     g: nx.DiGraph
     model: torch.nn.Module | None = field(default=None, compare=False, repr=False)
     example_inputs: tuple = field(default=(), compare=False, repr=False)
+    example_kwargs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     config: GHLConfig = field(default_factory=GHLConfig)
     capture: str = "eager"
     capture_errors: tuple[tuple[str, str], ...] = ()

@@ -45,6 +45,7 @@ __all__ = [
     "converter_available",
     "is_onnx_path",
     "load_onnx",
+    "onnx_record",
     "onnx_source",
 ]
 
@@ -238,7 +239,10 @@ def _example_inputs(
 
 def _promote(gm: torch.fx.GraphModule) -> list[str]:
     """Make the trainable constants of the converted graph Parameters (see the module doc)."""
-    inits = gm.get_submodule("initializers")
+    try:
+        inits = gm.get_submodule("initializers")
+    except AttributeError:  # every constant went into a module (no initializer left)
+        inits = nn.Module()
     promoted: list[str] = []
 
     def const(node: Any) -> torch.Tensor | None:
@@ -387,10 +391,9 @@ def onnx_source(
             click.echo(f"warning: {w.message}", err=True)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    source = {
-        "format": "onnx",
-        "path": str(Path(path).resolve()),
-        "sha256": loaded.sha256,
-        "entry": None,
-    }
-    return loaded, loaded.example_inputs, source
+    return loaded, loaded.example_inputs, onnx_record(loaded)
+
+
+def onnx_record(loaded: LoadedOnnx) -> dict[str, Any]:
+    """What an artifact records of its ONNX source: the file by path and SHA-256."""
+    return {"format": "onnx", "path": str(loaded.path.resolve()), "sha256": loaded.sha256}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.nn.modules.module import (
@@ -203,8 +204,11 @@ def _preserved_state(model: torch.nn.Module):
         model.train(was_training)
 
 
-def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
-    """Run ``model`` once in training mode on ``example_inputs`` and record its layer calls.
+def record(
+    model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any] | None = None
+) -> Recording:
+    """Run ``model`` once in training mode on ``example_inputs`` (and keyword inputs
+    ``example_kwargs``) and record its layer calls.
 
     The run also notes which layer outputs autograd saves for backward (``out_saved``). A model
     that differentiates inside its forward (``torch.autograd.grad``) cannot run under that
@@ -214,7 +218,9 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
     first: TraceError | None = None
     for train, watch in ((True, True), (True, False), (False, False)):
         try:
-            return _record(model, example_inputs, train=train, watch_saved=watch)
+            return _record(
+                model, example_inputs, example_kwargs or {}, train=train, watch_saved=watch
+            )
         except TraceError as e:
             first = first or e
     assert first is not None  # every try failed
@@ -222,7 +228,11 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> Recording:
 
 
 def _record(
-    model: torch.nn.Module, example_inputs: tuple, train: bool, watch_saved: bool = True
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    example_kwargs: dict[str, Any],
+    train: bool,
+    watch_saved: bool = True,
 ) -> Recording:
     params: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -251,7 +261,7 @@ def _record(
         with _preserved_state(model):
             model.train(train)
             with torch.enable_grad():
-                for _i, x in enumerate(tree_flatten(example_inputs)[0]):
+                for x in tree_flatten((example_inputs, example_kwargs))[0]:
                     mode.set_prov(x, frozenset(["input"]))
                 watch = (
                     _saved_storages(rec.saved_ptrs)
@@ -259,7 +269,7 @@ def _record(
                     else contextlib.nullcontext()
                 )
                 with mode, watch:
-                    out = model(*example_inputs)
+                    out = model(*example_inputs, **example_kwargs)
                 for s in mode.prov_of(out):
                     rec.edges.add((s, "output"))
     except TraceError:

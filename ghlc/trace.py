@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -19,14 +20,9 @@ from .capture import capture
 from .config import GHLConfig
 from .errors import TraceError, first_line
 from .graph import INPUT, OUTPUT, LayerGraph, LayerInfo
+from .inputs import ExampleInputs, split_inputs
 from .record import record
 from .runtime.install import is_prepared, owns_its_calls
-
-
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def _check_not_prepared(model: torch.nn.Module) -> None:
@@ -41,7 +37,7 @@ def _check_not_prepared(model: torch.nn.Module) -> None:
             )
 
 
-def _materialise_lazy(model: torch.nn.Module, inputs: tuple) -> None:
+def _materialise_lazy(model: torch.nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> None:
     """Lazy modules (``nn.LazyLinear`` ...) get their shapes from a first forward: run one on
     the example inputs, in eval mode without grad (no BatchNorm update, no dropout draw)."""
     if not any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
@@ -50,7 +46,7 @@ def _materialise_lazy(model: torch.nn.Module, inputs: tuple) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **kwargs)
     except Exception as e:
         raise TraceError(
             f"the model fails on the example inputs (run to initialise its lazy "
@@ -77,11 +73,16 @@ def _warn_unmapped(rec) -> None:
 
 def trace(
     model: torch.nn.Module,
-    example_inputs: Sequence | torch.Tensor,
+    example_inputs: ExampleInputs,
     config: GHLConfig | None = None,
     tiers: Sequence[str] = ("fx", "export"),
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> LayerGraph:
     """Trace ``model`` into a LayerGraph.
+
+    ``example_inputs``: a tensor, a sequence of positional inputs, or a dict of keyword
+    inputs (``{"input_ids": ..., "attention_mask": ...}``); ``example_kwargs`` adds keyword
+    inputs to positional ones.
 
     Layers, shapes and layer-to-layer data flow come from an instrumented training-mode run
     keyed by parameter identity (exact for every tier). The op-level program comes from the
@@ -97,11 +98,11 @@ def trace(
             "it: torch.compile(ghlc.prepare(model, ...))"
         )
     _check_not_prepared(model)
-    inputs = _as_tuple(example_inputs)
+    inputs, kwargs = split_inputs(example_inputs, example_kwargs)
     with torch.random.fork_rng():  # tracing never shifts the user's random streams
-        _materialise_lazy(model, inputs)
-        rec = record(model, inputs)
-        tier, program, errors = capture(model, inputs, tuple(tiers))
+        _materialise_lazy(model, inputs, kwargs)
+        rec = record(model, inputs, kwargs)
+        tier, program, errors = capture(model, inputs, tuple(tiers), kwargs)
 
     _warn_unmapped(rec)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -151,6 +152,7 @@ def trace(
         g=g,
         model=model,
         example_inputs=inputs,
+        example_kwargs=kwargs,
         config=config or GHLConfig(),
         capture=tier,
         capture_errors=tuple(errors),

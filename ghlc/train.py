@@ -132,6 +132,8 @@ def _logits(out) -> torch.Tensor:
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
+    if isinstance(getattr(out, "logits", None), torch.Tensor):  # a Hugging Face ModelOutput
+        return out.logits
     raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
 
 
@@ -521,7 +523,7 @@ class Trainer:
         cfg = self.config
         self.model.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(self.y_train.shape[0], generator=g)
+        order, batch = self.epoch_order(epoch, g)
         every = _finite_check_every(self.device)
         stats = _EpochStats.zeros(self.device, self._lrs())
         t0 = time.perf_counter()
@@ -529,7 +531,7 @@ class Trainer:
         try:
             for step in range(1, self.steps_per_epoch + 1):
                 self.step = step
-                idx = perm[(step - 1) * cfg.batch_size : step * cfg.batch_size]
+                idx = order[(step - 1) * batch : step * batch]
                 xb, yb = self._batch(idx, g)
                 loss, logits, replayed = self._forward(xb, yb)
                 stats.nonfinite |= ~torch.isfinite(loss.detach())
@@ -546,6 +548,17 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return stats
+
+    def epoch_order(self, epoch: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+        """The sample indices this process trains on in ``epoch``, in order, and its batch
+        size: here the whole training set shuffled with ``g`` and ``batch_size``
+        (``ghlc.ranks`` splits them across processes)."""
+        return torch.randperm(self.y_train.shape[0], generator=g), self.config.batch_size
+
+    def train_module(self) -> nn.Module:
+        """The module the training forward runs: the model itself (``ghlc.ranks`` wraps it
+        in DistributedDataParallel)."""
+        return self.model
 
     def _batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -568,7 +581,7 @@ class Trainer:
         with torch.autocast(
             self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
         ):
-            logits = _logits(self.model(xb))
+            logits = _logits(self.train_module()(xb))
             return F.cross_entropy(logits, yb), logits, False
 
     def _step(self, loss: torch.Tensor, backward: bool) -> list[float]:

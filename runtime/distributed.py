@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ghlc.errors import RuntimeGHLError
+
 from .accumulate import PlasticParam, _site_of
 
 
@@ -79,6 +81,13 @@ def ddp(model: torch.nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
     processes' batches. ``model`` is a prepared model (or contains one); every DDP option
     works (``gradient_as_bucket_view``, ``static_graph``, ``find_unused_parameters``,
     ``bucket_cap_mb``, ``no_sync()``)."""
+    from .install import is_prepared  # (install.py imports this module)
+
+    if not any(is_prepared(m) for m in model.modules()):
+        raise RuntimeGHLError(
+            "ghlc.distributed.ddp: the model has no part prepared by ghlc; call "
+            "ghlc.prepare(model, ...) first (torch's DistributedDataParallel suits a plain model)"
+        )
     wrapped = DistributedDataParallel(model, **ddp_kwargs)
     wrapped.register_comm_hook(ddp_kwargs.get("process_group"), comm_hook)
     return wrapped

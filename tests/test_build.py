@@ -51,7 +51,8 @@ def test_each_site_holds_its_layer_info_rule_and_the_global_signal():
         assert site.module_call is False  # interception="mode" keeps the function mode
     assert rt.sites["0.weight"].rule.temperature == 0.5
     assert rt.graph.model is None and rt.graph.to_text() == lg.to_text()
-    assert rt.inputs == input_spec((x,)) == [{"shape": [2, 3, 8, 8], "dtype": "float32"}]
+    assert rt.inputs == input_spec((x,))
+    assert [(s["shape"], s["dtype"]) for s in rt.inputs] == [([2, 3, 8, 8], "float32")]
     assert rt.source == {}
 
 

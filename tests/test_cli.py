@@ -227,10 +227,15 @@ def test_bad_inputs(work):
     (work / "none.py").write_text("x = 1\n")
     one_line_error(cli("convert", "none.py", cwd=work), "no model found")
     (work / "two.py").write_text(
-        "import torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
+        "import pathlib\nimport torch.nn as nn\ndef a():\n    return nn.Linear(2, 2)\n"
         "def b():\n    return nn.Linear(2, 2)\n"
+        "def test():\n    pathlib.Path('ran').touch()\n    print(a())\n"
     )
-    one_line_error(cli("convert", "two.py", cwd=work), "--entry")
+    one_line_error(
+        cli("convert", "two.py", cwd=work),
+        "two.py: several models (a, b); pick one with --entry NAME, e.g. --entry a",
+    )
+    assert not (work / "ran").exists()  # the helper was not called
     (work / "args.py").write_text(
         "import torch.nn as nn\nclass M(nn.Module):\n"
         "    def __init__(self, n):\n        super().__init__()\n"
@@ -431,3 +436,57 @@ def test_closed_stdout_is_quiet(work):
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "Broken pipe" not in p.stderr, p.stderr
     assert p.stderr == ""
+
+
+BRANCHY = """
+import torch
+import torch.nn as nn
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: neither fx nor torch.export takes it
+            x = x * 2
+        return self.head(self.a(x).mean((2, 3)))
+
+def example_inputs():
+    return (torch.ones(1, 1, 8, 8),)
+"""
+
+
+def test_convert_names_the_capture_in_one_line_and_torch_stays_quiet(work):
+    r = cli("convert", "model.py", cwd=work)
+    assert r.stdout.splitlines()[-2].endswith("layers plastic (GHL); capture: fx"), r.stdout
+    (work / "branchy.py").write_text(BRANCHY)
+    r = ghlc("convert", "branchy.py", cwd=work)
+    line = "1 of 2 layers plastic (GHL); capture: hooks (fx, torch.export did not apply; --explain"
+    assert line in r.stdout and "failed" not in r.stdout
+    assert r.stderr == "" and "def forward" not in r.stdout  # no graph dump, no torch logs
+    r = cli("convert", "branchy.py", "--explain", cwd=work)
+    why = r.stdout.split("why the earlier captures did not apply:\n")[1].splitlines()
+    assert why[0] == (
+        "  fx: TraceError: symbolically traced variables cannot be used as inputs to control flow"
+    )
+    assert why[1].startswith("  torch.export: GuardOnDataDependentSymNode: Could not guard on")
+    assert why[1].endswith(")") and r.stderr == ""
+
+
+@pytest.mark.usefixtures("model_ghl")
+def test_an_edited_model_file_warns_or_is_refused_with_the_way_out(work):
+    shutil.copy(work / "model.py", work / "model_v1.py")
+    (work / "model.py").write_text("# a comment\n" + MODEL)
+    r = cli("eval", "model.ghl", "--data", "digits", cwd=work)
+    assert r.returncode == 0 and "accuracy" in r.stdout
+    assert r.stderr.startswith("warning: model.ghl: model source changed since the artifact")
+    assert len(r.stderr.strip().splitlines()) == 1
+    (work / "model.py").write_text(MODEL.replace("nn.Conv2d(1, 4, 3,", "nn.Conv2d(1, 5, 3,"))
+    for cmd in (("eval", "model.ghl"), ("export", "model.ghl", "-o", "m.onnx")):
+        one_line_error(cli(*cmd, cwd=work), "does not match the artifact: 0.weight is 5x1x3x3 in")
+        one_line_error(cli(*cmd, cwd=work), "--model-file PATH")
+    assert not (work / "m.onnx").exists()
+    r = cli("export", "model.ghl", "-o", "m.onnx", "--model-file", "model_v1.py", cwd=work)
+    assert r.returncode == 0 and r.stderr == "" and (work / "m.onnx").is_file()

@@ -119,3 +119,12 @@ def test_float16_autocast_with_grad_scaler(two):
 
 def test_fsdp2_second_backward_without_zero_grad_is_refused(two):
     assert _errors(two, "fsdp/adds") == {"refused": 0.0}
+
+
+def test_ddp_of_an_unprepared_model_is_refused():
+    import torch
+
+    import ghlc
+
+    with pytest.raises(ghlc.RuntimeGHLError, match="ghlc.prepare"):
+        ghlc.distributed.ddp(torch.nn.Linear(2, 2))

@@ -24,6 +24,8 @@ if not converter_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.deephebb import deephebb  # noqa: E402
 from examples.fasthebb import fasthebb  # noqa: E402
+from examples.mobilenet import mobilenetv2  # noqa: E402
+from examples.resnet import resnet18  # noqa: E402
 
 
 class ResCatGroup(nn.Module):
@@ -50,6 +52,8 @@ NETS = {
     "rescatgroup": (ResCatGroup, (3, 10, 10)),
     "fasthebb": (fasthebb, (3, 32, 32)),
     "deephebb": (deephebb, (3, 32, 32)),
+    "resnet18": (resnet18, (3, 16, 16)),
+    "mobilenetv2": (mobilenetv2, (3, 16, 16)),
 }
 CFG = ghlc.GHLConfig(plastic=("conv", "linear"))
 
@@ -137,7 +141,7 @@ def test_residual_concat_grouped_model_round_trips(tmp_path, fold):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
-@pytest.mark.parametrize("net", ["fasthebb", "deephebb"])
+@pytest.mark.parametrize("net", ["fasthebb", "deephebb", "resnet18", "mobilenetv2"])
 def test_paper_nets_round_trip(tmp_path, net, fold):
     round_trip(tmp_path, net, fold)
 
@@ -207,13 +211,19 @@ def test_a_file_that_is_not_onnx_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "bad.ghl").exists()
 
 
-def test_artifact_refuses_a_changed_onnx_file(tmp_path):
+def test_artifact_of_a_changed_onnx_file_loads_only_with_the_same_structure(tmp_path):
+    from ghlc.artifact import SourceChangedWarning
+
     export_torch(ResCatGroup(), tmp_path / "m.onnx", (3, 10, 10), fold=True)
     code, _, err = run_cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "m.ghl")
     assert code == 0, err
-    export_torch(ResCatGroup(), tmp_path / "m.onnx", (3, 10, 10), fold=False)
+    torch.manual_seed(5)  # other weights, same graph: loads (the weights are the artifact's)
+    export_torch(ResCatGroup(), tmp_path / "m.onnx", (3, 10, 10), fold=True)
+    with pytest.warns(SourceChangedWarning, match="m.onnx"):
+        load(tmp_path / "m.ghl")
+    export_torch(ResCatGroup(), tmp_path / "m.onnx", (3, 10, 10), fold=False)  # + BatchNorm
     code, _, err = run_cli("export", tmp_path / "m.ghl", "-o", tmp_path / "o.onnx")
-    assert "changed since the artifact was made" in _one_line_error(code, err)
+    assert "does not match the artifact" in _one_line_error(code, err)
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -239,3 +249,11 @@ def test_train_recipe_naming_an_onnx_file(tmp_path, monkeypatch):
     assert not torch.equal(
         trained.state_dict()["stem/Conv.weight"], fresh.state_dict()["stem/Conv.weight"]
     )
+
+
+def test_a_graph_whose_weights_all_sit_in_modules_converts(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    export_torch(net, tmp_path / "s.onnx", (3, 10, 10), fold=True)
+    m = load_onnx(tmp_path / "s.onnx", quiet=True).model
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in net.parameters())
+    assert not list(m.buffers())

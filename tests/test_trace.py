@@ -171,3 +171,39 @@ def test_trainable_weights_that_are_no_parameter_are_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ghlc.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), (x,))  # nothing to report
+
+
+class Scaled(nn.Module):
+    """Takes keyword inputs; fx cannot trace it (a long reason) and torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, *, scale, shift=None):
+        if isinstance(x, torch.fx.Proxy):
+            raise RuntimeError("no symbolic tracing here," + " because" * 60 + " of reasons")
+        y = self.conv(x) * scale
+        y = y if shift is None else y + shift
+        return self.head(y.mean((2, 3)))
+
+
+def test_keyword_example_inputs_are_passed_by_name():
+    x, scale = torch.randn(2, 3, 8, 8), torch.tensor(2.0)
+    lg = ghlc.trace(Scaled(), {"x": x, "scale": scale})
+    assert lg.capture == "export"
+    assert [i.name for i in lg.layers()] == ["conv.weight", "head.weight"]
+    assert lg.layer("conv.weight").out_shape == (2, 4, 6, 6)
+    lg2 = ghlc.trace(Scaled(), (x,), example_kwargs={"scale": scale, "shift": 1.0})
+    assert lg2.example_inputs == (x,) and lg2.example_kwargs == {"scale": scale, "shift": 1.0}
+    m = ghlc.prepare(Scaled(), (x,), example_kwargs={"scale": scale})
+    m(x, scale=scale).sum().backward()
+    assert m.conv.weight.grad.abs().max() == 1  # |H| / max|H|: the rule ran
+
+
+def test_a_capture_reason_is_kept_whole():
+    lg = ghlc.trace(Scaled(), {"x": torch.randn(1, 3, 8, 8), "scale": 1.0})
+    (tier, why), *_ = lg.capture_errors
+    assert tier == "fx" and len(why) > 400
+    assert why == "RuntimeError: no symbolic tracing here," + " because" * 60 + " of reasons"
