@@ -54,6 +54,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "autocast": _STR,
         "cuda_graph": _BOOL,
         "channels_last": _BOOL,
+        "nproc_per_node": _INT,
+        "backend": _STR,
     },
     "data": {"source": _STR},
 }
