@@ -9,6 +9,7 @@ from .cudagraph import cuda_graph_step
 from .errors import ConfigError, GHLError, PassError, RuntimeGHLError, TraceError
 from .export import export_onnx
 from .graph import LayerGraph
+from .runtime.clip import clip_grad_norm_
 from .trace import trace
 from .version import __version__
 
@@ -22,6 +23,7 @@ __all__ = [
     "RuntimeGHLError",
     "TraceError",
     "build",
+    "clip_grad_norm_",
     "compile",
     "cuda_graph_step",
     "distributed",

@@ -239,10 +239,18 @@ def load(
                 where = src["path"] + (f" or {src['relpath']}" if src.get("relpath") else "")
                 raise ArtifactError(f"{path}: model source {where} not found; {WAY_OUT}")
         assert p is not None
-        loaded = load_model_file(p, src.get("entry"))
-        if model_file is None:
-            changed = _changed(src, loaded)
-        model, what, src = loaded.model, f"the model in {_shown(p)}", loaded.source()
+        if src.get("format") == "onnx":  # rebuilt from the ONNX file (ghlc/onnx_in.py)
+            from .onnx_in import load_onnx, onnx_record
+
+            onnx_in = load_onnx(p, quiet=True)
+            if model_file is None and src.get("sha256") not in (None, onnx_in.sha256):
+                changed = [p.name]
+            model, what, src = onnx_in.model, f"the model in {_shown(p)}", onnx_record(onnx_in)
+        else:
+            loaded = load_model_file(p, src.get("entry"))
+            if model_file is None:
+                changed = _changed(src, loaded)
+            model, what, src = loaded.model, f"the model in {_shown(p)}", loaded.source()
     diff = structure_difference(lg, _shapes(path), model, meta["inputs"])
     if diff is not None:
         raise ArtifactError(f"{path}: {what} does not match the artifact: {diff}{way}")

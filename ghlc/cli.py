@@ -79,6 +79,8 @@ def _config(path: str | None):
     except tomllib.TOMLDecodeError as e:
         raise GHLError(f"{path}: invalid TOML: {e}") from None
     d = d.get("ghlc", d)
+    if "model" in d:  # a recipe (ghlc/recipe.py): its [ghl] table
+        d = d.get("ghl", {})
     return GHLConfig.from_dict(d)
 
 
@@ -123,26 +125,39 @@ def main() -> None:
 )
 @user_errors
 def convert(model_file, entry, input_shape, config_path, output, explain, seed):
-    """Trace MODEL_FILE, make its layers Hebbian, and write a .ghl artifact."""
+    """Trace MODEL_FILE (.py, .onnx, or a recipe .toml), make its layers Hebbian, and write
+    a .ghl artifact."""
     import torch
+
+    from .recipe import convert_params, is_recipe
+
+    if is_recipe(model_file):
+        ctx = click.get_current_context()
+        return ctx.invoke(convert, **convert_params(ctx, model_file))
 
     from .artifact import save
     from .build import trace_and_build
     from .errors import TraceError
     from .inputs import split_inputs
     from .modelfile import load_model_file
+    from .onnx_in import is_onnx_path, onnx_source
     from .report import capture_reasons, output_note
 
     cfg = _config(config_path)
     torch.manual_seed(seed)  # the same file converts to the same initial weights
-    loaded = load_model_file(model_file, entry)
     inputs: tuple | dict = (torch.randn(1, 3, 32, 32),)
-    if input_shape:
-        inputs = (torch.randn(*_shape(input_shape)),)
-    elif loaded.example_inputs is not None:
-        inputs = loaded.example_inputs
+    if is_onnx_path(model_file):  # ONNX in (ghlc/onnx_in.py): the weights are the file's
+        onnx_in, inputs, source = onnx_source(model_file, input_shape and _shape(input_shape))
+        model = onnx_in.model
+    else:
+        loaded = load_model_file(model_file, entry)
+        if input_shape:
+            inputs = (torch.randn(*_shape(input_shape)),)
+        elif loaded.example_inputs is not None:
+            inputs = loaded.example_inputs
+        model, source = loaded.model, loaded.source()
     try:  # what ghlc.prepare runs, recording the model file for ghlc.load
-        m, lg = trace_and_build(loaded.model, inputs, cfg, inplace=True, source=loaded.source())
+        m, lg = trace_and_build(model, inputs, cfg, inplace=True, source=source)
     except TraceError as e:
         args, kwargs = split_inputs(inputs)
         ts = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
@@ -393,7 +408,13 @@ def train(
     backend,
     model_file,
 ):
-    """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
+    """Train ARTIFACT (or a recipe .toml) on DATA with SGD, a cosine schedule and per-role
+    settings."""
+    from .recipe import is_recipe, train_params
+
+    if is_recipe(artifact):  # (before relaunching: the processes train the converted artifact)
+        ctx = click.get_current_context()
+        return ctx.invoke(train, **train_params(ctx, artifact, convert))
     if nproc_per_node is not None:
         return relaunch(nproc_per_node)
     import torch

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .calls import CallSpec, parse_call
+from .clip import watch_rescaling
 from .distributed import ddp_link
 from .mode import _ATTR, GHLMode, Runtime, Site
 
@@ -204,6 +205,7 @@ def _active_runtimes():
 def install(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     """Make ``module`` train with GHL (in place). Eval forwards are untouched."""
     object.__setattr__(module, _ATTR, runtime)
+    watch_rescaling()  # warns when a plastic gradient was clipped (clip.py)
     module.register_forward_pre_hook(_root_pre)
     module.register_forward_hook(_root_post, always_call=True)
     if runtime.module_calls:

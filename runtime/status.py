@@ -26,6 +26,9 @@ class Status:
     # id(param) -> its accumulator (a weakref), for the optimiser step hook; the hook's handle.
     by_param: dict[int, weakref.ref] = field(default_factory=dict)
     step_hook: object | None = None
+    # The pre-step hook that looks for clipped plastic gradients, and whether it has warned.
+    pre_step_hook: object | None = None
+    rescale_warned: bool = False
 
 
 STATUS = Status()

@@ -1,0 +1,1 @@
+"""Small helpers for training loops other than ghlc's own (each imports its library lazily)."""
