@@ -303,6 +303,16 @@ def _load_any(path: str, method: str = "ghl"):
     help="Train in channels-last memory format (4-D weights and batches): often "
     "faster for conv nets.",
 )
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    help="Stop after N SGD steps (the cosine schedule spans them): a smoke run.",
+)
+@click.option(
+    "--eval-batches",
+    type=click.IntRange(min=1),
+    help="Score only the first N test batches (of --batch-size images) after each epoch.",
+)
 @user_errors
 def train(
     artifact,
@@ -321,6 +331,8 @@ def train(
     autocast,
     cuda_graph,
     channels_last,
+    max_steps,
+    eval_batches,
 ):
     """Train ARTIFACT on DATA with SGD, a cosine schedule and per-role settings."""
     import torch
@@ -355,6 +367,8 @@ def train(
         autocast=torch.bfloat16 if autocast == "bf16" else None,
         cuda_graph=cuda_graph,
         channels_last=channels_last,
+        max_steps=max_steps,
+        eval_batches=eval_batches,
     )
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
@@ -378,15 +392,18 @@ def train(
 @main.command("eval")
 @click.argument("model_path", type=click.Path())
 @click.option("--data", default="digits", show_default=True)
+@click.option(
+    "--batches", type=click.IntRange(min=1), help="Score only the first N batches of 256 images."
+)
 @user_errors
-def eval_cmd(model_path, data):
+def eval_cmd(model_path, data, batches):
     """Score a .ghl artifact or a checkpoint: loss, accuracy, per-class accuracy."""
     from .data import load_data
     from .train import evaluate
 
     model, meta = _load_any(model_path)
     ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]))
-    r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes)
+    r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes, max_batches=batches)
     click.echo(f"loss {r['loss']:.4f}  accuracy {r['acc']:.4f}")
     for c, a in r["per_class"].items():
         click.echo(f"  {c}: {a:.4f}")

@@ -152,12 +152,22 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
 # ---- evaluation ----------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, x, y, batch_size: int = 256, classes=None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    x,
+    y,
+    batch_size: int = 256,
+    classes=None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
     """Mean cross-entropy, accuracy and per-class accuracy, in eval mode without gradients.
 
     ``per_class`` is keyed by class name (``classes[i]``) when ``classes`` is given (NaN for a
-    class with no samples), else by the integer labels present in ``y``."""
+    class with no samples), else by the integer labels present in ``y``. ``max_batches``
+    scores only the first that many batches (a smoke run's quick look)."""
     x, y = _as_tensors(x, y)
+    if max_batches is not None:
+        x, y = x[: max_batches * batch_size], y[: max_batches * batch_size]
     dev = _device(model)
     was_training = model.training
     model.eval()
@@ -317,7 +327,8 @@ class Trainer:
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.CosineAnnealingLR
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # of the whole run: epochs x steps_per_epoch, or max_steps if fewer
+    epochs: int  # epochs the run trains (the last one partly when max_steps ends it)
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.model = model
@@ -348,7 +359,7 @@ class Trainer:
         epoch = self.epoch + 1
         self.step = 0
         try:
-            for epoch in range(self.epoch + 1, self.config.epochs + 1):
+            for epoch in range(self.epoch + 1, self.epochs + 1):
                 self.run_epoch(epoch)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
@@ -412,6 +423,9 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.steps_per_epoch = math.ceil(self.y_train.shape[0] / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:  # a short run: the cosine spans the steps it makes
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=self.total_steps
         )
@@ -525,21 +539,22 @@ class Trainer:
         every = _finite_check_every(self.device)
         stats = _EpochStats.zeros(self.device, self._lrs())
         t0 = time.perf_counter()
-        bar = _bar(cfg.progress, self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+        steps = min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
+        bar = _bar(cfg.progress, steps, f"epoch {epoch}/{self.epochs}")
         try:
-            for step in range(1, self.steps_per_epoch + 1):
+            for step in range(1, steps + 1):
                 self.step = step
                 idx = perm[(step - 1) * cfg.batch_size : step * cfg.batch_size]
                 xb, yb = self._batch(idx, g)
                 loss, logits, replayed = self._forward(xb, yb)
                 stats.nonfinite |= ~torch.isfinite(loss.detach())
-                if step % every == 0 or step == self.steps_per_epoch:
+                if step % every == 0 or step == steps:
                     self.check_loss(stats.nonfinite, epoch, step, every)
                 stats.lrs = self._step(loss, backward=not replayed)
                 stats.seen += yb.shape[0]
                 stats.loss_sum += loss.detach().double() * yb.shape[0]
                 stats.correct += (logits.detach().argmax(1) == yb).sum()
-                _show(bar, step, self.steps_per_epoch, stats, time.perf_counter() - t0)
+                _show(bar, step, steps, stats, time.perf_counter() - t0)
         finally:
             if bar is not None:
                 bar.close()
@@ -612,7 +627,18 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Test-set loss and accuracy (eval mode, no gradients); the model stays in train
         mode."""
-        ev = evaluate(self.model, self.x_test, self.y_test, classes=self.config.classes)
+        cfg = self.config
+        if cfg.eval_batches is None:
+            ev = evaluate(self.model, self.x_test, self.y_test, classes=cfg.classes)
+        else:
+            ev = evaluate(
+                self.model,
+                self.x_test,
+                self.y_test,
+                batch_size=cfg.batch_size,
+                classes=cfg.classes,
+                max_batches=cfg.eval_batches,
+            )
         self.model.train()
         return ev
 
@@ -676,6 +702,8 @@ def train(
     autocast: torch.dtype | None = None,
     cuda_graph: bool = False,
     channels_last: bool = False,
+    max_steps: int | None = None,
+    eval_batches: int | None = None,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps:
     ``Trainer(model, TrainConfig(...)).fit(x_train, y_train, x_test, y_test)``.
@@ -694,7 +722,10 @@ def train(
     capture runs before anything is written; a model that cannot be captured raises
     ``GHLError``. ``channels_last=True`` converts the model's 4-D weights and every 4-D
     training batch to channels-last memory format (often the faster layout for convolutions;
-    docs/PERFORMANCE.md).
+    docs/PERFORMANCE.md). ``max_steps`` ends the run after that many SGD steps (the cosine
+    schedule spans them; the epoch they end in counts as completed, and a resumed run goes on
+    at the next epoch), ``eval_batches`` scores only the first that many test batches of
+    ``batch_size`` images: both for smoke runs.
 
     Raises ``GHLError`` before writing anything on a bad setting (:class:`TrainConfig`) or when
     a label is negative or not below the model's number of outputs (:func:`check_labels`),
@@ -719,6 +750,8 @@ def train(
         autocast=autocast,
         cuda_graph=cuda_graph,
         channels_last=channels_last,
+        max_steps=max_steps,
+        eval_batches=eval_batches,
     )
     return Trainer(model, config).fit(x_train, y_train, x_test, y_test)
 

@@ -40,6 +40,8 @@ class TrainConfig:
     autocast: torch.dtype | None = None
     cuda_graph: bool = False
     channels_last: bool = False
+    max_steps: int | None = None  # stop after this many SGD steps (cosine over them)
+    eval_batches: int | None = None  # score only the first N test batches of batch_size
 
     def __post_init__(self) -> None:
         # normalised forms (a frozen dataclass sets them through object.__setattr__)
@@ -49,6 +51,9 @@ class TrainConfig:
             _set(self, "classes", tuple(self.classes))
         for name in ("epochs", "batch_size"):
             _check_count(name, getattr(self, name))
+        for name in ("max_steps", "eval_batches"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name))
         _check_int("seed", self.seed)
         for name in ("lr", "lr_plastic", "wd", "wd_plastic"):
             _check_rate(name, getattr(self, name))
@@ -72,6 +77,8 @@ class TrainConfig:
             "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
             "cuda_graph": self.cuda_graph,
             "channels_last": self.channels_last,
+            "max_steps": self.max_steps,
+            "eval_batches": self.eval_batches,
         }
 
 
