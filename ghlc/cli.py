@@ -235,6 +235,19 @@ def _load_any(path: str, method: str = "ghl"):
     return load(p, method=method), read_meta(p)
 
 
+def _normalisation(meta, path: str):
+    """The input normalisation the artifact's training recorded, or None."""
+    from .normalisation import Normalisation
+
+    rec = meta["extra"].get("normalisation")
+    if rec is None:
+        return None
+    try:
+        return Normalisation.from_dict(rec)
+    except GHLError as e:
+        raise GHLError(f"{path}: {e}") from None
+
+
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option(
@@ -339,6 +352,7 @@ def train(
 
     from .artifact import save
     from .data import augment_batch, load_data
+    from .normalisation import Normalisation
     from .train import TrainConfig, Trainer, check_labels, slow_bf16
 
     dev = _pick_device(device)
@@ -351,6 +365,8 @@ def train(
     ds = load_data(data, shape, augment=augment)
     check_labels(model, ds.x_train, torch.cat([ds.y_train, ds.y_test]))  # before any file
     out = Path(out_dir)
+    norm = Normalisation(ds.mean, ds.std)
+    extra = {"classes": ds.classes, "data": data, "normalisation": norm.to_dict()}
     # bp keeps the same per-role settings, so that only the rule differs between methods
     config = TrainConfig(
         out_dir=out,
@@ -369,9 +385,10 @@ def train(
         channels_last=channels_last,
         max_steps=max_steps,
         eval_batches=eval_batches,
+        normalisation=norm,
     )
     out.mkdir(parents=True, exist_ok=True)
-    save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    save(model, out / "model.ghl", extra=extra)
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
     click.echo(f"training on {dev}")
     if autocast == "bf16" and (why := slow_bf16(dev)):
@@ -381,7 +398,7 @@ def train(
         res = Trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
     trained = model
     trained.load_state_dict(net.state_dict())
-    save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    save(trained, out / "model.ghl", extra=extra)
     f = res.final
     click.echo(
         f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
@@ -402,7 +419,9 @@ def eval_cmd(model_path, data, batches):
     from .train import evaluate
 
     model, meta = _load_any(model_path)
-    ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]))
+    norm = _normalisation(meta, model_path)  # the model's own, where training recorded it
+    stats = None if norm is None else (norm.mean, norm.std)
+    ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]), normalisation=stats)
     r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes, max_batches=batches)
     click.echo(f"loss {r['loss']:.4f}  accuracy {r['acc']:.4f}")
     for c, a in r["per_class"].items():
@@ -414,24 +433,42 @@ def eval_cmd(model_path, data, batches):
 @click.option("-o", "--output", type=click.Path(), required=True)
 @click.option("--opset", type=int, default=None)
 @click.option("--dynamic-batch/--static", default=True, show_default=True)
+@click.option(
+    "--include-normalisation",
+    is_flag=True,
+    help="Put the training's input normalisation, (x - mean) / std, into the graph: the "
+    "ONNX model then takes raw inputs.",
+)
 @user_errors
-def export(model_path, output, opset, dynamic_batch):
+def export(model_path, output, opset, dynamic_batch, include_normalisation):
     """Write the inference graph as ONNX and check it against onnxruntime."""
     from .artifact import make_inputs
     from .export import export_onnx
+    from .normalisation import Normalised
     from .version import __version__
 
     model, meta = _load_any(model_path)
+    norm = _normalisation(meta, model_path)
+    if include_normalisation and norm is None:
+        raise GHLError(
+            f"{model_path}: records no input normalisation (only ghlc train records one); "
+            "export without --include-normalisation"
+        )
     classes = meta["extra"].get("classes") or []
     md = {
         "ghlc_version": __version__,
         "source_sha256": meta["source"].get("sha256", ""),
         "classes": ",".join(map(str, classes)),
     }
+    if norm is not None:
+        md.update(norm.metadata(in_graph=include_normalisation))
+    inputs = make_inputs(meta["inputs"])
+    if include_normalisation:
+        model = Normalised(model, norm, ndim=inputs[0].dim())
     rep = export_onnx(
         model,
         output,
-        make_inputs(meta["inputs"]),
+        inputs,
         opset=opset,
         dynamic_batch=dynamic_batch,
         metadata=md,

@@ -11,7 +11,8 @@ cosine schedule spans all steps of the run. ``out_dir`` receives:
   test_acc, lr, lr_plastic, seconds, images_per_s);
 - ``curves.png``: loss and accuracy curves (when matplotlib is installed);
 - ``last.pt`` / ``best.pt``: checkpoints (by test accuracy), written atomically and loadable
-  with ``torch.load(weights_only=True)``.
+  with ``torch.load(weights_only=True)``; with ``normalisation`` set, each records the inputs'
+  per-channel mean and std (``normalisation``: ``{"mean": [...], "std": [...]}``).
 
 A run stopped after epoch k (or interrupted during epoch k+1) and resumed with ``resume=True``
 ends with weights bit-identical to an unbroken run with the same arguments."""
@@ -34,6 +35,7 @@ from torch import nn
 
 from .errors import GHLError, SlowPrecisionWarning, first_line
 from .fileio import write_atomic
+from .normalisation import Normalisation
 from .trainconfig import Augment, TrainConfig
 
 CKPT_FORMAT = "ghlc-checkpoint"
@@ -655,6 +657,8 @@ class Trainer:
             self.device,
             self.config.hparams(),
         )
+        if self.config.normalisation is not None:
+            ckpt["normalisation"] = self.config.normalisation.to_dict()
         _save(self.last_path, ckpt)
         if best:
             _save(self.best_path, ckpt)
@@ -704,6 +708,7 @@ def train(
     channels_last: bool = False,
     max_steps: int | None = None,
     eval_batches: int | None = None,
+    normalisation: Normalisation | None = None,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps:
     ``Trainer(model, TrainConfig(...)).fit(x_train, y_train, x_test, y_test)``.
@@ -725,7 +730,8 @@ def train(
     docs/PERFORMANCE.md). ``max_steps`` ends the run after that many SGD steps (the cosine
     schedule spans them; the epoch they end in counts as completed, and a resumed run goes on
     at the next epoch), ``eval_batches`` scores only the first that many test batches of
-    ``batch_size`` images: both for smoke runs.
+    ``batch_size`` images: both for smoke runs. ``normalisation`` (the per-channel mean and
+    std the inputs were normalised with) is recorded in every checkpoint.
 
     Raises ``GHLError`` before writing anything on a bad setting (:class:`TrainConfig`) or when
     a label is negative or not below the model's number of outputs (:func:`check_labels`),
@@ -752,6 +758,7 @@ def train(
         channels_last=channels_last,
         max_steps=max_steps,
         eval_batches=eval_batches,
+        normalisation=normalisation,
     )
     return Trainer(model, config).fit(x_train, y_train, x_test, y_test)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import GHLError
+from .normalisation import Normalisation
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -42,6 +43,7 @@ class TrainConfig:
     channels_last: bool = False
     max_steps: int | None = None  # stop after this many SGD steps (cosine over them)
     eval_batches: int | None = None  # score only the first N test batches of batch_size
+    normalisation: Normalisation | None = None  # of the inputs, recorded in checkpoints
 
     def __post_init__(self) -> None:
         # normalised forms (a frozen dataclass sets them through object.__setattr__)
@@ -60,6 +62,11 @@ class TrainConfig:
         if self.augment is not None and not callable(self.augment):
             raise GHLError(
                 f"augment must be a function (x, generator) -> x, got {type(self.augment).__name__}"
+            )
+        if self.normalisation is not None and not isinstance(self.normalisation, Normalisation):
+            raise GHLError(
+                "normalisation must be a ghlc.normalisation.Normalisation, got "
+                f"{type(self.normalisation).__name__}"
             )
         if self.autocast is not None and self.autocast != torch.bfloat16:
             raise GHLError(f"autocast {self.autocast} is not supported here: use torch.bfloat16")
