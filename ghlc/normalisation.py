@@ -77,6 +77,9 @@ class Normalisation:
 class Normalised(nn.Module):
     """``model((x - mean) / std)``: a model that takes raw inputs (for export)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, norm: Normalisation, ndim: int = 4) -> None:
         super().__init__()
         self.model = model
