@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -190,6 +191,30 @@ def inspect(artifact, fmt, output):
         click.echo(text, nl=False)
 
 
+class _Rate(click.ParamType):
+    """A learning rate: a finite number >= 0, or "auto" (None)."""
+
+    name = "rate"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or auto", param, ctx)
+        if not (0 <= v < float("inf")):
+            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
+        return v
+
+
+def _one_line_warning(message, category, *args, **kwargs) -> None:
+    """A warning during training as one line on stderr."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def _pick_device(name: str):
     """The torch device for ``--device``: auto (CUDA when available), cpu, cuda or cuda:N."""
     import torch
@@ -267,10 +292,11 @@ def _normalisation(meta, path: str):
 )
 @click.option(
     "--lr-plastic",
-    default=1e-2,
+    default="auto",
     show_default=True,
-    type=click.FloatRange(min=0.0),
-    help="LR of plastic layers.",
+    type=_Rate(),
+    help="LR of plastic layers; auto: a short range test picks it (at most 1e-2; see "
+    "docs/ACCURACY.md, 'Step size').",
 )
 @click.option(
     "--wd-plastic",
@@ -317,6 +343,14 @@ def _normalisation(meta, path: str):
     "faster for conv nets.",
 )
 @click.option(
+    "--plastic-step",
+    type=click.Choice(["paper", "rms"]),
+    default="paper",
+    show_default=True,
+    help="rms: scale each plastic layer's step by its weight RMS (then --lr-plastic is a "
+    "relative step; docs/ACCURACY.md, 'Step size').",
+)
+@click.option(
     "--max-steps",
     type=click.IntRange(min=1),
     help="Stop after N SGD steps (the cosine schedule spans them): a smoke run.",
@@ -344,6 +378,7 @@ def train(
     autocast,
     cuda_graph,
     channels_last,
+    plastic_step,
     max_steps,
     eval_batches,
 ):
@@ -365,6 +400,17 @@ def train(
     ds = load_data(data, shape, augment=augment)
     check_labels(model, ds.x_train, torch.cat([ds.y_train, ds.y_test]))  # before any file
     out = Path(out_dir)
+    auto = lr_plastic  # None: auto
+    if auto is None and resume:  # the resumed run's own rate (its checkpoint says which)
+        from .train import load_checkpoint
+
+        lr_plastic = float(load_checkpoint(out / "last.pt")["hparams"]["lr_plastic"])
+    elif auto is None and plastic:
+        lr_plastic = None  # chosen below, on the model to train
+    elif auto is None:
+        lr_plastic = 1e-2  # (no plastic layer: the rate is not used)
+    else:
+        lr_plastic = auto
     norm = Normalisation(ds.mean, ds.std)
     extra = {"classes": ds.classes, "data": data, "normalisation": norm.to_dict()}
     # bp keeps the same per-role settings, so that only the rule differs between methods
@@ -374,7 +420,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        lr_plastic=lr_plastic,
+        lr_plastic=lr_plastic if lr_plastic is not None else 0.0,
         wd_plastic=wd_plastic,
         seed=seed,
         resume=resume,
@@ -386,15 +432,29 @@ def train(
         max_steps=max_steps,
         eval_batches=eval_batches,
         normalisation=norm,
+        plastic_step=plastic_step,
     )
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.ghl", extra=extra)
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
+    if lr_plastic is None:
+        from .lrfind import auto_lr
+
+        lr_plastic, found = auto_lr(
+            net, ds.x_train, ds.y_train, plastic=plastic, lr=lr, wd_plastic=wd_plastic,
+            batch_size=batch_size, plastic_step=plastic_step, seed=seed,
+        )  # fmt: skip
+        click.echo(
+            f"--lr-plastic auto: {lr_plastic:.3g} (range test over {len(found.lrs)} steps "
+            f"suggests {found.suggestion:.3g}; give --lr-plastic to skip it)"
+        )
+        config = dataclasses.replace(config, lr_plastic=lr_plastic)
     click.echo(f"training on {dev}")
     if autocast == "bf16" and (why := slow_bf16(dev)):
         click.echo(f"warning: {why}", err=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowPrecisionWarning)  # (said above, once)
+        warnings.showwarning = _one_line_warning  # (restored on leaving the block)
         res = Trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
     trained = model
     trained.load_state_dict(net.state_dict())
@@ -404,6 +464,49 @@ def train(
         f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
         f"best {res.best_acc:.4f}; checkpoints in {out}"
     )
+
+
+@main.command("lr-find")
+@click.argument("artifact", type=click.Path())
+@click.option("--data", default="digits", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--wd-plastic", default=5e-2, show_default=True, type=click.FloatRange(min=0.0))
+@click.option(
+    "--plastic-step", type=click.Choice(["paper", "rms"]), default="paper", show_default=True
+)
+@click.option("--start", default=1e-5, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--end", default=1.0, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Write the sweep as JSON.")
+@user_errors
+def lr_find_cmd(
+    artifact, data, batch_size, lr, wd_plastic, plastic_step, start, end, steps, seed, device,
+    output,
+):  # fmt: skip
+    """Range test of the plastic learning rate: a short sweep, its loss curve, a suggestion."""
+    import torch
+
+    from .data import load_data
+    from .fileio import write_atomic
+    from .lrfind import lr_find, report, to_json
+
+    dev = _pick_device(device)
+    torch.manual_seed(seed)
+    model, meta = _load_any(artifact, method="ghl")
+    plastic = {i.name for i in meta["graph"].plastic()}
+    ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]))
+    res = lr_find(
+        model.to(dev), ds.x_train, ds.y_train, plastic=plastic, lr=lr, wd_plastic=wd_plastic,
+        batch_size=batch_size, start=start, end=end, steps=steps, plastic_step=plastic_step,
+        seed=seed,
+    )  # fmt: skip
+    click.echo(report(res))
+    if output:
+        write_atomic(output, to_json(res) + "\n")
+        click.echo(f"wrote {output}")
 
 
 @main.command("eval")

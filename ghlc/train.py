@@ -35,6 +35,7 @@ from torch import nn
 
 from .errors import GHLError, SlowPrecisionWarning, first_line
 from .fileio import write_atomic
+from .lrfind import scale_by_rms_
 from .normalisation import Normalisation
 from .trainconfig import Augment, TrainConfig
 
@@ -47,6 +48,10 @@ FINITE_CHECK_EVERY = 10
 
 class TrainingDiverged(GHLError):
     """The loss (or a weight) became NaN/Inf; ``last.pt`` keeps the last good epoch."""
+
+
+class DivergenceWarning(UserWarning):
+    """The training loss rose far above where it started: the run is likely diverging."""
 
 
 class TrainingInterrupted(GHLError):
@@ -344,6 +349,9 @@ class Trainer:
         self.epoch = 0  # the last completed epoch
         self.step = 0  # the step reached in the current epoch
         self._graph_step: Callable[..., torch.Tensor] | None = None
+        self._first_loss: float | None = None  # this process's first training loss
+        self._norms0: dict[str, float] = {}  # norms of the >= 2-D weights at that loss
+        self._warned = False
         self._graph_logits: list[torch.Tensor] = []
 
     # -- the run -------------------------------------------------------------------------
@@ -536,6 +544,11 @@ class Trainer:
         ``seed`` and ``epoch``), one SGD step and one schedule step per batch."""
         cfg = self.config
         self.model.train()
+        if not self._norms0:  # for naming the layer that grew fastest, should the run diverge
+            with torch.no_grad():
+                self._norms0 = {
+                    k: float(p.norm()) for k, p in self.model.named_parameters() if p.dim() >= 2
+                }
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         perm = torch.randperm(self.y_train.shape[0], generator=g)
         every = _finite_check_every(self.device)
@@ -552,6 +565,7 @@ class Trainer:
                 stats.nonfinite |= ~torch.isfinite(loss.detach())
                 if step % every == 0 or step == steps:
                     self.check_loss(stats.nonfinite, epoch, step, every)
+                    self.check_rise(float(loss.detach()), epoch, step)
                 stats.lrs = self._step(loss, backward=not replayed)
                 stats.seen += yb.shape[0]
                 stats.loss_sum += loss.detach().double() * yb.shape[0]
@@ -592,6 +606,8 @@ class Trainer:
         """Backward (unless replayed), one SGD step and one schedule step; the LRs used."""
         if backward:
             loss.backward()
+        if self.config.plastic_step == "rms":
+            scale_by_rms_(self.optimizer.param_groups[1]["params"])
         lrs = self._lrs()
         self.optimizer.step()
         self.scheduler.step()
@@ -615,15 +631,49 @@ class Trainer:
         )
         raise TrainingDiverged(
             f"training diverged at epoch {epoch} {when}: the loss is not "
-            f"finite; {self.last_path.name} keeps epoch {epoch - 1}"
+            f"finite{self._fastest()}; {self.last_path.name} keeps epoch {epoch - 1}"
         )
+
+    def check_rise(self, loss: float, epoch: int, step: int) -> None:
+        """Warn once (``DivergenceWarning``) when the loss passes 2x this process's first
+        training loss, naming the layer whose weights grew fastest."""
+        if self._first_loss is None:
+            self._first_loss = loss
+            return
+        if self._warned or not loss > 2 * self._first_loss:
+            return
+        self._warned = True
+        warnings.warn(
+            f"the training loss rose from {self._first_loss:.3g} to {loss:.3g} by epoch "
+            f"{epoch} step {step}: likely diverging{self._fastest()}; try a smaller "
+            "--lr-plastic (ghlc lr-find suggests one) or --plastic-step rms",
+            DivergenceWarning,
+            stacklevel=2,
+        )
+
+    def _fastest(self) -> str:
+        """ ", the weights of LAYER grew fastest (...)": the conv/linear-sized weight whose norm
+        grew most since this process started training (non-finite first)."""
+        if not self._norms0:
+            return ""
+        worst, name = -1.0, ""
+        with torch.no_grad():
+            for k, p in self.model.named_parameters():
+                if k not in self._norms0:
+                    continue
+                r = float(p.norm()) / max(self._norms0[k], 1e-30)
+                r = r if math.isfinite(r) else math.inf
+                if r > worst:
+                    worst, name = r, k
+        how = "not finite" if math.isinf(worst) else f"x{worst:.3g} in norm since the start"
+        return f"; the weights of {name.removesuffix('.weight')} grew fastest ({how})"
 
     def check_weights(self, epoch: int) -> None:
         """Raise ``TrainingDiverged`` if a weight became NaN/Inf during the epoch."""
         if not _finite(self.model):
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch} step {self.step}: weights are not "
-                f"finite; {self.last_path.name} keeps epoch {epoch - 1}"
+                f"finite{self._fastest()}; {self.last_path.name} keeps epoch {epoch - 1}"
             )
 
     def evaluate(self) -> dict[str, Any]:
@@ -709,6 +759,7 @@ def train(
     max_steps: int | None = None,
     eval_batches: int | None = None,
     normalisation: Normalisation | None = None,
+    plastic_step: str = "paper",
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps:
     ``Trainer(model, TrainConfig(...)).fit(x_train, y_train, x_test, y_test)``.
@@ -732,6 +783,10 @@ def train(
     at the next epoch), ``eval_batches`` scores only the first that many test batches of
     ``batch_size`` images: both for smoke runs. ``normalisation`` (the per-channel mean and
     std the inputs were normalised with) is recorded in every checkpoint.
+    ``plastic_step="rms"`` multiplies each plastic weight's gradient by the weight's RMS
+    before every step (:func:`ghlc.lrfind.scale_by_rms_`); "paper" steps on the rule's
+    gradient as it is. A loss that rises past 2x the run's first loss gives one
+    ``DivergenceWarning`` naming the layer whose weights grew fastest (as do the errors).
 
     Raises ``GHLError`` before writing anything on a bad setting (:class:`TrainConfig`) or when
     a label is negative or not below the model's number of outputs (:func:`check_labels`),
@@ -759,6 +814,7 @@ def train(
         max_steps=max_steps,
         eval_batches=eval_batches,
         normalisation=normalisation,
+        plastic_step=plastic_step,
     )
     return Trainer(model, config).fit(x_train, y_train, x_test, y_test)
 

@@ -44,6 +44,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many SGD steps (cosine over them)
     eval_batches: int | None = None  # score only the first N test batches of batch_size
     normalisation: Normalisation | None = None  # of the inputs, recorded in checkpoints
+    plastic_step: str = "paper"  # "rms": plastic grads times the weight's RMS (lrfind.py)
 
     def __post_init__(self) -> None:
         # normalised forms (a frozen dataclass sets them through object.__setattr__)
@@ -68,6 +69,8 @@ class TrainConfig:
                 "normalisation must be a ghlc.normalisation.Normalisation, got "
                 f"{type(self.normalisation).__name__}"
             )
+        if self.plastic_step not in ("paper", "rms"):
+            raise GHLError(f"plastic_step must be paper or rms, got {self.plastic_step!r}")
         if self.autocast is not None and self.autocast != torch.bfloat16:
             raise GHLError(f"autocast {self.autocast} is not supported here: use torch.bfloat16")
 
@@ -86,6 +89,7 @@ class TrainConfig:
             "channels_last": self.channels_last,
             "max_steps": self.max_steps,
             "eval_batches": self.eval_batches,
+            "plastic_step": self.plastic_step,
         }
 
 

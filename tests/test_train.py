@@ -648,6 +648,7 @@ def test_train_config_is_frozen_and_normalised(tmp_path):
         "channels_last": False,
         "max_steps": None,
         "eval_batches": None,
+        "plastic_step": "paper",
     }
 
 
