@@ -139,9 +139,13 @@ def lr_find(
 
 
 def _logits(out) -> torch.Tensor:
-    from .train import _logits as logits
-
-    return logits(out)
+    """The logits tensor of a model's output (the tensor, or a tuple's first), as training
+    takes it (``ghlc.train`` imports this module: no import back)."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
+    return out
 
 
 def report(res: LRFindResult, rows: int = 12) -> str:
