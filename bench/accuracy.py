@@ -27,6 +27,15 @@ started afresh.
     python bench/accuracy.py --report-only        # rewrite the docs from finished runs
     python bench/accuracy.py --paper              # the paper's protocol, all of CIFAR-10
                                                   # (bench/paper.py; --paper --help)
+    python bench/accuracy.py --step-size          # plastic step sizes on a pre-activation
+                                                  # ResNet-18 and an SE-ResNet-18, minutes
+
+``--step-size`` trains the test fixtures ``tests/models/preact_resnet.py`` and
+``tests/models/senet.py`` at ResNet-18 width (64-128-256-512, two blocks a stage) for one
+short epoch on a CIFAR-10 slice with ``ghlc train``'s defaults for everything but the plastic
+step: the paper's step at the old CLI default 1e-2, at the rate the range test picks (the
+CLI's default, ``--lr-plastic auto``), the scaled step (``plastic_step="rms"``) at its own
+picked rate, and backprop with the same groups.
 """
 
 from __future__ import annotations
@@ -580,6 +589,124 @@ def write_report(runs: list[dict[str, Any]], key: str, args, device: torch.devic
     )
 
 
+# ---- step sizes (--step-size) -----------------------------------------------------------------
+
+STEP = {"data": "cifar10-subset.npz", "limit_train": 640, "limit_test": 400, "epochs": 1}
+STEP_NETS = ("preact_resnet", "senet")
+# variant -> (method, plastic_step, lr_plastic: a number or "auto"); the rest is the CLI's
+# defaults: lr 5e-3 for the backprop layers, wd_plastic 5e-2, batch 64, SGD, cosine
+STEP_VARIANTS: dict[str, tuple[str, str, float | str]] = {
+    "paper-0.01": ("ghl", "paper", 1e-2),
+    "paper-auto": ("ghl", "paper", "auto"),
+    "rms-auto": ("ghl", "rms", "auto"),
+    "bp-0.01": ("bp", "paper", 1e-2),
+}
+
+
+def _fixture(net: str) -> torch.nn.Module:
+    import importlib.util
+
+    path = ROOT / "tests" / "models" / f"{net}.py"
+    spec = importlib.util.spec_from_file_location(f"fixture_{net}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cls = mod.PreActResNet if net == "preact_resnet" else mod.SENet
+    return cls(widths=(64, 128, 256, 512), blocks=2)
+
+
+def step_size_runs(args, device: torch.device) -> list[dict[str, Any]]:
+    """Each net x variant once (seed 0); returns one row per run."""
+    import warnings
+
+    from ghlc.lrfind import auto_lr
+    from ghlc.runtime import runtime_of
+    from ghlc.train import DivergenceWarning
+
+    path = args.data_dir / STEP["data"]
+    ds = load_data(str(path), (3, 32, 32))
+    x, y = ds.x_train[: STEP["limit_train"]], ds.y_train[: STEP["limit_train"]]
+    xt, yt = ds.x_test[: STEP["limit_test"]], ds.y_test[: STEP["limit_test"]]
+    rows = []
+    for net in STEP_NETS:
+        for tag, (method, step, rate) in STEP_VARIANTS.items():
+            torch.manual_seed(0)
+            plain = _fixture(net)
+            model = ghlc.prepare(plain, (x[:2],)) if method == "ghl" else plain
+            plastic = set(runtime_of(model).sites) if method == "ghl" else set()
+            if method == "bp":  # the same groups: the convs the GHL run makes plastic
+                plastic = {k for k, p in plain.named_parameters() if p.dim() == 4}
+            model.to(device)
+            t0 = time.perf_counter()
+            if rate == "auto":
+                rate, _ = auto_lr(
+                    model, x, y, plastic=plastic, lr=5e-3, wd_plastic=5e-2, batch_size=64,
+                    plastic_step=step,
+                )  # fmt: skip
+            print(f"[start] step-{net}-{tag}: lr_plastic {rate:.3g}", flush=True)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always", DivergenceWarning)
+                try:
+                    res = train(
+                        model, x, y, xt, yt, plastic=plastic, epochs=STEP["epochs"],
+                        batch_size=64, lr=5e-3, lr_plastic=float(rate), wd_plastic=5e-2,
+                        out_dir=args.runs_dir / f"step-{net}-{tag}", progress=False,
+                        plastic_step=step,
+                    )  # fmt: skip
+                    final = res.final
+                except ghlc.GHLError as e:
+                    final = {"train_loss": float("nan"), "test_loss": float("nan"),
+                             "test_acc": float("nan")}  # fmt: skip
+                    print(f"[failed] step-{net}-{tag}: {e}", flush=True)
+            warned = any(issubclass(w.category, DivergenceWarning) for w in seen)
+            rows.append(
+                {**final, "net": net, "variant": tag, "lr_plastic": float(rate), "warned": warned,
+                 "seconds": time.perf_counter() - t0}
+            )  # fmt: skip
+            print(f"[done] step-{net}-{tag}: {rows[-1]}", flush=True)
+    return rows
+
+
+def write_step_report(rows: list[dict[str, Any]], device: torch.device) -> None:
+    """The ``step`` section of docs/ACCURACY.md."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from benchlib.machine import machine
+
+    body = [
+        "## Step size (`--step-size`)",
+        "",
+        f"Pre-activation ResNet-18 and SE-ResNet-18 (`tests/models/`, widths 64-512) on the "
+        f"first {STEP['limit_train']} training and {STEP['limit_test']} test images of "
+        f"`{STEP['data']}`, one epoch of {STEP['limit_train'] // 64} steps, seed 0; "
+        "backprop layers at lr 5e-3, plastic weight decay 5e-2, batch 64 (the CLI's "
+        "defaults). `lr_plastic` is the rate used (`auto`: picked by the range test). The "
+        'train loss is the epoch\'s mean; chance is ln 10 = 2.30. "warned": the run gave '
+        "the divergence warning (a loss above twice the first).",
+        "",
+        "| net | variant | lr_plastic | train loss | test loss | test acc | warned | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        body.append(
+            f"| {r['net']} | {r['variant']} | {r['lr_plastic']:.3g} | {r['train_loss']:.3f} | "
+            f"{r['test_loss']:.3f} | {100 * r['test_acc']:.1f}% | "
+            f"{'yes' if r['warned'] else 'no'} | {r['seconds']:.0f} |"
+        )
+    body += ["", f"Measured on {machine(device.type)}, {time.strftime('%Y-%m-%d')}."]
+    start, end = _section_markers("step")
+    section = "\n".join([start, *body, end])
+    text = MD_PATH.read_text()
+    if start in text and end in text:
+        a, rest = text.split(start, 1)
+        text = a + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = MD_PATH.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(MD_PATH)
+    print(f"wrote {MD_PATH.relative_to(ROOT)}")
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 
@@ -638,6 +765,11 @@ def parse_args(argv=None):
         "--sanity",
         action="store_true",
         help="FastHebb on MNIST and Fashion-MNIST subsets, 2 epochs on 2000 images",
+    )
+    p.add_argument(
+        "--step-size",
+        action="store_true",
+        help="plastic step sizes on a pre-activation and an SE ResNet-18 (minutes)",
     )
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
@@ -715,6 +847,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.step_size:
+        rows = step_size_runs(args, device)
+        if not args.no_report:
+            write_step_report(rows, device)
+        return 0
     specs = plan(args)
     if not specs:
         print("nothing to run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -231,6 +232,30 @@ def inspect(artifact, fmt, output):
         click.echo(text, nl=False)
 
 
+class _Rate(click.ParamType):
+    """A learning rate: a finite number >= 0, or "auto" (None)."""
+
+    name = "rate"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or auto", param, ctx)
+        if not (0 <= v < float("inf")):
+            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
+        return v
+
+
+def _one_line_warning(message, category, *args, **kwargs) -> None:
+    """A warning during training as one line on stderr."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def _pick_device(name: str):
     """The torch device for ``--device``: auto (CUDA when available), cpu, cuda or cuda:N."""
     import torch
@@ -305,6 +330,19 @@ def _load_any(path: str, method: str = "ghl", model_file: str | None = None):
     return load(p, method=method, model_file=model_file), read_meta(p)
 
 
+def _normalisation(meta, path: str):
+    """The input normalisation the artifact's training recorded, or None."""
+    from .normalisation import Normalisation
+
+    rec = meta["extra"].get("normalisation")
+    if rec is None:
+        return None
+    try:
+        return Normalisation.from_dict(rec)
+    except GHLError as e:
+        raise GHLError(f"{path}: {e}") from None
+
+
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option(
@@ -324,10 +362,11 @@ def _load_any(path: str, method: str = "ghl", model_file: str | None = None):
 )
 @click.option(
     "--lr-plastic",
-    default=1e-2,
+    default="auto",
     show_default=True,
-    type=click.FloatRange(min=0.0),
-    help="LR of plastic layers.",
+    type=_Rate(),
+    help="LR of plastic layers; auto: a short range test picks it (at most 1e-2; see "
+    "docs/ACCURACY.md, 'Step size').",
 )
 @click.option(
     "--wd-plastic",
@@ -384,6 +423,24 @@ def _load_any(path: str, method: str = "ghl", model_file: str | None = None):
     type=click.Choice(["gloo", "nccl"]),
     help="Process group backend for several processes (default: nccl on CUDA, gloo on CPU).",
 )
+@click.option(
+    "--plastic-step",
+    type=click.Choice(["paper", "rms"]),
+    default="paper",
+    show_default=True,
+    help="rms: scale each plastic layer's step by its weight RMS (then --lr-plastic is a "
+    "relative step; docs/ACCURACY.md, 'Step size').",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    help="Stop after N SGD steps (the cosine schedule spans them): a smoke run.",
+)
+@click.option(
+    "--eval-batches",
+    type=click.IntRange(min=1),
+    help="Score only the first N test batches (of --batch-size images) after each epoch.",
+)
 @_model_file
 @user_errors
 @rank_errors
@@ -407,6 +464,9 @@ def train(
     nproc_per_node,
     backend,
     model_file,
+    plastic_step,
+    max_steps,
+    eval_batches,
 ):
     """Train ARTIFACT (or a recipe .toml) on DATA with SGD, a cosine schedule and per-role
     settings."""
@@ -421,6 +481,7 @@ def train(
 
     from .artifact import save
     from .data import augment_batch, load_data
+    from .normalisation import Normalisation
     from .ranks import join
     from .train import TrainConfig, check_labels, slow_bf16
 
@@ -435,6 +496,19 @@ def train(
     ds = load_data(data, shape, augment=augment)
     check_labels(model, ds.x_train, torch.cat([ds.y_train, ds.y_test]))  # before any file
     out = Path(out_dir)
+    auto = lr_plastic  # None: auto
+    if auto is None and resume:  # the resumed run's own rate (its checkpoint says which)
+        from .train import load_checkpoint
+
+        lr_plastic = float(load_checkpoint(out / "last.pt")["hparams"]["lr_plastic"])
+    elif auto is None and plastic:
+        lr_plastic = None  # chosen below, on the model to train
+    elif auto is None:
+        lr_plastic = 1e-2  # (no plastic layer: the rate is not used)
+    else:
+        lr_plastic = auto
+    norm = Normalisation(ds.mean, ds.std)
+    extra = {"classes": ds.classes, "data": data, "normalisation": norm.to_dict()}
     # bp keeps the same per-role settings, so that only the rule differs between methods
     config = TrainConfig(
         out_dir=out,
@@ -442,7 +516,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        lr_plastic=lr_plastic,
+        lr_plastic=lr_plastic if lr_plastic is not None else 0.0,
         wd_plastic=wd_plastic,
         seed=seed,
         resume=resume,
@@ -452,14 +526,33 @@ def train(
         cuda_graph=cuda_graph,
         channels_last=channels_last,
         progress=ranks.main,
+        max_steps=max_steps,
+        eval_batches=eval_batches,
+        normalisation=norm,
+        plastic_step=plastic_step,
     )
     ranks.check(config)
     out.mkdir(parents=True, exist_ok=True)
     if ranks.main:  # (with several processes only rank 0 prints and writes)
-        save(model, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+        save(model, out / "model.ghl", extra=extra)
     ranks.barrier()
     net = _load_any(str(out / "model.ghl"), method=method)[0].to(dev)
     ranks.barrier()  # (every process has read it before rank 0 writes it again)
+    if lr_plastic is None:  # (picked on rank 0 and shared: the processes train alike)
+        from .lrfind import auto_lr
+
+        found = None
+        if ranks.main:
+            lr_plastic, found = auto_lr(
+                net, ds.x_train, ds.y_train, plastic=plastic, lr=lr, wd_plastic=wd_plastic,
+                batch_size=batch_size, plastic_step=plastic_step, seed=seed,
+            )  # fmt: skip
+            click.echo(
+                f"--lr-plastic auto: {lr_plastic:.3g} (range test over {len(found.lrs)} "
+                f"steps suggests {found.suggestion:.3g}; give --lr-plastic to skip it)"
+            )
+        lr_plastic = ranks.share(lr_plastic)
+        config = dataclasses.replace(config, lr_plastic=lr_plastic)
     if ranks.main:
         many = f", {ranks.world} processes ({ranks.backend})" if ranks.world > 1 else ""
         click.echo(f"training on {dev}{many}")
@@ -467,12 +560,13 @@ def train(
         click.echo(f"warning: {why}", err=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowPrecisionWarning)  # (said above, once)
+        warnings.showwarning = _one_line_warning  # (restored on leaving the block)
         res = ranks.trainer(net, config).fit(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
     if not ranks.main:
         return
     trained = model
     trained.load_state_dict(net.state_dict())
-    save(trained, out / "model.ghl", extra={"classes": ds.classes, "data": data})
+    save(trained, out / "model.ghl", extra=extra)
     f = res.final
     click.echo(
         f"epochs {res.epochs_run}: test acc {f.get('test_acc', float('nan')):.4f}, "
@@ -480,19 +574,67 @@ def train(
     )
 
 
+@main.command("lr-find")
+@click.argument("artifact", type=click.Path())
+@click.option("--data", default="digits", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--wd-plastic", default=5e-2, show_default=True, type=click.FloatRange(min=0.0))
+@click.option(
+    "--plastic-step", type=click.Choice(["paper", "rms"]), default="paper", show_default=True
+)
+@click.option("--start", default=1e-5, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--end", default=1.0, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Write the sweep as JSON.")
+@user_errors
+def lr_find_cmd(
+    artifact, data, batch_size, lr, wd_plastic, plastic_step, start, end, steps, seed, device,
+    output,
+):  # fmt: skip
+    """Range test of the plastic learning rate: a short sweep, its loss curve, a suggestion."""
+    import torch
+
+    from .data import load_data
+    from .fileio import write_atomic
+    from .lrfind import lr_find, report, to_json
+
+    dev = _pick_device(device)
+    torch.manual_seed(seed)
+    model, meta = _load_any(artifact, method="ghl")
+    plastic = {i.name for i in meta["graph"].plastic()}
+    ds = load_data(data, tuple(meta["inputs"][0]["shape"][1:]))
+    res = lr_find(
+        model.to(dev), ds.x_train, ds.y_train, plastic=plastic, lr=lr, wd_plastic=wd_plastic,
+        batch_size=batch_size, start=start, end=end, steps=steps, plastic_step=plastic_step,
+        seed=seed,
+    )  # fmt: skip
+    click.echo(report(res))
+    if output:
+        write_atomic(output, to_json(res) + "\n")
+        click.echo(f"wrote {output}")
+
+
 @main.command("eval")
 @click.argument("model_path", type=click.Path())
 @click.option("--data", default="digits", show_default=True)
+@click.option(
+    "--batches", type=click.IntRange(min=1), help="Score only the first N batches of 256 images."
+)
 @_model_file
 @user_errors
-def eval_cmd(model_path, data, model_file):
+def eval_cmd(model_path, data, batches, model_file):
     """Score a .ghl artifact or a checkpoint: loss, accuracy, per-class accuracy."""
     from .data import load_data
     from .train import evaluate
 
     model, meta = _load_any(model_path, model_file=model_file)
-    ds = load_data(data, _image_shape(meta, "eval"))
-    r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes)
+    norm = _normalisation(meta, model_path)  # the model's own, where training recorded it
+    stats = None if norm is None else (norm.mean, norm.std)
+    ds = load_data(data, _image_shape(meta, "eval"), normalisation=stats)
+    r = evaluate(model, ds.x_test, ds.y_test, classes=ds.classes, max_batches=batches)
     click.echo(f"loss {r['loss']:.4f}  accuracy {r['acc']:.4f}")
     for c, a in r["per_class"].items():
         click.echo(f"  {c}: {a:.4f}")
@@ -503,12 +645,19 @@ def eval_cmd(model_path, data, model_file):
 @click.option("-o", "--output", type=click.Path(), required=True)
 @click.option("--opset", type=int, default=None)
 @click.option("--dynamic-batch/--static", default=True, show_default=True)
+@click.option(
+    "--include-normalisation",
+    is_flag=True,
+    help="Put the training's input normalisation, (x - mean) / std, into the graph: the "
+    "ONNX model then takes raw inputs.",
+)
 @_model_file
 @user_errors
-def export(model_path, output, opset, dynamic_batch, model_file):
+def export(model_path, output, opset, dynamic_batch, include_normalisation, model_file):
     """Write the inference graph as ONNX and check it against onnxruntime."""
     from .artifact import make_inputs
     from .export import export_onnx
+    from .normalisation import Normalised
     from .version import __version__
 
     model, meta = _load_any(model_path, model_file=model_file)
@@ -517,16 +666,27 @@ def export(model_path, output, opset, dynamic_batch, model_file):
             "ghlc export takes models with positional inputs only; this one takes keyword "
             "inputs: export it from Python with torch.onnx.export"
         )
+    norm = _normalisation(meta, model_path)
+    if include_normalisation and norm is None:
+        raise GHLError(
+            f"{model_path}: records no input normalisation (only ghlc train records one); "
+            "export without --include-normalisation"
+        )
     classes = meta["extra"].get("classes") or []
     md = {
         "ghlc_version": __version__,
         "source_sha256": meta["source"].get("sha256", ""),
         "classes": ",".join(map(str, classes)),
     }
+    if norm is not None:
+        md.update(norm.metadata(in_graph=include_normalisation))
+    inputs = make_inputs(meta["inputs"])
+    if include_normalisation:
+        model = Normalised(model, norm, ndim=inputs[0].dim())
     rep = export_onnx(
         model,
         output,
-        make_inputs(meta["inputs"]),
+        inputs,
         opset=opset,
         dynamic_batch=dynamic_batch,
         metadata=md,

@@ -48,11 +48,18 @@ class DataSet:
 # --------------------------------------------------------------------------- public API
 
 
-def load_data(spec: str, input_shape: tuple[int, ...], augment: bool = False) -> DataSet:
+def load_data(
+    spec: str,
+    input_shape: tuple[int, ...],
+    augment: bool = False,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> DataSet:
     """Load ``spec`` (``digits`` | ``cifar10-jpeg`` | ``FILE.npz`` | ``cifar10:DIR`` |
     ``cifar100:DIR``) shaped to ``input_shape`` = (C, H, W). ``cifar10-jpeg`` is all of
     CIFAR-10 from the shared JPEG file (:mod:`ghlc.cifar`). ``augment`` only marks the set:
-    augmentation is applied per batch by :func:`augment_batch`."""
+    augmentation is applied per batch by :func:`augment_batch`. ``normalisation`` = (mean,
+    std), one value per channel, normalises with those instead of the training split's (a
+    trained model's own)."""
     shape = _check_shape(input_shape)
     spec = str(spec)
     if spec == "digits":
@@ -66,7 +73,7 @@ def load_data(spec: str, input_shape: tuple[int, ...], augment: bool = False) ->
     else:
         raw = _npz(spec)
     xtr, ytr, xte, yte, classes, name = raw
-    return _finish(xtr, ytr, xte, yte, classes, name, shape, augment)
+    return _finish(xtr, ytr, xte, yte, classes, name, shape, augment, normalisation)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -363,7 +370,7 @@ def _labels(y, n: int, what: str, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _finish(xtr, ytr, xte, yte, classes, name, shape, augment) -> DataSet:
+def _finish(xtr, ytr, xte, yte, classes, name, shape, augment, normalisation=None) -> DataSet:
     ytr = _labels(ytr, len(xtr), "y_train", name)
     yte = _labels(yte, len(xte), "y_test", name)
     if len(xtr) == 0:
@@ -385,8 +392,14 @@ def _finish(xtr, ytr, xte, yte, classes, name, shape, augment) -> DataSet:
         raise DataError(f"{name}: images have {cin} channels but the model takes {c}")
     xtr_t = _shape_to(torch.from_numpy(np.ascontiguousarray(xtr)), c, h, w)
     xte_t = _shape_to(torch.from_numpy(np.ascontiguousarray(xte)), c, h, w)
-    mean = xtr_t.mean(dim=(0, 2, 3), dtype=torch.float64)
-    std = xtr_t.to(torch.float64).std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-8)
+    if normalisation is not None:
+        if len(normalisation[0]) != c or len(normalisation[1]) != c:
+            raise DataError(f"{name}: the normalisation given is not for {c} channels")
+        mean = torch.tensor(normalisation[0], dtype=torch.float64)
+        std = torch.tensor(normalisation[1], dtype=torch.float64)
+    else:
+        mean = xtr_t.mean(dim=(0, 2, 3), dtype=torch.float64)
+        std = xtr_t.to(torch.float64).std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-8)
     m4 = mean.float().view(1, c, 1, 1)
     s4 = std.float().view(1, c, 1, 1)
     xtr_t.sub_(m4).div_(s4)

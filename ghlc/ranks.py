@@ -72,6 +72,14 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every process (a picklable object)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def check(self, config: TrainConfig) -> None:
         """Raise ``GHLError`` for settings that these processes cannot train with: a batch
         size that is not a multiple of their number, ``cuda_graph`` with several."""

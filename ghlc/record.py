@@ -51,6 +51,15 @@ class Recording:
         outs = [c.out_ptr for c in self.calls if c.param == param]
         return bool(outs) and all(p in self.saved_ptrs for p in outs)
 
+    def output_layers(self) -> set[str]:
+        """The layers whose outputs reach the model's output and no other conv/linear layer:
+        the classifier, each head of a multi-head model, the last projection of a headless
+        backbone. A layer whose output also flows on (along a residual stream, say) into
+        another layer is not one, even where the stream reaches the output through additions
+        only; a layer feeding only itself (a weight shared across steps) can be one."""
+        feeds = {u for u, v in self.edges if v != "output" and v != u}
+        return {u for u, v in self.edges if v == "output" and u not in feeds}
+
 
 def _is_inplace(func, kwargs) -> bool:
     name = getattr(func, "__name__", "")

@@ -119,7 +119,7 @@ def trace(
         first.setdefault(c.param, i)
         own = c.weight_use == "direct" and c.module_stack[-1:] == (c.param.rpartition(".")[0],)
         in_owner[c.param] = in_owner.get(c.param, True) and own
-    outputs = {u for u, v in rec.edges if v == OUTPUT}
+    outputs = rec.output_layers()
     for order, (name, idx) in enumerate(sorted(first.items(), key=lambda kv: kv[1])):
         c = rec.calls[idx]
         mpath = name.rpartition(".")[0]

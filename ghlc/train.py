@@ -11,7 +11,8 @@ cosine schedule spans all steps of the run. ``out_dir`` receives:
   test_acc, lr, lr_plastic, seconds, images_per_s);
 - ``curves.png``: loss and accuracy curves (when matplotlib is installed);
 - ``last.pt`` / ``best.pt``: checkpoints (by test accuracy), written atomically and loadable
-  with ``torch.load(weights_only=True)``.
+  with ``torch.load(weights_only=True)``; with ``normalisation`` set, each records the inputs'
+  per-channel mean and std (``normalisation``: ``{"mean": [...], "std": [...]}``).
 
 A run stopped after epoch k (or interrupted during epoch k+1) and resumed with ``resume=True``
 ends with weights bit-identical to an unbroken run with the same arguments."""
@@ -34,6 +35,8 @@ from torch import nn
 
 from .errors import GHLError, SlowPrecisionWarning, first_line
 from .fileio import write_atomic
+from .lrfind import scale_by_rms_
+from .normalisation import Normalisation
 from .trainconfig import Augment, TrainConfig
 
 CKPT_FORMAT = "ghlc-checkpoint"
@@ -45,6 +48,10 @@ FINITE_CHECK_EVERY = 10
 
 class TrainingDiverged(GHLError):
     """The loss (or a weight) became NaN/Inf; ``last.pt`` keeps the last good epoch."""
+
+
+class DivergenceWarning(UserWarning):
+    """The training loss rose far above where it started: the run is likely diverging."""
 
 
 class TrainingInterrupted(GHLError):
@@ -154,12 +161,22 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
 # ---- evaluation ----------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, x, y, batch_size: int = 256, classes=None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    x,
+    y,
+    batch_size: int = 256,
+    classes=None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
     """Mean cross-entropy, accuracy and per-class accuracy, in eval mode without gradients.
 
     ``per_class`` is keyed by class name (``classes[i]``) when ``classes`` is given (NaN for a
-    class with no samples), else by the integer labels present in ``y``."""
+    class with no samples), else by the integer labels present in ``y``. ``max_batches``
+    scores only the first that many batches (a smoke run's quick look)."""
     x, y = _as_tensors(x, y)
+    if max_batches is not None:
+        x, y = x[: max_batches * batch_size], y[: max_batches * batch_size]
     dev = _device(model)
     was_training = model.training
     model.eval()
@@ -319,7 +336,8 @@ class Trainer:
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.CosineAnnealingLR
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # of the whole run: epochs x steps_per_epoch, or max_steps if fewer
+    epochs: int  # epochs the run trains (the last one partly when max_steps ends it)
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.model = model
@@ -333,6 +351,9 @@ class Trainer:
         self.epoch = 0  # the last completed epoch
         self.step = 0  # the step reached in the current epoch
         self._graph_step: Callable[..., torch.Tensor] | None = None
+        self._first_loss: float | None = None  # this process's first training loss
+        self._norms0: dict[str, float] = {}  # norms of the >= 2-D weights at that loss
+        self._warned = False
         self._graph_logits: list[torch.Tensor] = []
 
     # -- the run -------------------------------------------------------------------------
@@ -350,7 +371,7 @@ class Trainer:
         epoch = self.epoch + 1
         self.step = 0
         try:
-            for epoch in range(self.epoch + 1, self.config.epochs + 1):
+            for epoch in range(self.epoch + 1, self.epochs + 1):
                 self.run_epoch(epoch)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
@@ -414,6 +435,9 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.steps_per_epoch = math.ceil(self.y_train.shape[0] / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:  # a short run: the cosine spans the steps it makes
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=self.total_steps
         )
@@ -522,26 +546,33 @@ class Trainer:
         ``seed`` and ``epoch``), one SGD step and one schedule step per batch."""
         cfg = self.config
         self.model.train()
+        if not self._norms0:  # for naming the layer that grew fastest, should the run diverge
+            with torch.no_grad():
+                self._norms0 = {
+                    k: float(p.norm()) for k, p in self.model.named_parameters() if p.dim() >= 2
+                }
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order, batch = self.epoch_order(epoch, g)
         every = _finite_check_every(self.device)
         stats = _EpochStats.zeros(self.device, self._lrs())
         t0 = time.perf_counter()
-        bar = _bar(cfg.progress, self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+        steps = min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
+        bar = _bar(cfg.progress, steps, f"epoch {epoch}/{self.epochs}")
         try:
-            for step in range(1, self.steps_per_epoch + 1):
+            for step in range(1, steps + 1):
                 self.step = step
                 idx = order[(step - 1) * batch : step * batch]
                 xb, yb = self._batch(idx, g)
                 loss, logits, replayed = self._forward(xb, yb)
                 stats.nonfinite |= ~torch.isfinite(loss.detach())
-                if step % every == 0 or step == self.steps_per_epoch:
+                if step % every == 0 or step == steps:
                     self.check_loss(stats.nonfinite, epoch, step, every)
+                    self.check_rise(float(loss.detach()), epoch, step)
                 stats.lrs = self._step(loss, backward=not replayed)
                 stats.seen += yb.shape[0]
                 stats.loss_sum += loss.detach().double() * yb.shape[0]
                 stats.correct += (logits.detach().argmax(1) == yb).sum()
-                _show(bar, step, self.steps_per_epoch, stats, time.perf_counter() - t0)
+                _show(bar, step, steps, stats, time.perf_counter() - t0)
         finally:
             if bar is not None:
                 bar.close()
@@ -588,6 +619,8 @@ class Trainer:
         """Backward (unless replayed), one SGD step and one schedule step; the LRs used."""
         if backward:
             loss.backward()
+        if self.config.plastic_step == "rms":
+            scale_by_rms_(self.optimizer.param_groups[1]["params"])
         lrs = self._lrs()
         self.optimizer.step()
         self.scheduler.step()
@@ -611,21 +644,66 @@ class Trainer:
         )
         raise TrainingDiverged(
             f"training diverged at epoch {epoch} {when}: the loss is not "
-            f"finite; {self.last_path.name} keeps epoch {epoch - 1}"
+            f"finite{self._fastest()}; {self.last_path.name} keeps epoch {epoch - 1}"
         )
+
+    def check_rise(self, loss: float, epoch: int, step: int) -> None:
+        """Warn once (``DivergenceWarning``) when the loss passes 2x this process's first
+        training loss, naming the layer whose weights grew fastest."""
+        if self._first_loss is None:
+            self._first_loss = loss
+            return
+        if self._warned or not loss > 2 * self._first_loss:
+            return
+        self._warned = True
+        warnings.warn(
+            f"the training loss rose from {self._first_loss:.3g} to {loss:.3g} by epoch "
+            f"{epoch} step {step}: likely diverging{self._fastest()}; try a smaller "
+            "--lr-plastic (ghlc lr-find suggests one) or --plastic-step rms",
+            DivergenceWarning,
+            stacklevel=2,
+        )
+
+    def _fastest(self) -> str:
+        """ ", the weights of LAYER grew fastest (...)": the conv/linear-sized weight whose norm
+        grew most since this process started training (non-finite first)."""
+        if not self._norms0:
+            return ""
+        worst, name = -1.0, ""
+        with torch.no_grad():
+            for k, p in self.model.named_parameters():
+                if k not in self._norms0:
+                    continue
+                r = float(p.norm()) / max(self._norms0[k], 1e-30)
+                r = r if math.isfinite(r) else math.inf
+                if r > worst:
+                    worst, name = r, k
+        how = "not finite" if math.isinf(worst) else f"x{worst:.3g} in norm since the start"
+        return f"; the weights of {name.removesuffix('.weight')} grew fastest ({how})"
 
     def check_weights(self, epoch: int) -> None:
         """Raise ``TrainingDiverged`` if a weight became NaN/Inf during the epoch."""
         if not _finite(self.model):
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch} step {self.step}: weights are not "
-                f"finite; {self.last_path.name} keeps epoch {epoch - 1}"
+                f"finite{self._fastest()}; {self.last_path.name} keeps epoch {epoch - 1}"
             )
 
     def evaluate(self) -> dict[str, Any]:
         """Test-set loss and accuracy (eval mode, no gradients); the model stays in train
         mode."""
-        ev = evaluate(self.model, self.x_test, self.y_test, classes=self.config.classes)
+        cfg = self.config
+        if cfg.eval_batches is None:
+            ev = evaluate(self.model, self.x_test, self.y_test, classes=cfg.classes)
+        else:
+            ev = evaluate(
+                self.model,
+                self.x_test,
+                self.y_test,
+                batch_size=cfg.batch_size,
+                classes=cfg.classes,
+                max_batches=cfg.eval_batches,
+            )
         self.model.train()
         return ev
 
@@ -642,6 +720,8 @@ class Trainer:
             self.device,
             self.config.hparams(),
         )
+        if self.config.normalisation is not None:
+            ckpt["normalisation"] = self.config.normalisation.to_dict()
         _save(self.last_path, ckpt)
         if best:
             _save(self.best_path, ckpt)
@@ -689,6 +769,10 @@ def train(
     autocast: torch.dtype | None = None,
     cuda_graph: bool = False,
     channels_last: bool = False,
+    max_steps: int | None = None,
+    eval_batches: int | None = None,
+    normalisation: Normalisation | None = None,
+    plastic_step: str = "paper",
 ) -> TrainResult:
     """Train ``model`` with cross-entropy and SGD (no momentum), cosine LR over all steps:
     ``Trainer(model, TrainConfig(...)).fit(x_train, y_train, x_test, y_test)``.
@@ -707,7 +791,15 @@ def train(
     capture runs before anything is written; a model that cannot be captured raises
     ``GHLError``. ``channels_last=True`` converts the model's 4-D weights and every 4-D
     training batch to channels-last memory format (often the faster layout for convolutions;
-    docs/PERFORMANCE.md).
+    docs/PERFORMANCE.md). ``max_steps`` ends the run after that many SGD steps (the cosine
+    schedule spans them; the epoch they end in counts as completed, and a resumed run goes on
+    at the next epoch), ``eval_batches`` scores only the first that many test batches of
+    ``batch_size`` images: both for smoke runs. ``normalisation`` (the per-channel mean and
+    std the inputs were normalised with) is recorded in every checkpoint.
+    ``plastic_step="rms"`` multiplies each plastic weight's gradient by the weight's RMS
+    before every step (:func:`ghlc.lrfind.scale_by_rms_`); "paper" steps on the rule's
+    gradient as it is. A loss that rises past 2x the run's first loss gives one
+    ``DivergenceWarning`` naming the layer whose weights grew fastest (as do the errors).
 
     Raises ``GHLError`` before writing anything on a bad setting (:class:`TrainConfig`) or when
     a label is negative or not below the model's number of outputs (:func:`check_labels`),
@@ -732,6 +824,10 @@ def train(
         autocast=autocast,
         cuda_graph=cuda_graph,
         channels_last=channels_last,
+        max_steps=max_steps,
+        eval_batches=eval_batches,
+        normalisation=normalisation,
+        plastic_step=plastic_step,
     )
     return Trainer(model, config).fit(x_train, y_train, x_test, y_test)
 

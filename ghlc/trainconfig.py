@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import GHLError
+from .normalisation import Normalisation
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -40,6 +41,10 @@ class TrainConfig:
     autocast: torch.dtype | None = None
     cuda_graph: bool = False
     channels_last: bool = False
+    max_steps: int | None = None  # stop after this many SGD steps (cosine over them)
+    eval_batches: int | None = None  # score only the first N test batches of batch_size
+    normalisation: Normalisation | None = None  # of the inputs, recorded in checkpoints
+    plastic_step: str = "paper"  # "rms": plastic grads times the weight's RMS (lrfind.py)
 
     def __post_init__(self) -> None:
         # normalised forms (a frozen dataclass sets them through object.__setattr__)
@@ -49,6 +54,9 @@ class TrainConfig:
             _set(self, "classes", tuple(self.classes))
         for name in ("epochs", "batch_size"):
             _check_count(name, getattr(self, name))
+        for name in ("max_steps", "eval_batches"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name))
         _check_int("seed", self.seed)
         for name in ("lr", "lr_plastic", "wd", "wd_plastic"):
             _check_rate(name, getattr(self, name))
@@ -56,6 +64,13 @@ class TrainConfig:
             raise GHLError(
                 f"augment must be a function (x, generator) -> x, got {type(self.augment).__name__}"
             )
+        if self.normalisation is not None and not isinstance(self.normalisation, Normalisation):
+            raise GHLError(
+                "normalisation must be a ghlc.normalisation.Normalisation, got "
+                f"{type(self.normalisation).__name__}"
+            )
+        if self.plastic_step not in ("paper", "rms"):
+            raise GHLError(f"plastic_step must be paper or rms, got {self.plastic_step!r}")
         if self.autocast is not None and self.autocast != torch.bfloat16:
             raise GHLError(f"autocast {self.autocast} is not supported here: use torch.bfloat16")
 
@@ -72,6 +87,9 @@ class TrainConfig:
             "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
             "cuda_graph": self.cuda_graph,
             "channels_last": self.channels_last,
+            "max_steps": self.max_steps,
+            "eval_batches": self.eval_batches,
+            "plastic_step": self.plastic_step,
         }
 
 

@@ -646,6 +646,9 @@ def test_train_config_is_frozen_and_normalised(tmp_path):
         "autocast": None,
         "cuda_graph": False,
         "channels_last": False,
+        "max_steps": None,
+        "eval_batches": None,
+        "plastic_step": "paper",
     }
 
 
