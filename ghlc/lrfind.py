@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GHLError
+from .logits import logits as _logits
 
 PLASTIC_STEPS = ("paper", "rms")
 
@@ -136,16 +137,6 @@ def lr_find(
         raise GHLError(f"lr-find: the loss is not finite at the first rate ({start:g})")
     k = min(range(len(smoothed)), key=smoothed.__getitem__)
     return LRFindResult(lrs, losses, smoothed, lrs[k] / 10, diverged)
-
-
-def _logits(out) -> torch.Tensor:
-    """The logits tensor of a model's output (the tensor, or a tuple's first), as training
-    takes it (``ghlc.train`` imports this module: no import back)."""
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
-    return out
 
 
 def report(res: LRFindResult, rows: int = 12) -> str:

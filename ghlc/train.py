@@ -35,6 +35,7 @@ from torch import nn
 
 from .errors import GHLError, SlowPrecisionWarning, first_line
 from .fileio import write_atomic
+from .logits import logits as _logits
 from .lrfind import scale_by_rms_
 from .normalisation import Normalisation
 from .trainconfig import Augment, TrainConfig
@@ -132,16 +133,6 @@ def _device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(getattr(out, "logits", None), torch.Tensor):  # a Hugging Face ModelOutput
-        return out.logits
-    raise GHLError(f"the model must return a logits tensor, got {type(out).__name__}")
 
 
 def _finite(model: nn.Module) -> bool:
