@@ -7,9 +7,9 @@ DDP alone would do, is not the rule.
 
 :func:`ddp` wraps a prepared model in torch's ``DistributedDataParallel`` and registers
 :func:`comm_hook`. Each plastic weight's backward keeps this process's raw H and lets DDP
-bucket the raw G (``accumulate.PlasticParam``); when a bucket is ready, the hook sends the raw
-H of the bucket's plastic weights with it, in the same all-reduce, and the combination runs in
-the hook's future, so ``.grad`` after ``backward()`` is the rule. Under ``no_sync()`` H
+bucket the raw G (``accumulate.PlasticParam``); when a bucket is ready, the hook all-reduces it
+and, beside it, the raw H of the bucket's plastic weights, and the combination runs when both
+are done (the hook's future), so ``.grad`` after ``backward()`` is the rule. Under ``no_sync()`` H
 accumulates locally like G; the synchronising backward sends the totals.
 
 A prepared model inside torch's DDP without this hook is refused at its first backward.
@@ -45,7 +45,9 @@ def comm_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[to
         work = dist.all_reduce(buf, group=group, async_op=True)
         assert work is not None
         return work.get_future().then(lambda fut: fut.value()[0])
-    terms: list[torch.Tensor] = [buf]
+    # G in place in the bucket, as DDP's default hook; the raw H of the bucket's plastic
+    # weights and their flags (a plastic call ran here) in a second all-reduce beside it
+    terms: list[torch.Tensor] = []
     has_h = torch.zeros(len(plastic), dtype=buf.dtype, device=buf.device)
     for i, (st, _, p) in enumerate(plastic):
         h = st.take_local()
@@ -55,25 +57,22 @@ def comm_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[to
             terms.append(h.detach().reshape(-1).to(buf.dtype))
             has_h[i] = 1
     terms.append(has_h)
-    flat = torch.cat(terms)
-    work = dist.all_reduce(flat, group=group, async_op=True)
-    assert work is not None
+    hs = torch.cat(terms)
+    works = [dist.all_reduce(t, group=group, async_op=True) for t in (buf, hs)]
 
     def finish(fut: torch.futures.Future[Any]) -> torch.Tensor:
-        total = fut.value()[0]
-        n = buf.numel()
-        flags = total[-len(plastic) :].tolist()
-        at = n
+        flags = hs[-len(plastic) :].tolist()
+        at = 0
         for (st, off, p), flag in zip(plastic, flags, strict=True):
             k = p.numel()
-            g = total[off : off + k].view_as(p)
-            h = total[at : at + k].view_as(p)
+            g = buf[off : off + k].view_as(p)
+            h = hs[at : at + k].view_as(p)
             at += k
             g.copy_(st.combine_reduced(h, g, flag > 0))
-        buf.copy_(total[:n])
         return buf
 
-    return work.get_future().then(finish)
+    futs = [w.get_future() for w in works if w is not None]
+    return torch.futures.collect_all(futs).then(finish)
 
 
 def ddp(model: torch.nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
