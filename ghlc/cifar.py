@@ -22,6 +22,7 @@ from .errors import GHLError
 
 __all__ = [
     "JPEG_KEYS",
+    "CLASSES",
     "JPEG_NAME",
     "SHUFFLE_SEED",
     "Uint8Set",
@@ -35,7 +36,7 @@ __all__ = [
 JPEG_NAME = "cifar10-jpeg"  # the --data name of the shared file
 JPEG_KEYS = ("train_jpeg", "train_offsets", "y_train", "test_jpeg", "test_offsets", "y_test")
 SHUFFLE_SEED = 20260127  # the shared files' own drawing seed; fixed, so every run agrees
-_C10_NAMES = (
+CLASSES = (  # CIFAR-10's class names, in label order
     "airplane",
     "automobile",
     "bird",
@@ -169,7 +170,7 @@ def _decode_all(path: Path, workers: int) -> Uint8Set:
         perm = np.random.default_rng(SHUFFLE_SEED + (s == "test")).permutation(len(y))
         splits += [x[perm], y[perm]]
     if classes is None:
-        classes = _C10_NAMES
+        classes = CLASSES
     xtr, ytr, xte, yte = splits
     return Uint8Set(xtr, ytr, xte, yte, classes=classes, name=path.stem)
 

@@ -187,18 +187,7 @@ def _images(a: np.ndarray, what: str) -> np.ndarray:
 
 _C10_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
 _C10_PY = [f"data_batch_{i}" for i in range(1, 6)]
-_C10_NAMES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+_C10_NAMES = list(cifar.CLASSES)
 
 
 def _cifar(folder: str, fine100: bool):
